@@ -1,0 +1,220 @@
+"""The ``dithooks`` command line: capture, look at stores, query them."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from dithooks.errors import DithooksError
+
+from .output import fail, human_bytes, print_csv, print_json, print_table, user_errors
+
+app = typer.Typer(
+    name="dithooks",
+    help="See inside a Diffusion Transformer while it samples: capture hook points to Zarr, query them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+MODEL_HELP = "Model: a local directory saved with save_pretrained, a hub id in the local HF cache, or empty for the embedded digits DiT."
+
+
+def parse_int_list(spec: str, what: str) -> list[int]:
+    """``0-7``, ``0,3,5``, ``4`` -> list of ints."""
+    out: list[int] = []
+    for part in spec.split(","):
+        part = part.strip()
+        try:
+            if "-" in part[1:]:
+                lo, hi = part.split("-", 1)
+                out.extend(range(int(lo), int(hi) + 1))
+            elif part:
+                out.append(int(part))
+        except ValueError:
+            raise DithooksError(f"malformed {what} {spec!r}: use e.g. 3, 0-7 or 0,2,5") from None
+    if not out:
+        raise DithooksError(f"empty {what} {spec!r}")
+    return out
+
+
+def _sigterm_as_interrupt() -> None:
+    # a killed capture (SIGTERM) closes its store as cleanly as Ctrl-C does
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not in the main thread (e.g. inside a test runner thread)
+        pass
+
+
+@app.command()
+@user_errors
+def capture(
+    out: Path = typer.Option(Path("capture.zarr"), "--out", "-o", help="Store to write (a directory)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    layers: str = typer.Option("all", "--layers", "-l", help="Blocks to hook: all, 0-27, 0,5,27, 20-."),
+    hooks: str = typer.Option("resid_post", "--hooks", help="Hook points, comma-separated: short names (resid_post, attn.out, adaln.gate_msa) apply to every selected layer; full names (final.out, blocks.3.mlp.out) and globs too. See `dithooks hooks`."),
+    steps: int = typer.Option(50, "--steps", help="Sampling steps."),
+    sampler: str = typer.Option("ddim", "--sampler", help="ddim or ddpm."),
+    eta: float = typer.Option(0.0, "--eta", help="DDIM eta (0 deterministic, 1 ~ DDPM)."),
+    guidance: float = typer.Option(1.0, "--guidance", "-g", help="Classifier-free guidance scale; 1 = off (no null-class branch)."),
+    classes: str = typer.Option("0", "--class", "--classes", "-c", help="Class label(s): one for all samples, or one per seed (0-9, 3,5)."),
+    seeds: str = typer.Option("0", "--seeds", "-s", help="Seeds, one sample each: 0-7 or 0,4,9."),
+    dtype: str = typer.Option("fp16", "--dtype", help="Storage dtype: fp32, fp16, bf16."),
+    compute_dtype: str = typer.Option("fp32", "--compute-dtype", help="Model dtype: fp32, fp16, bf16."),
+    compression: str = typer.Option("none", "--compression", help="none, zstd or lz4."),
+    device: str = typer.Option("cpu", "--device", help="torch device: cpu, cuda, cuda:1, mps."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted capture in OUT."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store at OUT."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+):
+    """Sample with hooks attached and stream the hooked values into a Zarr store."""
+    from tqdm.auto import tqdm
+
+    from dithooks.capture import CaptureConfig, CaptureSession
+    from dithooks.sampling import SamplerSpec
+
+    if resume and overwrite:
+        fail("--resume and --overwrite exclude each other")
+    seed_list = parse_int_list(seeds, "seeds")
+    labels = parse_int_list(classes, "classes")
+    cfg = CaptureConfig(
+        out=str(out), model=model, layers=layers, hooks=tuple(h for h in hooks.split(",") if h.strip()),
+        sampler=SamplerSpec(sampler, steps, eta, guidance), labels=tuple(labels), seeds=tuple(seed_list),
+        storage_dtype=dtype, compute_dtype=compute_dtype, compression=compression, device=device,
+        mode="resume" if resume else "overwrite" if overwrite else "create")
+    session = CaptureSession(cfg)
+    _sigterm_as_interrupt()
+
+    def progress(it):
+        return tqdm(it, total=steps, initial=it.start, desc="capture", unit="step", disable=quiet or as_json)
+
+    result = session.run(progress=progress)
+    summary = {"store": str(result.path), "steps_run": result.steps_run, "steps_total": result.steps_total,
+               "resumed_from_step": result.resumed_from, "hook_points": len(result.hooks),
+               "bytes_written": result.bytes_written, "seconds": round(result.seconds, 3)}
+    if as_json:
+        print_json(summary)
+    else:
+        typer.echo(f"wrote {result.path}: {result.steps_run} steps ({result.steps_total} total), "
+                   f"{len(result.hooks)} hook points, {human_bytes(result.bytes_written)} "
+                   f"in {result.seconds:.1f} s")
+
+
+@app.command("ls")
+@user_errors
+def ls_(
+    store: Path = typer.Argument(..., help="A capture store."),
+    as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
+):
+    """What a store holds: arrays, dims, shapes, sizes, metadata and completeness."""
+    from dithooks.store.reader import open_store
+
+    s = open_store(store)
+    comp = s.completeness()
+    arrays = [s.array_info(n) for n in s.array_names()]
+    m = s.meta
+    if as_json:
+        print_json({"store": str(store), "completeness": comp, "metadata": m,
+                    "arrays": [a.__dict__ for a in arrays]})
+        return
+    smp = m.get("sampler", {})
+    typer.echo(f"store     {store}")
+    typer.echo(f"model     {m.get('model_id')} ({m.get('model_class')}, {m.get('model_config', {}).get('num_layers')} blocks)")
+    typer.echo(f"sampler   {smp.get('name')} {smp.get('steps')} steps, eta {smp.get('eta')}, guidance {smp.get('guidance')}")
+    typer.echo(f"samples   labels {m.get('labels')} seeds {m.get('seeds')}")
+    typer.echo(f"layers    {m.get('layers')}")
+    typer.echo(f"dtype     stored {m.get('storage_dtype')}, computed {m.get('compute_dtype')}, compression {m.get('compression')}")
+    typer.echo(f"times     started {m.get('started')}, finished {m.get('finished')}")
+    state = "complete" if comp["complete"] else f"{comp['status']}: steps {comp['complete_steps']} of 0-{comp['steps_total'] - 1} on disk; continue with `dithooks capture --resume --out {store} ...`"
+    typer.echo(f"status    {state}")
+    if m.get("error"):
+        typer.echo(f"error     {m['error']}")
+    print_table([{"array": a.name, "dims": "(" + ", ".join(a.dims) + ")", "shape": "x".join(map(str, a.shape)),
+                  "dtype": a.dtype, "size": human_bytes(a.nbytes_logical), "on disk": human_bytes(a.nbytes_stored)}
+                 for a in arrays])
+
+
+@app.command()
+@user_errors
+def query(
+    store: Path = typer.Argument(..., help="A capture store."),
+    hook: str = typer.Argument(..., help="Hook point (blocks.3.resid_post), or array (blocks.resid_post) for all layers."),
+    step: Optional[str] = typer.Option(None, "--step", help="Steps: 5, -1, 0:10, 0,5,9."),
+    layer: Optional[str] = typer.Option(None, "--layer", help="Block indices: 3, 0-27, 0,5."),
+    sample: Optional[str] = typer.Option(None, "--sample", help="Samples: 0, 0:4."),
+    cfg: Optional[str] = typer.Option(None, "--cfg", help="cond or uncond (guided stores)."),
+    reduce: str = typer.Option("norm", "--reduce", "-r", help="norm, mean, std, rms, absmax or none."),
+    over: Optional[str] = typer.Option(None, "--over", help="Dims to reduce (default: all value dims, e.g. token,channel)."),
+    as_json: bool = typer.Option(False, "--json", help="Print records as JSON."),
+    as_csv: bool = typer.Option(False, "--csv", help="Print records as CSV."),
+    limit: int = typer.Option(200, "--limit", help="Most rows to print as a table (JSON/CSV print all)."),
+):
+    """Slice one hook point by step/layer/sample and reduce it to a table."""
+    from dithooks.query import reduce_selection, to_records
+    from dithooks.store.reader import open_store, parse_index
+
+    s = open_store(store)
+    sel = s.select(hook, step=parse_index(step), layer=parse_index(layer), sample=parse_index(sample),
+                   cfg=parse_index(cfg))
+    red = reduce_selection(sel, reduce, [d.strip() for d in over.split(",")] if over else None)
+    if reduce == "none" and red.values.size > 100_000 and not (as_json or as_csv):
+        fail(f"{red.values.size} values without a reduction: narrow the selection, or use --json/--csv")
+    records = to_records(red, reduce if reduce != "none" else "value")
+    if "step" in red.dims:
+        ts = s.coord("timestep")
+        for r in records:
+            r["timestep"] = int(ts[r["step"]])
+    if as_json:
+        print_json({"store": str(store), "array": sel.name, "reduce": reduce, "dims": list(red.dims),
+                    "records": records})
+    elif as_csv:
+        print_csv(records)
+    else:
+        title = f"{sel.name}  {reduce} over {', '.join(d for d in sel.dims if d not in red.dims) or 'nothing'}"
+        print_table(records[:limit], title=title)
+        if len(records) > limit:
+            typer.echo(f"... {len(records) - limit} more rows (--limit, --json or --csv for all)")
+
+
+@app.command("hooks")
+@user_errors
+def hooks_(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    layer: Optional[int] = typer.Option(0, "--layer", help="Show the per-block points of this block."),
+    as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
+):
+    """List the hook points of a model: name, dims and meaning."""
+    from dithooks.hookpoints import layer_template
+    from dithooks.loading import load_model
+
+    loaded = load_model(model, with_vae=False)
+    pts = loaded.adapter.hook_points()
+    n = loaded.adapter.num_layers
+    if layer is not None and not 0 <= layer < n:
+        fail(f"layer {layer} is out of range: this model has blocks 0-{n - 1}")
+    rows = []
+    for name, p in pts.items():
+        if p.layer is not None and p.layer != layer:
+            continue
+        rows.append({"hook point": name, "template": p.template, "dims": "(" + ", ".join(p.dims) + ")",
+                     "writable": "yes" if p.writable else "no", "meaning": p.doc})
+    if as_json:
+        print_json({"model": loaded.model_id, "num_layers": n, "hook_points": rows})
+        return
+    typer.echo(f"{loaded.model_id}: {n} blocks; per-block points shown for block {layer} "
+               f"(the same exist for blocks 0-{n - 1}); any submodule: modules.<path>.in|out")
+    print_table([{k: r[k] for k in ("hook point", "dims", "writable", "meaning")} for r in rows])
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

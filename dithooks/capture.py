@@ -1,0 +1,367 @@
+"""Capture: sample with hooks attached and stream every hooked value into a Zarr store.
+
+Store layout (all arrays carry ``dimension_names``, so ``xarray.open_zarr`` reads them as is)::
+
+    step, timestep (step)          sampling step index and the scheduler's timestep value
+    layer (layer)                  the captured block indices
+    sample, label, seed (sample)   one row per sample
+    cfg (cfg)                      "cond", "uncond" when guidance is on
+    blocks.<point> (step, layer, [cfg,] sample, <value dims>)   e.g. blocks.resid_post
+    <point> (step, [cfg,] sample, <value dims>)                  e.g. final.out
+    latents (latent_step, sample, latent_channel, height, width) x before each step and the result
+    rng_state (latent_step, sample, rng_byte)   each sample's generator state, for --resume
+    step_complete (step)           True once every array of that step is on disk
+
+One chunk holds one (step, layer): reading a slice touches only the chunks it needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import zarr
+
+from .errors import DithooksError, HookNameError, StoreError
+from .hookpoints import layer_template, store_array_name
+from .hooks import HookContext, HookManager
+from .layers import parse_layers
+from .loading import LoadedModel, load_model
+from .sampling import Sampler, SamplerSpec, TrajectoryState
+from .store.codecs import COMPRESSIONS, storage_dtype
+from .store.metadata import (ATTR_KEY, FORMAT_VERSION, RESUME_KEYS, completeness, jsonable,
+                             library_versions, now)
+from .store.writer import ArraySpec, StoreWriter, WriterFailed
+
+DEFAULT_HOOKS = ("resid_post",)
+MODES = ("create", "overwrite", "resume")
+
+
+@dataclass
+class CaptureConfig:
+    """Everything that defines a capture; the CLI builds one of these from its options."""
+
+    out: str
+    model: str | None = None
+    layers: str = "all"
+    hooks: tuple[str, ...] = DEFAULT_HOOKS
+    sampler: SamplerSpec = field(default_factory=SamplerSpec)
+    labels: tuple[int, ...] = (0,)
+    seeds: tuple[int, ...] = (0,)
+    storage_dtype: str = "fp16"
+    compute_dtype: str = "fp32"
+    compression: str = "none"
+    device: str = "cpu"
+    mode: str = "create"
+    max_pending_bytes: int = 256 * 2**20
+
+
+@dataclass
+class CaptureResult:
+    path: Path
+    steps_run: int
+    steps_total: int
+    seconds: float
+    bytes_written: int
+    hooks: list[str]
+    resumed_from: int = 0
+
+
+def expand_hooks(patterns: tuple[str, ...] | list[str], layers: list[int], available: list[str]) -> list[str]:
+    """Turn short names (``resid_post``, ``attn.out``) into per-layer names for ``layers``.
+
+    Full names (``blocks.3.resid_post``, ``final.out``) and globs pass through unchanged.
+    """
+    out: list[str] = []
+    templates = {layer_template(n)[0] for n in available}
+    short = sorted(t[len("blocks.{i}."):] for t in templates if t.startswith("blocks.{i}."))
+    known = set(available)
+    for p in patterns:
+        p = p.strip()
+        if not p:
+            continue
+        if "blocks.{i}." + p in templates:
+            out += [f"blocks.{i}.{p}" for i in layers]
+        elif p in known or p.startswith("modules.") or any(c in p for c in "*?["):
+            out.append(p)
+        elif "." not in p or not p.startswith(("blocks.", "final.", "embed.")):
+            close = difflib.get_close_matches(p, short + sorted(n for n in known if not n.startswith("blocks.")), 4, 0.5)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise HookNameError(f"unknown hook point {p!r}{hint} (`dithooks hooks` lists them all)")
+        else:
+            out.append(p)
+    return out
+
+
+def _compute_dtype(name: str) -> torch.dtype:
+    table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if name not in table:
+        raise DithooksError(f"unknown compute dtype {name!r}; choose one of {', '.join(table)}")
+    return table[name]
+
+
+class CaptureSession:
+    """One capture run: validated request, open store, writer, hooks and sampler."""
+
+    def __init__(self, cfg: CaptureConfig, loaded: LoadedModel | None = None):
+        if cfg.mode not in MODES:
+            raise DithooksError(f"unknown mode {cfg.mode!r}")
+        if cfg.compression not in COMPRESSIONS:
+            raise DithooksError(f"unknown compression {cfg.compression!r}; choose one of {', '.join(COMPRESSIONS)}")
+        self.cfg = cfg
+        self.store_dtype = storage_dtype(cfg.storage_dtype)
+        if len(cfg.labels) == 1 and len(cfg.seeds) > 1:
+            cfg.labels = tuple(cfg.labels) * len(cfg.seeds)
+        if len(cfg.labels) != len(cfg.seeds):
+            raise DithooksError(f"{len(cfg.labels)} labels for {len(cfg.seeds)} seeds: "
+                                "give one label, or one per seed")
+        self.loaded = loaded or load_model(cfg.model, device=cfg.device, dtype=_compute_dtype(cfg.compute_dtype))
+        adapter = self.loaded.adapter
+        self.layers = parse_layers(cfg.layers, adapter.num_layers)
+        self.hooks = HookManager(self.loaded.transformer, adapter)
+        names = expand_hooks(cfg.hooks, self.layers, list(adapter.hook_points()))
+        self.hook_names = adapter.resolve(names)
+        self.sampler = Sampler(self.loaded, cfg.sampler, self.hooks, cfg.device)
+        self.sampler.check_labels(cfg.labels)
+        self.path = Path(cfg.out)
+        self._specs: dict[str, ArraySpec] = {}
+        self._layer_pos = {layer: i for i, layer in enumerate(self.layers)}
+        self.writer: StoreWriter | None = None
+
+    # -- the request as stored metadata ------------------------------------------------------
+    def request(self) -> dict[str, Any]:
+        s = self.cfg.sampler
+        return jsonable({
+            "model_id": self.loaded.model_id,
+            "model_class": type(self.loaded.transformer).__name__,
+            "model_config": dict(self.loaded.transformer.config),
+            "sampler": {"name": s.name, "steps": s.steps, "eta": s.eta, "guidance": s.guidance},
+            "scheduler": {"class": type(self.sampler.scheduler).__name__,
+                          "config": dict(self.sampler.scheduler.config)},
+            "seeds": list(self.cfg.seeds), "labels": list(self.cfg.labels),
+            "hooks": self.hook_names, "layers": self.layers,
+            "storage_dtype": self.cfg.storage_dtype, "compute_dtype": self.cfg.compute_dtype,
+            "compression": self.cfg.compression, "device": self.cfg.device,
+            "batch_axes": [list(a) for a in self.sampler.batch_axes(len(self.cfg.seeds))],
+            "extras": {},
+        })
+
+    # -- store lifecycle ---------------------------------------------------------------------
+    def open_store(self) -> tuple[zarr.Group, int]:
+        """Create, replace or reopen the store; returns the group and the first step to run."""
+        exists = self.path.exists()
+        if exists and self.cfg.mode == "create":
+            raise StoreError(f"{self.path} already exists: use --overwrite to replace it "
+                             "or --resume to continue it")
+        if exists and self.cfg.mode == "overwrite":
+            empty_dir = self.path.is_dir() and not any(self.path.iterdir())
+            if not (is_store(self.path) or empty_dir):
+                raise StoreError(f"{self.path} exists and is not a dithooks store: refusing to overwrite it")
+            shutil.rmtree(self.path)
+            exists = False
+        if exists:  # resume
+            return self._reopen()
+        if self.cfg.mode == "resume":
+            raise StoreError(f"nothing to resume: {self.path} does not exist")
+        return self._create(), 0
+
+    def _create(self) -> zarr.Group:
+        try:
+            group = zarr.open_group(str(self.path), mode="w", zarr_format=3)
+        except OSError as e:
+            raise StoreError(f"cannot create {self.path}: {e.strerror or e}") from None
+        req = self.request()
+        steps = self.cfg.sampler.steps
+        n = len(self.cfg.seeds)
+        meta = {"format_version": FORMAT_VERSION, **req, "versions": library_versions(),
+                "started": now(), "finished": None, "status": "running", "error": None, "runs": [now()],
+                "hook_arrays": self._hook_array_table()}
+        group.attrs[ATTR_KEY] = meta
+
+        def coord(name, values, dims, dtype=None):
+            values = np.asarray(values, dtype=dtype)
+            text = values.dtype.kind in "US"  # variable-length strings: the dtype Zarr v3 specifies
+            a = group.create_array(name=name, shape=values.shape, dtype=str if text else values.dtype,
+                                   dimension_names=dims, fill_value="" if text else 0)
+            a[...] = values
+
+        coord("step", np.arange(steps), ("step",), "int64")
+        coord("timestep", self.sampler.timesteps, ("step",), "int64")
+        coord("layer", self.layers, ("layer",), "int64")
+        coord("sample", np.arange(n), ("sample",), "int64")
+        coord("label", list(self.cfg.labels), ("sample",), "int64")
+        coord("seed", list(self.cfg.seeds), ("sample",), "int64")
+        coord("latent_step", np.arange(steps + 1), ("latent_step",), "int64")
+        if self.cfg.sampler.cfg:
+            coord("cfg", np.array(["cond", "uncond"]), ("cfg",), str)
+        done = group.create_array(name="step_complete", shape=(steps,), chunks=(1,), dtype="bool",
+                                  dimension_names=("step",), fill_value=False)
+        done[...] = False
+        return group
+
+    def _hook_array_table(self) -> dict[str, Any]:
+        table: dict[str, Any] = {}
+        for name in self.hook_names:
+            template, layer = layer_template(name)
+            entry = table.setdefault(store_array_name(name), {"hook": template, "layers": []})
+            if layer is not None:
+                entry["layers"].append(layer)
+        return table
+
+    def _reopen(self) -> tuple[zarr.Group, int]:
+        if not is_store(self.path):
+            raise StoreError(f"{self.path} is not a dithooks store: cannot resume it")
+        group = zarr.open_group(str(self.path), mode="r+", zarr_format=3)
+        meta = dict(group.attrs[ATTR_KEY])
+        req = self.request()
+        for key in RESUME_KEYS:
+            if meta.get(key) != req.get(key):
+                raise StoreError(f"cannot resume {self.path}: its {key} differs from this request "
+                                 f"(stored {_short(meta.get(key))}, asked {_short(req.get(key))})")
+        info = completeness(np.asarray(group["step_complete"][...]))
+        start = info["resume_from_step"]
+        meta.update(status="running", error=None, finished=None, runs=list(meta.get("runs", [])) + [now()])
+        group.attrs[ATTR_KEY] = meta
+        return group, start
+
+    def _state_at(self, group: zarr.Group, step: int) -> TrajectoryState | None:
+        if step == 0:
+            return None
+        lat = torch.from_numpy(np.asarray(group["latents"][step]))
+        rng = np.asarray(group["rng_state"][step])
+        return TrajectoryState(step, lat, [torch.from_numpy(r.copy()) for r in rng])
+
+    # -- hooks -------------------------------------------------------------------------------
+    def _spec(self, name: str, ctx: HookContext, value: torch.Tensor) -> ArraySpec:
+        arr = store_array_name(name)
+        spec = self._specs.get(arr)
+        if spec is not None:
+            return spec
+        batch_dims = tuple(a for a, _ in ctx.batch_axes)
+        batch_shape = tuple(n for _, n in ctx.batch_axes)
+        value_dims = tuple(ctx.point.dims[1:])
+        if value_dims and value_dims[-1] == "...":
+            value_dims = tuple(f"dim_{i}" for i in range(value.dim() - 1))
+        lead_dims: tuple[str, ...] = ("step",)
+        lead_shape: tuple[int, ...] = (self.cfg.sampler.steps,)
+        if ctx.layer is not None:
+            lead_dims, lead_shape = ("step", "layer"), (self.cfg.sampler.steps, len(self.layers))
+        shape = lead_shape + batch_shape + tuple(value.shape[1:])
+        chunks = (1,) * len(lead_shape) + batch_shape + tuple(value.shape[1:])
+        coords = "timestep label seed"
+        spec = ArraySpec(arr, lead_dims + batch_dims + value_dims, shape, chunks, self.store_dtype,
+                         (("coordinates", coords), ("hook", layer_template(name)[0]),
+                          ("description", ctx.point.doc)))
+        self._specs[arr] = spec
+        return spec
+
+    def _record(self, value: torch.Tensor, ctx: HookContext) -> None:
+        spec = self._spec(ctx.name, ctx, value)
+        batch_shape = tuple(n for _, n in ctx.batch_axes)
+        data = value.detach().to("cpu", dtype=self.store_dtype, copy=True)
+        data = data.reshape(batch_shape + tuple(value.shape[1:]))
+        index = (ctx.step,) if ctx.layer is None else (ctx.step, self._layer_pos[ctx.layer])
+        self.writer.put(spec, index, data)
+
+    def _on_step(self, group: zarr.Group, step: int, state: TrajectoryState) -> None:
+        """After step ``step``: keep the new latents and RNG states, then mark the step complete."""
+        self._write_state(state)
+        done = group["step_complete"]
+        self.writer.call(lambda: done.__setitem__(step, True))
+
+    def _write_state(self, state: TrajectoryState) -> None:
+        # latent_step k is x before step k (k = 0 is x_T; k = steps is the result)
+        steps, n = self.cfg.sampler.steps, len(self.cfg.seeds)
+        lat = state.latents
+        self.writer.put(ArraySpec("latents", ("latent_step", "sample", "latent_channel", "height", "width"),
+                                  (steps + 1,) + tuple(lat.shape), (1,) + tuple(lat.shape), torch.float32,
+                                  (("coordinates", "label seed"),
+                                   ("description", "x before each step; the last is the result"))),
+                        (state.step,), lat.clone())
+        rng = torch.stack(state.rng_states)
+        self.writer.put(ArraySpec("rng_state", ("latent_step", "sample", "rng_byte"),
+                                  (steps + 1, n, rng.shape[1]), (1, n, rng.shape[1]), torch.uint8),
+                        (state.step,), rng)
+
+    # -- run ---------------------------------------------------------------------------------
+    def run(self, progress: Callable | None = None) -> CaptureResult:
+        group, start = self.open_store()
+        steps = self.cfg.sampler.steps
+        t0 = time.perf_counter()
+        if start >= steps:
+            self._finish(group, "complete")
+            return CaptureResult(self.path, 0, steps, 0.0, 0, self.hook_names, start)
+        self.writer = StoreWriter(group, compression=self.cfg.compression,
+                                  max_pending_bytes=self.cfg.max_pending_bytes)
+        state = self._state_at(group, start)
+        status, error = "complete", None
+        try:
+            if start == 0:
+                from .sampling import initial_state
+                state0 = initial_state(self.loaded, self.cfg.seeds, float(self.sampler.scheduler.init_noise_sigma))
+                self._write_state(state0)
+                state = state0
+            with self.hooks.hooks(read={n: self._record for n in self.hook_names}):
+                self.sampler.run(self.cfg.labels, self.cfg.seeds, state=state,
+                                 on_step=lambda s, st: self._on_step(group, s, st),
+                                 progress=progress)
+            self.writer.flush()
+        except KeyboardInterrupt:
+            status = "interrupted"
+            with contextlib.suppress(Exception):
+                self.writer.flush()
+        except WriterFailed as e:
+            status, error = "failed", str(e)
+        except BaseException as e:
+            status, error = "failed", f"{type(e).__name__}: {e}"
+            raise
+        finally:
+            self.writer.close()
+            self._finish(group, status, error)
+        info = completeness(np.asarray(group["step_complete"][...]))
+        if status == "interrupted":
+            raise StoreError(f"capture interrupted: {self.path} holds steps {info['complete_steps']} "
+                             f"of 0-{steps - 1}; continue with --resume")
+        if status == "failed":
+            raise StoreError(f"capture failed ({error}): {self.path} holds steps {info['complete_steps']} "
+                             f"of 0-{steps - 1}; fix the cause and continue with --resume")
+        return CaptureResult(self.path, steps - start, steps, time.perf_counter() - t0,
+                             self.writer.bytes_written, self.hook_names, start)
+
+    def _finish(self, group: zarr.Group, status: str, error: str | None = None) -> None:
+        try:
+            meta = dict(group.attrs[ATTR_KEY])
+            meta.update(status=status, error=error, finished=now())
+            group.attrs[ATTR_KEY] = meta
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                zarr.consolidate_metadata(str(self.path))
+        except Exception:  # a full disk can make even this fail; step_complete still tells the truth
+            pass
+
+
+def is_store(path: Path) -> bool:
+    """A directory with a Zarr group whose attributes carry dithooks metadata."""
+    try:
+        g = zarr.open_group(str(path), mode="r")
+        return ATTR_KEY in g.attrs
+    except Exception:
+        return False
+
+
+def _short(v: Any) -> str:
+    s = repr(v)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def capture(cfg: CaptureConfig, loaded: LoadedModel | None = None, progress: Callable | None = None) -> CaptureResult:
+    """Run a capture described by ``cfg`` (see :class:`CaptureConfig`)."""
+    return CaptureSession(cfg, loaded).run(progress=progress)

@@ -1,0 +1,255 @@
+"""The hook manager: attach functions to named hook points, list them, remove them.
+
+Reading is passive: a read hook gets the live value and must return ``None`` (it must not
+modify the tensor in place either; copy what you keep). Changing the model is explicit: an
+intervention returns the replacement value. Everything attached is removed on ``remove_all()``
+or when a ``with`` block exits, even on error.
+
+    hm = HookManager(model)
+    with hm.hooks(read={"blocks.*.resid_post": lambda v, ctx: seen.append(v.norm())}):
+        model(x, timestep=t, class_labels=y)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from .adapters import ModelAdapter, adapter_for
+from .errors import DithooksError
+from .hookpoints import HookPoint
+
+
+@dataclass
+class SamplingState:
+    """Where the sampler is; hook functions see it through :class:`HookContext`.
+
+    ``batch_axes`` says how the model's batch dimension is laid out, outermost first, e.g.
+    ``(("cfg", 2), ("sample", 4))`` with guidance: rows 0-3 are the conditional branch.
+    """
+
+    step: int | None = None
+    timestep: float | None = None
+    batch_axes: tuple[tuple[str, int], ...] = ()
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class HookContext:
+    name: str
+    layer: int | None
+    step: int | None
+    timestep: float | None
+    batch_axes: tuple[tuple[str, int], ...]
+    point: HookPoint
+
+
+HookFn = Callable[[torch.Tensor, HookContext], Any]
+
+
+@dataclass(frozen=True)
+class AttachedHook:
+    id: int
+    name: str
+    mode: str  # "read" or "replace"
+    fn: HookFn
+
+    def describe(self) -> str:
+        fn_name = getattr(self.fn, "__qualname__", repr(self.fn))
+        return f"#{self.id} {self.mode:<7} {self.name}  <- {fn_name}"
+
+
+class HookManager:
+    """Attaches user functions to an adapter's named hook points on one model."""
+
+    def __init__(self, model: nn.Module, adapter: ModelAdapter | None = None):
+        self.model = model
+        self.adapter = adapter if adapter is not None else adapter_for(model)
+        self.state = SamplingState()
+        self._hooks: dict[int, AttachedHook] = {}
+        self._ids = itertools.count(1)
+        # (module path, kind) -> torch handle; one dispatcher per module and kind
+        self._torch_handles: dict[tuple[str, str], Any] = {}
+        # module path -> pending (new - old) to add to that module's output (see HookPoint.carry_to)
+        self._carry: dict[str, torch.Tensor] = {}
+        # extensions (attention processors, JVPs) register here: kind -> object with sync(manager)
+        self._extensions: dict[str, Any] = {}
+        self._by_name: dict[str, list[AttachedHook]] = {}
+        self._by_module: dict[tuple[str, str], list[HookPoint]] = {}
+
+    # -- public API --------------------------------------------------------------------------
+    def hook_points(self) -> dict[str, HookPoint]:
+        return self.adapter.hook_points()
+
+    def add_hook(self, names: str | list[str], fn: HookFn) -> list[AttachedHook]:
+        """Read ``names`` (exact names or globs) with ``fn(value, ctx)``; ``fn`` must return None."""
+        return self._add(names, fn, "read")
+
+    def add_intervention(self, names: str | list[str], fn: HookFn) -> list[AttachedHook]:
+        """Replace ``names`` with ``fn(value, ctx)`` (returning None keeps the value)."""
+        return self._add(names, fn, "replace")
+
+    def remove(self, hooks: AttachedHook | list[AttachedHook]) -> None:
+        for h in [hooks] if isinstance(hooks, AttachedHook) else hooks:
+            self._hooks.pop(h.id, None)
+        self._sync()
+
+    def remove_all(self) -> None:
+        self._hooks.clear()
+        self._sync()
+
+    def attached(self) -> list[AttachedHook]:
+        """What is attached now, in attachment order."""
+        return list(self._hooks.values())
+
+    def describe(self) -> str:
+        rows = [h.describe() for h in self.attached()]
+        return "\n".join(rows) if rows else "(no hooks attached)"
+
+    @contextlib.contextmanager
+    def hooks(self, read: dict[str, HookFn] | None = None,
+              replace: dict[str, HookFn] | None = None) -> Iterator["HookManager"]:
+        """Attach for the duration of a ``with`` block; removes exactly what it added."""
+        added: list[AttachedHook] = []
+        try:
+            for name, fn in (read or {}).items():
+                added += self.add_hook(name, fn)
+            for name, fn in (replace or {}).items():
+                added += self.add_intervention(name, fn)
+            yield self
+        finally:
+            self.remove(added)
+
+    def __enter__(self) -> "HookManager":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove_all()
+
+    def register_extension(self, kind: str, extension: Any) -> None:
+        """Let a component own hook points of ``kind`` (e.g. ``processor``, ``jvp``)."""
+        self._extensions[kind] = extension
+
+    # -- internals ---------------------------------------------------------------------------
+    def _add(self, names: str | list[str], fn: HookFn, mode: str) -> list[AttachedHook]:
+        if not callable(fn):
+            raise DithooksError(f"hook function for {names!r} is not callable")
+        resolved = self.adapter.resolve([names] if isinstance(names, str) else list(names))
+        added = []
+        for name in resolved:
+            point = self.adapter.point(name)
+            if mode == "replace" and point.kind in ("pre", "post") and not point.writable:
+                raise DithooksError(f"hook point {name!r} is read-only")
+            if point.kind not in ("pre", "post") and point.kind not in self._extensions:
+                raise DithooksError(f"hook point {name!r} needs the {point.kind!r} extension, "
+                                    "which is not enabled on this manager")
+            h = AttachedHook(next(self._ids), name, mode, fn)
+            self._hooks[h.id] = h
+            added.append(h)
+        self._sync()
+        return added
+
+    def _points_by_module(self) -> dict[tuple[str, str], list[HookPoint]]:
+        groups: dict[tuple[str, str], list[HookPoint]] = {}
+        for h in self._hooks.values():
+            p = self.adapter.point(h.name)
+            if p.kind not in ("pre", "post"):
+                continue
+            key = (p.module_path, p.kind)
+            if p not in groups.setdefault(key, []):
+                groups[key].append(p)
+            if h.mode == "replace" and p.carry_to is not None:
+                groups.setdefault((p.carry_to, "post"), [])
+        return groups
+
+    def _sync(self) -> None:
+        """Make the torch hooks match what is attached: one dispatcher per module and kind."""
+        wanted = self._points_by_module()
+        for key in list(self._torch_handles):
+            if key not in wanted:
+                self._torch_handles.pop(key).remove()
+        for key in wanted:
+            if key in self._torch_handles:
+                continue
+            path, kind = key
+            module = self.model.get_submodule(path)
+            if kind == "pre":
+                handle = module.register_forward_pre_hook(self._make_pre(path), with_kwargs=True)
+            else:
+                handle = module.register_forward_hook(self._make_post(path), with_kwargs=True)
+            self._torch_handles[key] = handle
+        self._by_name = {}
+        for h in self._hooks.values():
+            self._by_name.setdefault(h.name, []).append(h)
+        self._by_module = {key: pts for key, pts in wanted.items()}
+        for ext in self._extensions.values():
+            ext.sync(self)
+        if not self._hooks:
+            self._carry.clear()
+
+    def hooks_for(self, name: str) -> list[AttachedHook]:
+        return self._by_name.get(name, [])
+
+    def context(self, point: HookPoint) -> HookContext:
+        s = self.state
+        return HookContext(point.name, point.layer, s.step, s.timestep, s.batch_axes, point)
+
+    def run_hooks(self, point: HookPoint, value: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """Call the functions attached to ``point``; return (value to use, whether it changed)."""
+        ctx = self.context(point)
+        changed = False
+        for h in self.hooks_for(point.name):
+            out = h.fn(value, ctx)
+            if h.mode == "read":
+                if out is not None:
+                    raise DithooksError(
+                        f"read hook {h.describe()} returned a value; reading is passive - "
+                        "use add_intervention() to replace a value")
+                continue
+            if out is None:
+                continue
+            if not isinstance(out, torch.Tensor) or out.shape != value.shape:
+                got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise DithooksError(f"intervention on {point.name} returned {got}, "
+                                    f"expected a tensor of shape {tuple(value.shape)}")
+            value, changed = out.to(value.dtype), True
+        return value, changed
+
+    def _points_on(self, path: str, kind: str) -> list[HookPoint]:
+        return self._by_module.get((path, kind), [])
+
+    def _make_pre(self, path: str):
+        def pre_hook(module, args, kwargs):
+            changed_any = False
+            for point in self._points_on(path, "pre"):
+                old = point.read(args, kwargs, None)
+                new, changed = self.run_hooks(point, old)
+                if changed:
+                    args, kwargs = point.write(args, kwargs, None, new)
+                    changed_any = True
+                    if point.carry_to is not None:
+                        self._carry[point.carry_to] = self._carry.get(point.carry_to, 0) + (new - old)
+            return (args, kwargs) if changed_any else None
+        return pre_hook
+
+    def _make_post(self, path: str):
+        def post_hook(module, args, kwargs, output):
+            changed_any = False
+            if path in self._carry:
+                # a value this module re-used internally was replaced: bring its output in line
+                delta = self._carry.pop(path)
+                output = output + delta
+                changed_any = True
+            for point in self._points_on(path, "post"):
+                value = point.read(args, kwargs, output)
+                new, changed = self.run_hooks(point, value)
+                if changed:
+                    output = point.write(args, kwargs, output, new)
+                    changed_any = True
+            return output if changed_any else None
+        return post_hook

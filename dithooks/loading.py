@@ -1,0 +1,141 @@
+"""Loading models the diffusers way: the embedded default, a local directory, or a hub id.
+
+A hub id (``facebook/DiT-XL-2-256``) is looked up in the local Hugging Face cache first and only
+then fetched (unless ``HF_HUB_OFFLINE=1``). A directory is either a pipeline saved with
+``save_pretrained`` (``model_index.json`` with ``transformer/``, optional ``vae/`` and
+``scheduler/``) or a bare transformer (``config.json`` + weights, optional
+``scheduler_config.json`` beside it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapters import ModelAdapter, adapter_for
+from .errors import ModelNotFoundError
+
+DEFAULT_MODEL = "dithooks/digits-dit"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+# DiT's training schedule (Peebles & Xie): used when a checkpoint ships no scheduler config.
+DIT_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02,
+                "beta_schedule": "linear", "clip_sample": False}
+
+
+@dataclass
+class LoadedModel:
+    """A transformer with its adapter, the schedule it was trained with and an optional VAE."""
+
+    transformer: nn.Module
+    adapter: ModelAdapter
+    model_id: str
+    source: str
+    scheduler_config: dict[str, Any] = field(default_factory=dict)
+    vae: nn.Module | None = None
+    vae_scale: float = 1.0
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents to images in [0, 1]: through the VAE when there is one, else pixels directly."""
+        if self.vae is None:
+            return ((latents.float().clamp(-1, 1) + 1) / 2)
+        with torch.no_grad():
+            img = self.vae.decode(latents.to(next(self.vae.parameters()).dtype) / self.vae_scale).sample
+        return ((img.float().clamp(-1, 1) + 1) / 2)
+
+
+def load_model(spec: str | None = None, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
+               with_vae: bool = True) -> LoadedModel:
+    """Load ``spec`` (None = the embedded default model) for inference on ``device``."""
+    if spec in (None, "", "default", DEFAULT_MODEL):
+        from .default_model import default_model_dir
+        path = default_model_dir()
+        if not (path / "config.json").exists():
+            raise ModelNotFoundError("the embedded default model has no weights in this install; "
+                                     "run `dithooks train-default` or pass --model")
+        loaded = _load_dir(path, DEFAULT_MODEL, "embedded", with_vae)
+    else:
+        path = Path(spec).expanduser()
+        if path.exists():
+            loaded = _load_dir(path, str(spec), "local directory", with_vae)
+        elif _HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+            loaded = _load_dir(_hub_snapshot(spec), spec, "hub cache", with_vae)
+        else:
+            raise ModelNotFoundError(f"no model directory at {spec!r} (and it is not a hub id like org/name)")
+    loaded.transformer.to(device=device, dtype=dtype).eval()
+    loaded.transformer.requires_grad_(False)
+    if loaded.vae is not None:
+        loaded.vae.to(device=device).eval()
+    return loaded
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        raise ModelNotFoundError(
+            f"model {repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
+            f"run `huggingface-cli download {repo_id}` where there is internet, or pass a local directory")
+    try:
+        return Path(snapshot_download(repo_id))
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise ModelNotFoundError(
+            f"model {repo_id!r} is not in the local Hugging Face cache and could not be downloaded "
+            f"({reason}): run `huggingface-cli download {repo_id}` where there is internet, "
+            "or pass a local directory saved with save_pretrained") from None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _load_dir(path: Path, model_id: str, source: str, with_vae: bool) -> LoadedModel:
+    import diffusers
+
+    # diffusers' advice about `accelerate` and dtype casting is noise for a CLI user
+    diffusers.utils.logging.set_verbosity_error()
+
+    if (path / "model_index.json").exists():
+        tdir, subfolder = path, "transformer"
+        sched_file = path / "scheduler" / "scheduler_config.json"
+    elif (path / "config.json").exists():
+        tdir, subfolder = path, None
+        sched_file = path / "scheduler_config.json"
+    else:
+        raise ModelNotFoundError(f"{path} holds neither model_index.json (a pipeline) nor config.json "
+                                 "(a transformer saved with save_pretrained)")
+    cfg_file = tdir / subfolder / "config.json" if subfolder else tdir / "config.json"
+    if not cfg_file.exists():
+        raise ModelNotFoundError(f"{path} is a pipeline without a transformer/ folder")
+    class_name = _read_json(cfg_file).get("_class_name", "DiTTransformer2DModel")
+    cls = getattr(diffusers, class_name, None)
+    if cls is None:
+        raise ModelNotFoundError(f"{cfg_file} names model class {class_name!r}, unknown to diffusers "
+                                 f"{diffusers.__version__}")
+    try:
+        kwargs = {"subfolder": subfolder} if subfolder else {}
+        transformer = cls.from_pretrained(str(tdir), **kwargs)
+    except (OSError, ValueError, EnvironmentError) as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ModelNotFoundError(f"could not load the transformer from {path}: {first}") from None
+    sched = dict(DIT_SCHEDULE)
+    if sched_file.exists():
+        sched.update({k: v for k, v in _read_json(sched_file).items() if not k.startswith("_")})
+    vae, scale = None, 1.0
+    if with_vae and (path / "vae" / "config.json").exists():
+        vae = diffusers.AutoencoderKL.from_pretrained(str(path), subfolder="vae")
+        scale = float(getattr(vae.config, "scaling_factor", 0.18215) or 0.18215)
+    return LoadedModel(transformer, adapter_for(transformer), model_id, source, sched, vae, scale)

@@ -1,0 +1,150 @@
+"""A background writer that streams captured tensors into a Zarr group.
+
+Hook functions run on the sampling thread and only hand a CPU copy to :meth:`StoreWriter.put`;
+the Zarr encoding and file I/O happen on one writer thread. The queue is bounded in bytes, so
+a writer that falls behind slows sampling down instead of letting memory grow with the number
+of steps. Work is done in order, so a step is marked complete only after all its data is on
+disk. A write error (a full disk, say) stops the writer and is raised on the sampling thread at
+its next call.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import zarr
+
+from ..errors import StoreError
+from .codecs import compressors, to_numpy, zarr_dtype
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """Shape and naming of one stored array; created on first write if it does not exist."""
+
+    name: str
+    dims: tuple[str, ...]
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    dtype: torch.dtype
+    attrs: tuple[tuple[str, Any], ...] = ()
+
+
+class WriterFailed(StoreError):
+    pass
+
+
+class StoreWriter:
+    def __init__(self, group: zarr.Group, *, compression: str = "none",
+                 max_pending_bytes: int = 256 * 2**20):
+        self.group = group
+        self.compression = compression
+        self.max_pending_bytes = max_pending_bytes
+        self._queue: queue.Queue = queue.Queue()
+        self._pending = 0
+        self._cond = threading.Condition()
+        self._error: BaseException | None = None
+        self._arrays: dict[str, zarr.Array] = {}
+        self.bytes_written = 0
+        self.peak_pending_bytes = 0
+        self._thread = threading.Thread(target=self._run, name="dithooks-store-writer", daemon=True)
+        self._thread.start()
+
+    # -- sampling thread ---------------------------------------------------------------------
+    def put(self, spec: ArraySpec, index: tuple, value: torch.Tensor) -> None:
+        """Queue ``value`` (a CPU tensor the caller no longer touches) for ``array[index]``."""
+        nbytes = value.numel() * value.element_size()
+        with self._cond:
+            while self._pending > 0 and self._pending + nbytes > self.max_pending_bytes and self._error is None:
+                self._cond.wait()
+            self._raise_if_failed()
+            self._pending += nbytes
+            self.peak_pending_bytes = max(self.peak_pending_bytes, self._pending)
+        self._queue.put(("write", spec, index, value, nbytes))
+
+    def call(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the writer thread after everything queued before it."""
+        self._raise_if_failed()
+        self._queue.put(("call", fn, None, None, 0))
+
+    def flush(self) -> None:
+        """Wait until everything queued is on disk; raise the writer's error if it failed."""
+        done = threading.Event()
+        self._queue.put(("call", done.set, None, None, 0))
+        while not done.wait(0.05):
+            if self._error is not None or not self._thread.is_alive():
+                break
+        self._raise_if_failed()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._error
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise WriterFailed(describe_write_error(self._error)) from self._error
+
+    # -- writer thread -----------------------------------------------------------------------
+    def array(self, spec: ArraySpec) -> zarr.Array:
+        arr = self._arrays.get(spec.name)
+        if arr is not None:
+            return arr
+        if spec.name in self.group:
+            arr = self.group[spec.name]
+            if tuple(arr.shape) != tuple(spec.shape):
+                raise StoreError(f"array {spec.name} in the store has shape {tuple(arr.shape)}, "
+                                 f"this capture makes {tuple(spec.shape)}")
+        else:
+            attrs = dict(spec.attrs)
+            if spec.dtype == torch.bfloat16:
+                attrs["dithooks_dtype"] = "bfloat16"
+            arr = self.group.create_array(
+                name=spec.name, shape=spec.shape, chunks=spec.chunks, dtype=zarr_dtype(spec.dtype),
+                dimension_names=spec.dims, compressors=compressors(self.compression),
+                fill_value=0, attributes=attrs)
+        self._arrays[spec.name] = arr
+        return arr
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            kind, a, b, c, nbytes = item
+            try:
+                if self._error is None:
+                    if kind == "write":
+                        data = to_numpy(c)
+                        self.array(a)[b] = data
+                        self.bytes_written += data.nbytes
+                    else:
+                        a()
+            except BaseException as e:  # kept and raised on the sampling thread
+                self._error = e
+            finally:
+                if nbytes:
+                    with self._cond:
+                        self._pending -= nbytes
+                        self._cond.notify_all()
+                elif self._error is not None:
+                    with self._cond:
+                        self._cond.notify_all()
+
+
+def describe_write_error(e: BaseException) -> str:
+    import errno
+
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return "the disk is full"
+    if isinstance(e, StoreError):
+        return str(e)
+    return f"{type(e).__name__}: {e}"
