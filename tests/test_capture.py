@@ -1,0 +1,220 @@
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from dithooks.capture import CaptureConfig, CaptureSession, capture
+from dithooks.errors import DithooksError, StoreError
+from dithooks.hooks import HookManager
+from dithooks.sampling import Sampler, SamplerSpec
+from dithooks.store.reader import open_store
+from dithooks.store.writer import ArraySpec, StoreWriter
+
+
+def config(out, model_dir, **kw):
+    base = dict(out=str(out), model=str(model_dir), layers="0-3", hooks=("resid_post", "attn.out", "adaln.gate_msa", "final.out"),
+                sampler=SamplerSpec("ddim", 5, guidance=2.0), labels=(1, 2), seeds=(0, 1), storage_dtype="fp32")
+    base.update(kw)
+    return CaptureConfig(**base)
+
+
+def test_capture_stores_exactly_what_the_hooks_see_and_changes_nothing(tmp_path, tiny_loaded, tiny_model_dir):
+    spec = SamplerSpec("ddim", 5, guidance=2.0)
+    plain = Sampler(tiny_loaded, spec).run([1, 2], [0, 1])
+    # reference values straight from the hook manager
+    hm = HookManager(tiny_loaded.transformer, tiny_loaded.adapter)
+    ref = {}
+    with hm.hooks(read={"blocks.2.resid_post": lambda v, c: ref.__setitem__(c.step, v.clone())}):
+        Sampler(tiny_loaded, spec, hm).run([1, 2], [0, 1])
+    res = capture(config(tmp_path / "s.zarr", tiny_model_dir), loaded=tiny_loaded)
+    assert res.steps_run == 5
+    store = open_store(tmp_path / "s.zarr")
+    assert store.completeness()["complete"] and store.meta["status"] == "complete"
+    got = store.select("blocks.2.resid_post")
+    assert got.dims == ("step", "layer", "cfg", "sample", "token", "channel")
+    for s in range(5):  # batch rows are (cond samples, uncond samples)
+        np.testing.assert_array_equal(got.values[s, 0].reshape(4, 16, 16), ref[s].numpy())
+    # the sampled result is bit-for-bit the one without capture
+    lat = store.select("latents")
+    np.testing.assert_array_equal(lat.values[-1], plain.numpy())
+
+
+def test_store_opens_in_xarray_with_named_dims(tmp_path, tiny_loaded, tiny_model_dir):
+    xr = pytest.importorskip("xarray")
+    capture(config(tmp_path / "s.zarr", tiny_model_dir, storage_dtype="fp16"), loaded=tiny_loaded)
+    ds = xr.open_zarr(tmp_path / "s.zarr")
+    da = ds["blocks.resid_post"]
+    assert da.dims == ("step", "layer", "cfg", "sample", "token", "channel")
+    assert list(ds["cfg"].values) == ["cond", "uncond"]
+    assert ds["timestep"].dims == ("step",) and list(ds["label"].values) == [1, 2]
+    one = da.sel(step=3, layer=1, cfg="cond").values
+    assert one.shape == (2, 16, 16) and np.isfinite(one).all()
+    assert ds["final.out"].dims == ("step", "cfg", "sample", "out_channel", "height", "width")
+    assert ds.attrs["dithooks"]["sampler"]["steps"] == 5
+
+
+def test_metadata_says_what_the_store_holds(tmp_path, tiny_loaded, tiny_model_dir):
+    capture(config(tmp_path / "s.zarr", tiny_model_dir), loaded=tiny_loaded)
+    m = open_store(tmp_path / "s.zarr").meta
+    for key in ("model_id", "model_config", "scheduler", "seeds", "labels", "sampler", "hooks", "layers",
+                "storage_dtype", "versions", "started", "finished", "status"):
+        assert key in m, key
+    assert m["hook_arrays"]["blocks.resid_post"] == {"hook": "blocks.{i}.resid_post", "layers": [0, 1, 2, 3]}
+    assert m["versions"]["torch"] == torch.__version__
+
+
+def test_existing_store_is_refused_unless_asked(tmp_path, tiny_loaded, tiny_model_dir):
+    out = tmp_path / "s.zarr"
+    capture(config(out, tiny_model_dir), loaded=tiny_loaded)
+    with pytest.raises(StoreError, match="--overwrite"):
+        capture(config(out, tiny_model_dir), loaded=tiny_loaded)
+    capture(config(out, tiny_model_dir, mode="overwrite", seeds=(5, 6)), loaded=tiny_loaded)
+    assert open_store(out).meta["seeds"] == [5, 6]
+    precious = tmp_path / "notes"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("do not delete")
+    with pytest.raises(StoreError, match="not a dithooks store"):
+        capture(config(precious, tiny_model_dir, mode="overwrite"), loaded=tiny_loaded)
+    assert (precious / "thesis.tex").exists()
+
+
+def test_resume_refuses_a_different_request(tmp_path, tiny_loaded, tiny_model_dir):
+    out = tmp_path / "s.zarr"
+    capture(config(out, tiny_model_dir), loaded=tiny_loaded)
+    with pytest.raises(StoreError, match="seeds differs"):
+        capture(config(out, tiny_model_dir, mode="resume", seeds=(3, 4)), loaded=tiny_loaded)
+    assert capture(config(out, tiny_model_dir, mode="resume"), loaded=tiny_loaded).steps_run == 0
+
+
+def read_all(path):
+    g = zarr.open_group(str(path), mode="r")
+    return {k: np.asarray(g[k][...]) for k in g.array_keys()}
+
+
+def assert_stores_equal(a, b):
+    A, B = read_all(a), read_all(b)
+    assert set(A) == set(B)
+    for k in A:
+        np.testing.assert_array_equal(A[k], B[k], err_msg=k)
+
+
+class Interrupt:
+    """A read hook that presses Ctrl-C at a given step (as a user would)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def __call__(self, v, ctx):
+        if ctx.step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_interrupted_capture_resumes_to_the_same_store(tmp_path, tiny_loaded, tiny_model_dir):
+    full = tmp_path / "full.zarr"
+    capture(config(full, tiny_model_dir, sampler=SamplerSpec("ddim", 6, eta=1.0, guidance=2.0)), loaded=tiny_loaded)
+    part = tmp_path / "part.zarr"
+    session = CaptureSession(config(part, tiny_model_dir, sampler=SamplerSpec("ddim", 6, eta=1.0, guidance=2.0)),
+                             loaded=tiny_loaded)
+    session.hooks.add_hook("blocks.3.resid_post", Interrupt(3))
+    with pytest.raises(StoreError, match=r"interrupted.*holds steps 0-2 .*--resume"):
+        session.run()
+    session.hooks.remove_all()
+    s = open_store(part)
+    assert s.meta["status"] == "interrupted" and s.completeness()["resume_from_step"] == 3
+    res = capture(config(part, tiny_model_dir, mode="resume", sampler=SamplerSpec("ddim", 6, eta=1.0, guidance=2.0)),
+                  loaded=tiny_loaded)
+    assert (res.resumed_from, res.steps_run) == (3, 3)
+    assert open_store(part).meta["status"] == "complete"
+    assert_stores_equal(full, part)
+
+
+def test_killed_capture_resumes_to_the_same_store(tmp_path, tiny_model_dir):
+    """SIGKILL a real `dithooks capture` process mid-way, resume it, compare with an unbroken run."""
+    args = ["--model", str(tiny_model_dir), "--layers", "all", "--hooks", "resid_post,attn.out", "--steps", "60",
+            "--eta", "1", "--seeds", "0-3", "--class", "3", "-g", "2", "--dtype", "fp32", "-q"]
+    cli = [sys.executable, "-m", "dithooks.cli.main", "capture"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(cli + args + ["--out", str(tmp_path / "full.zarr")], check=True, env=env, capture_output=True)
+    part = tmp_path / "part.zarr"
+    proc = subprocess.Popen(cli + args + ["--out", str(part)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    done = 0
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            done = int(np.asarray(zarr.open_group(str(part), mode="r")["step_complete"][...]).sum())
+        except Exception:
+            done = 0
+        if done >= 3:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    if proc.returncode == 0:
+        pytest.skip("the capture finished before it could be killed (machine too fast for this test)")
+    info = open_store(part).completeness()
+    assert not info["complete"] and info["status"] == "incomplete"
+    r = subprocess.run(cli + args + ["--out", str(part), "--resume"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert_stores_equal(tmp_path / "full.zarr", part)
+
+
+def test_full_disk_fails_cleanly_and_resumes(tmp_path, tiny_loaded, tiny_model_dir, monkeypatch):
+    out = tmp_path / "s.zarr"
+    real = StoreWriter.array
+    calls = {"n": 0}
+
+    def failing_array(self, spec):
+        if spec.name == "blocks.attn.out":
+            calls["n"] += 1
+            if calls["n"] > 9:  # after a couple of steps the disk fills up
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, spec)
+
+    monkeypatch.setattr(StoreWriter, "array", failing_array)
+    with pytest.raises(StoreError, match=r"disk is full.*--resume"):
+        capture(config(out, tiny_model_dir), loaded=tiny_loaded)
+    s = open_store(out)
+    assert s.meta["status"] == "failed" and "disk is full" in s.meta["error"]
+    assert 0 < s.completeness()["resume_from_step"] < 5
+    monkeypatch.setattr(StoreWriter, "array", real)
+    capture(config(out, tiny_model_dir, mode="resume"), loaded=tiny_loaded)
+    capture(config(tmp_path / "ref.zarr", tiny_model_dir), loaded=tiny_loaded)
+    assert_stores_equal(tmp_path / "ref.zarr", out)
+
+
+def test_writer_queue_is_bounded(tmp_path):
+    """A slow disk makes sampling wait; pending bytes never exceed the bound (plus one item)."""
+    g = zarr.open_group(str(tmp_path / "w.zarr"), mode="w", zarr_format=3)
+    w = StoreWriter(g, max_pending_bytes=10_000)
+    spec = ArraySpec("a", ("step", "x"), (50, 1000), (1, 1000), torch.float32)
+    slow = w.array
+
+    def slow_array(s):
+        time.sleep(0.002)
+        return slow(s)
+
+    w.array = slow_array
+    for s in range(50):
+        w.put(spec, (s,), torch.full((1000,), float(s)))
+    w.flush()
+    w.close()
+    assert w.peak_pending_bytes <= 10_000 + 4000
+    np.testing.assert_array_equal(np.asarray(g["a"][:, 0]), np.arange(50))
+
+
+def test_bad_capture_requests_are_refused_before_touching_disk(tmp_path, tiny_loaded, tiny_model_dir):
+    out = tmp_path / "s.zarr"
+    for kw, msg in [({"layers": "0-9"}, "0-3"), ({"hooks": ("resid_pst",)}, "resid_post"),
+                    ({"labels": (11,)}, "classes 0-9"), ({"storage_dtype": "fp8"}, "fp16"),
+                    ({"labels": (1, 2, 3)}, "labels")]:
+        with pytest.raises(DithooksError, match=msg):
+            CaptureSession(config(out, tiny_model_dir, **kw), loaded=tiny_loaded)
+    assert not out.exists()
