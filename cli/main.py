@@ -212,6 +212,43 @@ def hooks_(
     print_table([{k: r[k] for k in ("hook point", "dims", "writable", "meaning")} for r in rows])
 
 
+@app.command("train-default")
+@user_errors
+def train_default(
+    out: Path = typer.Option(Path("runs/default_model"), "--out", "-o", help="Training run folder (checkpoints, log, final and EMA weights)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimiser steps (default: the recipe in docs/model_card.md)."),
+    seed: int = typer.Option(0, "--seed"),
+    batch_size: int = typer.Option(128, "--batch-size"),
+    threads: int = typer.Option(1, "--threads", help="torch threads."),
+    evaluate: bool = typer.Option(True, "--evaluate/--no-evaluate", help="Classify DDIM samples of the result."),
+    per_class: int = typer.Option(50, "--per-class", help="Samples per class for the evaluation."),
+    ship: bool = typer.Option(False, "--ship", help="Copy the EMA weights into the installed package (becomes the default model)."),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Retrain the embedded digits DiT from scratch with a fixed seed (see docs/model_card.md)."""
+    import torch
+
+    from dithooks.default_model import evaluate_default_model, train_default_model
+    from dithooks.default_model.weights_io import ship_model_dir
+
+    torch.set_num_threads(threads)
+    kwargs = {} if steps is None else {"train_steps": steps}
+    summary = train_default_model(out, seed=seed, batch_size=batch_size, threads=threads, **kwargs)
+    result = {"train": {k: v for k, v in summary.items() if k != "scheduler"}}
+    model_dir = out / "ema" if (out / "ema").exists() else out
+    if evaluate:
+        result["evaluation"] = evaluate_default_model(model_dir, per_class=per_class, seed=seed, threads=threads)
+    if ship:
+        result["shipped_to"] = str(ship_model_dir(model_dir))
+    if as_json:
+        print_json(result)
+    else:
+        typer.echo(f"trained {out}")
+        for k, v in result.get("evaluation", {}).items():
+            if not isinstance(v, (dict, list)):
+                typer.echo(f"  {k}: {v}")
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,549 @@
+"""Routing versus modulation in the linearised replica attention difference (THEORY §3, §5).
+
+Per head, at the symmetric state ``h^a = h^b = h`` with pattern ``A`` (``[..., N, N]``, rows
+sum to 1, queries on rows) and values ``V`` (``[..., N, d_h]``), a replica perturbation
+``h^{a,b} = h ± δ`` gives value and logit perturbations ``δV``, ``δL_intra``, ``δL_inter``
+and, to first order [25],
+
+    (O^a − O^b)/2 = ρ(g) · A δV  +  ξ(g) · (δA_intra + g δA_inter) V
+    ρ(g) = (1−g)/(1+g)  (routing gate),     ξ(g) = 1/(1+g)  (modulation gate),
+
+with the softmax Jacobian ``δA_ij = A_ij (δL_ij − Σ_k A_ik δL_ik)`` [87–88]. Leading dims
+(batch, head, step, ...) broadcast through every function; norms are over the last two axes
+(token × channel Frobenius norms), so results have the leading shape.
+
+Appendix B ([85–106]) bounds the pattern-modulation residual by the routing term:
+
+    ‖δA V‖_F / ‖A δV‖_F ≤ Δ_max √(N/N_min) ε_V ‖V‖_F / ((√(1−ε_δ²) − a ε_δ) ‖δV‖_F)   [105]
+
+Which δA when g > 0 (decision)
+------------------------------
+The proof of [93–99] uses only that ``δA`` is the softmax Jacobian at the row-stochastic
+``A`` applied to *some* logit perturbation ``δL`` (and Δ is computed from that same δL).
+At the symmetric state every block (aa, ab) has the same pattern ``A``, and the Jacobian is
+linear in δL, so the pattern perturbation that actually multiplies V in the modulation term,
+
+    δA_g = δA_intra + g δA_inter = J_A(δL_g),     δL_g = δL_intra + g δL_inter,
+
+is itself such an image. We therefore apply [105] to ``δA_g`` with ``Δ_max`` taken from
+``δL_g``: it is exactly the paper's statement at g = 0 (δA_g = δA_intra), remains a proven
+inequality for every g, bounds the quantity the modulation term contains, and is never looser
+than combining the two per-block bounds by the triangle inequality (because
+``Δ_max(δL_g) ≤ Δ_max(δL_intra) + g Δ_max(δL_inter)``). The ratio it bounds is **ungated**;
+the gated ratio ``‖M‖/‖R‖ = (ξ/ρ) ‖δA_g V‖/‖A δV‖ = ‖δA_g V‖/((1−g)‖A δV‖)`` is bounded by
+``bound/(1−g)`` (infinite at g = 1, where routing vanishes). For reference the report also
+carries the paper-literal intra-only ratio and bound (``*_intra`` keys).
+
+How ``a = ‖A P_⊥‖_op`` is computed
+---------------------------------
+[103] needs the gain of ``A`` on mean-free token fields, ``sup {‖A x‖ : x ⊥ 1, ‖x‖ = 1}``.
+Because ``P_⊥`` is an orthogonal projector this equals the largest singular value of the
+N×N matrix ``A P_⊥ = A − (A1/N) 1ᵀ`` (subtract each row's mean). Two tempting shortcuts are
+wrong: ``‖A‖_op`` is always ≥ 1 (``A 1 = 1``), too loose; ``‖P_⊥ A P_⊥‖_op`` drops the
+constant component of ``A x`` and can be 0 while ``a = √(N−1)`` (every row attending the
+same key), which would make [104] false. ``a`` may exceed 1; then the denominator of [105]
+can be ≤ 0 and the bound is vacuous (reported as ``inf`` with ``bound_valid = False``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .attention_width import effective_width
+
+__all__ = [
+    "routing_gate",
+    "modulation_gate",
+    "attention_pattern",
+    "logit_perturbations",
+    "combined_logit_perturbation",
+    "centred_logit_perturbation",
+    "softmax_jacobian_apply",
+    "routing_term",
+    "modulation_term",
+    "attention_difference_terms",
+    "mean_free",
+    "coherence_fraction",
+    "mean_free_operator_norm",
+    "logit_spread",
+    "modulation_row_bound",
+    "modulation_frobenius_bound",
+    "routing_lower_bound",
+    "routing_dominance_bound",
+    "routing_dominance_report",
+    "routing_dominance_report_from_qkv",
+    "combine_head_norms",
+    "modal_gains",
+]
+
+
+# --------------------------------------------------------------------------------------
+# small helpers
+# --------------------------------------------------------------------------------------
+
+
+def _cast(x: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
+    if x is None or dtype is None:
+        return x
+    return x.to(dtype)
+
+
+def _fro(x: torch.Tensor) -> torch.Tensor:
+    """Frobenius norm over the last two axes (tokens × channels, or rows × columns)."""
+    return torch.linalg.vector_norm(x, dim=(-2, -1))
+
+
+def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """num/den with 0/0 → 0 (a zero field has zero fraction in any subspace)."""
+    out = num / den
+    return torch.where((num == 0) & (den == 0), torch.zeros_like(out), out)
+
+
+def routing_gate(g: float | torch.Tensor) -> float | torch.Tensor:
+    """Spatial routing gate ``ρ(g) = (1−g)/(1+g)`` [25]; 1 at g=0, 0 at g=1."""
+    return (1 - g) / (1 + g)
+
+
+def modulation_gate(g: float | torch.Tensor) -> float | torch.Tensor:
+    """Pattern modulation gate ``ξ(g) = 1/(1+g)`` [25]; 1 at g=0, 1/2 at g=1."""
+    return 1 / (1 + g)
+
+
+# --------------------------------------------------------------------------------------
+# pattern, logits, softmax Jacobian [16, 20–24, 87–88]
+# --------------------------------------------------------------------------------------
+
+
+def attention_pattern(
+    Q: torch.Tensor, K: torch.Tensor, *, scale: float | None = None, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Row-softmax pattern ``A = softmax(Q Kᵀ · scale)`` [16]; scale defaults to ``1/√d_h``."""
+    Q, K = _cast(Q, dtype), _cast(K, dtype)
+    if scale is None:
+        scale = 1.0 / math.sqrt(Q.shape[-1])
+    return torch.softmax((Q @ K.transpose(-2, -1)) * scale, dim=-1)
+
+
+def logit_perturbations(
+    Q: torch.Tensor,
+    K: torch.Tensor,
+    dQ: torch.Tensor,
+    dK: torch.Tensor,
+    *,
+    scale: float | None = None,
+    dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(δL_intra, δL_inter)`` of THEORY §3, each ``[..., N, N]``.
+
+    ``δL_intra = (δQ Kᵀ + Q δKᵀ)·s`` (block aa; bb gets −δL_intra) and
+    ``δL_inter = (δQ Kᵀ − Q δKᵀ)·s`` (block ab; ba gets −δL_inter), ``s = 1/√d_h`` by default.
+    """
+    Q, K, dQ, dK = (_cast(t, dtype) for t in (Q, K, dQ, dK))
+    if scale is None:
+        scale = 1.0 / math.sqrt(Q.shape[-1])
+    from_q = (dQ @ K.transpose(-2, -1)) * scale
+    from_k = (Q @ dK.transpose(-2, -1)) * scale
+    return from_q + from_k, from_q - from_k
+
+
+def combined_logit_perturbation(
+    dL_intra: torch.Tensor, dL_inter: torch.Tensor | None, g: float
+) -> torch.Tensor:
+    """``δL_g = δL_intra + g δL_inter``: the logit perturbation behind ``δA_intra + g δA_inter``.
+
+    Valid because the softmax Jacobian at the common symmetric-state pattern is linear in δL.
+    """
+    if dL_inter is None or g == 0:
+        return dL_intra
+    return dL_intra + g * dL_inter
+
+
+def centred_logit_perturbation(A: torch.Tensor, dL: torch.Tensor) -> torch.Tensor:
+    """``c_ij = δL_ij − Σ_k A_ik δL_ik`` (the bracket of [87–88]).
+
+    Entries with ``A_ij = 0`` (masked or underflowed keys) are set to 0: they cannot move the
+    pattern to first order, and zeroing them keeps a masked ``−inf``/NaN logit from poisoning
+    the row (and restricts the spread Δ_i to the keys the row actually reads).
+    """
+    support = A > 0
+    dL = torch.where(support, dL, torch.zeros_like(dL))
+    c = dL - (A * dL).sum(dim=-1, keepdim=True)
+    return torch.where(support, c, torch.zeros_like(c))
+
+
+def softmax_jacobian_apply(A: torch.Tensor, dL: torch.Tensor) -> torch.Tensor:
+    """First-order pattern change ``δA = A ⊙ (δL − rowsum(A ⊙ δL))`` [87–88]; rows sum to 0 [89]."""
+    return A * centred_logit_perturbation(A, dL)
+
+
+# --------------------------------------------------------------------------------------
+# the two terms of [25]
+# --------------------------------------------------------------------------------------
+
+
+def routing_term(A: torch.Tensor, dV: torch.Tensor, g: float = 0.0) -> torch.Tensor:
+    """Spatial routing term ``R = ρ(g) A δV`` (pattern frozen, values moved) [25]."""
+    return routing_gate(g) * (A @ dV)
+
+
+def modulation_term(
+    A: torch.Tensor,
+    dL_intra: torch.Tensor,
+    dL_inter: torch.Tensor | None,
+    V: torch.Tensor,
+    g: float = 0.0,
+) -> torch.Tensor:
+    """Pattern modulation term ``M = ξ(g) (δA_intra + g δA_inter) V`` [25]."""
+    dA_g = softmax_jacobian_apply(A, combined_logit_perturbation(dL_intra, dL_inter, g))
+    return modulation_gate(g) * (dA_g @ V)
+
+
+def attention_difference_terms(
+    A: torch.Tensor,
+    dL_intra: torch.Tensor,
+    dL_inter: torch.Tensor | None,
+    V: torch.Tensor,
+    dV: torch.Tensor,
+    g: float = 0.0,
+    *,
+    dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """All pieces of ``(O^a − O^b)/2 = R + M`` [25] for one head (or a batch of heads).
+
+    Returns ``routing`` (R), ``modulation`` (M), ``total`` (R + M), ``dA_intra``,
+    ``dA_inter`` (zeros if ``dL_inter`` is None), ``dA_g = dA_intra + g dA_inter``,
+    ``routing_ungated`` (``A δV``) and ``modulation_ungated`` (``δA_g V``).
+    """
+    A, dL_intra, dL_inter, V, dV = (_cast(t, dtype) for t in (A, dL_intra, dL_inter, V, dV))
+    dA_intra = softmax_jacobian_apply(A, dL_intra)
+    dA_inter = softmax_jacobian_apply(A, dL_inter) if dL_inter is not None else torch.zeros_like(dA_intra)
+    dA_g = dA_intra + g * dA_inter
+    routing_ungated = A @ dV
+    modulation_ungated = dA_g @ V
+    R = routing_gate(g) * routing_ungated
+    Mo = modulation_gate(g) * modulation_ungated
+    return {
+        "routing": R,
+        "modulation": Mo,
+        "total": R + Mo,
+        "dA_intra": dA_intra,
+        "dA_inter": dA_inter,
+        "dA_g": dA_g,
+        "routing_ungated": routing_ungated,
+        "modulation_ungated": modulation_ungated,
+    }
+
+
+# --------------------------------------------------------------------------------------
+# Appendix-B ingredients [85–104]
+# --------------------------------------------------------------------------------------
+
+
+def mean_free(X: torch.Tensor) -> torch.Tensor:
+    """``P_⊥ X``: remove the token mean (axis −2) of a token field ``[..., N, d]`` [85–86]."""
+    return X - X.mean(dim=-2, keepdim=True)
+
+
+def coherence_fraction(X: torch.Tensor) -> torch.Tensor:
+    """``ε = ‖P_⊥ X‖_F / ‖X‖_F`` ([100] for V, [102] for δV); 0 for a zero field.
+
+    Small ε: the field is dominated by its constant-token component (spatially coherent).
+    """
+    return _safe_div(_fro(mean_free(X)), _fro(X))
+
+
+def mean_free_operator_norm(A: torch.Tensor) -> torch.Tensor:
+    """``a = ‖A P_⊥‖_op`` [103]: largest singular value of ``A − (A1/N)1ᵀ``, ``[..., N, N] → [...]``.
+
+    Equals ``sup_{x ⊥ 1, ‖x‖=1} ‖A x‖`` (see module docstring for why neither ``‖A‖_op`` nor
+    ``‖P_⊥ A P_⊥‖_op`` will do). Batched SVD; O(N³) per head (N=256: ~ms).
+    """
+    AP = A - A.mean(dim=-1, keepdim=True)  # (A P_∥)_ij = (Σ_k A_ik)/N for every column j
+    return torch.linalg.matrix_norm(AP, ord=2)
+
+
+def logit_spread(A: torch.Tensor, dL: torch.Tensor) -> torch.Tensor:
+    """Per-row logit spread ``Δ_i = max_j |δL_ij − Σ_k A_ik δL_ik|`` [96], ``[..., N]``.
+
+    The max runs over keys with ``A_ij > 0`` (all keys for an unmasked softmax), which is all
+    the Cauchy–Schwarz step [94–97] needs.
+    """
+    return centred_logit_perturbation(A, dL).abs().amax(dim=-1)
+
+
+def modulation_row_bound(A: torch.Tensor, dL: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """Per-row bound [98]: ``‖(δA V)_i‖ ≤ Δ_i ‖P_⊥ V‖_F / √N_eff,i``, ``[..., N]``."""
+    return logit_spread(A, dL) * _fro(mean_free(V))[..., None] / torch.sqrt(effective_width(A))
+
+
+def modulation_frobenius_bound(A: torch.Tensor, dL: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """Frobenius bound [99]: ``‖δA V‖_F ≤ Δ_max √(N/N_min) ‖P_⊥ V‖_F``, ``[...]``."""
+    N = A.shape[-1]
+    n_min = effective_width(A).amin(dim=-1)
+    delta_max = logit_spread(A, dL).amax(dim=-1)
+    return delta_max * torch.sqrt(N / n_min) * _fro(mean_free(V))
+
+
+def routing_lower_bound(A: torch.Tensor, dV: torch.Tensor) -> torch.Tensor:
+    """Lower bound [104]: ``‖A δV‖_F ≥ (√(1−ε_δ²) − a ε_δ) ‖δV‖_F``, ``[...]`` (may be ≤ 0)."""
+    eps_d = coherence_fraction(dV)
+    a = mean_free_operator_norm(A)
+    return (torch.sqrt(torch.clamp(1 - eps_d * eps_d, min=0)) - a * eps_d) * _fro(dV)
+
+
+def routing_dominance_bound(
+    A: torch.Tensor, dL: torch.Tensor, V: torch.Tensor, dV: torch.Tensor
+) -> torch.Tensor:
+    """Bound [105] on the ungated ratio ``‖δA V‖_F / ‖A δV‖_F`` with ``δA = J_A(dL)``.
+
+    ``+inf`` where the denominator ``(√(1−ε_δ²) − a ε_δ)‖δV‖_F`` is not positive (vacuous).
+    """
+    num = modulation_frobenius_bound(A, dL, V)
+    den = routing_lower_bound(A, dV)
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), torch.full_like(num, math.inf))
+
+
+def _default_rtol(dtype: torch.dtype) -> float:
+    # The inequalities are exact; the slack only absorbs rounding in the O(N d) sums.
+    return 1e3 * torch.finfo(dtype).eps
+
+
+def routing_dominance_report(
+    A: torch.Tensor,
+    dL_intra: torch.Tensor,
+    dL_inter: torch.Tensor | None,
+    V: torch.Tensor,
+    dV: torch.Tensor,
+    g: float = 0.0,
+    *,
+    dtype: torch.dtype | None = torch.float64,
+    renormalise: bool = True,
+    rtol: float | None = None,
+) -> dict[str, torch.Tensor]:
+    """Every Appendix-B ingredient, the measured ratios, the bounds and checks, per head.
+
+    Shapes: ``A``, ``dL_*`` ``[..., N, N]``; ``V``, ``dV`` ``[..., N, d_h]``. Every output is
+    ``[...]`` (one value per head/step/...) except the per-row ``N_eff``, ``Delta``,
+    ``row_measured`` and ``row_bound`` (``[..., N]``).
+
+    ``dtype`` (default float64) is the compute dtype. ``renormalise`` divides A by its row sums
+    after measuring ``stochasticity_residual``: the identities assume an exactly stochastic A,
+    and a captured fp32/bf16 pattern is only approximately so. ``rtol`` is the relative slack
+    of the ``*_holds`` checks (default ``1e3·eps(dtype)``): a failed check is a bug, not a
+    finding.
+
+    The bound is applied to ``δA_g = δA_intra + g δA_inter`` with Δ from ``δL_g`` (module
+    docstring explains why); at g = 0 that is the paper's intra-only statement.
+
+    Keys
+    ----
+    ``N``, ``N_eff`` [..., N], ``N_min``, ``Delta`` [..., N] and ``Delta_max`` (of δL_g),
+    ``Delta_max_intra``, ``Delta_max_inter``, ``eps_V``, ``eps_delta``, ``a``, ``norm_V``,
+    ``norm_dV``, ``norm_perp_V``;
+    ``routing_norm`` ‖A δV‖ and ``modulation_norm`` ‖δA_g V‖ (ungated),
+    ``routing_norm_gated`` ‖R‖ = ρ‖AδV‖, ``modulation_norm_gated`` ‖M‖ = ξ‖δA_g V‖,
+    ``routing_dominance`` ‖AδV‖/‖δA_g V‖ and ``routing_dominance_gated`` ‖R‖/‖M‖ (user-facing);
+    ``measured_ratio`` ‖δA_g V‖/‖AδV‖, ``bound`` [105], ``bound_valid``, ``bound_holds``,
+    ``tightness`` (measured/bound, NaN when the bound is vacuous);
+    ``measured_ratio_gated`` ‖M‖/‖R‖ and ``bound_gated`` = bound/(1−g);
+    ``measured_ratio_intra``, ``bound_intra``, ``bound_intra_holds`` (paper-literal, δA_intra);
+    ``row_measured``/``row_bound``/``row_bound_holds`` [98], ``frobenius_bound``/
+    ``frobenius_bound_holds`` [99], ``summed_row_bound`` (√Σ_i row_bound_i², between the two),
+    ``routing_lower_bound``/``routing_lower_bound_holds`` [104];
+    identity residuals (max-abs): ``stochasticity_residual`` |A1 − 1| (before renormalising),
+    ``dA_row_sum_residual`` |δA_g 1|, ``mean_free_residual`` ‖δA_g V − δA_g P_⊥V‖_F [90],
+    ``constant_preservation_residual`` |A P_∥ − P_∥| [91].
+    """
+    A, dL_intra, dL_inter, V, dV = (_cast(t, dtype) for t in (A, dL_intra, dL_inter, V, dV))
+    rtol = _default_rtol(A.dtype) if rtol is None else rtol
+    N = A.shape[-1]
+    ones = torch.ones(N, 1, dtype=A.dtype, device=A.device)
+
+    row_sums = A.sum(dim=-1)
+    stochasticity_residual = (row_sums - 1).abs().amax(dim=-1)
+    if renormalise:
+        A = A / row_sums[..., None]
+
+    dL_g = combined_logit_perturbation(dL_intra, dL_inter, g)
+    dA_g = softmax_jacobian_apply(A, dL_g)
+    dA_intra = softmax_jacobian_apply(A, dL_intra)
+
+    # ---- ingredients -----------------------------------------------------------------
+    n_eff = effective_width(A)
+    n_min = n_eff.amin(dim=-1)
+    delta = logit_spread(A, dL_g)
+    delta_max = delta.amax(dim=-1)
+    perp_V = mean_free(V)
+    norm_V, norm_dV, norm_perp_V = _fro(V), _fro(dV), _fro(perp_V)
+    eps_V = _safe_div(norm_perp_V, norm_V)
+    eps_d = coherence_fraction(dV)
+    a = mean_free_operator_norm(A)
+
+    # ---- measured terms --------------------------------------------------------------
+    AdV = A @ dV
+    dAV = dA_g @ V
+    routing_norm = _fro(AdV)
+    modulation_norm = _fro(dAV)
+    rho, xi = routing_gate(g), modulation_gate(g)
+    routing_norm_gated = rho * routing_norm
+    modulation_norm_gated = xi * modulation_norm
+    measured = modulation_norm / routing_norm
+    measured_gated = modulation_norm_gated / routing_norm_gated
+
+    # ---- bounds ----------------------------------------------------------------------
+    row_measured = torch.linalg.vector_norm(dAV, dim=-1)
+    row_bound = delta * norm_perp_V[..., None] / torch.sqrt(n_eff)
+    frob_bound = delta_max * torch.sqrt(N / n_min) * norm_perp_V
+    summed_row_bound = torch.linalg.vector_norm(row_bound, dim=-1)
+    lower = (torch.sqrt(torch.clamp(1 - eps_d * eps_d, min=0)) - a * eps_d) * norm_dV
+    valid = lower > 0
+    inf = torch.full_like(frob_bound, math.inf)
+    bound = torch.where(valid, frob_bound / lower.clamp_min(torch.finfo(lower.dtype).tiny), inf)
+    tightness = torch.where(valid, measured / bound, torch.full_like(bound, math.nan))
+    bound_gated = bound / (1 - g) if g < 1 else inf
+
+    # paper-literal: δA_intra alone
+    dAV_intra = dA_intra @ V
+    measured_intra = _fro(dAV_intra) / routing_norm
+    delta_max_intra = logit_spread(A, dL_intra).amax(dim=-1)
+    frob_bound_intra = delta_max_intra * torch.sqrt(N / n_min) * norm_perp_V
+    bound_intra = torch.where(valid, frob_bound_intra / lower.clamp_min(torch.finfo(lower.dtype).tiny), inf)
+
+    def holds(measured_value, bound_value, scale):
+        # measured ≤ bound up to rounding. The slack is relative to `scale`, the size of the
+        # operands before cancellation (e.g. ‖V‖ rather than ‖P_⊥V‖, which can be ~0 for a
+        # constant V while δA V is then pure rounding). NaN measured (0/0) counts as holding.
+        ok = measured_value <= bound_value + rtol * (bound_value.abs() + scale)
+        return ok | torch.isnan(measured_value)
+
+    lower_safe = lower.clamp_min(torch.finfo(lower.dtype).tiny)
+    width_factor = torch.sqrt(N / n_min) * norm_V
+    ratio_scale = torch.where(valid, delta_max * width_factor / lower_safe, inf)
+    ratio_scale_intra = torch.where(valid, delta_max_intra * width_factor / lower_safe, inf)
+
+    # ---- identity residuals [89–91] ---------------------------------------------------
+    dA_row_sum_residual = (dA_g @ ones).squeeze(-1).abs().amax(dim=-1)
+    mean_free_residual = _fro(dAV - dA_g @ perp_V)
+    P_par = torch.full((N, N), 1.0 / N, dtype=A.dtype, device=A.device)
+    constant_preservation_residual = (A @ P_par - P_par).abs().amax(dim=(-2, -1))
+
+    return {
+        "g": torch.tensor(float(g), dtype=A.dtype),
+        "rho": torch.tensor(float(rho), dtype=A.dtype),
+        "xi": torch.tensor(float(xi), dtype=A.dtype),
+        "N": torch.tensor(N),
+        "N_eff": n_eff,
+        "N_min": n_min,
+        "Delta": delta,
+        "Delta_max": delta_max,
+        "Delta_max_intra": delta_max_intra,
+        "Delta_max_inter": (
+            logit_spread(A, dL_inter).amax(dim=-1) if dL_inter is not None else torch.zeros_like(delta_max)
+        ),
+        "eps_V": eps_V,
+        "eps_delta": eps_d,
+        "a": a,
+        "norm_V": norm_V,
+        "norm_dV": norm_dV,
+        "norm_perp_V": norm_perp_V,
+        "routing_norm": routing_norm,
+        "modulation_norm": modulation_norm,
+        "routing_norm_gated": routing_norm_gated,
+        "modulation_norm_gated": modulation_norm_gated,
+        "routing_dominance": routing_norm / modulation_norm,
+        "routing_dominance_gated": routing_norm_gated / modulation_norm_gated,
+        "measured_ratio": measured,
+        "measured_ratio_gated": measured_gated,
+        "bound": bound,
+        "bound_gated": bound_gated,
+        "bound_valid": valid,
+        "bound_holds": holds(measured, bound, ratio_scale),
+        "tightness": tightness,
+        "measured_ratio_intra": measured_intra,
+        "bound_intra": bound_intra,
+        "bound_intra_holds": holds(measured_intra, bound_intra, ratio_scale_intra),
+        "row_measured": row_measured,
+        "row_bound": row_bound,
+        "row_bound_holds": holds(row_measured, row_bound, delta * norm_V[..., None] / torch.sqrt(n_eff)).all(dim=-1),
+        "frobenius_bound": frob_bound,
+        "frobenius_bound_holds": holds(modulation_norm, frob_bound, delta_max * width_factor),
+        "summed_row_bound": summed_row_bound,
+        "routing_lower_bound": lower,
+        "routing_lower_bound_holds": holds(lower, routing_norm, (1 + a) * norm_dV),
+        "stochasticity_residual": stochasticity_residual,
+        "dA_row_sum_residual": dA_row_sum_residual,
+        "mean_free_residual": mean_free_residual,
+        "constant_preservation_residual": constant_preservation_residual,
+    }
+
+
+def routing_dominance_report_from_qkv(
+    Q: torch.Tensor,
+    K: torch.Tensor,
+    V: torch.Tensor,
+    dQ: torch.Tensor,
+    dK: torch.Tensor,
+    dV: torch.Tensor,
+    g: float = 0.0,
+    *,
+    scale: float | None = None,
+    dtype: torch.dtype | None = torch.float64,
+    rtol: float | None = None,
+) -> dict[str, torch.Tensor]:
+    """:func:`routing_dominance_report` from the symmetric-state ``Q, K, V`` and their
+    perturbations (``[..., N, d_h]``); the pattern and logit perturbations use ``1/√d_h``."""
+    A = attention_pattern(Q, K, scale=scale, dtype=dtype)
+    dL_intra, dL_inter = logit_perturbations(Q, K, dQ, dK, scale=scale, dtype=dtype)
+    return routing_dominance_report(A, dL_intra, dL_inter, V, dV, g, dtype=dtype, renormalise=False, rtol=rtol)
+
+
+def combine_head_norms(norms: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Layer-level Frobenius norm from per-head norms: ``√Σ_h ‖·‖_h²`` (THEORY §5)."""
+    return torch.linalg.vector_norm(norms, dim=dim)
+
+
+# --------------------------------------------------------------------------------------
+# modal gains [44–46, 59]
+# --------------------------------------------------------------------------------------
+
+
+def modal_gains(
+    v: torch.Tensor,
+    routing_response: torch.Tensor,
+    modulation_response: torch.Tensor,
+    *,
+    mlp_response: torch.Tensor | None = None,
+    g: float | None = None,
+    feature_ndim: int = 1,
+    dtype: torch.dtype | None = torch.float64,
+) -> dict[str, torch.Tensor]:
+    """Per-mode gains along direction(s) ``v`` from precomputed linear responses.
+
+    ``routing_response = 𝓡̃ v`` and ``modulation_response = 𝓜̃ v`` are the (ungated) JVPs along
+    ``v`` (computed elsewhere); the last ``feature_ndim`` axes form the vector (use 2 for
+    ``[N, d]`` token maps), leading axes (modes, layers, ...) broadcast. Returns
+
+    - ``chi = vᵀ 𝓡̃ v / vᵀv`` (routing gain), ``pi = vᵀ 𝓜̃ v / vᵀv`` (modulation gain) [44–46];
+      for unit v these are exactly ``vᵀ𝓡̃v``, ``vᵀ𝓜̃v``; the Rayleigh quotient makes a
+      non-unit v (with responses computed along that same v) give the same gains;
+    - ``ratio = |pi| / |chi|``: the reviewer's untested assumption is ``ratio ≪ 1`` for
+      leading modes [59];
+    - with ``mlp_response``: ``f`` (MLP gain); with ``g``: ``rho_chi = ρ(g)χ``,
+      ``xi_pi = ξ(g)π``, and with both ``kappa = 1 + ρχ + ξπ + f`` [44].
+    """
+    v, r, m, f_resp = (_cast(t, dtype) for t in (v, routing_response, modulation_response, mlp_response))
+    dims = tuple(range(-feature_ndim, 0))
+    vv = (v * v).sum(dim=dims)
+    chi = (v * r).sum(dim=dims) / vv
+    pi = (v * m).sum(dim=dims) / vv
+    out = {"chi": chi, "pi": pi, "ratio": pi.abs() / chi.abs()}
+    if f_resp is not None:
+        out["f"] = (v * f_resp).sum(dim=dims) / vv
+    if g is not None:
+        out["rho_chi"] = routing_gate(g) * chi
+        out["xi_pi"] = modulation_gate(g) * pi
+        if f_resp is not None:
+            out["kappa"] = 1 + out["rho_chi"] + out["xi_pi"] + out["f"]
+    return out
