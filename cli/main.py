@@ -70,6 +70,7 @@ def capture(
     device: str = typer.Option("cpu", "--device", help="torch device: cpu, cuda, cuda:1, mps."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted capture in OUT."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store at OUT."),
+    png: Optional[Path] = typer.Option(None, "--png", help="Also save a PNG grid of the decoded samples here."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ):
@@ -95,6 +96,17 @@ def capture(
         return tqdm(it, total=steps, initial=it.start, desc="capture", unit="step", disable=quiet or as_json)
 
     result = session.run(progress=progress)
+    if png is not None:
+        import numpy as np
+        import torch
+
+        from dithooks.images import save_image_grid
+        from dithooks.store.reader import open_store
+
+        final = torch.from_numpy(np.asarray(open_store(out).select("latents", latent_step=steps).values[0]))
+        images = session.loaded.decode(final.to(next(session.loaded.transformer.parameters()).device))
+        size = images.shape[-1]
+        save_image_grid(images, png, scale=max(1, 64 // size))
     summary = {"store": str(result.path), "steps_run": result.steps_run, "steps_total": result.steps_total,
                "resumed_from_step": result.resumed_from, "hook_points": len(result.hooks),
                "bytes_written": result.bytes_written, "seconds": round(result.seconds, 3)}
