@@ -81,6 +81,10 @@ class HookManager:
         self._extensions: dict[str, Any] = {}
         self._by_name: dict[str, list[AttachedHook]] = {}
         self._by_module: dict[tuple[str, str], list[HookPoint]] = {}
+        if any(p.kind == "processor" for p in self.adapter.hook_points().values()):
+            from .attention_hooks import AttentionHooks
+            self.attention = AttentionHooks()
+            self.register_extension("processor", self.attention)
 
     # -- public API --------------------------------------------------------------------------
     def hook_points(self) -> dict[str, HookPoint]:
@@ -143,7 +147,7 @@ class HookManager:
         added = []
         for name in resolved:
             point = self.adapter.point(name)
-            if mode == "replace" and point.kind in ("pre", "post") and not point.writable:
+            if mode == "replace" and not point.writable:
                 raise DithooksError(f"hook point {name!r} is read-only")
             if point.kind not in ("pre", "post") and point.kind not in self._extensions:
                 raise DithooksError(f"hook point {name!r} needs the {point.kind!r} extension, "
@@ -151,7 +155,13 @@ class HookManager:
             h = AttachedHook(next(self._ids), name, mode, fn)
             self._hooks[h.id] = h
             added.append(h)
-        self._sync()
+        try:
+            self._sync()
+        except Exception:  # a request the model cannot serve leaves nothing half-attached
+            for h in added:
+                self._hooks.pop(h.id, None)
+            self._sync()
+            raise
         return added
 
     def _points_by_module(self) -> dict[tuple[str, str], list[HookPoint]]:

@@ -15,21 +15,61 @@ def no_torch_hooks(model):
     return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
+PATTERN_LIKE = ("logits", "pattern", "n_eff", "entropy", "topk", "pattern_")
+
+
 def test_reading_every_hook_point_is_bit_for_bit_passive(tiny_model, dit_inputs):
+    """Module hooks and q/k/v keep the fused kernel: output identical to the last bit."""
     ref = forward(tiny_model, dit_inputs)
     hm = HookManager(tiny_model)
+    names = [n for n in hm.hook_points() if not any(k in n.rsplit(".", 1)[-1] for k in PATTERN_LIKE)]
     seen = {}
-    with hm.hooks(read={"*": lambda v, ctx: seen.__setitem__(ctx.name, v.clone())}):
+    with hm.hooks(read={n: (lambda v, ctx: seen.__setitem__(ctx.name, v.clone())) for n in names}):
         out = forward(tiny_model, dit_inputs)
     assert torch.equal(out, ref)
-    assert set(seen) == set(hm.hook_points())
+    assert set(seen) == set(names) and "blocks.1.attn.q" in seen
     assert no_torch_hooks(tiny_model)
+    assert all(type(b.attn1.processor).__name__ == "AttnProcessor2_0" for b in tiny_model.transformer_blocks)
+
+
+def test_attention_patterns_on_hooked_layers_only(tiny_model, dit_inputs):
+    """Patterns need the explicit softmax on the hooked layer: equal to SDPA within float error."""
+    ref = forward(tiny_model, dit_inputs)
+    hm = HookManager(tiny_model)
+    v = {}
+    keep = lambda val, ctx: v.__setitem__(ctx.name, val.clone())
+    with hm.hooks(read={"blocks.1.attn.pattern": keep, "blocks.1.attn.q": keep, "blocks.1.attn.k": keep,
+                        "blocks.1.attn.n_eff": keep}):
+        kinds = [type(b.attn1.processor).__name__ for b in tiny_model.transformer_blocks]
+        out = forward(tiny_model, dit_inputs)
+    assert kinds == ["AttnProcessor2_0", "HookedAttnProcessor", "AttnProcessor2_0", "AttnProcessor2_0"]
+    assert all(type(b.attn1.processor).__name__ == "AttnProcessor2_0" for b in tiny_model.transformer_blocks)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    A = v["blocks.1.attn.pattern"]
+    assert A.shape == (3, 2, 16, 16)
+    torch.testing.assert_close(A.sum(-1), torch.ones(3, 2, 16))
+    expected = torch.softmax(v["blocks.1.attn.q"] @ v["blocks.1.attn.k"].transpose(-1, -2) / 8**0.5, -1)
+    torch.testing.assert_close(A, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(v["blocks.1.attn.n_eff"], 1 / (A**2).sum(-1), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_value_intervention(tiny_model, dit_inputs):
+    hm = HookManager(tiny_model)
+    v = {}
+    with hm.hooks(replace={"blocks.1.attn.v": lambda val, c: torch.zeros_like(val)},
+                  read={"blocks.1.attn.out": lambda val, c: v.__setitem__("out", val.clone())}):
+        forward(tiny_model, dit_inputs)
+    bias = tiny_model.transformer_blocks[1].attn1.to_out[0].bias
+    torch.testing.assert_close(v["out"], bias.expand_as(v["out"]))
+    with pytest.raises(DithooksError, match="read-only"):
+        hm.add_intervention("blocks.1.attn.n_eff", lambda val, c: val)
 
 
 def test_residual_identities_hold_exactly(tiny_model, dit_inputs):
     hm = HookManager(tiny_model)
     v = {}
-    with hm.hooks(read={"*": lambda val, ctx: v.__setitem__(ctx.name, val.clone())}):
+    module_points = [n for n, p in hm.hook_points().items() if p.kind != "processor"]
+    with hm.hooks(read={n: (lambda val, ctx: v.__setitem__(ctx.name, val.clone())) for n in module_points}):
         forward(tiny_model, dit_inputs)
     assert torch.equal(v["embed.out"], v["blocks.0.resid_pre"])
     for i in range(4):

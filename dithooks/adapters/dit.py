@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..attention_hooks import attention_points
 from ..hookpoints import HookPoint
 from .base import (Geometry, ModelAdapter, first_tensor_arg, plain_output, replace_first_arg,
                    replace_output)
@@ -98,6 +99,7 @@ class DiTAdapter(ModelAdapter):
             add(f"{p}.attn.in", "blocks.{i}.attn.in", f"{b}.attn1", "pre", RESID,
                 "adaLN1(h) = LayerNorm(h)*(1+scale_msa)+shift_msa: the input of attention", i,
                 first_tensor_arg, replace_first_arg)
+            pts.update(attention_points(i, f"{b}.attn1"))
             add(f"{p}.attn.out", "blocks.{i}.attn.out", f"{b}.attn1", "post", RESID,
                 "attention branch output after W_O, before the gate_msa multiplication", i,
                 plain_output, replace_output)
