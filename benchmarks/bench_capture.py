@@ -149,36 +149,45 @@ def write_throughput(root: Path, steps: int = 40) -> dict:
     return out
 
 
+def report(title: str, value, as_json: bool) -> None:
+    """Print one section as soon as it is measured (long runs stay readable if stopped)."""
+    if as_json:
+        print(json.dumps({title: value}), flush=True)
+        return
+    if isinstance(value, dict) and "seconds" in value:
+        print(f"\n### {title} (median of {value['repeats']})\n\n| variant | seconds | ratio to plain |\n|---|---|---|")
+        for name, sec in value["seconds"].items():
+            print(f"| {name} | {sec:.3f} | {value['ratio_to_plain'][name]:.3f} |")
+    else:
+        print(f"\n### {title}\n\n" + "\n".join(f"- {a}: {b}" for a, b in value.items()))
+    sys.stdout.flush()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer steps and repeats")
-    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--json", action="store_true", help="one JSON object per line, per section")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     root = Path(tempfile.mkdtemp(prefix="dithooks-bench-"))
-    results: dict = {"torch_threads": torch.get_num_threads()}
+    if not args.json:
+        print(f"torch threads: {torch.get_num_threads()}, torch {torch.__version__}")
     try:
         tiny = build(tiny_config(), root, "tiny")
         s2 = build(s2_config(), root, "s2")
         reps = 3 if args.quick else 5
-        results["tiny (28 blocks, width 64, 16 tokens), 50 steps, 4 samples"] = time_variants(tiny, 50, 4, reps, root)
-        results["S/2-like (12 blocks, width 384, 256 tokens), 10 steps, 2 samples"] = time_variants(
-            s2, 10 if args.quick else 20, 2, reps, root)
-        results["peak RSS MiB vs steps (tiny, 3 hooks x 28 blocks, 4 samples)"] = {
-            str(n): round(peak_rss_child(tiny, n, root / f"rss{n}.zarr"), 1) for n in (10, 50, 200)}
-        results["write MB/s (fp16 2x256x1152 slabs)"] = {k: round(v, 1) for k, v in write_throughput(root).items()}
+        report("tiny (28 blocks, width 64, 16 tokens), 50 steps, 4 samples",
+               time_variants(tiny, 50, 4, reps, root), args.json)
+        n = 10 if args.quick else 20
+        report(f"S/2-like (12 blocks, width 384, 256 tokens), {n} steps, 2 samples",
+               time_variants(s2, n, 2, reps, root), args.json)
+        report("peak RSS MiB vs steps (tiny, 3 hooks x 28 blocks, 4 samples, fp32 store)",
+               {f"{k} steps": round(peak_rss_child(tiny, k, root / f"rss{k}.zarr"), 1) for k in (10, 50, 200)},
+               args.json)
+        report("write MB/s (fp16 2x256x1152 slabs, 40 steps, fsync'd)",
+               {k: round(v, 1) for k, v in write_throughput(root).items()}, args.json)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    if args.json:
-        print(json.dumps(results, indent=2))
-        return
-    for k, v in results.items():
-        if isinstance(v, dict) and "seconds" in v:
-            print(f"\n### {k} (median of {v['repeats']})\n\n| variant | seconds | ratio to plain |\n|---|---|---|")
-            for name, sec in v["seconds"].items():
-                print(f"| {name} | {sec:.3f} | {v['ratio_to_plain'][name]:.3f} |")
-        else:
-            print(f"\n### {k}\n\n" + "\n".join(f"- {a}: {b}" for a, b in (v.items() if isinstance(v, dict) else [("", v)])))
 
 
 if __name__ == "__main__":

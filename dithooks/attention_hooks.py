@@ -39,7 +39,7 @@ class AttentionHooks:
     and are plain attributes the sampler may change between steps via :meth:`set_coupling`.
     """
 
-    def __init__(self, query_tile: int = 512, query_tokens: Sequence[int] | None = None,
+    def __init__(self, manager=None, query_tile: int = 512, query_tokens: Sequence[int] | None = None,
                  top_k: int | None = None):
         self.query_tile = query_tile
         self.query_tokens = query_tokens
@@ -50,7 +50,7 @@ class AttentionHooks:
         self.window_layers: set[int] | None = None
         self._processors: dict[int, HookedAttnProcessor] = {}
         self._saved: dict[str, Any] = {}
-        self._manager = None
+        self._manager = manager
 
     # -- settings ------------------------------------------------------------------------------
     def set_coupling(self, g: float | None, layers: Sequence[int] | None = None) -> None:

@@ -83,7 +83,7 @@ class HookManager:
         self._by_module: dict[tuple[str, str], list[HookPoint]] = {}
         if any(p.kind == "processor" for p in self.adapter.hook_points().values()):
             from .attention_hooks import AttentionHooks
-            self.attention = AttentionHooks()
+            self.attention = AttentionHooks(self)
             self.register_extension("processor", self.attention)
 
     # -- public API --------------------------------------------------------------------------

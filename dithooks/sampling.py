@@ -46,6 +46,42 @@ class SamplerSpec:
         return self.guidance != 1.0
 
 
+@dataclass(frozen=True)
+class ReplicaSpec:
+    """Replica pairs (a, b) sampled together, coupled through attention (THEORY §2).
+
+    ``kappa``: antisymmetric start x^{a,b} = sqrt(1-κ²) z ± κ η [67] (1/√2: independent starts).
+    ``g``: coupling strength of eq [19] on ``layers`` (None = every block) for the steps before
+    ``couple_until`` (None = the whole trajectory), then the replicas run independently
+    (Protocol I). ``share_noise_until``: the g = 0 control - replica b reuses a's sampler noise
+    for the steps before it (only matters for stochastic samplers).
+    """
+
+    kappa: float = 2 ** -0.5
+    g: float = 0.0
+    couple_until: int | None = None
+    share_noise_until: int | None = None
+    layers: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        from .gates import validate_coupling
+        from .replicas import validate_kappa
+
+        try:
+            validate_kappa(self.kappa)
+            validate_coupling(self.g)
+        except ValueError as e:
+            raise DithooksError(str(e)) from None
+
+    def coupling_at(self, step: int) -> float:
+        return self.g if self.couple_until is None or step < self.couple_until else 0.0
+
+
+def replica_seed(seed: int) -> int:
+    """Seed of replica b's sampler-noise generator (replica a's is the pair's own seed)."""
+    return int(seed) + 2**40
+
+
 def make_scheduler(spec: SamplerSpec, schedule: dict):
     from diffusers import DDIMScheduler, DDPMScheduler
 
@@ -88,16 +124,46 @@ def initial_state(loaded: LoadedModel, seeds: Sequence[int], init_sigma: float =
     return TrajectoryState(0, x, [g.get_state() for g in gens])
 
 
+def initial_replica_state(loaded: LoadedModel, seeds: Sequence[int], replicas: ReplicaSpec,
+                          init_sigma: float = 1.0) -> TrajectoryState:
+    """M = len(seeds) antisymmetric pairs, laid out [a_0..a_{M-1}; b_0..b_{M-1}].
+
+    Pair m draws z and η from a generator seeded by ``seeds[m]``, which then serves replica a's
+    sampler noise; replica b's noise comes from a generator seeded by ``replica_seed(seeds[m])``.
+    """
+    from .replicas import antisymmetric_pair
+
+    geo = loaded.adapter.geometry
+    shape = (len(seeds), geo.in_channels, geo.sample_size, geo.sample_size)
+    gens_a = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+    x_a, x_b = antisymmetric_pair(shape, replicas.kappa, gens_a)
+    gens_b = [torch.Generator(device="cpu").manual_seed(replica_seed(s)) for s in seeds]
+    x = torch.cat([x_a, x_b]) * init_sigma
+    return TrajectoryState(0, x, [g.get_state() for g in gens_a + gens_b])
+
+
 StepCallback = Callable[[int, TrajectoryState], None]
+
+
+def _copy_generator(g: torch.Generator) -> torch.Generator:
+    c = torch.Generator(device=g.device)
+    c.set_state(g.get_state())
+    return c
 
 
 class Sampler:
     """Runs the reverse process for a batch of (label, seed) samples."""
 
     def __init__(self, loaded: LoadedModel, spec: SamplerSpec, hooks: HookManager | None = None,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", replicas: ReplicaSpec | None = None):
         self.loaded = loaded
         self.spec = spec
+        self.replicas = replicas
+        if replicas is not None and hooks is None:  # coupling lives in the hook manager's processors
+            hooks = HookManager(loaded.transformer, loaded.adapter)
+        if replicas is not None and not hasattr(hooks, "attention"):
+            raise DithooksError(f"replica coupling needs attention processors, which "
+                                f"{type(loaded.transformer).__name__} does not expose")
         self.hooks = hooks
         self.device = torch.device(device)
         self.scheduler = make_scheduler(spec, loaded.scheduler_config)
@@ -111,8 +177,16 @@ class Sampler:
         return [int(t) for t in self.scheduler.timesteps]
 
     def batch_axes(self, num_samples: int) -> tuple[tuple[str, int], ...]:
-        axes = (("sample", num_samples),)
-        return (("cfg", 2),) + axes if self.spec.cfg else axes
+        """The model batch, outermost first: replica (if any), cfg (if guided), sample.
+
+        The replica axis is outermost because the coupled processor pairs row i with row i+B/2.
+        """
+        axes: tuple[tuple[str, int], ...] = (("sample", num_samples),)
+        if self.spec.cfg:
+            axes = (("cfg", 2),) + axes
+        if self.replicas is not None:
+            axes = (("replica", 2),) + axes
+        return axes
 
     def check_labels(self, labels: Sequence[int]) -> None:
         n = self.geometry.num_classes
@@ -125,39 +199,63 @@ class Sampler:
     @torch.no_grad()
     def run(self, labels: Sequence[int], seeds: Sequence[int], *, state: TrajectoryState | None = None,
             on_step: StepCallback | None = None, progress: Callable | None = None) -> torch.Tensor:
-        """Sample; ``state`` resumes a run; ``on_step(s, state_after_s)`` follows every step."""
+        """Sample; ``state`` resumes a run; ``on_step(s, state_after_s)`` follows every step.
+
+        With replicas, ``seeds``/``labels`` name the pairs and the result is [x_a; x_b].
+        """
         if len(labels) != len(seeds):
             raise DithooksError(f"{len(labels)} labels for {len(seeds)} seeds: give one label per sample")
         self.check_labels(labels)
+        init_sigma = float(self.scheduler.init_noise_sigma)
         if state is None:
-            state = initial_state(self.loaded, seeds, float(self.scheduler.init_noise_sigma))
+            state = (initial_state(self.loaded, seeds, init_sigma) if self.replicas is None
+                     else initial_replica_state(self.loaded, seeds, self.replicas, init_sigma))
         x = state.latents.to(self.device, dtype=torch.float32)
         gens = state.generators()
+        M, R = len(seeds), 1 if self.replicas is None else 2
+        ncfg = 2 if self.spec.cfg else 1
         y = torch.tensor([int(v) for v in labels], device=self.device)
-        if self.spec.cfg:
-            y = torch.cat([y, torch.full_like(y, self.geometry.null_class)])
+        y = torch.stack([y] + ([torch.full_like(y, self.geometry.null_class)] if self.spec.cfg else []))
+        y = y.unsqueeze(0).expand(R, ncfg, M).reshape(-1)  # (replica, cfg, sample) order
         if self.hooks is not None:
-            self.hooks.state.batch_axes = self.batch_axes(len(seeds))
+            self.hooks.state.batch_axes = self.batch_axes(M)
         model = self.loaded.transformer
         dtype = next(model.parameters()).dtype
         C = self.geometry.in_channels
         steps = range(state.step, self.spec.steps)
-        for s in (progress(steps) if progress else steps):
-            t = self.scheduler.timesteps[s]
+        try:
+            for s in (progress(steps) if progress else steps):
+                t = self.scheduler.timesteps[s]
+                if self.hooks is not None:
+                    self.hooks.state.step, self.hooks.state.timestep = s, int(t)
+                if self.replicas is not None:
+                    g = self.replicas.coupling_at(s)
+                    # g = 0 is exactly the uncoupled model: give the blocks their own processors back
+                    self.hooks.attention.set_coupling(g if g > 0 else None, self.replicas.layers)
+                xin = x.view(R, 1, M, *x.shape[1:]).expand(R, ncfg, M, *x.shape[1:]).reshape(-1, *x.shape[1:])
+                xin = self.scheduler.scale_model_input(xin, t)
+                tt = torch.full((xin.shape[0],), int(t), device=self.device, dtype=torch.long)
+                out = model(xin.to(dtype), timestep=tt, class_labels=y).sample.float()
+                eps = out[:, :C]  # learned-sigma models (out_channels = 2C) put the variance behind
+                eps = eps.reshape(R, ncfg, M, *eps.shape[1:])
+                if self.spec.cfg:
+                    eps = eps[:, 1] + self.spec.guidance * (eps[:, 0] - eps[:, 1])
+                else:
+                    eps = eps[:, 0]
+                eps = eps.reshape(R * M, *eps.shape[2:])
+                step_gens = gens
+                if (self.replicas is not None and self.replicas.share_noise_until is not None
+                        and s < self.replicas.share_noise_until):
+                    # b draws exactly a's noise from a copy of a's generator; b's own stream is
+                    # left untouched for the independent steps after s*
+                    step_gens = gens[:M] + [_copy_generator(g) for g in gens[:M]]
+                kwargs = {"eta": self.spec.eta} if self.spec.name == "ddim" else {}
+                x = self.scheduler.step(eps, t, x, generator=step_gens, **kwargs).prev_sample
+                if on_step is not None:
+                    on_step(s, TrajectoryState(s + 1, x.detach().cpu(), [g.get_state() for g in gens]))
+        finally:
             if self.hooks is not None:
-                self.hooks.state.step, self.hooks.state.timestep = s, int(t)
-            xin = torch.cat([x, x]) if self.spec.cfg else x
-            xin = self.scheduler.scale_model_input(xin, t)
-            tt = torch.full((xin.shape[0],), int(t), device=self.device, dtype=torch.long)
-            out = model(xin.to(dtype), timestep=tt, class_labels=y).sample.float()
-            eps = out[:, :C]  # learned-sigma models (out_channels = 2C) put the variance behind
-            if self.spec.cfg:
-                cond, uncond = eps.chunk(2)
-                eps = uncond + self.spec.guidance * (cond - uncond)
-            kwargs = {"eta": self.spec.eta} if self.spec.name == "ddim" else {}
-            x = self.scheduler.step(eps, t, x, generator=gens, **kwargs).prev_sample
-            if on_step is not None:
-                on_step(s, TrajectoryState(s + 1, x.detach().cpu(), [g.get_state() for g in gens]))
-        if self.hooks is not None:
-            self.hooks.state.step = self.hooks.state.timestep = None
+                self.hooks.state.step = self.hooks.state.timestep = None
+                if self.replicas is not None:
+                    self.hooks.attention.set_coupling(None)
         return x
