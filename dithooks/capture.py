@@ -134,6 +134,7 @@ class CaptureSession:
         self.path = Path(cfg.out)
         self._specs: dict[str, ArraySpec] = {}
         self._layer_pos = {layer: i for i, layer in enumerate(self.layers)}
+        self._slabs: dict[str, torch.Tensor] = {}
         self.writer: StoreWriter | None = None
 
     # -- the request as stored metadata ------------------------------------------------------
@@ -250,16 +251,19 @@ class CaptureSession:
         value_dims = tuple(ctx.point.dims[1:])
         if value_dims and value_dims[-1] == "...":
             value_dims = tuple(f"dim_{i}" for i in range(value.dim() - 1))
-        lead_dims: tuple[str, ...] = ("step",)
-        lead_shape: tuple[int, ...] = (self.cfg.sampler.steps,)
-        if ctx.layer is not None:
-            lead_dims, lead_shape = ("step", "layer"), (self.cfg.sampler.steps, len(self.layers))
-        shape = lead_shape + batch_shape + tuple(value.shape[1:])
-        chunks = (1,) * len(lead_shape) + batch_shape + tuple(value.shape[1:])
-        coords = "timestep label seed"
+        rest = batch_shape + tuple(value.shape[1:])
+        steps = self.cfg.sampler.steps
+        if ctx.layer is None:
+            lead_dims, shape, chunks, shards = ("step",), (steps,) + rest, (1,) + rest, None
+        else:
+            # one shard (file) per step holds every layer; each (step, layer) is its own chunk
+            # inside it, so a step is one write and a (step, layer) read touches one chunk
+            L = len(self.layers)
+            lead_dims, shape = ("step", "layer"), (steps, L) + rest
+            chunks, shards = (1, 1) + rest, (1, L) + rest
         spec = ArraySpec(arr, lead_dims + batch_dims + value_dims, shape, chunks, self.store_dtype,
-                         (("coordinates", coords), ("hook", layer_template(name)[0]),
-                          ("description", ctx.point.doc)))
+                         (("coordinates", "timestep label seed"), ("hook", layer_template(name)[0]),
+                          ("description", ctx.point.doc)), shards)
         self._specs[arr] = spec
         return spec
 
@@ -268,11 +272,22 @@ class CaptureSession:
         batch_shape = tuple(n for _, n in ctx.batch_axes)
         data = value.detach().to("cpu", dtype=self.store_dtype, copy=True)
         data = data.reshape(batch_shape + tuple(value.shape[1:]))
-        index = (ctx.step,) if ctx.layer is None else (ctx.step, self._layer_pos[ctx.layer])
-        self.writer.put(spec, index, data)
+        if ctx.layer is None:
+            self.writer.put(spec, (ctx.step,), data)
+            return
+        slab = self._slabs.get(spec.name)
+        if slab is None:  # this step's values of every captured layer, written at step end
+            slab = self._slabs[spec.name] = torch.empty((len(self.layers),) + tuple(data.shape), dtype=data.dtype)
+        slab[self._layer_pos[ctx.layer]] = data
+
+    def _flush_slabs(self, step: int) -> None:
+        for name, slab in self._slabs.items():
+            self.writer.put(self._specs[name], (step,), slab)
+        self._slabs = {}
 
     def _on_step(self, group: zarr.Group, step: int, state: TrajectoryState) -> None:
-        """After step ``step``: keep the new latents and RNG states, then mark the step complete."""
+        """After step ``step``: its hooked values, the new latents and RNG states, then mark it complete."""
+        self._flush_slabs(step)
         self._write_state(state)
         done = group["step_complete"]
         self.writer.call(lambda: done.__setitem__(step, True))

@@ -33,6 +33,8 @@ class ArraySpec:
     chunks: tuple[int, ...]
     dtype: torch.dtype
     attrs: tuple[tuple[str, Any], ...] = ()
+    # a shard is one file holding several chunks: written whole, read chunk by chunk
+    shards: tuple[int, ...] | None = None
 
 
 class WriterFailed(StoreError):
@@ -108,7 +110,8 @@ class StoreWriter:
             if spec.dtype == torch.bfloat16:
                 attrs["dithooks_dtype"] = "bfloat16"
             arr = self.group.create_array(
-                name=spec.name, shape=spec.shape, chunks=spec.chunks, dtype=zarr_dtype(spec.dtype),
+                name=spec.name, shape=spec.shape, chunks=spec.chunks, shards=spec.shards,
+                dtype=zarr_dtype(spec.dtype),
                 dimension_names=spec.dims, compressors=compressors(self.compression),
                 fill_value=0, attributes=attrs)
         self._arrays[spec.name] = arr
