@@ -261,6 +261,11 @@ def train_default(
                 typer.echo(f"  {k}: {v}")
 
 
+from .probe_cmd import register as _register_probe_commands  # noqa: E402  (needs `app` above)
+
+_register_probe_commands(app)
+
+
 def main() -> None:
     app()
 

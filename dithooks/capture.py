@@ -10,6 +10,8 @@ Store layout (all arrays carry ``dimension_names``, so ``xarray.open_zarr`` read
     <point> (step, [cfg,] sample, <value dims>)                  e.g. final.out
     latents (latent_step, sample, latent_channel, height, width) x before each step and the result
     rng_state (latent_step, sample, rng_byte)   each sample's generator state, for --resume
+    probe.<probe>.<output> (step, [layer,] ...)   outputs of probes (probes/api.py), or without
+                                   step for those computed once at the end
     step_complete (step)           True once every array of that step is on disk
 
 One chunk holds one (step, layer): reading a slice touches only the chunks it needs.
@@ -35,6 +37,7 @@ from .hookpoints import layer_template, store_array_name
 from .hooks import HookContext, HookManager
 from .layers import parse_layers
 from .loading import LoadedModel, load_model
+from .probes.runner import ProbeRunner
 from .sampling import Sampler, SamplerSpec, TrajectoryState
 from .store.codecs import COMPRESSIONS, storage_dtype
 from .store.metadata import (ATTR_KEY, FORMAT_VERSION, RESUME_KEYS, completeness, jsonable,
@@ -62,6 +65,9 @@ class CaptureConfig:
     device: str = "cpu"
     mode: str = "create"
     max_pending_bytes: int = 256 * 2**20
+    # probes measured online and stored as probe.<name>.<output> (see docs/writing-probes.md):
+    # Probe instances, registered names / import paths, or (name, {options})
+    probes: tuple = ()
 
 
 @dataclass
@@ -127,10 +133,13 @@ class CaptureSession:
         adapter = self.loaded.adapter
         self.layers = parse_layers(cfg.layers, adapter.num_layers)
         self.hooks = HookManager(self.loaded.transformer, adapter)
-        names = expand_hooks(cfg.hooks, self.layers, list(adapter.hook_points()))
-        self.hook_names = adapter.resolve(names)
+        available = list(adapter.hook_points())
+        self.hook_names = adapter.resolve(expand_hooks(cfg.hooks, self.layers, available))
+        self.probes = ProbeRunner(cfg.probes, lambda pats: adapter.resolve(expand_hooks(pats, self.layers, available)))
         self.sampler = Sampler(self.loaded, cfg.sampler, self.hooks, cfg.device)
         self.sampler.check_labels(cfg.labels)
+        if self.probes:  # probes check the run's layout now, so a bad setup never touches disk
+            self._start_probes(0)
         self.path = Path(cfg.out)
         self._specs: dict[str, ArraySpec] = {}
         self._layer_pos = {layer: i for i, layer in enumerate(self.layers)}
@@ -153,6 +162,7 @@ class CaptureSession:
             "compression": self.cfg.compression, "device": self.cfg.device,
             "batch_axes": [list(a) for a in self.sampler.batch_axes(len(self.cfg.seeds))],
             "extras": {},
+            "probes": self.probes.describe(),
         })
 
     # -- store lifecycle ---------------------------------------------------------------------
@@ -223,12 +233,18 @@ class CaptureSession:
         group = zarr.open_group(str(self.path), mode="r+", zarr_format=3)
         meta = dict(group.attrs[ATTR_KEY])
         req = self.request()
-        for key in RESUME_KEYS:
+        meta.setdefault("probes", [])  # stores from before probes existed had none
+        for key in RESUME_KEYS + ("probes",):
             if meta.get(key) != req.get(key):
                 raise StoreError(f"cannot resume {self.path}: its {key} differs from this request "
                                  f"(stored {_short(meta.get(key))}, asked {_short(req.get(key))})")
         info = completeness(np.asarray(group["step_complete"][...]))
         start = info["resume_from_step"]
+        stateful = self.probes.not_resumable()
+        if stateful and 0 < start < self.cfg.sampler.steps:
+            # their state (e.g. a step-0 basis) is not in the store: continuing would be wrong
+            raise StoreError(f"cannot resume {self.path} at step {start}: probe {stateful[0]} carries state "
+                             "across steps and cannot continue mid-way; rerun it with --overwrite")
         meta.update(status="running", error=None, finished=None, runs=list(meta.get("runs", [])) + [now()])
         group.attrs[ATTR_KEY] = meta
         return group, start
@@ -285,9 +301,21 @@ class CaptureSession:
             self.writer.put(self._specs[name], (step,), slab)
         self._slabs = {}
 
+    def _observe(self, value: torch.Tensor, ctx: HookContext) -> None:
+        # one read hook per point serves both the raw capture and the probes that need it
+        if ctx.name in self._raw_names:
+            self._record(value, ctx)
+        self.probes.observe(value, ctx)
+
+    def _stored_dims(self) -> dict[str, int]:
+        return {d: n for spec in self._specs.values() for d, n in zip(spec.dims, spec.shape)}
+
     def _on_step(self, group: zarr.Group, step: int, state: TrajectoryState) -> None:
-        """After step ``step``: its hooked values, the new latents and RNG states, then mark it complete."""
+        """After step ``step``: its hooked values, probe outputs, the new latents and RNG states,
+        then mark it complete."""
         self._flush_slabs(step)
+        if self.probes:
+            self.probes.emit_step(step, self.writer.put, self._stored_dims())
         self._write_state(state)
         done = group["step_complete"]
         self.writer.call(lambda: done.__setitem__(step, True))
@@ -324,10 +352,16 @@ class CaptureSession:
                 state0 = initial_state(self.loaded, self.cfg.seeds, float(self.sampler.scheduler.init_noise_sigma))
                 self._write_state(state0)
                 state = state0
-            with self.hooks.hooks(read={n: self._record for n in self.hook_names}):
+            read = {n: self._record for n in self.hook_names}
+            if self.probes:
+                self._start_probes(start)
+                read = {n: self._observe for n in dict.fromkeys(self.hook_names + self.probes.hook_names)}
+            with self.hooks.hooks(read=read):
                 self.sampler.run(self.cfg.labels, self.cfg.seeds, state=state,
                                  on_step=lambda s, st: self._on_step(group, s, st),
                                  progress=progress)
+            if self.probes:
+                self.probes.emit_finish(self.writer.put, self._stored_dims())
             self.writer.flush()
         except KeyboardInterrupt:
             status = "interrupted"
@@ -350,6 +384,16 @@ class CaptureSession:
                              f"of 0-{steps - 1}; fix the cause and continue with --resume")
         return CaptureResult(self.path, steps - start, steps, time.perf_counter() - t0,
                              self.writer.bytes_written, self.hook_names, start)
+
+    def _start_probes(self, first_step: int) -> None:
+        self._raw_names = set(self.hook_names)
+        n = len(self.cfg.seeds)
+        axes = self.sampler.batch_axes(n)
+        sizes = {"step": self.cfg.sampler.steps, "layer": len(self.layers), "latent_step": self.cfg.sampler.steps + 1,
+                 **{a: k for a, k in axes}}
+        self.probes.start(steps=self.cfg.sampler.steps, layers=self.layers, batch_axes=axes,
+                          labels=self.cfg.labels, seeds=self.cfg.seeds, timesteps=self.sampler.timesteps,
+                          first_step=first_step, dim_sizes=sizes)
 
     def _finish(self, group: zarr.Group, status: str, error: str | None = None) -> None:
         try:
