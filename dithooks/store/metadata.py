@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from ..layers import format_layers
+
 FORMAT_VERSION = 1
 ATTR_KEY = "dithooks"
 
@@ -52,18 +54,4 @@ def completeness(steps_complete: np.ndarray) -> dict[str, Any]:
     total = int(steps_complete.size)
     prefix = int(np.argmin(steps_complete)) if not steps_complete.all() else total
     return {"steps_total": total, "steps_complete": len(done), "complete": len(done) == total,
-            "resume_from_step": prefix, "complete_steps": _ranges(done)}
-
-
-def _ranges(xs: list[int]) -> str:
-    if not xs:
-        return "none"
-    out, start, prev = [], xs[0], xs[0]
-    for x in xs[1:]:
-        if x == prev + 1:
-            prev = x
-            continue
-        out.append(f"{start}-{prev}" if prev > start else str(start))
-        start = prev = x
-    out.append(f"{start}-{prev}" if prev > start else str(start))
-    return ",".join(out)
+            "resume_from_step": prefix, "complete_steps": format_layers(done) or "none"}
