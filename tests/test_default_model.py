@@ -20,6 +20,7 @@ from dithooks.default_model.config import NULL_CLASS, TRANSFORMER_CONFIG
 from dithooks.default_model.data import digits_split, load_digit_images
 from dithooks.default_model.evaluate import ddim_sample
 from dithooks.default_model.model import build_transformer
+from dithooks.default_model.weights_io import load_transformer_from, ship_model_dir
 
 
 @pytest.fixture(autouse=True)
@@ -99,6 +100,12 @@ def test_train_smoke_writes_loadable_weights(tmp_path):
     log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3]
 
+    shipped = ship_model_dir(tmp_path / "ema", tmp_path / "shipped")
+    assert "_name_or_path" not in json.loads((shipped / "config.json").read_text())
+    reloaded = load_transformer_from(shipped)  # stored fp16, loaded fp32
+    assert next(reloaded.parameters()).dtype == torch.float32
+    assert json.loads((shipped / "scheduler_config.json").read_text())["timestep_spacing"] == "trailing"
+
 
 def test_evaluate_smoke(tmp_path):
     result = evaluate_default_model(
@@ -110,3 +117,18 @@ def test_evaluate_smoke(tmp_path):
         assert set(result[key]["per_class"]) == {str(c) for c in range(10)}
     assert result["classifier_heldout_accuracy"] >= 0.95
     json.dumps(result)  # plain numbers only
+
+
+def test_strong_guidance_stays_on_the_data_through_dithooks_sampler():
+    """Regression: with clip_sample, DDIM must use the epsilon implied by the clipped x0."""
+    from dithooks.loading import load_model
+    from dithooks.sampling import Sampler, SamplerSpec
+
+    from dithooks.default_model import load_digits_classifier
+
+    loaded, clf = load_model(), load_digits_classifier()
+    labels = list(range(10)) * 2
+    x = Sampler(loaded, SamplerSpec("ddim", 20, guidance=3.0)).run(labels, list(range(20)))
+    with torch.no_grad():
+        acc = (clf(x.clamp(-1, 1)).argmax(1) == torch.tensor(labels)).float().mean().item()
+    assert acc >= 0.9, acc

@@ -47,6 +47,9 @@ SCHEDULER_CONFIG: dict = dict(
 #: timestep whose marginal is closest to the pure noise we start from.
 DDIM_TIMESTEP_SPACING = "trailing"
 DDIM_NUM_STEPS = 50
+# Recorded in the saved scheduler config so samplers built from it space steps the same way
+# (it only affects set_timesteps, not training).
+SCHEDULER_CONFIG["timestep_spacing"] = DDIM_TIMESTEP_SPACING
 
 #: Training recipe defaults.
 TRAIN_DEFAULTS: dict = dict(

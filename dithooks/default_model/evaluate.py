@@ -114,20 +114,15 @@ def evaluate_default_model(
     ``model_dir`` defaults to the shipped weights. The same initial noise (``seed``) is used for
     every guidance setting. Returns plain numbers (json-serialisable).
     """
-    from . import load_default_transformer, load_digits_classifier
+    from . import load_digits_classifier
     from .data import load_digit_images
-    from .weights_io import load_scheduler_config_from, load_transformer_from
+    from .weights_io import default_model_dir, load_scheduler_config_from, load_transformer_from
 
-    if threads:
+    if threads:  # sets torch's global thread count; the other core belongs to other work
         torch.set_num_threads(threads)
-    if model_dir is None:
-        model, model_dir = load_default_transformer(), None
-        from .weights_io import default_model_dir
-
-        scheduler_config = load_scheduler_config_from(default_model_dir())
-    else:
-        model = load_transformer_from(model_dir)
-        scheduler_config = load_scheduler_config_from(model_dir)
+    directory = default_model_dir() if model_dir is None else model_dir
+    model = load_transformer_from(directory)
+    scheduler_config = load_scheduler_config_from(directory)
     classifier = load_digits_classifier()
     _, _, x_ho, y_ho = digits_split()
     all_real, _ = load_digit_images()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import shutil
 
 import torch
 
@@ -55,5 +54,12 @@ def ship_model_dir(source, target=None) -> pathlib.Path:
     config = json.loads(config_path.read_text())
     config.pop("_name_or_path", None)
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    shutil.copyfile(source / "scheduler_config.json", target / "scheduler_config.json")
+    # The shipped schedule records the DDIM spacing the model was evaluated with (older run
+    # folders saved diffusers' default "leading").
+    from diffusers import DDPMScheduler
+
+    from .config import DDIM_TIMESTEP_SPACING
+
+    scheduler_config = DDPMScheduler.load_config(source)
+    DDPMScheduler.from_config(scheduler_config, timestep_spacing=DDIM_TIMESTEP_SPACING).save_pretrained(target)
     return target
