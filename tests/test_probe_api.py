@@ -12,6 +12,8 @@ import zarr
 from typer.testing import CliRunner
 
 from dithooks.capture import CaptureConfig, CaptureSession, capture
+
+from .test_capture import Interrupt
 from dithooks.errors import DithooksError, StoreError
 from dithooks.hooks import HookContext
 from dithooks.probes.api import Option, Output, Probe, ProbeError, RunInfo, make_probe, register_probe
@@ -156,15 +158,6 @@ def test_probes_leave_the_capture_unchanged(run, tmp_path, tiny_loaded, tiny_mod
 
 
 # -- resume ----------------------------------------------------------------------------------------
-
-class Interrupt:
-    def __init__(self, step):
-        self.step = step
-
-    def __call__(self, v, ctx):
-        if ctx.step == self.step:
-            raise KeyboardInterrupt
-
 
 def interrupted(out, model_dir, loaded, **kw):
     session = CaptureSession(config(out, model_dir, **kw), loaded=loaded)
