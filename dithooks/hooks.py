@@ -85,6 +85,10 @@ class HookManager:
             from .attention_hooks import AttentionHooks
             self.attention = AttentionHooks(self)
             self.register_extension("processor", self.attention)
+        if any(p.kind == "jvp" for p in self.adapter.hook_points().values()):
+            from .jvp_hooks import JVPHooks
+            self.jvp = JVPHooks(self)
+            self.register_extension("jvp", self.jvp)
 
     # -- public API --------------------------------------------------------------------------
     def hook_points(self) -> dict[str, HookPoint]:
@@ -205,13 +209,18 @@ class HookManager:
     def hooks_for(self, name: str) -> list[AttachedHook]:
         return self._by_name.get(name, [])
 
-    def context(self, point: HookPoint) -> HookContext:
+    def context(self, point: HookPoint, batch_axes: tuple[tuple[str, int], ...] | None = None) -> HookContext:
         s = self.state
-        return HookContext(point.name, point.layer, s.step, s.timestep, s.batch_axes, point)
+        axes = s.batch_axes if batch_axes is None else batch_axes
+        return HookContext(point.name, point.layer, s.step, s.timestep, axes, point)
 
-    def run_hooks(self, point: HookPoint, value: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """Call the functions attached to ``point``; return (value to use, whether it changed)."""
-        ctx = self.context(point)
+    def run_hooks(self, point: HookPoint, value: torch.Tensor,
+                  batch_axes: tuple[tuple[str, int], ...] | None = None) -> tuple[torch.Tensor, bool]:
+        """Call the functions attached to ``point``; return (value to use, whether it changed).
+
+        ``batch_axes`` overrides the sampler's layout for values whose batch differs from the
+        model's (a replica-difference JVP has no ``replica`` axis)."""
+        ctx = self.context(point, batch_axes)
         changed = False
         for h in self.hooks_for(point.name):
             out = h.fn(value, ctx)

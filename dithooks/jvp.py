@@ -220,6 +220,29 @@ def attention_difference_terms(attn_module: nn.Module, x: torch.Tensor, dx: torc
             M=M_intra + g * M_inter, M_intra=M_intra, M_inter=M_inter, g=g, rho=rho(g), xi=xi(g))
 
 
+def block_attention_terms(block: nn.Module, h: torch.Tensor, delta: torch.Tensor, *,
+                          timestep: torch.Tensor, class_labels: torch.Tensor, g: float = 0.0,
+                          window: int | None = None,
+                          conditioning: AdaLNConditioning | None = None) -> AttentionDifference:
+    """Per-head linearised attention of one block at residual state ``h`` along ``delta``.
+
+    Runs adaLN1 and its JVP (``x = adaLN1(h)``, ``dx = J_adaLN1 delta``) and hands them to
+    :func:`attention_difference_terms`: the pattern, logit perturbations, values and value
+    perturbations that the routing/modulation analysis (THEORY §3, Appendix B) needs.
+    """
+    _check_block(block)
+    g = validate_coupling(g)
+    timestep = torch.as_tensor(timestep, device=h.device).reshape(-1).expand(h.shape[0])
+    class_labels = torch.as_tensor(class_labels, device=h.device).reshape(-1).expand(h.shape[0])
+    with torch.no_grad():
+        cond = conditioning if conditioning is not None else adaln_conditioning(
+            block, timestep, class_labels, h.dtype)
+        y, dy = layer_norm_jvp(block.norm1.norm, h, delta)
+        x = y * (1 + cond.scale_msa[:, None]) + cond.shift_msa[:, None]
+        dx = dy * (1 + cond.scale_msa[:, None])
+        return attention_difference_terms(block.attn1, x, dx, g, window=window)
+
+
 # -- block JVP ---------------------------------------------------------------------------------
 def _check_parts(parts: Sequence[str]) -> tuple[str, ...]:
     parts = tuple(parts)

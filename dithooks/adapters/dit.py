@@ -20,6 +20,7 @@ from torch import nn
 
 from ..attention_hooks import attention_points
 from ..hookpoints import HookPoint
+from ..jvp_hooks import jvp_points
 from .base import (Geometry, ModelAdapter, first_tensor_arg, plain_output, replace_first_arg,
                    replace_output)
 
@@ -113,6 +114,7 @@ class DiTAdapter(ModelAdapter):
                 "MLP output before the gate_mlp multiplication", i, plain_output, replace_output)
             add(f"{p}.resid_post", "blocks.{i}.resid_post", b, "post", RESID,
                 "residual stream leaving the block", i, plain_output, replace_output)
+            pts.update(jvp_points(i, b))
         add("final.out", "final.out", "", "post", ("batch", "out_channel", "height", "width"),
             "model output in latent layout: epsilon (and the variance channels when learned)",
             read=_model_output, write=_replace_model_output)

@@ -1,0 +1,233 @@
+"""Linearised blocks as hook points: ``blocks.{i}.jvp.*``, computed while the model samples.
+
+A JVP hook point is not a value the forward pass computes; it is what block ``i`` would do to a
+small perturbation ``delta`` of its residual input, with the conditioning (t, y) held fixed
+(THEORY §3). When any ``blocks.{i}.jvp.*`` point is attached, this extension puts a forward
+pre-hook on block ``i``; it reads the block's input, builds the linearisation point and the
+direction, runs :func:`dithooks.jvp.block_jvp` once for every attached part (one fused pass),
+and hands each part to the attached functions like any other hook value. The block's own
+forward is untouched (the JVP runs beside it, under ``no_grad``), so the model's output is
+bit-for-bit what it is without the hook.
+
+Directions (:class:`JVPSettings.direction`):
+
+``"replica"``
+    the batch holds replica pairs (the sampler's ``replica`` axis, outermost): linearise at the
+    symmetric state ``(h^a + h^b)/2`` along ``(h^a - h^b)/2``, at the coupling ``g`` the block runs
+    at this step. JVP values have the batch without the ``replica`` axis.
+``"random"``
+    a Gaussian direction per batch row, scaled to unit Frobenius norm, drawn from a generator
+    seeded by (``seed``, step, layer): the same on a rerun or a resume.
+a tensor
+    ``(N, D)`` (every row) or ``(B, N, D)``; a ``{layer: tensor}`` dict gives one per block
+    (e.g. a difference mode of that layer).
+a callable
+    ``fn(h, ctx) -> delta`` shaped like ``h``.
+``"auto"`` (default)
+    ``"replica"`` when the batch has a replica axis, else ``"random"``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+
+from .errors import DithooksError
+from .hookpoints import HookPoint
+from .jvp import ALL_PARTS, block_attention_terms, block_jvp
+
+RESID = ("batch", "token", "channel")
+
+PART_DOCS = {
+    "full": "d resid_post: the whole block linearised along delta (identity included) = "
+            "delta + attn + mlp + cross",
+    "attn": "attention branch a1*W_O*(rho*R + xi*M): the gated coupled difference [25]",
+    "routing": "routing term a1*W_O*(rho*A*dV): pattern frozen, values moved [25] "
+               "(ungated: without rho when apply_gates is off)",
+    "modulation": "modulation term a1*W_O*(xi*(dA_intra + g*dA_inter)*V): values frozen [25]",
+    "modulation_intra": "a1*W_O*(dA_intra*V), never gated",
+    "modulation_inter": "a1*W_O*(dA_inter*V), never gated (coupled replicas)",
+    "mlp": "MLP branch a2*J_MLP(h_mid)*delta (adaLN2 included) [33]",
+    "cross": "a2*J_MLP(h_mid)*attn: the a1*a2 cross term the propagator drops [31-33]",
+}
+
+HEAD_POINTS = {
+    "heads.pattern": (("batch", "head", "query", "key"),
+                      "attention pattern A at the linearisation point (window applied)"),
+    "heads.v": (("batch", "head", "token", "head_channel"), "values V at the linearisation point"),
+    "heads.dv": (("batch", "head", "token", "head_channel"), "value perturbation dV = W_V dx"),
+    "heads.dlogits_intra": (("batch", "head", "query", "key"),
+                            "intra-replica logit perturbation (dQ K^T + Q dK^T)/sqrt(d_h) [21]"),
+    "heads.dlogits_inter": (("batch", "head", "query", "key"),
+                            "inter-replica logit perturbation (dQ K^T - Q dK^T)/sqrt(d_h) [22]"),
+}
+
+OTHER_POINTS = {
+    "direction": (RESID, "the direction delta the block is linearised along"),
+    "point": (RESID, "the residual state the block is linearised at (the symmetric state for "
+                     "replica directions)"),
+}
+
+LOCAL_NAMES = tuple(f"jvp.{p}" for p in ALL_PARTS) + tuple(f"jvp.{n}" for n in HEAD_POINTS) + \
+    tuple(f"jvp.{n}" for n in OTHER_POINTS)
+DIRECTIONS = ("auto", "replica", "random")
+
+
+def jvp_points(layer: int, module_path: str) -> dict[str, HookPoint]:
+    """The JVP hook points of block ``layer`` (read-only)."""
+    pts = {}
+    table = {**{p: (RESID, d) for p, d in PART_DOCS.items()}, **HEAD_POINTS, **OTHER_POINTS}
+    for local, (dims, doc) in table.items():
+        name = f"blocks.{layer}.jvp.{local}"
+        pts[name] = HookPoint(name, "blocks.{i}.jvp." + local, module_path, "jvp", dims, doc, layer)
+    return pts
+
+
+@dataclass
+class JVPSettings:
+    """How ``blocks.{i}.jvp.*`` values are computed (see the module docstring).
+
+    ``g``: coupling at which the difference is propagated; None = what the block runs at now
+    (the replica coupling of this step, 0 when uncoupled). ``apply_gates``: whether ``routing``
+    and ``modulation`` carry rho(g), xi(g).
+    """
+
+    direction: Any = "auto"
+    g: float | None = None
+    apply_gates: bool = True
+    seed: int = 0
+
+    def describe(self) -> dict[str, Any]:
+        d = self.direction
+        kind = d if isinstance(d, str) else ("callable" if callable(d) else
+                                             "per-layer tensors" if isinstance(d, Mapping) else "tensor")
+        return {"direction": kind, "g": self.g, "apply_gates": self.apply_gates, "seed": self.seed}
+
+
+def check_direction(direction: Any) -> None:
+    if isinstance(direction, str) and direction not in DIRECTIONS:
+        raise DithooksError(f"unknown JVP direction {direction!r}; choose one of {', '.join(DIRECTIONS)}, "
+                            "or give a tensor / {layer: tensor} / callable")
+
+
+class JVPHooks:
+    """Hook-manager extension owning the ``jvp`` hook points."""
+
+    def __init__(self, manager, settings: JVPSettings | None = None):
+        self._manager = manager
+        self.settings = settings or JVPSettings()
+        self._handles: dict[int, Any] = {}
+
+    def configure(self, **changes: Any) -> None:
+        """Change :class:`JVPSettings` fields (direction, g, apply_gates, seed)."""
+        for k, v in changes.items():
+            if not hasattr(self.settings, k):
+                raise DithooksError(f"unknown JVP setting {k!r}")
+            if k == "direction":
+                check_direction(v)
+            setattr(self.settings, k, v)
+
+    # -- the extension protocol ---------------------------------------------------------------
+    def sync(self, manager) -> None:
+        self._manager = manager
+        wanted: dict[int, set[str]] = {}
+        for h in manager.attached():
+            p = manager.adapter.point(h.name)
+            if p.kind == "jvp":
+                wanted.setdefault(p.layer, set()).add(h.name.split(".", 3)[3])
+        # re-register every time so this pre-hook runs after the manager's own ones on the block
+        # (a replaced resid_pre is then the state the block is linearised at)
+        for handle in self._handles.values():
+            handle.remove()
+        self._handles = {}
+        blocks = manager.adapter.blocks()
+        for layer, names in wanted.items():
+            self._handles[layer] = blocks[layer].register_forward_pre_hook(
+                self._make_hook(layer, frozenset(names)), with_kwargs=True)
+
+    # -- computing ------------------------------------------------------------------------------
+    def _layer_attention(self, layer: int) -> tuple[float, int | None]:
+        att = getattr(self._manager, "attention", None)
+        if att is None:
+            return 0.0, None
+        g = att.coupling if att._applies(layer, att.coupling, att.coupling_layers) else None
+        r = att.window if att._applies(layer, att.window, att.window_layers) else None
+        return float(g or 0.0), r
+
+    def _direction(self, layer: int, h: torch.Tensor, axes) -> tuple[torch.Tensor, torch.Tensor, Any, slice]:
+        """(linearisation point, delta, batch axes of the JVP values, rows of the conditioning)."""
+        d = self.settings.direction
+        has_replica = bool(axes) and axes[0][0] == "replica"
+        if d == "auto":
+            d = "replica" if has_replica else "random"
+        if d == "replica":
+            if not has_replica:
+                raise DithooksError("JVP direction 'replica' needs replica pairs (capture with --kappa/--coupling, "
+                                    "or Sampler(replicas=...)); use direction 'random' or a tensor otherwise")
+            half = h.shape[0] // 2
+            a, b = h[:half], h[half:]
+            return (a + b) / 2, (a - b) / 2, tuple(axes[1:]), slice(0, half)
+        if isinstance(d, str):  # random
+            step = self._manager.state.step or 0
+            gen = torch.Generator(device="cpu").manual_seed(
+                (int(self.settings.seed) * 1_000_003 + step * 1009 + layer) % 2**63)
+            delta = torch.randn(h.shape, generator=gen, dtype=torch.float32).to(h.device, h.dtype)
+            delta = delta / torch.linalg.vector_norm(delta.flatten(1), dim=1).clamp_min(1e-30)[:, None, None]
+            return h, delta, axes, slice(None)
+        if isinstance(d, Mapping):
+            if layer not in d:
+                raise DithooksError(f"no JVP direction given for block {layer} (directions for blocks "
+                                    f"{sorted(d)})")
+            d = d[layer]
+        if callable(d) and not isinstance(d, torch.Tensor):
+            ctx = self._manager.context(self._manager.adapter.point(f"blocks.{layer}.jvp.direction"))
+            d = d(h, ctx)
+        delta = torch.as_tensor(d).to(h.device, h.dtype)
+        try:
+            delta = delta.expand_as(h)
+        except RuntimeError:
+            raise DithooksError(f"JVP direction of shape {tuple(delta.shape)} does not fit block {layer}'s "
+                                f"input {tuple(h.shape)} (give (tokens, channels) or (batch, tokens, channels))") from None
+        return h, delta, axes, slice(None)
+
+    def _make_hook(self, layer: int, names: frozenset[str]):
+        parts = tuple(p for p in ALL_PARTS if p in names)
+        heads = [n for n in HEAD_POINTS if n in names]
+
+        def pre_hook(block, args, kwargs):
+            m = self._manager
+            h = args[0] if args else kwargs["hidden_states"]
+            t, y = kwargs.get("timestep"), kwargs.get("class_labels")
+            if t is None:
+                raise DithooksError(f"block {layer} was called without a timestep: cannot linearise it")
+            point, delta, axes, rows = self._direction(layer, h, m.state.batch_axes)
+            g_live, window = self._layer_attention(layer)
+            g = g_live if self.settings.g is None else float(self.settings.g)
+            t = torch.as_tensor(t).reshape(-1).expand(h.shape[0])[rows]
+            y = None if y is None else torch.as_tensor(y).reshape(-1).expand(h.shape[0])[rows]
+            values: dict[str, torch.Tensor] = {"point": point, "direction": delta}
+            with torch.no_grad():
+                if parts:
+                    values.update(block_jvp(block, point, delta, timestep=t, class_labels=y, parts=parts,
+                                            g=g, apply_gates=self.settings.apply_gates, window=window))
+                if heads:
+                    terms = block_attention_terms(block, point, delta, timestep=t, class_labels=y,
+                                                  g=g, window=window)
+                    values.update({"heads.pattern": terms.A, "heads.v": terms.V, "heads.dv": terms.dV,
+                                   "heads.dlogits_intra": terms.dL_intra,
+                                   "heads.dlogits_inter": terms.dL_inter})
+            for local in names:
+                m.run_hooks(m.adapter.point(f"blocks.{layer}.jvp.{local}"), values[local], batch_axes=axes)
+            return None
+        return pre_hook
+
+
+def jvp_batch_axes(axes, direction: Any) -> tuple[tuple[str, int], ...]:
+    """The batch layout of JVP values for a sampler batch ``axes`` (no replica axis for pairs)."""
+    has_replica = bool(axes) and axes[0][0] == "replica"
+    if has_replica and (direction in ("auto", "replica")):
+        return tuple(axes[1:])
+    return tuple(axes)
+
