@@ -38,7 +38,8 @@ from .hooks import HookContext, HookManager
 from .layers import parse_layers
 from .loading import LoadedModel, load_model
 from .probes.runner import ProbeRunner
-from .sampling import Sampler, SamplerSpec, TrajectoryState
+from .jvp_hooks import JVPSettings, check_direction, jvp_batch_axes
+from .sampling import ReplicaSpec, Sampler, SamplerSpec, TrajectoryState
 from .store.codecs import COMPRESSIONS, storage_dtype
 from .store.metadata import (ATTR_KEY, FORMAT_VERSION, RESUME_KEYS, completeness, jsonable,
                              library_versions, now)
@@ -68,6 +69,32 @@ class CaptureConfig:
     # probes measured online and stored as probe.<name>.<output> (see docs/writing-probes.md):
     # Probe instances, registered names / import paths, or (name, {options})
     probes: tuple = ()
+    # replica pairs (THEORY §2): each seed becomes a pair (a, b); stores gain a `replica` dim
+    replicas: ReplicaSpec | None = None
+    # attention processor settings (hook-points.md): Chebyshev window radius on `window_layers`
+    # (None = all blocks), reductions' top-k and chosen query rows, query tile of the explicit path
+    window: int | None = None
+    window_layers: str | None = None
+    top_k: int | None = None
+    query_tokens: tuple[int, ...] | None = None
+    query_tile: int = 512
+    # how blocks.{i}.jvp.* are computed (dithooks/jvp_hooks.py)
+    jvp: JVPSettings = field(default_factory=JVPSettings)
+
+
+@dataclass(frozen=True)
+class PlannedArray:
+    """An array a capture will write: its name, dims, shape and size (before compression)."""
+
+    name: str
+    dims: tuple[str, ...]
+    shape: tuple[int, ...]
+    nbytes: int
+    hook: str
+
+
+# value dims whose size grows with N^2: the arrays worth a warning before a capture starts
+PATTERN_DIMS = ("query", "key")
 
 
 @dataclass
@@ -136,7 +163,8 @@ class CaptureSession:
         available = list(adapter.hook_points())
         self.hook_names = adapter.resolve(expand_hooks(cfg.hooks, self.layers, available))
         self.probes = ProbeRunner(cfg.probes, lambda pats: adapter.resolve(expand_hooks(pats, self.layers, available)))
-        self.sampler = Sampler(self.loaded, cfg.sampler, self.hooks, cfg.device)
+        self._configure_attention_and_jvp()
+        self.sampler = Sampler(self.loaded, cfg.sampler, self.hooks, cfg.device, replicas=cfg.replicas)
         self.sampler.check_labels(cfg.labels)
         if self.probes:  # probes check the run's layout now, so a bad setup never touches disk
             self._start_probes(0)
@@ -145,6 +173,74 @@ class CaptureSession:
         self._layer_pos = {layer: i for i, layer in enumerate(self.layers)}
         self._slabs: dict[str, torch.Tensor] = {}
         self.writer: StoreWriter | None = None
+
+    def _configure_attention_and_jvp(self) -> None:
+        cfg, n = self.cfg, self.loaded.adapter.num_layers
+        att = getattr(self.hooks, "attention", None)
+        wants_attention = (cfg.window is not None or cfg.top_k is not None or cfg.query_tokens
+                           or cfg.replicas is not None)
+        if wants_attention and att is None:
+            raise DithooksError(f"{type(self.loaded.transformer).__name__} exposes no attention processors: "
+                                "windows, top-k, query tokens and replica coupling are unavailable")
+        if att is not None:
+            N = self.loaded.adapter.geometry.num_tokens
+            bad = [q for q in (cfg.query_tokens or ()) if not 0 <= q < N]
+            if bad:
+                raise DithooksError(f"query token {bad[0]} is out of range: this model has tokens 0-{N - 1}")
+            if cfg.top_k is not None and not 1 <= cfg.top_k <= N:
+                raise DithooksError(f"top-k must lie in 1-{N} (the number of tokens), got {cfg.top_k}")
+            if cfg.query_tile < 1:
+                raise DithooksError(f"query tile must be at least 1, got {cfg.query_tile}")
+            att.query_tile, att.top_k = cfg.query_tile, cfg.top_k
+            att.query_tokens = list(cfg.query_tokens) if cfg.query_tokens else None
+            if cfg.window is not None:
+                from .attention.window import validate_radius
+                try:
+                    validate_radius(cfg.window)
+                except ValueError as e:
+                    raise DithooksError(str(e)) from None
+                # set for the run only (run() clears it), so a session never leaves processors behind
+                self._window_layers = None if cfg.window_layers in (None, "all") else parse_layers(cfg.window_layers, n)
+        if cfg.replicas is not None and cfg.replicas.layers is not None:
+            bad = [layer for layer in cfg.replicas.layers if not 0 <= layer < n]
+            if bad:
+                raise DithooksError(f"coupled layer {bad[0]} is out of range: this model has blocks 0-{n - 1}")
+        check_direction(cfg.jvp.direction)
+        if self._wants_jvp():
+            if cfg.jvp.direction == "replica" and cfg.replicas is None:
+                raise DithooksError("JVP direction 'replica' needs replica pairs (--pairs, --kappa or --coupling)")
+            self.hooks.jvp.settings = cfg.jvp
+
+    def _wants_jvp(self) -> bool:
+        names = self.hook_names + self.probes.hook_names
+        return any(not n.startswith("modules.") and self.loaded.adapter.point(n).kind == "jvp" for n in names)
+
+    def planned_arrays(self) -> list[PlannedArray]:
+        """What the raw hooks will write, sized from the model geometry before anything runs."""
+        geo = self.loaded.adapter.geometry
+        n = len(self.cfg.seeds)
+        axes = self.sampler.batch_axes(n)
+        sizes = {"token": geo.num_tokens, "query": geo.num_tokens, "key": geo.num_tokens,
+                 "channel": geo.width, "head": geo.num_heads, "head_channel": geo.head_dim,
+                 "rank": self.cfg.top_k or 0, "out_channel": geo.out_channels,
+                 "height": geo.sample_size, "width": geo.sample_size}
+        itemsize = torch.empty((), dtype=self.store_dtype).element_size()
+        plan: dict[str, PlannedArray] = {}
+        for name in self.hook_names:
+            point = self.loaded.adapter.point(name)
+            arr = store_array_name(name)
+            b_axes = jvp_batch_axes(axes, self.cfg.jvp.direction) if point.kind == "jvp" else axes
+            value_dims = tuple(point.dims[1:])
+            if "..." in value_dims:  # generic module hooks: size unknown until the first call
+                continue
+            value = [sizes.get(d, 0) for d in value_dims]
+            if layer_template(name)[0].endswith("attn.pattern_query") and self.cfg.query_tokens:
+                value[value_dims.index("query")] = len(self.cfg.query_tokens)
+            lead = (self.cfg.sampler.steps,) + ((len(self.layers),) if point.layer is not None else ())
+            shape = lead + tuple(k for _, k in b_axes) + tuple(value)
+            dims = ("step",) + (("layer",) if point.layer is not None else ()) + tuple(a for a, _ in b_axes) + value_dims
+            plan[arr] = PlannedArray(arr, dims, shape, int(np.prod(shape)) * itemsize, layer_template(name)[0])
+        return list(plan.values())
 
     # -- the request as stored metadata ------------------------------------------------------
     def request(self) -> dict[str, Any]:
@@ -161,9 +257,26 @@ class CaptureSession:
             "storage_dtype": self.cfg.storage_dtype, "compute_dtype": self.cfg.compute_dtype,
             "compression": self.cfg.compression, "device": self.cfg.device,
             "batch_axes": [list(a) for a in self.sampler.batch_axes(len(self.cfg.seeds))],
-            "extras": {},
+            "extras": self._extras(),
             "probes": self.probes.describe(),
         })
+
+    def _extras(self) -> dict[str, Any]:
+        """Settings that change what is computed: replicas, attention processor options, JVPs."""
+        c, extras = self.cfg, {}
+        if c.replicas is not None:
+            r = c.replicas
+            extras["replicas"] = {"kappa": r.kappa, "g": r.g, "couple_until": r.couple_until,
+                                  "share_noise_until": r.share_noise_until,
+                                  "layers": None if r.layers is None else list(r.layers)}
+        att = {k: v for k, v in (("window", c.window), ("window_layers", c.window_layers), ("top_k", c.top_k),
+                                 ("query_tokens", list(c.query_tokens) if c.query_tokens else None))
+               if v is not None}
+        if att:
+            extras["attention"] = att
+        if self._wants_jvp():
+            extras["jvp"] = c.jvp.describe()
+        return extras
 
     # -- store lifecycle ---------------------------------------------------------------------
     def open_store(self) -> tuple[zarr.Group, int]:
@@ -213,6 +326,8 @@ class CaptureSession:
         coord("latent_step", np.arange(steps + 1), ("latent_step",), "int64")
         if self.cfg.sampler.cfg:
             coord("cfg", np.array(["cond", "uncond"]), ("cfg",), str)
+        if self.cfg.replicas is not None:
+            coord("replica", np.array(["a", "b"]), ("replica",), str)
         done = group.create_array(name="step_complete", shape=(steps,), chunks=(1,), dtype="bool",
                                   dimension_names=("step",), fill_value=False)
         done[...] = False
@@ -254,6 +369,8 @@ class CaptureSession:
             return None
         lat = torch.from_numpy(np.asarray(group["latents"][step]))
         rng = np.asarray(group["rng_state"][step])
+        if self.cfg.replicas is not None:  # (replica, sample, ...) -> the sampler's [a-half; b-half]
+            lat, rng = lat.reshape((-1,) + tuple(lat.shape[2:])), rng.reshape((-1,) + rng.shape[2:])
         return TrajectoryState(step, lat, [torch.from_numpy(r.copy()) for r in rng])
 
     # -- hooks -------------------------------------------------------------------------------
@@ -323,15 +440,18 @@ class CaptureSession:
     def _write_state(self, state: TrajectoryState) -> None:
         # latent_step k is x before step k (k = 0 is x_T; k = steps is the result)
         steps, n = self.cfg.sampler.steps, len(self.cfg.seeds)
-        lat = state.latents
-        self.writer.put(ArraySpec("latents", ("latent_step", "sample", "latent_channel", "height", "width"),
+        lat, rng = state.latents, torch.stack(state.rng_states)
+        batch_dims: tuple[str, ...] = ("sample",)
+        if self.cfg.replicas is not None:  # the sampler's [a-half; b-half] rows -> (replica, sample)
+            lat, rng = lat.reshape((2, n) + tuple(lat.shape[1:])), rng.reshape(2, n, -1)
+            batch_dims = ("replica", "sample")
+        self.writer.put(ArraySpec("latents", ("latent_step",) + batch_dims + ("latent_channel", "height", "width"),
                                   (steps + 1,) + tuple(lat.shape), (1,) + tuple(lat.shape), torch.float32,
                                   (("coordinates", "label seed"),
                                    ("description", "x before each step; the last is the result"))),
                         (state.step,), lat.clone())
-        rng = torch.stack(state.rng_states)
-        self.writer.put(ArraySpec("rng_state", ("latent_step", "sample", "rng_byte"),
-                                  (steps + 1, n, rng.shape[1]), (1, n, rng.shape[1]), torch.uint8),
+        self.writer.put(ArraySpec("rng_state", ("latent_step",) + batch_dims + ("rng_byte",),
+                                  (steps + 1,) + tuple(rng.shape), (1,) + tuple(rng.shape), torch.uint8),
                         (state.step,), rng)
 
     # -- run ---------------------------------------------------------------------------------
@@ -348,14 +468,18 @@ class CaptureSession:
         status, error = "complete", None
         try:
             if start == 0:
-                from .sampling import initial_state
-                state0 = initial_state(self.loaded, self.cfg.seeds, float(self.sampler.scheduler.init_noise_sigma))
+                from .sampling import initial_replica_state, initial_state
+                sigma = float(self.sampler.scheduler.init_noise_sigma)
+                state0 = (initial_state(self.loaded, self.cfg.seeds, sigma) if self.cfg.replicas is None
+                          else initial_replica_state(self.loaded, self.cfg.seeds, self.cfg.replicas, sigma))
                 self._write_state(state0)
                 state = state0
             read = {n: self._record for n in self.hook_names}
             if self.probes:
                 self._start_probes(start)
                 read = {n: self._observe for n in dict.fromkeys(self.hook_names + self.probes.hook_names)}
+            if self.cfg.window is not None:
+                self.hooks.attention.set_window(self.cfg.window, self._window_layers)
             with self.hooks.hooks(read=read):
                 self.sampler.run(self.cfg.labels, self.cfg.seeds, state=state,
                                  on_step=lambda s, st: self._on_step(group, s, st),
@@ -373,6 +497,8 @@ class CaptureSession:
             status, error = "failed", f"{type(e).__name__}: {e}"
             raise
         finally:
+            if self.cfg.window is not None:
+                self.hooks.attention.set_window(None)
             self.writer.close()
             self._finish(group, status, error)
         info = completeness(np.asarray(group["step_complete"][...]))
