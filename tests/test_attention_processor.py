@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from diffusers import DiTTransformer2DModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from dithooks.attention.install import (attention_modules, install_processors, installed_processors,
@@ -10,85 +9,37 @@ from dithooks.attention.install import (attention_modules, install_processors, i
 from dithooks.attention.processor import (ALL_NAMES, INTER_NAMES, NAME_DIMS, REDUCTION_NAMES,
                                           WRITABLE_NAMES, HookedAttnProcessor)
 
-HEADS, HEAD_DIM, SIDE = 4, 8, 4  # sample 8, patch 2 -> 4x4 grid, N = 16
+from .conftest import (TINY_HEAD_DIM, TINY_HEADS, Recorder, call_attn, make_dit_inputs, make_tiny_attn_dit,
+                       run_dit)
+
+HEADS, HEAD_DIM, SIDE = TINY_HEADS, TINY_HEAD_DIM, 4  # sample 8, patch 2 -> 4x4 grid, N = 16
 N = SIDE * SIDE
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models gain nothing from threads; on a busy 2-core machine they only oversubscribe
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_dit(channels: int = 4, layers: int = 2, seed: int = 0) -> DiTTransformer2DModel:
-    torch.manual_seed(seed)
-    return DiTTransformer2DModel(num_attention_heads=HEADS, attention_head_dim=HEAD_DIM,
-                                 in_channels=channels, out_channels=channels, num_layers=layers,
-                                 sample_size=8, patch_size=2, num_embeds_ada_norm=10).eval()
-
-
-def model_inputs(channels: int = 4, batch: int = 3, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, channels, 8, 8, generator=g)
-    t = torch.randint(0, 1000, (batch,), generator=g)
-    y = torch.randint(0, 11, (batch,), generator=g)  # 10 = the null class
-    return x, t, y
-
-
-def run(model, inputs):
-    x, t, y = inputs
-    with torch.no_grad():
-        return model(x, timestep=t, class_labels=y).sample
-
-
-class Recorder:
-    """An ``emit`` that records what it is given and optionally replaces values."""
-
-    def __init__(self, replace=None):
-        self.seen: dict[str, torch.Tensor] = {}
-        self.calls: list[str] = []
-        self.replace = replace or {}
-
-    def __call__(self, name, value):
-        self.calls.append(name)
-        self.seen[name] = value.detach().clone()
-        return self.replace[name](value) if name in self.replace else value
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def attn_input(batch=2, seed=3):
     return torch.randn(batch, N, HEADS * HEAD_DIM, generator=torch.Generator().manual_seed(seed))
 
 
-def call_attn(attn, processor, x):
-    saved = attn.processor
-    attn.set_processor(processor)
-    try:
-        with torch.no_grad():
-            return attn(x)
-    finally:
-        attn.set_processor(saved)
-
-
 @pytest.mark.parametrize("channels", [4, 1])
 def test_no_hooks_is_bit_for_bit_the_default_processor(channels):
-    model, inputs = tiny_dit(channels), model_inputs(channels)
-    reference = run(model, inputs)
+    model = make_tiny_attn_dit(channels)
+    inputs = make_dit_inputs(3, channels, num_labels=11)  # 10 = the null class
+    reference = run_dit(model, *inputs)
     with installed_processors(model, range(2), lambda layer: HookedAttnProcessor(layer)):
         assert isinstance(model.transformer_blocks[0].attn1.processor, HookedAttnProcessor)
-        hooked = run(model, inputs)
+        hooked = run_dit(model, *inputs)
     assert torch.equal(hooked, reference)
     # an emit with nothing wanted is never called and keeps the fast path
     rec = Recorder()
     with installed_processors(model, range(2), lambda layer: HookedAttnProcessor(layer, rec)):
-        assert torch.equal(run(model, inputs), reference)
+        assert torch.equal(run_dit(model, *inputs), reference)
     assert rec.calls == []
 
 
 def test_install_and_restore_processors():
-    model = tiny_dit()
+    model = make_tiny_attn_dit()
     originals = {p: m.processor for p, m in attention_modules(model, 1).items()}
     assert list(originals) == ["transformer_blocks.1.attn1"]
     saved = install_processors(model, [1, 1], lambda layer: HookedAttnProcessor(layer))
@@ -101,7 +52,7 @@ def test_install_and_restore_processors():
 
 
 def test_explicit_path_matches_sdpa_and_emits_every_name():
-    model = tiny_dit()
+    model = make_tiny_attn_dit()
     attn = model.transformer_blocks[0].attn1
     x = attn_input()
     reference = call_attn(attn, AttnProcessor2_0(), x)
@@ -139,7 +90,7 @@ def test_explicit_path_matches_sdpa_and_emits_every_name():
 
 @pytest.mark.parametrize("tile", [1, 3, 16, 1000])
 def test_reductions_do_not_depend_on_the_tile(tile):
-    model = tiny_dit()
+    model = make_tiny_attn_dit()
     attn = model.transformer_blocks[1].attn1
     x = attn_input()
     ref_rec, rec = Recorder(), Recorder()
@@ -154,7 +105,7 @@ def test_reductions_do_not_depend_on_the_tile(tile):
 
 
 def test_replacing_values_and_patterns_takes_effect():
-    model = tiny_dit()
+    model = make_tiny_attn_dit()
     attn = model.transformer_blocks[0].attn1
     x = attn_input()
     bias = attn.to_out[0].bias

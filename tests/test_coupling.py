@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-from diffusers import DiTTransformer2DModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from dithooks.attention.install import installed_processors
@@ -12,23 +11,11 @@ from dithooks.attention.processor import HookedAttnProcessor
 from dithooks.gates import mixture_weights, rho, xi
 from dithooks.replicas import antisymmetric_pair, replica_batch, split_replicas
 
-HEADS, HEAD_DIM, N = 4, 8, 16
+from .conftest import TINY_HEAD_DIM, TINY_HEADS, Recorder, call_attn, make_tiny_attn_dit, run_dit
 
+HEADS, HEAD_DIM, N = TINY_HEADS, TINY_HEAD_DIM, 16
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models gain nothing from threads; on a busy 2-core machine they only oversubscribe
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_dit(seed: int = 0) -> DiTTransformer2DModel:
-    torch.manual_seed(seed)
-    return DiTTransformer2DModel(num_attention_heads=HEADS, attention_head_dim=HEAD_DIM,
-                                 in_channels=4, out_channels=4, num_layers=2, sample_size=8,
-                                 patch_size=2, num_embeds_ada_norm=10).eval()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def pair_inputs(pairs: int = 3, seed: int = 1):
@@ -37,11 +24,6 @@ def pair_inputs(pairs: int = 3, seed: int = 1):
     t = torch.randint(0, 1000, (pairs,), generator=g)
     y = torch.randint(0, 10, (pairs,), generator=g)
     return replica_batch(xa, xb), torch.cat([t, t]), torch.cat([y, y])
-
-
-def run(model, x, t, y):
-    with torch.no_grad():
-        return model(x, timestep=t, class_labels=y).sample
 
 
 def coupled(g):
@@ -53,64 +35,55 @@ def swap(x):
     return torch.cat([b, a])
 
 
-class Recorder:
-    def __init__(self):
-        self.seen = {}
-
-    def __call__(self, name, value):
-        self.seen[name] = value.detach().clone()
-        return value
-
-
 def test_g0_is_bit_for_bit_two_plain_forwards():
-    model = tiny_dit()
+    model = make_tiny_attn_dit()
     x, t, y = pair_inputs()
-    plain = run(model, x, t, y)  # the same replica-major batch through the default processor
+    plain = run_dit(model, x, t, y)  # the same replica-major batch through the default processor
     with installed_processors(model, range(2), coupled(0.0)):
-        out = run(model, x, t, y)
+        out = run_dit(model, x, t, y)
     assert torch.equal(out, plain)
     # each replica on its own: equal up to batch-size-dependent GEMM blocking on CPU
     a, b = split_replicas(x)
     half = len(a)
-    torch.testing.assert_close(out[:half], run(model, a, t[:half], y[:half]), atol=2e-6, rtol=0)
-    torch.testing.assert_close(out[half:], run(model, b, t[half:], y[half:]), atol=2e-6, rtol=0)
+    torch.testing.assert_close(out[:half], run_dit(model, a, t[:half], y[:half]), atol=2e-6, rtol=0)
+    torch.testing.assert_close(out[half:], run_dit(model, b, t[half:], y[half:]), atol=2e-6, rtol=0)
 
 
 def test_g_is_mutable_and_back_to_zero_is_exact():
-    model = tiny_dit()
+    model = make_tiny_attn_dit()
     x, t, y = pair_inputs()
-    plain = run(model, x, t, y)
+    plain = run_dit(model, x, t, y)
     with installed_processors(model, range(2), coupled(0.0)):
         procs = [blk.attn1.processor for blk in model.transformer_blocks]
         for p in procs:
             p.g = 0.7
-        moved = run(model, x, t, y)
+        moved = run_dit(model, x, t, y)
         for p in procs:
             p.g = 0.0
-        back = run(model, x, t, y)
+        back = run_dit(model, x, t, y)
     assert (moved - plain).abs().max() > 1e-3
     assert torch.equal(back, plain)
 
 
 @pytest.mark.parametrize("g", [0.0, 0.4, 1.0])
 def test_swapping_replicas_swaps_outputs(g):
-    model = tiny_dit()
+    model = make_tiny_attn_dit()
     x, t, y = pair_inputs()
     with installed_processors(model, range(2), coupled(g)):
-        out = run(model, x, t, y)
-        out_swapped = run(model, swap(x), swap(t), swap(y))
+        out = run_dit(model, x, t, y)
+        out_swapped = run_dit(model, swap(x), swap(t), swap(y))
     torch.testing.assert_close(out_swapped, swap(out), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("g", [0.3, 1.0])
 def test_coupled_attention_is_eq19(g):
-    attn = tiny_dit().transformer_blocks[0].attn1
+    attn = make_tiny_attn_dit().transformer_blocks[0].attn1
     x = torch.randn(4, N, HEADS * HEAD_DIM, generator=torch.Generator().manual_seed(5))
     rec = Recorder()
     names = frozenset({"attn.q", "attn.k", "attn.v", "attn.logits", "attn.pattern",
                        "attn.logits_inter", "attn.pattern_inter", "attn.n_eff"})
-    explicit = _call(attn, HookedAttnProcessor(0, rec, names, coupling=g), x)
-    fused = _call(attn, HookedAttnProcessor(0, coupling=g), x)
+    explicit = call_attn(attn, HookedAttnProcessor(0, rec, names, coupling=g), x)
+    fused = call_attn(attn, HookedAttnProcessor(0, coupling=g), x)
     torch.testing.assert_close(explicit, fused, atol=1e-6, rtol=0)
 
     q, k, v = rec.seen["attn.q"], rec.seen["attn.k"], rec.seen["attn.v"]
@@ -138,33 +111,33 @@ def test_coupled_attention_is_eq19(g):
 @pytest.mark.parametrize("g", [0.3, 1.0])
 def test_identical_replicas_are_a_fixed_point(g):
     """Weights sum to 1: at the symmetric state coupling changes nothing."""
-    model = tiny_dit()
+    model = make_tiny_attn_dit()
     x, t, y = pair_inputs()
     a, _ = split_replicas(x)
     x_sym = replica_batch(a, a)
-    plain = run(model, x_sym, t, y)
+    plain = run_dit(model, x_sym, t, y)
     with installed_processors(model, range(2), coupled(g)):
-        out = run(model, x_sym, t, y)
+        out = run_dit(model, x_sym, t, y)
     torch.testing.assert_close(out, plain, atol=1e-5, rtol=0)
 
 
 def test_joint_2n_softmax_is_not_the_g0_model():
     """A softmax over the joint 2N sequence couples replicas through the partition function."""
-    attn = tiny_dit().transformer_blocks[0].attn1
+    attn = make_tiny_attn_dit().transformer_blocks[0].attn1
     x = torch.randn(4, N, HEADS * HEAD_DIM, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
-        separate = _call(attn, HookedAttnProcessor(0, coupling=0.0), x)
+        separate = call_attn(attn, HookedAttnProcessor(0, coupling=0.0), x)
         a, b = split_replicas(x)
-        joint = _call(attn, AttnProcessor2_0(), torch.cat([a, b], dim=1))  # (2, 2N, D)
+        joint = call_attn(attn, AttnProcessor2_0(), torch.cat([a, b], dim=1))  # (2, 2N, D)
     joint_as_batch = torch.cat([joint[:, :N], joint[:, N:]])
     assert (joint_as_batch - separate).abs().max() > 1e-2
-    torch.testing.assert_close(separate, _call(attn, AttnProcessor2_0(), x), atol=0, rtol=0)
+    torch.testing.assert_close(separate, call_attn(attn, AttnProcessor2_0(), x), atol=0, rtol=0)
 
 
 def test_odd_batch_is_refused():
-    attn = tiny_dit().transformer_blocks[0].attn1
+    attn = make_tiny_attn_dit().transformer_blocks[0].attn1
     with pytest.raises(ValueError, match="even"):
-        _call(attn, HookedAttnProcessor(0, coupling=0.5), torch.randn(3, N, HEADS * HEAD_DIM))
+        call_attn(attn, HookedAttnProcessor(0, coupling=0.5), torch.randn(3, N, HEADS * HEAD_DIM))
 
 
 def test_gates():
@@ -215,13 +188,3 @@ def test_per_pair_generators_do_not_depend_on_m():
 def test_invalid_kappa(kappa):
     with pytest.raises(ValueError, match="kappa"):
         antisymmetric_pair((2, 3), kappa)
-
-
-def _call(attn, processor, x):
-    saved = attn.processor
-    attn.set_processor(processor)
-    try:
-        with torch.no_grad():
-            return attn(x)
-    finally:
-        attn.set_processor(saved)

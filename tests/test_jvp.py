@@ -2,35 +2,22 @@
 
 import pytest
 import torch
-from diffusers import DiTTransformer2DModel
 
 from dithooks.attention.processor import HookedAttnProcessor
 from dithooks.jvp import (ALL_PARTS, adaln1, adaln_conditioning, attention_difference_terms,
                           block_jvp)
 from dithooks.gates import rho, xi
 
-HEADS, HEAD_DIM, N = 4, 8, 16
+from .conftest import TINY_HEAD_DIM, TINY_HEADS, make_tiny_attn_dit
+
+HEADS, HEAD_DIM, N = TINY_HEADS, TINY_HEAD_DIM, 16
 D = HEADS * HEAD_DIM
 
-# torch registers its forward-AD decompositions with torch.jit.script on first use
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models gain nothing from threads; on a busy 2-core machine they only oversubscribe
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_dit(dtype=torch.float32, seed: int = 0) -> DiTTransformer2DModel:
-    torch.manual_seed(seed)
-    model = DiTTransformer2DModel(num_attention_heads=HEADS, attention_head_dim=HEAD_DIM,
-                                  in_channels=4, out_channels=4, num_layers=2, sample_size=8,
-                                  patch_size=2, num_embeds_ada_norm=10).eval()
-    return model.to(dtype)
+pytestmark = [
+    pytest.mark.usefixtures("one_torch_thread"),
+    # torch registers its forward-AD decompositions with torch.jit.script on first use
+    pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning"),
+]
 
 
 def state(batch=2, dtype=torch.float32, seed=1):
@@ -54,7 +41,7 @@ def block_out(block, h, t, y):
 @pytest.mark.parametrize("g", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("apply_gates", [True, False])
 def test_fused_equals_autograd_reference(g, apply_gates):
-    block = tiny_dit().transformer_blocks[1]
+    block = make_tiny_attn_dit().transformer_blocks[1]
     h, delta, t, y = state()
     kw = dict(timestep=t, class_labels=y, parts=ALL_PARTS, g=g, apply_gates=apply_gates)
     fused = block_jvp(block, h, delta, **kw)
@@ -68,7 +55,7 @@ def test_fused_equals_autograd_reference(g, apply_gates):
 
 @pytest.mark.parametrize("g", [0.0, 0.5, 1.0])
 def test_routing_plus_modulation_is_the_attention_jvp(g):
-    block = tiny_dit().transformer_blocks[0]
+    block = make_tiny_attn_dit().transformer_blocks[0]
     h, delta, t, y = state()
     fused = block_jvp(block, h, delta, timestep=t, class_labels=y, g=g,
                       parts=("routing", "modulation", "modulation_intra", "modulation_inter"))
@@ -86,7 +73,7 @@ def test_routing_plus_modulation_is_the_attention_jvp(g):
 
 
 def test_full_is_identity_plus_branches_plus_cross_term():
-    block = tiny_dit().transformer_blocks[1]
+    block = make_tiny_attn_dit().transformer_blocks[1]
     h, delta, t, y = state()
     parts = block_jvp(block, h, delta, timestep=t, class_labels=y, parts=ALL_PARTS, g=0.4)
     torch.testing.assert_close(parts["full"], delta + parts["attn"] + parts["mlp"] + parts["cross"],
@@ -97,7 +84,7 @@ def test_full_is_identity_plus_branches_plus_cross_term():
 
 def test_jvp_matches_central_differences_to_second_order():
     """(f(h+e d) - f(h-e d))/2e - J d = O(e^2): halving e divides the error by ~4 (float64)."""
-    block = tiny_dit(torch.float64).transformer_blocks[1]
+    block = make_tiny_attn_dit(dtype=torch.float64).transformer_blocks[1]
     h, delta, t, y = state(dtype=torch.float64)
     jvp = block_jvp(block, h, delta, timestep=t, class_labels=y, parts=("full",))["full"]
     errors = []
@@ -107,7 +94,7 @@ def test_jvp_matches_central_differences_to_second_order():
     assert errors[0] < 1e-3
     assert 3.0 < errors[0] / errors[1] < 5.0
     # float32, one step size: the reference method agrees with differences too
-    block32 = tiny_dit().transformer_blocks[1]
+    block32 = make_tiny_attn_dit().transformer_blocks[1]
     h32, d32 = h.float(), delta.float()
     j32 = block_jvp(block32, h32, d32, timestep=t, class_labels=y, parts=("full",))["full"]
     fd32 = (block_out(block32, h32 + 1e-2 * d32, t, y) - block_out(block32, h32 - 1e-2 * d32, t, y)) / 2e-2
@@ -135,7 +122,7 @@ def _coupled_pair_outputs(block, h, delta, eps, g, t, y):
 @pytest.mark.parametrize("g", [0.0, 0.3, 1.0])
 def test_real_coupled_pair_matches_the_linearised_difference(g):
     """(O^a - O^b)/2 = eps (rho routing + xi modulation) + O(eps^3) at h^{a,b} = h +- eps delta [25]."""
-    block = tiny_dit(torch.float64).transformer_blocks[1]
+    block = make_tiny_attn_dit(dtype=torch.float64).transformer_blocks[1]
     h, delta, t, y = state(dtype=torch.float64)
     ungated = block_jvp(block, h, delta, timestep=t, class_labels=y, g=g, apply_gates=False,
                         parts=("routing", "modulation", "full"))
@@ -151,7 +138,7 @@ def test_real_coupled_pair_matches_the_linearised_difference(g):
 
 
 def test_mlp_part_is_tokenwise():
-    block = tiny_dit().transformer_blocks[0]
+    block = make_tiny_attn_dit().transformer_blocks[0]
     h, _, t, y = state()
     delta = torch.zeros_like(h)
     delta[:, 5] = torch.randn(2, D, generator=torch.Generator().manual_seed(9))
@@ -164,7 +151,7 @@ def test_mlp_part_is_tokenwise():
 
 def test_attention_difference_terms_identities():
     """A 1 = 1 and dA 1 = 0 (Appendix B [89]); M(g=1) is driven by dQ K^T only; gated sum = attn."""
-    block = tiny_dit().transformer_blocks[1]
+    block = make_tiny_attn_dit().transformer_blocks[1]
     h, delta, t, y = state()
     cond = adaln_conditioning(block, t, y)
     x, dx = torch.func.jvp(lambda hh: adaln1(block, hh, cond), (h,), (delta,))
@@ -187,7 +174,7 @@ def test_attention_difference_terms_identities():
 
 
 def test_windowed_jvp_matches_reference():
-    block = tiny_dit().transformer_blocks[0]
+    block = make_tiny_attn_dit().transformer_blocks[0]
     h, delta, t, y = state()
     kw = dict(timestep=t, class_labels=y, parts=("full", "routing", "modulation"), g=0.5, window=1)
     fused = block_jvp(block, h, delta, **kw)
@@ -200,7 +187,7 @@ def test_windowed_jvp_matches_reference():
 
 def test_fused_jvp_does_not_fire_module_hooks():
     """Hook points read module calls; linearising must not record or intervene a second time."""
-    block = tiny_dit().transformer_blocks[1]
+    block = make_tiny_attn_dit().transformer_blocks[1]
     h, delta, t, y = state()
     fired = []
     modules = [block, block.norm1, block.norm1.linear, block.attn1, block.norm3, block.ff]
@@ -215,7 +202,7 @@ def test_fused_jvp_does_not_fire_module_hooks():
 
 
 def test_bad_arguments():
-    block = tiny_dit().transformer_blocks[0]
+    block = make_tiny_attn_dit().transformer_blocks[0]
     h, delta, t, y = state()
     with pytest.raises(ValueError, match="unknown"):
         block_jvp(block, h, delta, timestep=t, class_labels=y, parts=("ful",))
