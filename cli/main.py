@@ -10,7 +10,9 @@ import typer
 
 from dithooks.errors import DithooksError
 
+from . import run_options as ro
 from .output import fail, human_bytes, print_csv, print_json, print_table, user_errors
+from .run_options import MODEL_HELP, parse_int_list  # noqa: F401  (parse_int_list: used by probe_cmd)
 
 app = typer.Typer(
     name="dithooks",
@@ -19,27 +21,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-MODEL_HELP = "Model: a local directory saved with save_pretrained, a hub id in the local HF cache, or empty for the embedded digits DiT."
-
-
-def parse_int_list(spec: str, what: str) -> list[int]:
-    """``0-7``, ``0,3,5``, ``4`` -> list of ints."""
-    out: list[int] = []
-    for part in spec.split(","):
-        part = part.strip()
-        try:
-            if "-" in part[1:]:
-                lo, hi = part.split("-", 1)
-                out.extend(range(int(lo), int(hi) + 1))
-            elif part:
-                out.append(int(part))
-        except ValueError:
-            raise DithooksError(f"malformed {what} {spec!r}: use e.g. 3, 0-7 or 0,2,5") from None
-    if not out:
-        raise DithooksError(f"empty {what} {spec!r}")
-    return out
-
 
 def _sigterm_as_interrupt() -> None:
     # a killed capture (SIGTERM) closes its store as cleanly as Ctrl-C does
@@ -54,42 +35,53 @@ def _sigterm_as_interrupt() -> None:
 @app.command()
 @user_errors
 def capture(
-    out: Path = typer.Option(Path("capture.zarr"), "--out", "-o", help="Store to write (a directory)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
-    layers: str = typer.Option("all", "--layers", "-l", help="Blocks to hook: all, 0-27, 0,5,27, 20-."),
-    hooks: str = typer.Option("resid_post", "--hooks", help="Hook points, comma-separated: short names (resid_post, attn.out, adaln.gate_msa) apply to every selected layer; full names (final.out, blocks.3.mlp.out) and globs too. See `dithooks hooks`."),
-    steps: int = typer.Option(50, "--steps", help="Sampling steps."),
-    sampler: str = typer.Option("ddim", "--sampler", help="ddim or ddpm."),
-    eta: float = typer.Option(0.0, "--eta", help="DDIM eta (0 deterministic, 1 ~ DDPM)."),
-    guidance: float = typer.Option(1.0, "--guidance", "-g", help="Classifier-free guidance scale; 1 = off (no null-class branch)."),
-    classes: str = typer.Option("0", "--class", "--classes", "-c", help="Class label(s): one for all samples, or one per seed (0-9, 3,5)."),
-    seeds: str = typer.Option("0", "--seeds", "-s", help="Seeds, one sample each: 0-7 or 0,4,9."),
-    dtype: str = typer.Option("fp16", "--dtype", help="Storage dtype: fp32, fp16, bf16."),
-    compute_dtype: str = typer.Option("fp32", "--compute-dtype", help="Model dtype: fp32, fp16, bf16."),
+    out: ro.Out = Path("capture.zarr"),
+    model: ro.Model = None,
+    layers: ro.Layers = "all",
+    hooks: str = typer.Option("resid_post", "--hooks", help="Hook points, comma-separated: short names (resid_post, attn.out, adaln.gate_msa, attn.n_eff, jvp.routing) apply to every selected layer; full names (final.out, blocks.3.mlp.out) and globs too. See `dithooks hooks`."),
+    steps: ro.Steps = 50,
+    sampler: ro.SamplerName = "ddim",
+    eta: ro.Eta = 0.0,
+    guidance: ro.Guidance = 1.0,
+    classes: ro.Classes = "0",
+    seeds: ro.Seeds = "0",
+    pairs: ro.Pairs = False,
+    kappa: ro.Kappa = None,
+    coupling: ro.Coupling = None,
+    couple_until: ro.CoupleUntil = None,
+    share_noise_until: ro.ShareNoiseUntil = None,
+    couple_layers: ro.CoupleLayers = "all",
+    window: ro.Window = None,
+    window_layers: ro.WindowLayers = "all",
+    top_k: ro.TopK = None,
+    query_tokens: ro.QueryTokens = None,
+    query_tile: ro.QueryTile = 512,
+    jvp_direction: ro.JvpDirection = "auto",
+    jvp_gates: ro.JvpGates = True,
+    dtype: ro.StorageDtype = "fp16",
+    compute_dtype: ro.ComputeDtype = "fp32",
     compression: str = typer.Option("none", "--compression", help="none, zstd or lz4."),
-    device: str = typer.Option("cpu", "--device", help="torch device: cpu, cuda, cuda:1, mps."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted capture in OUT."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store at OUT."),
+    device: ro.Device = "cpu",
+    resume: ro.Resume = False,
+    overwrite: ro.Overwrite = False,
     png: Optional[Path] = typer.Option(None, "--png", help="Also save a PNG grid of the decoded samples here."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    quiet: ro.Quiet = False,
+    as_json: ro.Json = False,
 ):
     """Sample with hooks attached and stream the hooked values into a Zarr store."""
     from tqdm.auto import tqdm
 
     from dithooks.capture import CaptureConfig, CaptureSession
-    from dithooks.sampling import SamplerSpec
 
-    if resume and overwrite:
-        fail("--resume and --overwrite exclude each other")
-    seed_list = parse_int_list(seeds, "seeds")
-    labels = parse_int_list(classes, "classes")
-    cfg = CaptureConfig(
-        out=str(out), model=model, layers=layers, hooks=tuple(h for h in hooks.split(",") if h.strip()),
-        sampler=SamplerSpec(sampler, steps, eta, guidance), labels=tuple(labels), seeds=tuple(seed_list),
-        storage_dtype=dtype, compute_dtype=compute_dtype, compression=compression, device=device,
-        mode="resume" if resume else "overwrite" if overwrite else "create")
+    cfg = CaptureConfig(**ro.sampling_request(
+        out=out, model=model, layers=layers, hooks=hooks, steps=steps, sampler=sampler, eta=eta,
+        guidance=guidance, classes=classes, seeds=seeds, dtype=dtype, compute_dtype=compute_dtype,
+        compression=compression, device=device, resume=resume, overwrite=overwrite, pairs=pairs, kappa=kappa,
+        coupling=coupling, couple_until=couple_until, share_noise_until=share_noise_until,
+        couple_layers=couple_layers, window=window, window_layers=window_layers, top_k=top_k,
+        query_tokens=query_tokens, query_tile=query_tile, jvp_direction=jvp_direction, jvp_gates=jvp_gates))
     session = CaptureSession(cfg)
+    announce_plan(session, quiet=quiet or as_json)
     _sigterm_as_interrupt()
 
     def progress(it):
@@ -103,7 +95,8 @@ def capture(
         from dithooks.images import save_image_grid
         from dithooks.store.reader import open_store
 
-        final = torch.from_numpy(np.asarray(open_store(out).select("latents", latent_step=steps).values[0]))
+        final = np.asarray(open_store(out).select("latents", latent_step=steps).values[0])
+        final = torch.from_numpy(final.reshape((-1,) + final.shape[-3:]))  # replica pairs: a's then b's
         images = session.loaded.decode(final.to(next(session.loaded.transformer.parameters()).device))
         size = images.shape[-1]
         save_image_grid(images, png, scale=max(1, 64 // size))
@@ -116,6 +109,22 @@ def capture(
         typer.echo(f"wrote {result.path}: {result.steps_run} steps ({result.steps_total} total), "
                    f"{len(result.hooks)} hook points, {human_bytes(result.bytes_written)} "
                    f"in {result.seconds:.1f} s")
+
+
+def announce_plan(session, quiet: bool) -> None:
+    """Say how much the capture will write before it starts; call out N x N pattern arrays."""
+    from dithooks.capture import PATTERN_DIMS
+
+    plan = session.planned_arrays()
+    if quiet or not plan:
+        return
+    total = sum(p.nbytes for p in plan)
+    typer.echo(f"will write {human_bytes(total)} of hook values ({len(plan)} arrays) before compression", err=True)
+    for p in plan:
+        if all(d in p.dims for d in PATTERN_DIMS):
+            typer.echo(f"  {p.name}: full attention patterns {'x'.join(map(str, p.shape))} = {human_bytes(p.nbytes)}"
+                       " (reductions attn.n_eff, attn.entropy, attn.pattern_headmean, attn.pattern_query, "
+                       "attn.topk_* are far smaller)", err=True)
 
 
 @app.command("ls")

@@ -6,61 +6,54 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import List
 
 import typer
 
-from .output import fail, human_bytes, print_json, print_table, user_errors
+from . import run_options as ro
+from .output import human_bytes, print_json, print_table, user_errors
 
 
 def probe(
     name: str = typer.Argument(..., help="A built-in probe (`dithooks probes`) or your own: package.module:ClassName."),
     option: List[str] = typer.Option([], "--option", "-O", help="Probe option key=value; repeat for more."),
-    out: Path = typer.Option(Path("probe.zarr"), "--out", "-o", help="Store to write (a directory)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model directory, hub id in the local HF cache, or empty for the embedded digits DiT."),
-    layers: str = typer.Option("all", "--layers", "-l", help="Blocks the probe reads: all, 0-27, 0,5,27, 20-."),
+    out: ro.Out = Path("probe.zarr"),
+    model: ro.Model = None,
+    layers: ro.Layers = "all",
     hooks: str = typer.Option("", "--hooks", help="Also store these hook points raw (capture's --hooks); default: none, only probe outputs and latents."),
-    steps: int = typer.Option(50, "--steps", help="Sampling steps."),
-    sampler: str = typer.Option("ddim", "--sampler", help="ddim or ddpm."),
-    eta: float = typer.Option(0.0, "--eta", help="DDIM eta (0 deterministic, 1 ~ DDPM)."),
-    guidance: float = typer.Option(1.0, "--guidance", "-g", help="Classifier-free guidance scale; 1 = off."),
-    classes: str = typer.Option("0", "--class", "--classes", "-c", help="Class label(s): one for all samples, or one per seed."),
-    seeds: str = typer.Option("0-1", "--seeds", "-s", help="Seeds, one sample each: 0-7 or 0,4,9."),
-    dtype: str = typer.Option("fp16", "--dtype", help="Storage dtype of raw hooks: fp32, fp16, bf16 (probe outputs are float32)."),
-    device: str = typer.Option("cpu", "--device", help="torch device: cpu, cuda, cuda:1, mps."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in OUT (resumable probes only)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store at OUT."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    steps: ro.Steps = 50,
+    sampler: ro.SamplerName = "ddim",
+    eta: ro.Eta = 0.0,
+    guidance: ro.Guidance = 1.0,
+    classes: ro.Classes = "0",
+    seeds: ro.Seeds = "0-1",
+    pairs: ro.Pairs = False,
+    kappa: ro.Kappa = None,
+    coupling: ro.Coupling = None,
+    couple_until: ro.CoupleUntil = None,
+    share_noise_until: ro.ShareNoiseUntil = None,
+    couple_layers: ro.CoupleLayers = "all",
+    window: ro.Window = None,
+    window_layers: ro.WindowLayers = "all",
+    jvp_direction: ro.JvpDirection = "auto",
+    dtype: ro.StorageDtype = "fp16",
+    device: ro.Device = "cpu",
+    resume: ro.Resume = False,
+    overwrite: ro.Overwrite = False,
+    quiet: ro.Quiet = False,
+    as_json: ro.Json = False,
 ):
     """Sample with a probe attached and store its outputs (probe.NAME.*) in a Zarr store."""
-    from tqdm.auto import tqdm
-
-    from dithooks.capture import CaptureConfig, CaptureSession
     from dithooks.probes.api import make_probe, parse_option_texts
-    from dithooks.sampling import SamplerSpec
-    from dithooks.store.reader import open_store
 
-    from .main import _sigterm_as_interrupt, parse_int_list
-
-    if resume and overwrite:
-        fail("--resume and --overwrite exclude each other")
     the_probe = make_probe(name, parse_option_texts(option))
-    cfg = CaptureConfig(
-        out=str(out), model=model, layers=layers, hooks=tuple(h for h in hooks.split(",") if h.strip()),
-        sampler=SamplerSpec(sampler, steps, eta, guidance), labels=tuple(parse_int_list(classes, "classes")),
-        seeds=tuple(parse_int_list(seeds, "seeds")), storage_dtype=dtype, device=device,
-        mode="resume" if resume else "overwrite" if overwrite else "create", probes=(the_probe,))
-    session = CaptureSession(cfg)
-    _sigterm_as_interrupt()
-
-    def progress(it):
-        return tqdm(it, total=steps, initial=it.start, desc=the_probe.label(), unit="step", disable=quiet or as_json)
-
-    result = session.run(progress=progress)
-    store = open_store(out)
-    prefix = f"probe.{the_probe.label()}."
-    arrays = [store.array_info(n) for n in store.array_names() if n.startswith(prefix)]
+    request = ro.sampling_request(
+        out=out, model=model, layers=layers, hooks=hooks, steps=steps, sampler=sampler, eta=eta, guidance=guidance,
+        classes=classes, seeds=seeds, dtype=dtype, device=device, resume=resume, overwrite=overwrite, pairs=pairs,
+        kappa=kappa, coupling=coupling, couple_until=couple_until, share_noise_until=share_noise_until,
+        couple_layers=couple_layers, window=window, window_layers=window_layers, jvp_direction=jvp_direction,
+        probes=(the_probe,))
+    result, arrays = run_probe(the_probe, request, quiet=quiet or as_json)
     summary = {"store": str(result.path), "probe": the_probe.describe(), "steps_run": result.steps_run,
                "steps_total": result.steps_total, "resumed_from_step": result.resumed_from,
                "seconds": round(result.seconds, 3),
@@ -72,6 +65,29 @@ def probe(
                f"({result.steps_total} total), {human_bytes(result.bytes_written)} in {result.seconds:.1f} s")
     print_table([{"array": a.name, "dims": "(" + ", ".join(a.dims) + ")", "shape": "x".join(map(str, a.shape))}
                  for a in arrays])
+
+
+def run_probe(the_probe, request: dict, quiet: bool):
+    """Run a capture with ``the_probe``; returns the result and the probe's stored arrays."""
+    from tqdm.auto import tqdm
+
+    from dithooks.capture import CaptureConfig, CaptureSession
+    from dithooks.store.reader import open_store
+
+    from .main import _sigterm_as_interrupt, announce_plan
+
+    session = CaptureSession(CaptureConfig(**request))
+    announce_plan(session, quiet=quiet)
+    _sigterm_as_interrupt()
+    steps = request["sampler"].steps
+
+    def progress(it):
+        return tqdm(it, total=steps, initial=it.start, desc=the_probe.label(), unit="step", disable=quiet)
+
+    result = session.run(progress=progress)
+    store = open_store(request["out"])
+    prefix = f"probe.{the_probe.label()}."
+    return result, [store.array_info(n) for n in store.array_names() if n.startswith(prefix)]
 
 
 def probes(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")):
