@@ -35,7 +35,9 @@ Parts (all shaped like ``h``: (B, N, D), in residual-stream units):
 ``cross``
     ``a2 * J_MLP(h_mid) attn``: the a1*a2 cross term the propagator drops [31-33].
 
-Per-head quantities before ``W_O`` come from :func:`attention_difference_terms`.
+Per-head quantities before ``W_O`` come from :func:`linearise_attention` (attention input and
+its tangent given) or :func:`block_attention_terms` (a block's residual state and direction given);
+:mod:`dithooks.probes.attention_terms` computes the same terms from captured ``A, dL, V, dV``.
 
 Two methods give the same numbers: ``"fused"`` (default) propagates the tangent by hand (linear
 maps as one GEMM each, LayerNorm and GELU by their analytic derivatives, the softmax by its
@@ -195,7 +197,7 @@ def _pattern(q: torch.Tensor, k: torch.Tensor, window: int | None) -> torch.Tens
     return torch.softmax(logits, dim=-1)
 
 
-def attention_difference_terms(attn_module: nn.Module, x: torch.Tensor, dx: torch.Tensor,
+def linearise_attention(attn_module: nn.Module, x: torch.Tensor, dx: torch.Tensor,
                                g: float = 0.0, *, window: int | None = None) -> AttentionDifference:
     """Per-head ``A, dL_intra, dL_inter, V, dV, R, M, ...`` at the symmetric state.
 
@@ -227,7 +229,7 @@ def block_attention_terms(block: nn.Module, h: torch.Tensor, delta: torch.Tensor
     """Per-head linearised attention of one block at residual state ``h`` along ``delta``.
 
     Runs adaLN1 and its JVP (``x = adaLN1(h)``, ``dx = J_adaLN1 delta``) and hands them to
-    :func:`attention_difference_terms`: the pattern, logit perturbations, values and value
+    :func:`linearise_attention`: the pattern, logit perturbations, values and value
     perturbations that the routing/modulation analysis (THEORY §3, Appendix B) needs.
     """
     _check_block(block)
@@ -240,7 +242,7 @@ def block_attention_terms(block: nn.Module, h: torch.Tensor, delta: torch.Tensor
         y, dy = layer_norm_jvp(block.norm1.norm, h, delta)
         x = y * (1 + cond.scale_msa[:, None]) + cond.shift_msa[:, None]
         dx = dy * (1 + cond.scale_msa[:, None])
-        return attention_difference_terms(block.attn1, x, dx, g, window=window)
+        return linearise_attention(block.attn1, x, dx, g, window=window)
 
 
 # -- block JVP ---------------------------------------------------------------------------------

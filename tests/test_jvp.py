@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dithooks.attention.processor import HookedAttnProcessor
-from dithooks.jvp import (ALL_PARTS, adaln1, adaln_conditioning, attention_difference_terms,
+from dithooks.jvp import (ALL_PARTS, adaln1, adaln_conditioning, linearise_attention,
                           block_jvp)
 from dithooks.gates import rho, xi
 
@@ -149,14 +149,14 @@ def test_mlp_part_is_tokenwise():
     assert parts["routing"][:, others].abs().max() > 0  # attention moves it to other tokens
 
 
-def test_attention_difference_terms_identities():
+def test_linearise_attention_identities():
     """A 1 = 1 and dA 1 = 0 (Appendix B [89]); M(g=1) is driven by dQ K^T only; gated sum = attn."""
     block = make_tiny_attn_dit().transformer_blocks[1]
     h, delta, t, y = state()
     cond = adaln_conditioning(block, t, y)
     x, dx = torch.func.jvp(lambda hh: adaln1(block, hh, cond), (h,), (delta,))
     g = 0.6
-    terms = attention_difference_terms(block.attn1, x, dx, g)
+    terms = linearise_attention(block.attn1, x, dx, g)
     assert terms.A.shape == (2, HEADS, N, N) and terms.R.shape == (2, HEADS, N, HEAD_DIM)
     torch.testing.assert_close(terms.A.sum(-1), torch.ones(2, HEADS, N), atol=1e-6, rtol=0)
     for dA in (terms.dA_intra, terms.dA_inter):
