@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -41,12 +41,19 @@ class SamplingState:
 
 @dataclass(frozen=True)
 class HookContext:
+    """What a hook function knows besides the value: where in the model and the run it is.
+
+    ``info`` carries what an extension used to compute a value it made (for ``jvp`` points:
+    ``g``, ``window``, the ``block`` and the conditioning rows ``timestep``/``class_labels``).
+    """
+
     name: str
     layer: int | None
     step: int | None
     timestep: float | None
     batch_axes: tuple[tuple[str, int], ...]
     point: HookPoint
+    info: Mapping[str, Any] = field(default_factory=dict)
 
 
 HookFn = Callable[[torch.Tensor, HookContext], Any]
@@ -209,18 +216,20 @@ class HookManager:
     def hooks_for(self, name: str) -> list[AttachedHook]:
         return self._by_name.get(name, [])
 
-    def context(self, point: HookPoint, batch_axes: tuple[tuple[str, int], ...] | None = None) -> HookContext:
+    def context(self, point: HookPoint, batch_axes: tuple[tuple[str, int], ...] | None = None,
+                info: Mapping[str, Any] | None = None) -> HookContext:
         s = self.state
         axes = s.batch_axes if batch_axes is None else batch_axes
-        return HookContext(point.name, point.layer, s.step, s.timestep, axes, point)
+        return HookContext(point.name, point.layer, s.step, s.timestep, axes, point, info or {})
 
     def run_hooks(self, point: HookPoint, value: torch.Tensor,
-                  batch_axes: tuple[tuple[str, int], ...] | None = None) -> tuple[torch.Tensor, bool]:
+                  batch_axes: tuple[tuple[str, int], ...] | None = None,
+                  info: Mapping[str, Any] | None = None) -> tuple[torch.Tensor, bool]:
         """Call the functions attached to ``point``; return (value to use, whether it changed).
 
         ``batch_axes`` overrides the sampler's layout for values whose batch differs from the
-        model's (a replica-difference JVP has no ``replica`` axis)."""
-        ctx = self.context(point, batch_axes)
+        model's (a replica-difference JVP has no ``replica`` axis); ``info`` becomes ``ctx.info``."""
+        ctx = self.context(point, batch_axes, info)
         changed = False
         for h in self.hooks_for(point.name):
             out = h.fn(value, ctx)

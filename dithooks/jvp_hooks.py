@@ -218,8 +218,11 @@ class JVPHooks:
                     values.update({"heads.pattern": terms.A, "heads.v": terms.V, "heads.dv": terms.dV,
                                    "heads.dlogits_intra": terms.dL_intra,
                                    "heads.dlogits_inter": terms.dL_inter})
+            info = {"g": g, "window": window, "apply_gates": self.settings.apply_gates, "block": block,
+                    "timestep": t, "class_labels": y}
             for local in names:
-                m.run_hooks(m.adapter.point(f"blocks.{layer}.jvp.{local}"), values[local], batch_axes=axes)
+                m.run_hooks(m.adapter.point(f"blocks.{layer}.jvp.{local}"), values[local], batch_axes=axes,
+                            info=info)
             return None
         return pre_hook
 

@@ -229,7 +229,7 @@ def _plain(obj: Any) -> Any:
 # -- registry ------------------------------------------------------------------------------------
 
 _REGISTRY: dict[str, type[Probe]] = {}
-BUILTIN_MODULES = ("dithooks.probes.builtin", "dithooks.probes.width")
+BUILTIN_MODULES = ("dithooks.probes.builtin", "dithooks.probes.width", "dithooks.probes.routing")
 
 
 def register_probe(name: str) -> Callable[[type[Probe]], type[Probe]]:

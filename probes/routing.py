@@ -1,0 +1,220 @@
+"""The ``routing`` probe: routing versus modulation, Appendix B tested at every layer, head and step.
+
+The paper's Appendix B ([85–106]) argues that in the linearised replica difference (THEORY §3)
+
+    (O^a − O^b)/2 = ρ(g) A δV  +  ξ(g) (δA_intra + g δA_inter) V      [25]
+
+the routing term dominates the modulation term, and bounds their ratio [105]. It never measures
+either (``seeds/001``). This probe does, while the model samples: it reads the per-head
+linearisation of each block's attention (``blocks.{i}.jvp.heads.*``, computed at the symmetric
+state along the replica difference, or along a chosen direction; see ``dithooks/jvp_hooks.py``)
+and hands it to :func:`~dithooks.probes.attention_terms.routing_dominance_report`, which
+computes every ingredient of the bound, the bound, whether it holds and how tight it is, and the
+identity residuals. A bound that fails is a bug in the toolkit or the theory, never rounding:
+the checks carry only a rounding slack.
+
+With ``modes=K`` it also measures the per-mode gains of [44–46] (``χ_k``, ``π_k``, ``f_k``,
+``|π_k|/|χ_k|``): at step 0 a difference-mode basis is fitted per layer from the JVP directions
+(the replica differences at the block input, Nyström, never the D×D covariance); at every step the
+block is linearised along each mode at each pair's symmetric state, and the gains are the
+Rayleigh quotients ``v_kᵀ 𝓡̃ v_k`` etc. (ungated, in residual units: α1·W_O included), averaged
+over the pairs. That costs K extra block JVPs per pair, layer and step.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from dithooks.hooks import HookContext
+from dithooks.jvp import block_jvp
+
+from .api import Option, Output, Probe, ProbeError, RunInfo, register_probe
+from .attention_terms import combine_head_norms, modal_gains, routing_dominance_report
+from .modes import DifferenceModeBasis
+
+HEAD_POINTS = ("jvp.heads.pattern", "jvp.heads.v", "jvp.heads.dv", "jvp.heads.dlogits_intra",
+               "jvp.heads.dlogits_inter")
+MODE_POINTS = ("jvp.point", "jvp.direction")
+
+# report key -> description; stored per (layer, batch..., head)
+PER_HEAD = {
+    "routing_norm": "‖A δV‖_F, ungated routing term",
+    "modulation_norm": "‖δA_g V‖_F, ungated modulation term (δA_g = δA_intra + g δA_inter)",
+    "routing_norm_gated": "‖R‖ = ρ(g)‖A δV‖_F",
+    "modulation_norm_gated": "‖M‖ = ξ(g)‖δA_g V‖_F",
+    "routing_dominance": "‖A δV‖/‖δA_g V‖ (ungated)",
+    "routing_dominance_gated": "‖R‖/‖M‖ (gated: what the coupled dynamics sees)",
+    "measured_ratio": "‖δA_g V‖/‖A δV‖: the ratio [105] bounds",
+    "measured_ratio_gated": "‖M‖/‖R‖",
+    "bound": "Appendix-B bound [105] on measured_ratio (inf when vacuous)",
+    "bound_gated": "bound/(1−g): bound on measured_ratio_gated",
+    "bound_valid": "denominator of [105] positive (else the bound says nothing)",
+    "bound_holds": "measured_ratio ≤ bound (rounding slack only)",
+    "tightness": "measured_ratio / bound (NaN when vacuous)",
+    "measured_ratio_intra": "paper-literal ‖δA_intra V‖/‖A δV‖",
+    "bound_intra": "[105] with Δ from δL_intra",
+    "bound_intra_holds": "measured_ratio_intra ≤ bound_intra",
+    "N_min": "min over query rows of N_eff [92]",
+    "Delta_max": "max row logit spread Δ of δL_g [96]",
+    "Delta_max_intra": "max row logit spread of δL_intra",
+    "Delta_max_inter": "max row logit spread of δL_inter",
+    "eps_V": "ε_V = ‖P_⊥V‖/‖V‖ [100]",
+    "eps_delta": "ε_δ = ‖P_⊥δV‖/‖δV‖ [102]",
+    "a": "a = ‖A P_⊥‖_op [103]",
+    "norm_V": "‖V‖_F",
+    "norm_dV": "‖δV‖_F",
+    "row_bound_holds": "per-row bound [98] holds on every row",
+    "frobenius_bound_holds": "Frobenius bound [99] holds",
+    "routing_lower_bound_holds": "routing lower bound [104] holds",
+    "stochasticity_residual": "max |A1 − 1| (identity A1 = 1)",
+    "dA_row_sum_residual": "max |δA_g 1| (identity δA1 = 0)",
+    "mean_free_residual": "‖δA_g V − δA_g P_⊥V‖_F (identity [90])",
+    "constant_preservation_residual": "max |A P_∥ − P_∥| (identity [91])",
+}
+CHECKS = ("bound_holds", "bound_intra_holds", "row_bound_holds", "frobenius_bound_holds",
+          "routing_lower_bound_holds")
+
+
+@register_probe("routing")
+class RoutingDominance(Probe):
+    """Routing vs modulation per layer, head and step, with every Appendix-B ingredient and check."""
+
+    options = {
+        "modes": Option(0, "also measure per-mode gains χ_k, π_k, f_k along the K leading difference modes (0: off)"),
+        "n_eff_rows": Option(False, "store N_eff of every query row (layer, batch, head, query)"),
+        "precision": Option("fp64", "compute dtype of the report: fp64 or fp32"),
+        "rtol": Option(0.0, "relative slack of the bound checks (0: 1e3·eps of the precision)"),
+    }
+
+    def check_options(self) -> None:
+        if self.opts["modes"] < 0:
+            raise ProbeError("probe routing: modes must be ≥ 0")
+        if self.opts["precision"] not in ("fp64", "fp32"):
+            raise ProbeError(f"probe routing: precision must be fp64 or fp32, not {self.opts['precision']!r}")
+        if self.opts["rtol"] < 0:
+            raise ProbeError("probe routing: rtol must be ≥ 0")
+
+    def hook_points(self) -> tuple[str, ...]:
+        return HEAD_POINTS + (MODE_POINTS if self.opts["modes"] else ())
+
+    # -- run ------------------------------------------------------------------------------------
+    def start(self, run: RunInfo) -> None:
+        if self.opts["modes"] and run.first_step != 0:
+            raise ProbeError("probe routing with modes fits its basis at step 0 and cannot start later")
+        self.run = run
+        self.dtype = torch.float64 if self.opts["precision"] == "fp64" else torch.float32
+        self.bases: dict[int, DifferenceModeBasis] = {}
+        self._new_step()
+
+    def _new_step(self) -> None:
+        self._pending: dict[int, dict[str, torch.Tensor]] = {}
+        self._reports: dict[int, dict[str, torch.Tensor]] = {}
+        self._g: dict[int, float] = {}
+        self._gains: dict[int, dict[str, torch.Tensor]] = {}
+        self._batch: tuple[tuple[str, int], ...] | None = None
+
+    def observe(self, name: str, value: torch.Tensor, ctx: HookContext) -> None:
+        local = name.split(".", 2)[2]
+        got = self._pending.setdefault(ctx.layer, {})
+        got[local] = value.detach()
+        self._batch = ctx.batch_axes
+        self._g[ctx.layer] = float(ctx.info.get("g", 0.0))
+        if all(p in got for p in HEAD_POINTS):
+            self._report(ctx.layer, got, ctx)
+        if self.opts["modes"] and all(p in got for p in MODE_POINTS):
+            self._modal_gains(ctx.layer, got, ctx)
+        if all(p in got for p in self.hook_points()):
+            del self._pending[ctx.layer]
+
+    def _report(self, layer: int, got: dict[str, torch.Tensor], ctx: HookContext) -> None:
+        rep = routing_dominance_report(
+            got["jvp.heads.pattern"], got["jvp.heads.dlogits_intra"], got["jvp.heads.dlogits_inter"],
+            got["jvp.heads.v"], got["jvp.heads.dv"], self._g[layer], dtype=self.dtype,
+            rtol=self.opts["rtol"] or None)
+        self._reports[layer] = {k: rep[k].cpu() for k in (*PER_HEAD, "N_eff")}
+
+    def _modal_gains(self, layer: int, got: dict[str, torch.Tensor], ctx: HookContext) -> None:
+        point, delta = got["jvp.point"].to(self.dtype), got["jvp.direction"].to(self.dtype)
+        B = point.shape[0]
+        basis = self.bases.get(layer)
+        if basis is None:  # step 0: the basis of this layer's directions, fixed from now on
+            try:
+                basis = DifferenceModeBasis.fit(delta, max_modes=self.opts["modes"], dtype=self.dtype)
+            except ValueError as e:
+                raise ProbeError(f"probe routing, layer {layer}: {e}") from None
+            self.bases[layer] = basis
+        K = basis.n_modes
+        v = basis.modes.reshape((K,) + tuple(point.shape[1:]))
+        block = ctx.info["block"]
+        t = ctx.info["timestep"].repeat(K)
+        y = ctx.info["class_labels"].repeat(K)
+        param_dtype = next(block.parameters()).dtype
+        h = point.repeat(K, 1, 1).to(param_dtype)  # (K·B, N, D): mode-major
+        d = v.repeat_interleave(B, dim=0).to(param_dtype)
+        with torch.no_grad():
+            resp = block_jvp(block, h, d, timestep=t, class_labels=y, parts=("routing", "modulation", "mlp"),
+                             g=self._g[layer], apply_gates=False, window=ctx.info.get("window"))
+        shaped = {k: r.reshape((K, B) + tuple(point.shape[1:])) for k, r in resp.items()}
+        gains = modal_gains(v[:, None], shaped["routing"], shaped["modulation"], mlp_response=shaped["mlp"],
+                            g=self._g[layer], feature_ndim=2, dtype=self.dtype)
+        # average over the pairs (rows), then form the ratio of the averaged gains
+        mean = {k: gains[k].mean(dim=1) for k in ("chi", "pi", "f", "rho_chi", "xi_pi", "kappa")}
+        mean["ratio"] = mean["pi"].abs() / mean["chi"].abs()
+        self._gains[layer] = {k: v_.cpu() for k, v_ in mean.items()}
+
+    # -- outputs --------------------------------------------------------------------------------
+    def end_step(self, step: int) -> Mapping[str, Output]:
+        if self._pending:
+            layer, got = next(iter(self._pending.items()))
+            missing = [p for p in self.hook_points() if p not in got]
+            raise ProbeError(f"probe routing: block {layer} at step {step} never produced {', '.join(missing)}")
+        if not self._reports:
+            return {}
+        L = len(self.run.layers)
+        batch_dims = tuple(a for a, _ in self._batch or ())
+        batch_shape = tuple(n for _, n in self._batch or ())
+        sample = next(iter(self._reports.values()))
+        H, N = sample["N_eff"].shape[-2:]
+        out: dict[str, Output] = {}
+        for key, doc in PER_HEAD.items():
+            t0 = sample[key]
+            arr = torch.full((L,) + batch_shape + (H,), float("nan"), dtype=torch.float64) if t0.dtype != torch.bool \
+                else torch.zeros((L,) + batch_shape + (H,), dtype=torch.bool)
+            for layer, rep in self._reports.items():
+                arr[self.run.layer_pos(layer)] = rep[key].reshape(batch_shape + (H,))
+            out[key] = Output(arr, ("layer",) + batch_dims + ("head",), doc)
+        # layer level: heads combined as √Σ_h ‖·‖_h² (THEORY §5)
+        for key, doc in (("routing_norm", "‖A δV‖ over heads"), ("modulation_norm", "‖δA_g V‖ over heads"),
+                         ("routing_norm_gated", "‖R‖ over heads"), ("modulation_norm_gated", "‖M‖ over heads")):
+            out[f"layer_{key}"] = Output(combine_head_norms(out[key].values, dim=-1), ("layer",) + batch_dims,
+                                         f"{doc}: √Σ_h ‖·‖_h²")
+        out["layer_routing_dominance_gated"] = Output(
+            out["layer_routing_norm_gated"].values / out["layer_modulation_norm_gated"].values,
+            ("layer",) + batch_dims, "‖R‖/‖M‖ with heads combined (gated)")
+        out["layer_routing_dominance"] = Output(
+            out["layer_routing_norm"].values / out["layer_modulation_norm"].values,
+            ("layer",) + batch_dims, "‖A δV‖/‖δA_g V‖ with heads combined (ungated)")
+        g = torch.full((L,), float("nan"), dtype=torch.float64)
+        for layer, value in self._g.items():
+            g[self.run.layer_pos(layer)] = value
+        out["g"] = Output(g, ("layer",), "coupling g at which the difference was linearised")
+        if self.opts["n_eff_rows"]:
+            arr = torch.full((L,) + batch_shape + (H, N), float("nan"), dtype=torch.float64)
+            for layer, rep in self._reports.items():
+                arr[self.run.layer_pos(layer)] = rep["N_eff"].reshape(batch_shape + (H, N))
+            out["N_eff"] = Output(arr, ("layer",) + batch_dims + ("head", "query"), "N_eff of each query row [92]")
+        if self.opts["modes"]:
+            K = self.opts["modes"]
+            docs = {"chi": "routing gain χ_k = v_kᵀ𝓡̃v_k (ungated) [44–46]",
+                    "pi": "modulation gain π_k = v_kᵀ𝓜̃v_k (ungated)", "f": "MLP gain f_k",
+                    "ratio": "|π_k|/|χ_k| (the reviewer's untested assumption: ≪ 1 for leading modes [59])",
+                    "rho_chi": "ρ(g)χ_k", "xi_pi": "ξ(g)π_k", "kappa": "κ_k = 1 + ρχ_k + ξπ_k + f_k"}
+            for key, doc in docs.items():
+                arr = torch.full((L, K), float("nan"), dtype=torch.float64)
+                for layer, gains in self._gains.items():
+                    arr[self.run.layer_pos(layer), : gains[key].shape[0]] = gains[key]
+                out[f"mode_{key}"] = Output(arr, ("layer", "mode"), doc + "; mean over pairs; NaN: mode not kept")
+        self._new_step()
+        return out
