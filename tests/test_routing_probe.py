@@ -1,0 +1,154 @@
+"""The routing probe and `dithooks routing`, against plain numpy and an autograd reference."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from dithooks.capture import CaptureConfig, capture
+from dithooks.cli.main import app
+from dithooks.jvp import block_jvp
+from dithooks.probes.api import ProbeError, make_probe
+from dithooks.sampling import ReplicaSpec, SamplerSpec
+from dithooks.store.reader import open_store
+
+# torch registers its forward-AD decompositions with torch.jit.script on first use (autograd reference)
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+
+G = 0.3
+RAW = ("jvp.heads.pattern", "jvp.heads.v", "jvp.heads.dv", "jvp.heads.dlogits_intra", "jvp.heads.dlogits_inter",
+       "jvp.point", "jvp.direction")
+
+
+@pytest.fixture(scope="module")
+def routing_store(tmp_path_factory, tiny_loaded, tiny_model_dir):
+    out = tmp_path_factory.mktemp("routing") / "r.zarr"
+    cfg = CaptureConfig(out=str(out), model=str(tiny_model_dir), layers="0-3", hooks=RAW,
+                        sampler=SamplerSpec("ddim", 3, guidance=2.0), labels=(1, 2, 3), seeds=(0, 1, 2),
+                        storage_dtype="fp32", replicas=ReplicaSpec(kappa=0.5, g=G, couple_until=2),
+                        probes=(("routing", {"modes": 2, "n_eff_rows": True}),))
+    capture(cfg, loaded=tiny_loaded)
+    return open_store(out)
+
+
+def arr(store, name):
+    return np.asarray(store.select(name).values, dtype=np.float64)
+
+
+def numpy_report(A, dLi, dLe, V, dV, g):
+    """Appendix-B quantities from the stored per-head tensors, written out in numpy."""
+    A = A / A.sum(-1, keepdims=True)
+    dL = dLi + g * dLe
+    c = dL - (A * dL).sum(-1, keepdims=True)
+    dA = A * c
+    fro = lambda X: np.sqrt((X ** 2).sum((-2, -1)))  # noqa: E731
+    R, M = fro(A @ dV), fro(dA @ V)
+    N = A.shape[-1]
+    n_eff = 1 / (A ** 2).sum(-1)
+    P = np.eye(N) - 1 / N
+    a = np.linalg.svd(A @ P, compute_uv=False)[..., 0]
+    eps_V = fro(P @ V) / fro(V)
+    eps_d = fro(P @ dV) / fro(dV)
+    delta_max = np.abs(c).max(-1).max(-1)
+    den = np.sqrt(1 - eps_d ** 2) - a * eps_d
+    bound = np.where(den > 0, delta_max * np.sqrt(N / n_eff.min(-1)) * eps_V * fro(V) / (den * fro(dV)), np.inf)
+    return dict(routing_norm=R, modulation_norm=M, N_eff=n_eff, a=a, eps_V=eps_V, eps_delta=eps_d,
+                Delta_max=delta_max, bound=bound, row_sums=dA.sum(-1))
+
+
+def test_probe_matches_numpy_on_the_stored_tensors(routing_store):
+    s = routing_store
+    raw = {k: arr(s, "blocks." + k) for k in RAW[:5]}
+    g = arr(s, "probe.routing.g")
+    assert np.allclose(g[:2], G) and np.allclose(g[2], 0.0)  # coupled before s* = 2, then not
+    for step in range(3):
+        ref = numpy_report(*(raw[f"jvp.heads.{k}"][step] for k in ("pattern", "dlogits_intra", "dlogits_inter", "v", "dv")),
+                           g[step, 0])
+        for key in ("routing_norm", "modulation_norm", "a", "eps_V", "eps_delta", "Delta_max", "bound"):
+            got = arr(s, f"probe.routing.{key}")[step]
+            np.testing.assert_allclose(got, ref[key], rtol=2e-4, atol=1e-7, err_msg=key)
+        np.testing.assert_allclose(arr(s, "probe.routing.N_eff")[step], ref["N_eff"], rtol=1e-5)
+        rho, xi = (1 - g[step, 0]) / (1 + g[step, 0]), 1 / (1 + g[step, 0])
+        np.testing.assert_allclose(arr(s, "probe.routing.routing_dominance_gated")[step],
+                                   rho * ref["routing_norm"] / (xi * ref["modulation_norm"]), rtol=2e-4)
+        layer_R = np.sqrt(((rho * ref["routing_norm"]) ** 2).sum(-1))
+        np.testing.assert_allclose(arr(s, "probe.routing.layer_routing_norm_gated")[step], layer_R, rtol=2e-4)
+
+
+def test_bound_and_identities_hold_everywhere(routing_store):
+    s = routing_store
+    for check in ("bound_holds", "bound_intra_holds", "row_bound_holds", "frobenius_bound_holds",
+                  "routing_lower_bound_holds"):
+        assert np.asarray(s.select(f"probe.routing.{check}").values).all(), check
+    for resid in ("stochasticity_residual", "dA_row_sum_residual", "constant_preservation_residual"):
+        assert arr(s, f"probe.routing.{resid}").max() < 1e-5, resid
+    assert arr(s, "probe.routing.mean_free_residual").max() < 1e-10
+    n_eff = arr(s, "probe.routing.N_eff")
+    assert (n_eff >= 1 - 1e-9).all() and (n_eff <= 16 + 1e-9).all()
+    tight = arr(s, "probe.routing.tightness")
+    valid = np.asarray(s.select("probe.routing.bound_valid").values)
+    assert np.isnan(tight[~valid]).all() and (tight[valid] <= 1 + 1e-9).all()
+
+
+def test_modal_gains_match_an_autograd_reference(routing_store, tiny_loaded):
+    s = routing_store
+    model = tiny_loaded.transformer
+    point, direction = arr(s, "blocks.jvp.point"), arr(s, "blocks.jvp.direction")  # (step, layer, cfg, sample, N, D)
+    chi, pi, f = (arr(s, f"probe.routing.mode_{k}") for k in ("chi", "pi", "f"))
+    g = arr(s, "probe.routing.g")
+    timesteps = s.coord("timestep")
+    y = torch.tensor([1, 2, 3, 10, 10, 10])  # (cfg, sample) rows: cond labels, then the null class
+    for layer in (0, 3):
+        X = direction[0, layer].reshape(6, -1)  # step-0 directions of this layer: the basis
+        _, sv, Vt = np.linalg.svd(X, full_matrices=False)
+        for step in (0, 2):
+            h = torch.tensor(point[step, layer].reshape(6, 16, -1), dtype=torch.float32)
+            for k in range(2):
+                v = torch.tensor(Vt[k].reshape(16, -1), dtype=torch.float32)
+                ref = block_jvp(model.transformer_blocks[layer], h, v.expand_as(h).contiguous(),
+                                timestep=torch.full((6,), int(timesteps[step])), class_labels=y,
+                                parts=("routing", "modulation", "mlp"), g=float(g[step, layer]),
+                                apply_gates=False, method="autograd")
+                gains = {p: float((ref[p] * v).sum((1, 2)).mean()) for p in ref}
+                np.testing.assert_allclose(chi[step, layer, k], gains["routing"], rtol=1e-3, atol=1e-6)
+                np.testing.assert_allclose(pi[step, layer, k], gains["modulation"], rtol=1e-3, atol=1e-6)
+                np.testing.assert_allclose(f[step, layer, k], gains["mlp"], rtol=1e-3, atol=1e-6)
+    ratio = arr(s, "probe.routing.mode_ratio")
+    np.testing.assert_allclose(ratio, np.abs(pi) / np.abs(chi), rtol=1e-6)
+
+
+def test_gated_ratio_is_rho_over_xi_times_ungated(routing_store):
+    s = routing_store
+    gated, ungated = arr(s, "probe.routing.routing_dominance_gated"), arr(s, "probe.routing.routing_dominance")
+    g = arr(s, "probe.routing.g")[:, :, None, None, None]
+    np.testing.assert_allclose(gated, (1 - g) * ungated, rtol=1e-6)  # stored as float32
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(ProbeError, match="modes must be"):
+        make_probe("routing", {"modes": "-1"})
+    with pytest.raises(ProbeError, match="precision"):
+        make_probe("routing", {"precision": "fp8"})
+
+
+def test_routing_command_table_json_csv_and_plot(tmp_path, tiny_model_dir):
+    runner = CliRunner()
+    out, png = tmp_path / "r.zarr", tmp_path / "heat.png"
+    base = ["routing", "--model", str(tiny_model_dir), "--steps", "3", "--seeds", "0-2", "--class", "4",
+            "--coupling", "0.3", "--out", str(out), "--quiet"]
+    r = runner.invoke(app, base + ["--plot", str(png)])
+    assert r.exit_code == 0, r.output
+    assert "routing dominance" in r.output and "bound [105] holds on every" in r.output
+    assert png.stat().st_size > 1000
+    r = runner.invoke(app, ["routing", "--from", str(out), "--json", "--per-head"])
+    rows = json.loads(r.output)["rows"]
+    assert len(rows) == 4 * 2 and {"layer", "head", "R/M", "bound holds"} <= set(rows[0])
+    assert json.loads(r.output)["replicas"]["g"] == 0.3
+    r = runner.invoke(app, ["routing", "--from", str(out), "--csv"])
+    assert r.output.splitlines()[0].startswith("layer,g,R/M")
+    r = runner.invoke(app, base)
+    assert r.exit_code == 2 and "already exists" in r.output
+    r = runner.invoke(app, ["routing", "--from", str(tmp_path / "nope.zarr")])
+    assert r.exit_code == 2 and "no store" in r.output
