@@ -519,7 +519,8 @@ class CaptureSession:
                  **{a: k for a, k in axes}}
         self.probes.start(steps=self.cfg.sampler.steps, layers=self.layers, batch_axes=axes,
                           labels=self.cfg.labels, seeds=self.cfg.seeds, timesteps=self.sampler.timesteps,
-                          first_step=first_step, dim_sizes=sizes)
+                          first_step=first_step, dim_sizes=sizes,
+                          num_tokens=self.loaded.adapter.geometry.num_tokens)
 
     def _finish(self, group: zarr.Group, status: str, error: str | None = None) -> None:
         try:

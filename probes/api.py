@@ -100,6 +100,7 @@ class RunInfo:
     ``hook_names``: this probe's hook points, resolved (``blocks.3.resid_post``, ...).
     ``batch_axes``: the model batch layout, outermost first, e.g. ``(("cfg", 2), ("sample", 4))``.
     ``first_step``: 0, or where a resumed capture continues (only resumable probes see > 0).
+    ``num_tokens``: N, so a probe can check token-indexed options before anything runs.
     """
 
     steps: int
@@ -110,6 +111,7 @@ class RunInfo:
     timesteps: tuple[int, ...]
     hook_names: tuple[str, ...]
     first_step: int = 0
+    num_tokens: int | None = None  # tokens per sample (N), when the model says so
 
     @property
     def batch_dims(self) -> tuple[str, ...]:

@@ -67,7 +67,7 @@ class ProbeRunner:
 
     # -- during the run -----------------------------------------------------------------------
     def start(self, *, steps: int, layers: Sequence[int], batch_axes, labels, seeds, timesteps,
-              first_step: int, dim_sizes: dict[str, int]) -> None:
+              first_step: int, dim_sizes: dict[str, int], num_tokens: int | None = None) -> None:
         """Reset every probe; ``dim_sizes``: sizes of the store's coordinate dims (step, layer, ...)."""
         self._steps = steps
         self._dims = dict(dim_sizes)
@@ -75,7 +75,8 @@ class ProbeRunner:
         for p in self.probes:
             p.start(RunInfo(steps=steps, layers=tuple(layers), batch_axes=tuple(tuple(a) for a in batch_axes),
                             labels=tuple(labels), seeds=tuple(seeds), timesteps=tuple(timesteps),
-                            hook_names=self.hooks_of[p.label()], first_step=first_step))
+                            hook_names=self.hooks_of[p.label()], first_step=first_step,
+                            num_tokens=num_tokens))
 
     def observe(self, value: torch.Tensor, ctx: HookContext) -> None:
         for p in self._listeners.get(ctx.name, ()):

@@ -70,7 +70,9 @@ class AttentionWidth(Probe):
         nb = len(run.batch_axes)
         self.batch_dims: tuple[str, ...] = run.batch_dims if self.opts["per_sample"] else ()
         self.pool: tuple[int, ...] = () if self.opts["per_sample"] else tuple(range(nb))
-        self.n_tokens: int | None = None  # known when the first value arrives
+        self.n_tokens: int | None = None  # known from the run, else when the first value arrives
+        if run.num_tokens is not None:
+            self._check_tokens(run.num_tokens)
         self._new_step()
 
     def _new_step(self) -> None:
@@ -80,7 +82,7 @@ class AttentionWidth(Probe):
         self.maps: dict[int, torch.Tensor] = {}
 
     def _check_tokens(self, n: int) -> None:
-        """Refuse query indices beyond the token count, once N is known (first value)."""
+        """Refuse query indices beyond the token count, once N is known."""
         if self.n_tokens is None:
             self.n_tokens = n
             bad = [i for i in self.queries if i >= n]

@@ -99,3 +99,25 @@ def test_bad_replica_and_attention_requests_are_refused_before_touching_disk(tmp
     with pytest.raises(DithooksError, match=msg):
         CaptureSession(config(out, tiny_model_dir, **kw), loaded=tiny_loaded).run()
     assert not out.exists()
+
+
+def test_difference_modes_on_the_replica_axis_match_numpy(tmp_path, tiny_loaded, tiny_model_dir):
+    """Protocol II on a real coupled run: E_k(s) from the probe equals numpy on the stored differences."""
+    out = tmp_path / "modes.zarr"
+    cfg = config(out, tiny_model_dir, hooks=("resid_post",), seeds=(0, 1, 2, 3), labels=(5,),
+                 sampler=SamplerSpec("ddim", 4), probes=(("difference_modes", {"pairs": "replica"}),))
+    capture(cfg, loaded=tiny_loaded)
+    s = open_store(out)
+    h = np.asarray(s.select("blocks.resid_post").values, dtype=np.float64)  # (step, layer, replica, sample, N, D)
+    E = np.asarray(s.select("probe.difference_modes.energy").values)
+    for li in range(2):
+        X0 = (h[0, li, 0] - h[0, li, 1]).reshape(4, -1)
+        lam, U = np.linalg.eigh(X0 @ X0.T / 4)
+        lam, U = lam[::-1], U[:, ::-1]
+        keep = lam > np.sqrt(np.finfo(np.float64).eps) * lam[0]
+        modes = (U[:, keep].T @ X0) / np.sqrt(4 * lam[keep])[:, None]
+        for step in range(4):
+            X = (h[step, li, 0] - h[step, li, 1]).reshape(4, -1)
+            ref = ((X @ modes.T) ** 2).mean(0) / lam[keep]
+            np.testing.assert_allclose(E[step, li, : keep.sum()], ref, rtol=1e-4)
+    np.testing.assert_allclose(E[0, :, :4][np.isfinite(E[0, :, :4])], 1.0, rtol=1e-5)

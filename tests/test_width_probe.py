@@ -215,6 +215,7 @@ def test_query_beyond_the_token_count_is_refused(tmp_path, tiny_loaded, tiny_mod
         capture(config(tmp_path / "q.zarr", tiny_model_dir, hooks=(), probes=(AttentionWidth(queries="3,16"),)),
                 loaded=tiny_loaded)
     assert "\n" not in str(e.value)
+    assert not (tmp_path / "q.zarr").exists()  # refused before the store is created
 
 
 def test_cli_runs_the_probe_and_reports_bad_queries_in_one_line(tmp_path, tiny_model_dir):
@@ -234,5 +235,6 @@ def test_cli_runs_the_probe_and_reports_bad_queries_in_one_line(tmp_path, tiny_m
     r = invoke("probe", "attention_width", "-O", "queries=99", *common, "--out", tmp_path / "bad.zarr")
     assert r.exit_code == 2, r.output
     assert "queries [99] out of range" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "bad.zarr").exists()
     r = invoke("probes", "--json")
     assert '"attention_width"' in r.output
