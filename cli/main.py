@@ -150,6 +150,17 @@ def ls_(
     typer.echo(f"sampler   {smp.get('name')} {smp.get('steps')} steps, eta {smp.get('eta')}, guidance {smp.get('guidance')}")
     typer.echo(f"samples   labels {m.get('labels')} seeds {m.get('seeds')}")
     typer.echo(f"layers    {m.get('layers')}")
+    extras = m.get("extras") or {}
+    if "replicas" in extras:
+        r = extras["replicas"]
+        typer.echo(f"replicas  pairs, kappa {r['kappa']:.4g}, g {r['g']}, couple until {r['couple_until']}, "
+                   f"shared noise until {r['share_noise_until']}, coupled blocks {r['layers'] or 'all'}")
+    if "attention" in extras:
+        typer.echo("attention " + ", ".join(f"{k} {v}" for k, v in extras["attention"].items()))
+    if "jvp" in extras:
+        typer.echo("jvp       " + ", ".join(f"{k} {v}" for k, v in extras["jvp"].items()))
+    if m.get("probes"):
+        typer.echo("probes    " + ", ".join(p["name"] for p in m["probes"]))
     typer.echo(f"dtype     stored {m.get('storage_dtype')}, computed {m.get('compute_dtype')}, compression {m.get('compression')}")
     typer.echo(f"times     started {m.get('started')}, finished {m.get('finished')}")
     state = "complete" if comp["complete"] else f"{comp['status']}: steps {comp['complete_steps']} of 0-{comp['steps_total'] - 1} on disk; continue with `dithooks capture --resume --out {store} ...`"
