@@ -19,6 +19,9 @@ With ``modes=K`` it also measures the per-mode gains of [44–46] (``χ_k``, ``�
 block is linearised along each mode at each pair's symmetric state, and the gains are the
 Rayleigh quotients ``v_kᵀ 𝓡̃ v_k`` etc. (ungated, in residual units: α1·W_O included), averaged
 over the pairs. That costs K extra block JVPs per pair, layer and step.
+
+Resumable without modes (each step's outputs depend on that step alone); with modes the step-0
+basis lives in memory, so a capture with ``modes > 0`` cannot be resumed mid-way.
 """
 
 from __future__ import annotations
@@ -95,6 +98,8 @@ class RoutingDominance(Probe):
             raise ProbeError(f"probe routing: precision must be fp64 or fp32, not {self.opts['precision']!r}")
         if self.opts["rtol"] < 0:
             raise ProbeError("probe routing: rtol must be ≥ 0")
+        # without modes every output of a step depends on that step alone: a capture can resume
+        self.resumable = self.opts["modes"] == 0
 
     def hook_points(self) -> tuple[str, ...]:
         return HEAD_POINTS + (MODE_POINTS if self.opts["modes"] else ())

@@ -152,3 +152,24 @@ def test_routing_command_table_json_csv_and_plot(tmp_path, tiny_model_dir):
     assert r.exit_code == 2 and "already exists" in r.output
     r = runner.invoke(app, ["routing", "--from", str(tmp_path / "nope.zarr")])
     assert r.exit_code == 2 and "no store" in r.output
+
+
+def test_routing_without_modes_resumes_to_the_same_store(tmp_path, tiny_loaded, tiny_model_dir):
+    from dithooks.capture import CaptureSession
+    from tests.test_capture import Interrupt
+
+    def cfg(out, **kw):
+        return CaptureConfig(out=str(out), model=str(tiny_model_dir), layers="0-3", hooks=(),
+                             sampler=SamplerSpec("ddim", 4), labels=(1, 2), seeds=(0, 1),
+                             replicas=ReplicaSpec(g=G), probes=("routing",), **kw)
+    capture(cfg(tmp_path / "full.zarr"), loaded=tiny_loaded)
+    session = CaptureSession(cfg(tmp_path / "part.zarr"), loaded=tiny_loaded)
+    session.hooks.add_hook("blocks.1.resid_post", Interrupt(2))
+    with pytest.raises(Exception, match="interrupted"):
+        session.run()
+    session.hooks.remove_all()
+    assert capture(cfg(tmp_path / "part.zarr", mode="resume"), loaded=tiny_loaded).resumed_from == 2
+    a, b = open_store(tmp_path / "full.zarr"), open_store(tmp_path / "part.zarr")
+    for name in ("routing_norm", "bound", "layer_routing_dominance_gated"):
+        np.testing.assert_array_equal(arr(a, f"probe.routing.{name}"), arr(b, f"probe.routing.{name}"))
+    assert make_probe("routing", {"modes": 2}).resumable is False
