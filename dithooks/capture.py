@@ -10,6 +10,7 @@ Store layout (all arrays carry ``dimension_names``, so ``xarray.open_zarr`` read
     <point> (step, [cfg,] sample, <value dims>)                  e.g. final.out
     latents (latent_step, sample, latent_channel, height, width) x before each step and the result
     rng_state (latent_step, sample, rng_byte)   each sample's generator state, for --resume
+                                   (rows written only when a state changed)
     probe.<probe>.<output> (step, [layer,] ...)   outputs of probes (probes/api.py), or without
                                    step for those computed once at the end
     step_complete (step)           True once every array of that step is on disk
@@ -173,6 +174,7 @@ class CaptureSession:
         self._layer_pos = {layer: i for i, layer in enumerate(self.layers)}
         self._slabs: dict[str, torch.Tensor] = {}
         self.writer: StoreWriter | None = None
+        self._last_rng: torch.Tensor | None = None
 
     def _configure_attention_and_jvp(self) -> None:
         cfg, n = self.cfg, self.loaded.adapter.num_layers
@@ -368,10 +370,25 @@ class CaptureSession:
         if step == 0:
             return None
         lat = torch.from_numpy(np.asarray(group["latents"][step]))
-        rng = np.asarray(group["rng_state"][step])
+        rng = self._rng_state_at(group, step)
+        self._last_rng = torch.from_numpy(rng.copy())  # as stored: the next write is skipped if unchanged
         if self.cfg.replicas is not None:  # (replica, sample, ...) -> the sampler's [a-half; b-half]
             lat, rng = lat.reshape((-1,) + tuple(lat.shape[2:])), rng.reshape((-1,) + rng.shape[2:])
         return TrajectoryState(step, lat, [torch.from_numpy(r.copy()) for r in rng])
+
+    @staticmethod
+    def _rng_state_at(group: zarr.Group, step: int) -> np.ndarray:
+        """The generators' state before ``step``: the last row written at or before it.
+
+        A row is written only when some generator moved (see :meth:`_write_state`); unwritten rows
+        hold the fill value 0, which no torch generator state is (it starts with a non-zero seed).
+        """
+        arr = group["rng_state"]
+        for k in range(step, -1, -1):
+            row = np.asarray(arr[k])
+            if row.any():
+                return row
+        raise StoreError("the store holds no RNG state to resume from")
 
     # -- hooks -------------------------------------------------------------------------------
     def _spec(self, name: str, ctx: HookContext, value: torch.Tensor) -> ArraySpec:
@@ -450,8 +467,15 @@ class CaptureSession:
                                   (("coordinates", "label seed"),
                                    ("description", "x before each step; the last is the result"))),
                         (state.step,), lat.clone())
+        # deterministic samplers (DDIM, eta = 0) never draw: write the state only when it moved,
+        # one write per step fewer (resume reads the last row written, _rng_state_at)
+        if self._last_rng is not None and torch.equal(rng, self._last_rng):
+            return
+        self._last_rng = rng
         self.writer.put(ArraySpec("rng_state", ("latent_step",) + batch_dims + ("rng_byte",),
-                                  (steps + 1,) + tuple(rng.shape), (1,) + tuple(rng.shape), torch.uint8),
+                                  (steps + 1,) + tuple(rng.shape), (1,) + tuple(rng.shape), torch.uint8,
+                                  (("description", "generator states before each step; a row is written "
+                                                   "only when they changed (0 = same as the row before)"),)),
                         (state.step,), rng)
 
     # -- run ---------------------------------------------------------------------------------

@@ -218,3 +218,21 @@ def test_bad_capture_requests_are_refused_before_touching_disk(tmp_path, tiny_lo
         with pytest.raises(DithooksError, match=msg):
             CaptureSession(config(out, tiny_model_dir, **kw), loaded=tiny_loaded)
     assert not out.exists()
+
+
+def test_deterministic_sampler_writes_rng_state_once_and_still_resumes(tmp_path, tiny_loaded, tiny_model_dir):
+    spec = SamplerSpec("ddim", 5, eta=0.0)
+    full = tmp_path / "full.zarr"
+    capture(config(full, tiny_model_dir, sampler=spec), loaded=tiny_loaded)
+    rows = np.asarray(zarr.open_group(str(full), mode="r")["rng_state"][...])
+    assert rows[0].any() and not rows[1:].any()  # DDIM with eta = 0 never draws: one row suffices
+    part = tmp_path / "part.zarr"
+    session = CaptureSession(config(part, tiny_model_dir, sampler=spec), loaded=tiny_loaded)
+    session.hooks.add_hook("blocks.3.resid_post", Interrupt(3))
+    with pytest.raises(StoreError, match="interrupted"):
+        session.run()
+    session.hooks.remove_all()
+    assert capture(config(part, tiny_model_dir, sampler=spec, mode="resume"), loaded=tiny_loaded).resumed_from == 3
+    a, b = open_store(full), open_store(part)
+    for name in ("latents", "blocks.resid_post"):
+        np.testing.assert_array_equal(np.asarray(a.select(name).values), np.asarray(b.select(name).values))
