@@ -15,7 +15,10 @@ Store layout (all arrays carry ``dimension_names``, so ``xarray.open_zarr`` read
                                    step for those computed once at the end
     step_complete (step)           True once every array of that step is on disk
 
-One chunk holds one (step, layer): reading a slice touches only the chunks it needs.
+One shard (file) per step holds every captured layer; chunks inside it hold one layer (several
+consecutive layers when layers are small), so reading a slice touches only the chunks it needs.
+Small steps are buffered and written several at a time; a step is marked in ``step_complete``
+only after everything of it is on disk.
 """
 
 from __future__ import annotations
@@ -93,6 +96,13 @@ class PlannedArray:
     nbytes: int
     hook: str
 
+
+# steps buffered per store write (small models): at most BATCH_STEPS steps and BATCH_BYTES
+BATCH_STEPS = 16
+BATCH_BYTES = 8 * 2**20
+
+# chunks of small layers are grouped up to this size (see layers_per_chunk)
+MIN_CHUNK_BYTES = 2**20
 
 # value dims whose size grows with N^2: the arrays worth a warning before a capture starts
 PATTERN_DIMS = ("query", "key")
@@ -175,6 +185,9 @@ class CaptureSession:
         self._slabs: dict[str, torch.Tensor] = {}
         self.writer: StoreWriter | None = None
         self._last_rng: torch.Tensor | None = None
+        # finished steps not yet written: (step, {array: values}, state); see _flush_pending
+        self._pending: list[tuple[int, dict[str, torch.Tensor], TrajectoryState]] = []
+        self._batch: int | None = None
 
     def _configure_attention_and_jvp(self) -> None:
         cfg, n = self.cfg, self.loaded.adapter.num_layers
@@ -406,11 +419,12 @@ class CaptureSession:
         if ctx.layer is None:
             lead_dims, shape, chunks, shards = ("step",), (steps,) + rest, (1,) + rest, None
         else:
-            # one shard (file) per step holds every layer; each (step, layer) is its own chunk
-            # inside it, so a step is one write and a (step, layer) read touches one chunk
+            # one shard (file) per step holds every layer, so a step is one write; inside it a
+            # chunk holds one layer, or several when a layer is small (the codec pays per chunk,
+            # ~0.5 ms, which dwarfs an 8 KiB chunk), so a (step, layer) read touches one chunk
             L = len(self.layers)
             lead_dims, shape = ("step", "layer"), (steps, L) + rest
-            chunks, shards = (1, 1) + rest, (1, L) + rest
+            chunks, shards = (1, layers_per_chunk(L, int(np.prod(rest)) * torch.empty((), dtype=self.store_dtype).element_size())) + rest, (1, L) + rest
         spec = ArraySpec(arr, lead_dims + batch_dims + value_dims, shape, chunks, self.store_dtype,
                          (("coordinates", "timestep label seed"), ("hook", layer_template(name)[0]),
                           ("description", ctx.point.doc)), shards)
@@ -423,17 +437,33 @@ class CaptureSession:
         data = value.detach().to("cpu", dtype=self.store_dtype, copy=True)
         data = data.reshape(batch_shape + tuple(value.shape[1:]))
         if ctx.layer is None:
-            self.writer.put(spec, (ctx.step,), data)
+            self._slabs[spec.name] = data
             return
         slab = self._slabs.get(spec.name)
         if slab is None:  # this step's values of every captured layer, written at step end
             slab = self._slabs[spec.name] = torch.empty((len(self.layers),) + tuple(data.shape), dtype=data.dtype)
         slab[self._layer_pos[ctx.layer]] = data
 
-    def _flush_slabs(self, step: int) -> None:
-        for name, slab in self._slabs.items():
-            self.writer.put(self._specs[name], (step,), slab)
-        self._slabs = {}
+    def _batch_size(self, step_values: dict[str, torch.Tensor], state: TrajectoryState) -> int:
+        """Steps written per store write: every write costs ~10 ms of interpreter time however
+        small, so small models batch up to BATCH_STEPS steps within BATCH_BYTES of memory."""
+        step_bytes = sum(v.numel() * v.element_size() for v in step_values.values())
+        step_bytes += state.latents.numel() * state.latents.element_size()
+        return int(max(1, min(BATCH_STEPS, BATCH_BYTES // max(1, step_bytes))))
+
+    def _flush_pending(self, group: zarr.Group) -> None:
+        """Write the buffered steps (consecutive, each complete) and then mark them complete."""
+        if not self._pending:
+            return
+        s0, n = self._pending[0][0], len(self._pending)
+        rows = slice(s0, s0 + n)
+        for name in self._pending[0][1]:
+            stacked = torch.stack([values[name] for _, values, _ in self._pending])
+            self.writer.put(self._specs[name], (rows,), stacked)
+        self._write_states([state for _, _, state in self._pending])
+        done = group["step_complete"]
+        self.writer.call(lambda: done.__setitem__(rows, True))
+        self._pending = []
 
     def _observe(self, value: torch.Tensor, ctx: HookContext) -> None:
         # one read hook per point serves both the raw capture and the probes that need it
@@ -445,38 +475,46 @@ class CaptureSession:
         return {d: n for spec in self._specs.values() for d, n in zip(spec.dims, spec.shape)}
 
     def _on_step(self, group: zarr.Group, step: int, state: TrajectoryState) -> None:
-        """After step ``step``: its hooked values, probe outputs, the new latents and RNG states,
-        then mark it complete."""
-        self._flush_slabs(step)
+        """After step ``step``: queue its probe outputs, buffer its hooked values and state; write
+        the buffer (then mark those steps complete) every few steps and after the last."""
+        values, self._slabs = self._slabs, {}
         if self.probes:
             self.probes.emit_step(step, self.writer.put, self._stored_dims())
-        self._write_state(state)
-        done = group["step_complete"]
-        self.writer.call(lambda: done.__setitem__(step, True))
+        if self._batch is None:
+            self._batch = self._batch_size(values, state)
+        self._pending.append((step, values, state))
+        if len(self._pending) >= self._batch or step == self.cfg.sampler.steps - 1:
+            self._flush_pending(group)
 
-    def _write_state(self, state: TrajectoryState) -> None:
-        # latent_step k is x before step k (k = 0 is x_T; k = steps is the result)
+    def _write_states(self, states: list[TrajectoryState]) -> None:
+        """Latents and RNG states of consecutive steps; latent_step k is x before step k
+        (k = 0 is x_T; k = steps is the result)."""
         steps, n = self.cfg.sampler.steps, len(self.cfg.seeds)
-        lat, rng = state.latents, torch.stack(state.rng_states)
-        batch_dims: tuple[str, ...] = ("sample",)
-        if self.cfg.replicas is not None:  # the sampler's [a-half; b-half] rows -> (replica, sample)
-            lat, rng = lat.reshape((2, n) + tuple(lat.shape[1:])), rng.reshape(2, n, -1)
-            batch_dims = ("replica", "sample")
+        lats, rngs = [], []
+        for state in states:
+            lat, rng = state.latents, torch.stack(state.rng_states)
+            if self.cfg.replicas is not None:  # the sampler's [a-half; b-half] rows -> (replica, sample)
+                lat, rng = lat.reshape((2, n) + tuple(lat.shape[1:])), rng.reshape(2, n, -1)
+            lats.append(lat)
+            rngs.append(rng)
+        batch_dims = ("replica", "sample") if self.cfg.replicas is not None else ("sample",)
+        k0, lat0 = states[0].step, lats[0]
         self.writer.put(ArraySpec("latents", ("latent_step",) + batch_dims + ("latent_channel", "height", "width"),
-                                  (steps + 1,) + tuple(lat.shape), (1,) + tuple(lat.shape), torch.float32,
+                                  (steps + 1,) + tuple(lat0.shape), (1,) + tuple(lat0.shape), torch.float32,
                                   (("coordinates", "label seed"),
                                    ("description", "x before each step; the last is the result"))),
-                        (state.step,), lat.clone())
-        # deterministic samplers (DDIM, eta = 0) never draw: write the state only when it moved,
-        # one write per step fewer (resume reads the last row written, _rng_state_at)
-        if self._last_rng is not None and torch.equal(rng, self._last_rng):
-            return
-        self._last_rng = rng
-        self.writer.put(ArraySpec("rng_state", ("latent_step",) + batch_dims + ("rng_byte",),
-                                  (steps + 1,) + tuple(rng.shape), (1,) + tuple(rng.shape), torch.uint8,
-                                  (("description", "generator states before each step; a row is written "
-                                                   "only when they changed (0 = same as the row before)"),)),
-                        (state.step,), rng)
+                        (slice(k0, k0 + len(states)),), torch.stack(lats))
+        # deterministic samplers (DDIM, eta = 0) never draw: a row is written only when a state
+        # moved (resume reads the last row written, _rng_state_at)
+        for state, rng in zip(states, rngs):
+            if self._last_rng is not None and torch.equal(rng, self._last_rng):
+                continue
+            self._last_rng = rng
+            self.writer.put(ArraySpec("rng_state", ("latent_step",) + batch_dims + ("rng_byte",),
+                                      (steps + 1,) + tuple(rng.shape), (1,) + tuple(rng.shape), torch.uint8,
+                                      (("description", "generator states before each step; a row is written "
+                                                       "only when they changed (0 = same as the row before)"),)),
+                            (state.step,), rng)
 
     # -- run ---------------------------------------------------------------------------------
     def run(self, progress: Callable | None = None) -> CaptureResult:
@@ -496,7 +534,7 @@ class CaptureSession:
                 sigma = float(self.sampler.scheduler.init_noise_sigma)
                 state0 = (initial_state(self.loaded, self.cfg.seeds, sigma) if self.cfg.replicas is None
                           else initial_replica_state(self.loaded, self.cfg.seeds, self.cfg.replicas, sigma))
-                self._write_state(state0)
+                self._write_states([state0])
                 state = state0
             read = {n: self._record for n in self.hook_names}
             if self.probes:
@@ -514,6 +552,7 @@ class CaptureSession:
         except KeyboardInterrupt:
             status = "interrupted"
             with contextlib.suppress(Exception):
+                self._flush_pending(group)  # the finished steps still buffered are kept
                 self.writer.flush()
         except WriterFailed as e:
             status, error = "failed", str(e)
@@ -556,6 +595,13 @@ class CaptureSession:
                 zarr.consolidate_metadata(str(self.path))
         except Exception:  # a full disk can make even this fail; step_complete still tells the truth
             pass
+
+
+def layers_per_chunk(num_layers: int, layer_bytes: int, target: int = MIN_CHUNK_BYTES) -> int:
+    """The largest divisor of ``num_layers`` (shards must be whole chunks) whose chunk stays
+    within ``target`` bytes; 1 when one layer already reaches it."""
+    fits = [d for d in range(1, num_layers + 1) if num_layers % d == 0 and d * layer_bytes <= target]
+    return max(fits, default=1)
 
 
 def is_store(path: Path) -> bool:

@@ -179,6 +179,7 @@ def test_full_disk_fails_cleanly_and_resumes(tmp_path, tiny_loaded, tiny_model_d
         return real(self, spec)
 
     monkeypatch.setattr(StoreWriter, "array", failing_array)
+    monkeypatch.setattr("dithooks.capture.BATCH_STEPS", 1)  # one write per step, as a large model does
     with pytest.raises(StoreError, match=r"disk is full.*--resume"):
         capture(config(out, tiny_model_dir), loaded=tiny_loaded)
     s = open_store(out)
@@ -236,3 +237,24 @@ def test_deterministic_sampler_writes_rng_state_once_and_still_resumes(tmp_path,
     a, b = open_store(full), open_store(part)
     for name in ("latents", "blocks.resid_post"):
         np.testing.assert_array_equal(np.asarray(a.select(name).values), np.asarray(b.select(name).values))
+
+
+@pytest.mark.parametrize("budget, writes", [(8 * 2**20, 1), (1, 5)])
+def test_small_steps_are_written_in_batches_within_a_memory_budget(tmp_path, tiny_loaded, tiny_model_dir,
+                                                                   monkeypatch, budget, writes):
+    monkeypatch.setattr("dithooks.capture.BATCH_BYTES", budget)
+    seen = []
+    real = StoreWriter.put
+
+    def counting_put(self, spec, index, value):
+        seen.append((spec.name, index))
+        return real(self, spec, index, value)
+
+    monkeypatch.setattr(StoreWriter, "put", counting_put)
+    out = tmp_path / "b.zarr"
+    capture(config(out, tiny_model_dir), loaded=tiny_loaded)
+    assert sum(name == "blocks.resid_post" for name, _ in seen) == writes
+    ref = tmp_path / "ref.zarr"
+    monkeypatch.setattr("dithooks.capture.BATCH_STEPS", 1)
+    capture(config(ref, tiny_model_dir), loaded=tiny_loaded)
+    assert_stores_equal(ref, out)
