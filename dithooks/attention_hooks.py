@@ -68,6 +68,12 @@ class AttentionHooks:
     def _applies(self, layer: int, value, layers: set[int] | None) -> bool:
         return value is not None and (layers is None or layer in layers)
 
+    def layer_settings(self, layer: int) -> tuple[float | None, int | None]:
+        """(coupling g, window radius) that block ``layer`` runs with now; None where unset."""
+        g = self.coupling if self._applies(layer, self.coupling, self.coupling_layers) else None
+        r = self.window if self._applies(layer, self.window, self.window_layers) else None
+        return g, r
+
     # -- the extension protocol ------------------------------------------------------------------
     def sync(self, manager) -> None:
         self._manager = manager
@@ -78,8 +84,7 @@ class AttentionHooks:
             if p.kind == "processor":
                 wanted.setdefault(p.layer, set()).add(h.name.split(".", 2)[2])
         for layer in range(n):
-            g = self.coupling if self._applies(layer, self.coupling, self.coupling_layers) else None
-            r = self.window if self._applies(layer, self.window, self.window_layers) else None
+            g, r = self.layer_settings(layer)
             names = frozenset(wanted.get(layer, ()))
             if not names and g is None and r is None:
                 self._uninstall(manager, layer)

@@ -152,18 +152,14 @@ class JVPHooks:
         att = getattr(self._manager, "attention", None)
         if att is None:
             return 0.0, None
-        g = att.coupling if att._applies(layer, att.coupling, att.coupling_layers) else None
-        r = att.window if att._applies(layer, att.window, att.window_layers) else None
+        g, r = att.layer_settings(layer)
         return float(g or 0.0), r
 
     def _direction(self, layer: int, h: torch.Tensor, axes) -> tuple[torch.Tensor, torch.Tensor, Any, slice]:
         """(linearisation point, delta, batch axes of the JVP values, rows of the conditioning)."""
-        d = self.settings.direction
-        has_replica = bool(axes) and axes[0][0] == "replica"
-        if d == "auto":
-            d = "replica" if has_replica else "random"
+        d = resolved_direction(self.settings.direction, axes)
         if d == "replica":
-            if not has_replica:
+            if not _has_replica(axes):
                 raise DithooksError("JVP direction 'replica' needs replica pairs (capture with --kappa/--coupling, "
                                     "or Sampler(replicas=...)); use direction 'random' or a tensor otherwise")
             half = h.shape[0] // 2
@@ -227,10 +223,21 @@ class JVPHooks:
         return pre_hook
 
 
+def _has_replica(axes) -> bool:
+    return bool(axes) and axes[0][0] == "replica"
+
+
+def resolved_direction(direction: Any, axes) -> Any:
+    """``"auto"`` made concrete for a sampler batch ``axes``; anything else as given."""
+    if isinstance(direction, str) and direction == "auto":
+        return "replica" if _has_replica(axes) else "random"
+    return direction
+
+
 def jvp_batch_axes(axes, direction: Any) -> tuple[tuple[str, int], ...]:
     """The batch layout of JVP values for a sampler batch ``axes`` (no replica axis for pairs)."""
-    has_replica = bool(axes) and axes[0][0] == "replica"
-    if has_replica and (direction in ("auto", "replica")):
+    d = resolved_direction(direction, axes)
+    if isinstance(d, str) and d == "replica" and _has_replica(axes):
         return tuple(axes[1:])
     return tuple(axes)
 
