@@ -222,9 +222,27 @@ class CaptureSession:
                 raise DithooksError(f"coupled layer {bad[0]} is out of range: this model has blocks 0-{n - 1}")
         check_direction(cfg.jvp.direction)
         if self._wants_jvp():
-            if cfg.jvp.direction == "replica" and cfg.replicas is None:
+            self._check_direction_shapes(cfg.jvp.direction)
+            if isinstance(cfg.jvp.direction, str) and cfg.jvp.direction == "replica" and cfg.replicas is None:
                 raise DithooksError("JVP direction 'replica' needs replica pairs (--pairs, --kappa or --coupling)")
             self.hooks.jvp.settings = cfg.jvp
+
+    def _check_direction_shapes(self, direction) -> None:
+        """Stored directions must fit a block's input (tokens, channels): refuse before disk."""
+        geo = self.loaded.adapter.geometry
+        rows = len(self.cfg.seeds) * (2 if self.cfg.sampler.cfg else 1)
+        shape = (rows, geo.num_tokens, geo.width)
+        tensors = direction.values() if isinstance(direction, dict) else [direction]
+        for d in tensors:
+            if isinstance(d, str) or callable(d) and not isinstance(d, torch.Tensor):
+                continue
+            t = torch.as_tensor(d)
+            try:
+                if torch.broadcast_shapes(tuple(t.shape), shape) != shape:
+                    raise RuntimeError
+            except RuntimeError:
+                raise DithooksError(f"JVP direction of shape {tuple(t.shape)} does not fit a block's input "
+                                    f"(tokens, channels) = ({geo.num_tokens}, {geo.width})") from None
 
     def _wants_jvp(self) -> bool:
         names = self.hook_names + self.probes.hook_names

@@ -121,3 +121,15 @@ def test_difference_modes_on_the_replica_axis_match_numpy(tmp_path, tiny_loaded,
             ref = ((X @ modes.T) ** 2).mean(0) / lam[keep]
             np.testing.assert_allclose(E[step, li, : keep.sum()], ref, rtol=1e-4)
     np.testing.assert_allclose(E[0, :, :4][np.isfinite(E[0, :, :4])], 1.0, rtol=1e-5)
+
+
+def test_stored_direction_of_the_wrong_shape_is_refused_before_touching_disk(tmp_path, tiny_loaded, tiny_model_dir):
+    out = tmp_path / "d.zarr"
+    with pytest.raises(DithooksError, match=r"direction of shape \(3, 3\) does not fit"):
+        CaptureSession(config(out, tiny_model_dir, replicas=None, jvp=JVPSettings(direction=torch.zeros(3, 3))),
+                       loaded=tiny_loaded)
+    assert not out.exists()
+    ok = config(out, tiny_model_dir, replicas=None, jvp=JVPSettings(direction={1: torch.ones(16, 16), 2: torch.ones(16, 16)}))
+    capture(ok, loaded=tiny_loaded)
+    d = np.asarray(open_store(out).select("blocks.resid_post").values)
+    assert d.shape[:2] == (5, 2)
