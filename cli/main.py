@@ -255,23 +255,27 @@ def train_default(
     evaluate: bool = typer.Option(True, "--evaluate/--no-evaluate", help="Classify DDIM samples of the result."),
     per_class: int = typer.Option(50, "--per-class", help="Samples per class for the evaluation."),
     ship: bool = typer.Option(False, "--ship", help="Copy the EMA weights into the installed package (becomes the default model)."),
+    variant: str = typer.Option("digits", "--variant", help="Which embedded model: digits (4x4 tokens, patch 2) or digits64 (8x8 tokens, patch 1)."),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Retrain the embedded digits DiT from scratch with a fixed seed (see docs/model_card.md)."""
     import torch
 
     from dithooks.default_model import evaluate_default_model, train_default_model
-    from dithooks.default_model.weights_io import ship_model_dir
+    from dithooks.default_model.config import VARIANTS
+    from dithooks.default_model.weights_io import default_model_dir, ship_model_dir
 
+    if variant not in VARIANTS:
+        raise DithooksError(f"unknown embedded model {variant!r}; choose one of {', '.join(VARIANTS)}")
     torch.set_num_threads(threads)
     kwargs = {} if steps is None else {"train_steps": steps}
-    summary = train_default_model(out, seed=seed, batch_size=batch_size, threads=threads, **kwargs)
+    summary = train_default_model(out, seed=seed, batch_size=batch_size, threads=threads, variant=variant, **kwargs)
     result = {"train": {k: v for k, v in summary.items() if k != "scheduler"}}
     model_dir = out / "ema" if (out / "ema").exists() else out
     if evaluate:
         result["evaluation"] = evaluate_default_model(model_dir, per_class=per_class, seed=seed, threads=threads)
     if ship:
-        result["shipped_to"] = str(ship_model_dir(model_dir))
+        result["shipped_to"] = str(ship_model_dir(model_dir, default_model_dir(variant)))
     if as_json:
         print_json(result)
     else:

@@ -23,6 +23,8 @@ from .adapters import ModelAdapter, adapter_for
 from .errors import ModelNotFoundError
 
 DEFAULT_MODEL = "dithooks/digits-dit"
+#: Embedded models by the names users pass to ``--model`` (variant names of default_model.config).
+EMBEDDED_MODELS = {"digits": DEFAULT_MODEL, "digits64": "dithooks/digits64-dit"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 # DiT's training schedule (Peebles & Xie): used when a checkpoint ships no scheduler config.
@@ -54,13 +56,16 @@ class LoadedModel:
 def load_model(spec: str | None = None, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
                with_vae: bool = True) -> LoadedModel:
     """Load ``spec`` (None = the embedded default model) for inference on ``device``."""
-    if spec in (None, "", "default", DEFAULT_MODEL):
+    embedded = {None: "digits", "": "digits", "default": "digits",
+                 **{k: k for k in EMBEDDED_MODELS}, **{v: k for k, v in EMBEDDED_MODELS.items()}}
+    if spec in embedded and not (spec and Path(spec).expanduser().exists()):
         from .default_model import default_model_dir
-        path = default_model_dir()
+        variant = embedded[spec]
+        path = default_model_dir(variant)
         if not (path / "config.json").exists():
-            raise ModelNotFoundError("the embedded default model has no weights in this install; "
-                                     "run `dithooks train-default` or pass --model")
-        loaded = _load_dir(path, DEFAULT_MODEL, "embedded", with_vae)
+            raise ModelNotFoundError(f"the embedded model {variant!r} has no weights in this install; "
+                                     f"run `dithooks train-default --variant {variant}` or pass --model")
+        loaded = _load_dir(path, EMBEDDED_MODELS[variant], "embedded", with_vae)
     else:
         path = Path(spec).expanduser()
         if path.exists():

@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     p_train.add_argument("--threads", type=int, default=1)
     p_train.add_argument("--log-every", type=int, default=50)
     p_train.add_argument("--checkpoint-every", type=int, default=500)
+    p_train.add_argument("--variant", default="digits", help="embedded model: digits (4x4 tokens) or digits64 (8x8)")
+    p_train.add_argument("--lr", type=float, default=None)
 
     p_eval = sub.add_parser("evaluate", help="classify DDIM samples of a model folder")
     p_eval.add_argument("--model", type=pathlib.Path, default=None, help="default: shipped weights")
@@ -46,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p_ship = sub.add_parser("ship", help="copy a trained model folder into the package")
     p_ship.add_argument("--model", required=True, type=pathlib.Path)
+    p_ship.add_argument("--variant", default="digits", help="embedded model the weights become: digits or digits64")
 
     p_plot = sub.add_parser("plot-loss", help="plot train_log.jsonl to a PNG")
     p_plot.add_argument("--log", required=True, type=pathlib.Path)
@@ -60,9 +63,12 @@ def main(argv: list[str] | None = None) -> int:
         from .train import train_default_model
 
         kwargs = {} if args.steps is None else {"train_steps": args.steps}
+        if args.lr is not None:
+            kwargs["lr"] = args.lr
         summary = train_default_model(
             args.out, seed=args.seed, batch_size=args.batch_size, threads=args.threads,
-            log_every=args.log_every, checkpoint_every=args.checkpoint_every, **kwargs,
+            log_every=args.log_every, checkpoint_every=args.checkpoint_every,
+            variant=args.variant, **kwargs,
         )
         print(json.dumps({k: v for k, v in summary.items() if k != "scheduler"}, indent=2))
     elif args.command == "evaluate":
@@ -84,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "ship":
         from .weights_io import ship_model_dir
 
-        print(ship_model_dir(args.model))
+        from .weights_io import default_model_dir
+
+        print(ship_model_dir(args.model, default_model_dir(args.variant)))
     elif args.command == "plot-loss":
         from .plots import plot_loss_curve
 

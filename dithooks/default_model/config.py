@@ -32,6 +32,23 @@ TRANSFORMER_CONFIG: dict = dict(
     norm_eps=1e-5,
 )
 
+#: The embedded models, by name: overrides of :data:`TRANSFORMER_CONFIG`. ``digits`` has 16
+#: tokens (4x4 grid); ``digits64`` has one token per pixel (8x8 grid, 64 tokens), which gives
+#: Chebyshev windows radii 0-7 and difference modes room to be spatially coherent.
+VARIANTS: dict[str, dict] = {
+    "digits": dict(patch_size=2),
+    "digits64": dict(patch_size=1),
+}
+DEFAULT_VARIANT = "digits"
+
+
+def transformer_config(variant: str = DEFAULT_VARIANT) -> dict:
+    """``DiTTransformer2DModel`` keyword arguments of one embedded model variant."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown embedded model {variant!r}; choose one of {', '.join(VARIANTS)}")
+    return dict(TRANSFORMER_CONFIG, **VARIANTS[variant])
+
+
 #: Keyword arguments of ``DDPMScheduler(...)``. The cosine schedule (Nichol & Dhariwal 2021)
 #: keeps more signal at mid timesteps than the linear one, which matters for tiny images
 #: where a linear schedule is near pure noise for the last quarter of the chain.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DiTTransformer2DModel
 
-from .config import DDIM_TIMESTEP_SPACING, SCHEDULER_CONFIG, TRANSFORMER_CONFIG
+from .config import DDIM_TIMESTEP_SPACING, DEFAULT_VARIANT, SCHEDULER_CONFIG, transformer_config
 
 
 def disable_internal_label_dropout(model: DiTTransformer2DModel) -> None:
@@ -32,10 +32,10 @@ def zero_init_modulation(model: DiTTransformer2DModel) -> None:
         torch.nn.init.zeros_(layer.bias)
 
 
-def build_transformer(seed: int = 0) -> DiTTransformer2DModel:
-    """A freshly initialised default DiT (deterministic for a given seed)."""
+def build_transformer(seed: int = 0, variant: str = DEFAULT_VARIANT) -> DiTTransformer2DModel:
+    """A freshly initialised embedded DiT of ``variant`` (deterministic for a given seed)."""
     torch.manual_seed(seed)
-    model = DiTTransformer2DModel(**TRANSFORMER_CONFIG)
+    model = DiTTransformer2DModel(**transformer_config(variant))
     zero_init_modulation(model)
     disable_internal_label_dropout(model)
     return model

@@ -11,7 +11,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .config import NULL_CLASS, TRAIN_DEFAULTS
+from .config import DEFAULT_VARIANT, NULL_CLASS, TRAIN_DEFAULTS
 from .data import load_digit_images
 from .model import build_noise_scheduler, build_transformer
 
@@ -78,6 +78,7 @@ def train_default_model(
     log_every: int = 50,
     checkpoint_every: int = 500,
     lr: float = TRAIN_DEFAULTS["lr"],
+    variant: str = DEFAULT_VARIANT,
 ) -> dict:
     """Train the default DiT and write it to ``out_dir``.
 
@@ -92,7 +93,7 @@ def train_default_model(
     cfg = dict(TRAIN_DEFAULTS, batch_size=batch_size, lr=lr)
 
     images, labels = load_digit_images()
-    model = build_transformer(seed)
+    model = build_transformer(seed, variant)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     scheduler = build_noise_scheduler()
     alphas_cumprod = scheduler.alphas_cumprod.float()
@@ -166,6 +167,7 @@ def train_default_model(
     records = [json.loads(line) for line in log_path.read_text().splitlines()]
     summary = dict(
         seed=seed,
+        variant=variant,
         train_steps=train_steps,
         batch_size=batch_size,
         images_seen=train_steps * batch_size,

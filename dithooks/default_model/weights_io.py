@@ -13,9 +13,15 @@ from ..errors import ModelNotFoundError
 MODEL_FILES = ("config.json", "diffusion_pytorch_model.safetensors", "scheduler_config.json")
 
 
-def default_model_dir() -> pathlib.Path:
-    """The folder with the shipped default model and digits classifier weights."""
-    return pathlib.Path(__file__).resolve().parent / "weights"
+def default_model_dir(variant: str = "digits") -> pathlib.Path:
+    """The folder with a shipped embedded model (``digits``: also the digits classifier weights;
+    ``digits64``: the 8x8-token model in ``weights/digits64``)."""
+    from .config import VARIANTS
+
+    if variant not in VARIANTS:
+        raise ModelNotFoundError(f"unknown embedded model {variant!r}; choose one of {', '.join(VARIANTS)}")
+    base = pathlib.Path(__file__).resolve().parent / "weights"
+    return base if variant == "digits" else base / variant
 
 
 def load_transformer_from(directory):
