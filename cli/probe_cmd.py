@@ -137,7 +137,7 @@ def routing(
 ):
     """Routing-dominance ratios ||R||/||M|| per layer (Appendix B): sample replica pairs, measure, tabulate."""
     from dithooks.probes.api import make_probe
-    from dithooks.probes.routing_summary import routing_heatmap, routing_table
+    from dithooks.probes.routing_summary import routing_heatmap, routing_summary, routing_table, summary_lines
     from dithooks.store.reader import open_store
 
     if from_store is None:
@@ -150,21 +150,23 @@ def routing(
         run_probe(the_probe, request, quiet=quiet or as_json or as_csv)
     store = open_store(from_store if from_store is not None else out)
     rows = routing_table(store, per_head=per_head)
+    summary = routing_summary(store)
     if plot is not None:
         routing_heatmap(store, plot)
     if as_json:
         meta = store.meta
         print_json({"store": str(store.path), "replicas": meta.get("extras", {}).get("replicas"),
-                    "sampler": meta.get("sampler"), "plot": str(plot) if plot else None, "rows": rows})
+                    "sampler": meta.get("sampler"), "plot": str(plot) if plot else None, "summary": summary,
+                    "rows": rows})
     elif as_csv:
         print_csv(rows)
     else:
         rep = store.meta.get("extras", {}).get("replicas") or {}
-        holds = min(r["bound holds"] for r in rows)
-        print_table(rows, title=f"routing dominance  g={rep.get('g')}  kappa={rep.get('kappa')}  "
+        kappa = rep.get("kappa")
+        print_table(rows, title=f"routing dominance  g={rep.get('g')}  kappa={kappa if kappa is None else f'{kappa:.4g}'}  "
                                 f"({store.path}; medians over steps and samples)", floatfmt=".3g")
-        typer.echo(f"Appendix-B bound [105] holds on {'every' if holds == 1.0 else 'NOT every'} "
-                   f"(step, sample, head) measured" + ("" if holds == 1.0 else " - please report this"))
+        for line in summary_lines(summary):
+            typer.echo(line)
         if plot is not None:
             typer.echo(f"heatmap: {plot}")
 

@@ -20,26 +20,48 @@ block is linearised along each mode at each pair's symmetric state, and the gain
 Rayleigh quotients ``v_kᵀ 𝓡̃ v_k`` etc. (ungated, in residual units: α1·W_O included), averaged
 over the pairs. That costs K extra block JVPs per pair, layer and step.
 
+Linearisation error (replica runs). [25] is first order in the replica difference. Beside the split
+the probe measures how well it describes the *actual* coupled difference of the pair: it reads each
+replica's own per-head ``Q, K, V`` (``blocks.{i}.attn.q/k/v``, the tensors the coupled processor
+used) and its attention output (``blocks.{i}.attn.out``), and reports
+
+    ε_lin = ‖(O^a − O^b)/2 − (ρ R + ξ M)‖_F / ‖(O^a − O^b)/2‖_F
+
+per layer, pair and head, like for like: ``O^{a,b}`` are the per-head coupled outputs of eq [19]
+(before ``W_O`` and before the adaLN gate α1), recomputed in float64 from the replicas' own
+``Q, K, V`` with the g and window the block ran at, and ``ρR + ξM`` is the gated split per head
+at the same g. ``layer_linearisation_error`` is the same in residual units with every head:
+``(attn.out^a − attn.out^b)/2`` (the module's actual output after ``W_O``; its bias cancels)
+against ``W_O (ρR + ξM)``. ``(O^a − O^b)/2`` is odd in the half-difference δ, so
+ε_lin = O(‖δ‖²): second order in κ at the first step (tested against a float64 model).
+
 Resumable without modes (each step's outputs depend on that step alone); with modes the step-0
 basis lives in memory, so a capture with ``modes > 0`` cannot be resumed mid-way.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
 import torch
+import torch.nn.functional as F
 
+from dithooks.attention.processor import HookedAttnProcessor
+from dithooks.attention.window import window_mask
+from dithooks.gates import mixture_weights
 from dithooks.hooks import HookContext
 from dithooks.jvp import block_jvp
 
 from .api import Option, Output, Probe, ProbeError, RunInfo, register_probe
-from .attention_terms import combine_head_norms, modal_gains, routing_dominance_report
+from .attention_terms import attention_difference_terms, combine_head_norms, modal_gains, routing_dominance_report
 from .modes import DifferenceModeBasis
 
 HEAD_POINTS = ("jvp.heads.pattern", "jvp.heads.v", "jvp.heads.dv", "jvp.heads.dlogits_intra",
                "jvp.heads.dlogits_inter")
 MODE_POINTS = ("jvp.point", "jvp.direction")
+LIN_POINTS = ("attn.q", "attn.k", "attn.v", "attn.out")
+LINEARISATION = ("auto", "on", "off")
 
 # report key -> description; stored per (layer, batch..., head)
 PER_HEAD = {
@@ -76,6 +98,11 @@ PER_HEAD = {
     "mean_free_residual": "‖δA_g V − δA_g P_⊥V‖_F (identity [90])",
     "constant_preservation_residual": "max |A P_∥ − P_∥| (identity [91])",
 }
+LIN_PER_HEAD = {
+    "linearisation_error": "‖(O^a−O^b)/2 − (ρR+ξM)‖/‖(O^a−O^b)/2‖ per head, before W_O: how far the "
+                           "linear split is from the actual coupled difference (replica runs)",
+    "true_difference_norm": "‖(O^a−O^b)/2‖_F per head, before W_O: the actual coupled difference",
+}
 CHECKS = ("bound_holds", "bound_intra_holds", "row_bound_holds", "frobenius_bound_holds",
           "routing_lower_bound_holds")
 
@@ -89,6 +116,8 @@ class RoutingDominance(Probe):
         "n_eff_rows": Option(False, "store N_eff of every query row (layer, batch, head, query)"),
         "precision": Option("fp64", "compute dtype of the report: fp64 or fp32"),
         "rtol": Option(0.0, "relative slack of the bound checks (0: 1e3·eps of the precision)"),
+        "linearisation": Option("auto", "measure how far R+M is from the actual (O^a−O^b)/2 of the pair: "
+                                        "auto (replica runs), on (refuse other runs), off"),
     }
 
     def check_options(self) -> None:
@@ -98,16 +127,24 @@ class RoutingDominance(Probe):
             raise ProbeError(f"probe routing: precision must be fp64 or fp32, not {self.opts['precision']!r}")
         if self.opts["rtol"] < 0:
             raise ProbeError("probe routing: rtol must be ≥ 0")
+        if self.opts["linearisation"] not in LINEARISATION:
+            raise ProbeError(f"probe routing: linearisation must be auto, on or off, not {self.opts['linearisation']!r}")
         # without modes every output of a step depends on that step alone: a capture can resume
         self.resumable = self.opts["modes"] == 0
 
     def hook_points(self) -> tuple[str, ...]:
-        return HEAD_POINTS + (MODE_POINTS if self.opts["modes"] else ())
+        return (HEAD_POINTS + (MODE_POINTS if self.opts["modes"] else ())
+                + (LIN_POINTS if self.opts["linearisation"] != "off" else ()))
 
     # -- run ------------------------------------------------------------------------------------
     def start(self, run: RunInfo) -> None:
         if self.opts["modes"] and run.first_step != 0:
             raise ProbeError("probe routing with modes fits its basis at step 0 and cannot start later")
+        replica_run = bool(run.batch_axes) and run.batch_axes[0][0] == "replica"
+        if self.opts["linearisation"] == "on" and not replica_run:
+            raise ProbeError("probe routing: linearisation=on needs a replica run (--kappa/--coupling): the error "
+                             "compares the split with the pair's actual attention difference")
+        self.linearise = replica_run and self.opts["linearisation"] != "off"
         self.run = run
         self.dtype = torch.float64 if self.opts["precision"] == "fp64" else torch.float32
         self.bases: dict[int, DifferenceModeBasis] = {}
@@ -118,18 +155,27 @@ class RoutingDominance(Probe):
         self._reports: dict[int, dict[str, torch.Tensor]] = {}
         self._g: dict[int, float] = {}
         self._gains: dict[int, dict[str, torch.Tensor]] = {}
+        self._lin: dict[int, dict[str, torch.Tensor]] = {}
         self._batch: tuple[tuple[str, int], ...] | None = None
+        self._replica_batch: tuple[tuple[str, int], ...] | None = None
+        self._blocks: dict[int, torch.nn.Module] = {}
 
     def observe(self, name: str, value: torch.Tensor, ctx: HookContext) -> None:
         local = name.split(".", 2)[2]
         got = self._pending.setdefault(ctx.layer, {})
         got[local] = value.detach()
-        self._batch = ctx.batch_axes
-        self._g[ctx.layer] = float(ctx.info.get("g", 0.0))
-        if all(p in got for p in HEAD_POINTS):
+        if local.startswith("jvp."):  # JVP values: the batch without the replica axis
+            self._batch = ctx.batch_axes
+            self._g[ctx.layer] = float(ctx.info.get("g", 0.0))
+            self._blocks[ctx.layer] = ctx.info.get("block")
+        else:  # the replicas' own attention values: the sampler's batch
+            self._replica_batch = ctx.batch_axes
+        if local in HEAD_POINTS and all(p in got for p in HEAD_POINTS):
             self._report(ctx.layer, got, ctx)
-        if self.opts["modes"] and all(p in got for p in MODE_POINTS):
+        if self.opts["modes"] and local in MODE_POINTS and all(p in got for p in MODE_POINTS):
             self._modal_gains(ctx.layer, got, ctx)
+        if self.linearise and local in HEAD_POINTS + LIN_POINTS and all(p in got for p in HEAD_POINTS + LIN_POINTS):
+            self._linearisation(ctx.layer, got)
         if all(p in got for p in self.hook_points()):
             del self._pending[ctx.layer]
 
@@ -139,6 +185,36 @@ class RoutingDominance(Probe):
             got["jvp.heads.v"], got["jvp.heads.dv"], self._g[layer], dtype=self.dtype,
             rtol=self.opts["rtol"] or None)
         self._reports[layer] = {k: rep[k].cpu() for k in (*PER_HEAD, "N_eff")}
+
+    def _linearisation(self, layer: int, got: dict[str, torch.Tensor]) -> None:
+        """ε_lin per head (before W_O) and per layer (after W_O) from the pair's own attention values."""
+        axes = self._replica_batch or ()
+        if not axes or axes[0][0] != "replica" or tuple(axes[1:]) != tuple(self._batch or ()):
+            # the JVP was not taken along the replica difference (another --jvp-direction): nothing to compare
+            return
+        block = self._blocks.get(layer)
+        proc = getattr(getattr(block, "attn1", None), "processor", None)
+        g, window = (float(proc.g or 0.0), proc.window) if isinstance(proc, HookedAttnProcessor) else (0.0, None)
+        f64 = torch.float64
+        true = coupled_half_difference(got["attn.q"].to(f64), got["attn.k"].to(f64), got["attn.v"].to(f64),
+                                       g, window)
+        lin = attention_difference_terms(got["jvp.heads.pattern"], got["jvp.heads.dlogits_intra"],
+                                         got["jvp.heads.dlogits_inter"], got["jvp.heads.v"], got["jvp.heads.dv"],
+                                         g, dtype=f64)["total"]
+        fro = lambda x: torch.linalg.vector_norm(x, dim=(-2, -1))  # noqa: E731
+        out = got["attn.out"].to(f64)
+        half = out.shape[0] // 2
+        true_out = (out[:half] - out[half:]) / 2  # W_O's bias cancels
+        attn = block.attn1
+        b, heads, n, dh = lin.shape
+        lin_out = F.linear(lin.transpose(1, 2).reshape(b, n, heads * dh), attn.to_out[0].weight.to(f64))
+        lin_out = lin_out / attn.rescale_output_factor
+        self._lin[layer] = {
+            "linearisation_error": (fro(true - lin) / fro(true)).cpu(),
+            "true_difference_norm": fro(true).cpu(),
+            "layer_linearisation_error": (fro(true_out - lin_out) / fro(true_out)).cpu(),
+            "layer_true_difference_norm": fro(true_out).cpu(),
+        }
 
     def _modal_gains(self, layer: int, got: dict[str, torch.Tensor], ctx: HookContext) -> None:
         point, delta = got["jvp.point"].to(self.dtype), got["jvp.direction"].to(self.dtype)
@@ -205,6 +281,19 @@ class RoutingDominance(Probe):
         for layer, value in self._g.items():
             g[self.run.layer_pos(layer)] = value
         out["g"] = Output(g, ("layer",), "coupling g at which the difference was linearised")
+        if self.linearise and self._lin:
+            for key, doc in LIN_PER_HEAD.items():
+                arr = torch.full((L,) + batch_shape + (H,), float("nan"), dtype=torch.float64)
+                for layer, lin in self._lin.items():
+                    arr[self.run.layer_pos(layer)] = lin[key].reshape(batch_shape + (H,))
+                out[key] = Output(arr, ("layer",) + batch_dims + ("head",), doc)
+            for key, doc in (("layer_linearisation_error", "‖(out^a−out^b)/2 − W_O(ρR+ξM)‖/‖(out^a−out^b)/2‖ "
+                                                           "with every head, after W_O (attn.out, before the gate)"),
+                             ("layer_true_difference_norm", "‖(attn.out^a − attn.out^b)/2‖_F")):
+                arr = torch.full((L,) + batch_shape, float("nan"), dtype=torch.float64)
+                for layer, lin in self._lin.items():
+                    arr[self.run.layer_pos(layer)] = lin[key].reshape(batch_shape)
+                out[key] = Output(arr, ("layer",) + batch_dims, doc)
         if self.opts["n_eff_rows"]:
             arr = torch.full((L,) + batch_shape + (H, N), float("nan"), dtype=torch.float64)
             for layer, rep in self._reports.items():
@@ -223,3 +312,29 @@ class RoutingDominance(Probe):
                 out[f"mode_{key}"] = Output(arr, ("layer", "mode"), doc + "; mean over pairs; NaN: mode not kept")
         self._new_step()
         return out
+
+
+def coupled_half_difference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: float,
+                            window: int | None = None) -> torch.Tensor:
+    """``(O^a − O^b)/2`` per head from the replicas' own ``Q, K, V`` (replica-major ``[a; b]``).
+
+    ``O^a = 1/(1+g) softmax(Q^a K^aᵀ/√d_h) V^a + g/(1+g) softmax(Q^a K^bᵀ/√d_h) V^b`` (and a↔b),
+    each block with its own row softmax, within the Chebyshev window if one is set (eq [19], THEORY
+    §2): what the coupled processor computes, written out. Shapes ``(2B, heads, N, d_h) → (B, heads, N, d_h)``.
+    """
+    half = q.shape[0] // 2
+    mask = window_mask(q.shape[-2], window, q.device) if window is not None else None
+    scale = 1.0 / math.sqrt(q.shape[-1])
+
+    def attend(Q, K, V):
+        logits = (Q @ K.transpose(-2, -1)) * scale
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf"))
+        return torch.softmax(logits, dim=-1) @ V
+
+    qa, qb, ka, kb, va, vb = q[:half], q[half:], k[:half], k[half:], v[:half], v[half:]
+    w_intra, w_inter = mixture_weights(g)
+    diff = attend(qa, ka, va) - attend(qb, kb, vb)
+    if g:
+        diff = w_intra * diff + w_inter * (attend(qa, kb, vb) - attend(qb, ka, va))
+    return diff / 2
