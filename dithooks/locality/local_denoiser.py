@@ -1,0 +1,180 @@
+"""The local denoiser of radius r (THEORY §7; seed 004 §3.1, Appendix C.1).
+
+Every attention layer of a pretrained model is restricted to a Chebyshev window on the token
+grid, ``max(|Δrow|, |Δcol|) <= r``, with the softmax taken inside the window and the model's own
+weights; nothing else changes (adaLN conditioning, MLPs and the patch embedding are per token
+already). The window is the existing attention intervention
+(:meth:`dithooks.attention_hooks.AttentionHooks.set_window`); this module only switches it on
+for every block, for the duration of a call, and says which models it applies to.
+
+``r >= side - 1`` covers the grid: the processor builds no mask and the result is the global
+model bit for bit (tested). ``radius=None`` means global without installing anything.
+
+Which tokens are image tokens on which grid is a property of the model family
+(:data:`TOKEN_LAYOUTS`). For DiT every token is an image token on a ``side x side`` grid. MMDiT
+joint attention (SD3, Flux), where text tokens share the attention call and must stay global
+while only image->image attention is windowed, is **not supported yet**: such a family would
+register a layout naming its image-token range, and the attention processor would need a
+joint-attention window (today it refuses cross-attention windows).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from ..errors import DithooksError
+from ..hooks import HookManager
+from ..loading import LoadedModel
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where the image tokens are: ``num_tokens`` tokens, of which ``image_tokens`` (a slice of
+    the attention sequence) lie row-major on a ``grid_side x grid_side`` grid."""
+
+    num_tokens: int
+    grid_side: int
+    image_tokens: slice
+
+    @property
+    def max_radius(self) -> int:
+        """The smallest radius that covers the grid (``side - 1``): the global model."""
+        return self.grid_side - 1
+
+
+def _dit_layout(loaded: LoadedModel) -> TokenLayout:
+    geo = loaded.adapter.geometry
+    return TokenLayout(geo.num_tokens, geo.grid_side, slice(0, geo.num_tokens))
+
+
+#: adapter class name -> how to find its image-token grid. Families not listed are refused.
+TOKEN_LAYOUTS: dict[str, Callable[[LoadedModel], TokenLayout]] = {"DiTAdapter": _dit_layout}
+
+
+def token_layout(loaded: LoadedModel) -> TokenLayout:
+    """The image-token grid of ``loaded``; a one-line error for families without a layout."""
+    name = type(loaded.adapter).__name__
+    make = TOKEN_LAYOUTS.get(name)
+    if make is None:
+        raise DithooksError(
+            f"local denoisers need a model family that says which tokens are image tokens on a grid; "
+            f"{type(loaded.transformer).__name__} ({name}) has none (MMDiT joint attention is not supported yet)")
+    return make(loaded)
+
+
+def check_radius(radius: int | None, layout: TokenLayout) -> int | None:
+    """A radius as an int (or None = global); a one-line error for anything else."""
+    if radius is None:
+        return None
+    if isinstance(radius, bool) or int(radius) != radius or radius < 0:
+        raise DithooksError(f"window radius must be a non-negative integer, got {radius!r}")
+    return int(radius)
+
+
+def parse_radii(spec: str | Sequence[int] | None, layout: TokenLayout) -> list[int]:
+    """``"all"``/None -> 0..side-1 (the last one is the global model, a live exactness check);
+    ``"0-2"``, ``"0,1,3"`` or a list otherwise."""
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "all")):
+        return list(range(layout.max_radius + 1))
+    if isinstance(spec, str):
+        out = parse_ints(spec, "radii")
+    else:
+        out = [check_radius(r, layout) for r in spec]
+    if not out:
+        raise DithooksError(f"empty radii {spec!r}")
+    return sorted({check_radius(r, layout) for r in out})
+
+
+def parse_ints(spec: str, what: str) -> list[int]:
+    """``"3"``, ``"0-7"``, ``"0,2,5"`` -> ints (non-negative); a one-line error otherwise."""
+    out: list[int] = []
+    for part in str(spec).split(","):
+        part = part.strip()
+        try:
+            if "-" in part[1:]:
+                lo, hi = part.split("-", 1)
+                out.extend(range(int(lo), int(hi) + 1))
+            elif part:
+                out.append(int(part))
+        except ValueError:
+            raise DithooksError(f"malformed {what} {spec!r}: use e.g. 3, 0-7 or 0,2,5") from None
+    if not out or min(out) < 0:
+        raise DithooksError(f"{what} {spec!r}: give non-negative integers, e.g. 3, 0-7 or 0,2,5")
+    return out
+
+
+@contextlib.contextmanager
+def local_attention(hooks: HookManager, radius: int | None) -> Iterator[None]:
+    """Every attention layer windowed to ``radius`` (None: global) inside the ``with`` block;
+    the manager's previous window setting is put back afterwards, even on error."""
+    att = getattr(hooks, "attention", None)
+    if att is None:
+        raise DithooksError(f"{type(hooks.model).__name__} exposes no attention processors: "
+                            "no local denoiser can be built from it")
+    old = (att.window, None if att.window_layers is None else sorted(att.window_layers))
+    att.set_window(radius, None)
+    try:
+        yield
+    finally:
+        att.set_window(*old)
+
+
+class Denoiser:
+    """ε(x_t, t, y) of a loaded model, global or local of radius r, in float32.
+
+    ``eps(x, t, labels, radius)`` runs the model on ``x`` (B, C, H, W) at integer timestep ``t``
+    (one for the batch, or one per row) with class labels (the model's null class for ε(·, ∅))
+    and returns the epsilon channels (learned-variance channels dropped) on the CPU, in batches of
+    at most ``batch`` rows. ``radius=None`` is the global model.
+    """
+
+    def __init__(self, loaded: LoadedModel, hooks: HookManager | None = None, device: str | torch.device = "cpu",
+                 batch: int = 256):
+        self.loaded = loaded
+        self.layout = token_layout(loaded)
+        self.hooks = hooks if hooks is not None else HookManager(loaded.transformer, loaded.adapter)
+        self.device = torch.device(device)
+        self.batch = max(1, int(batch))
+        geo = loaded.adapter.geometry
+        self.channels = geo.in_channels
+        self.null_class = geo.null_class
+        self.dtype = next(loaded.transformer.parameters()).dtype
+
+    @property
+    def num_tokens(self) -> int:
+        return self.layout.num_tokens
+
+    @torch.no_grad()
+    def eps(self, x: torch.Tensor, t: int | torch.Tensor, labels: torch.Tensor | Sequence[int],
+            radius: int | None = None) -> torch.Tensor:
+        radius = check_radius(radius, self.layout)
+        x = x.to(self.device)
+        labels = torch.as_tensor(labels, device=self.device, dtype=torch.long).reshape(-1)
+        tt = torch.as_tensor(t, device=self.device, dtype=torch.long).reshape(-1)
+        if tt.numel() == 1:
+            tt = tt.expand(x.shape[0])
+        if labels.numel() != x.shape[0] or tt.numel() != x.shape[0]:
+            raise DithooksError(f"{x.shape[0]} inputs with {labels.numel()} labels and {tt.numel()} timesteps")
+        outs = []
+        with local_attention(self.hooks, radius):
+            for i in range(0, x.shape[0], self.batch):
+                sl = slice(i, i + self.batch)
+                out = self.loaded.transformer(x[sl].to(self.dtype), timestep=tt[sl], class_labels=labels[sl]).sample
+                outs.append(out[:, :self.channels].float().cpu())
+        return torch.cat(outs) if outs else torch.zeros((0,) + tuple(x.shape[1:]))
+
+    def null_labels(self, n: int) -> torch.Tensor:
+        if self.null_class is None:
+            raise DithooksError("the unconditional score needs a class-conditional model with a null class")
+        return torch.full((n,), int(self.null_class), dtype=torch.long)
+
+
+def gap_norm(a: torch.Tensor, b: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Per-sample ``‖a - b‖₂ / N``: the L2 norm over all latent elements (channels x height x
+    width) of one sample, divided by the number of image tokens N (THEORY §7, seed 004 C.2)."""
+    d = (a.float() - b.float()).flatten(1)
+    return torch.linalg.vector_norm(d, dim=1) / float(num_tokens)
