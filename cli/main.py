@@ -289,6 +289,10 @@ from .probe_cmd import register as _register_probe_commands  # noqa: E402  (need
 
 _register_probe_commands(app)
 
+from .locality_cmd import register as _register_locality_commands  # noqa: E402
+
+_register_locality_commands(app)
+
 
 def main() -> None:
     app()
