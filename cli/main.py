@@ -131,45 +131,30 @@ def announce_plan(session, quiet: bool) -> None:
 @user_errors
 def ls_(
     store: Path = typer.Argument(..., help="A capture store."),
+    verify: bool = typer.Option(False, "--verify", help="Also read every chunk of every complete step (as `dithooks verify`); exit 1 if one is missing or damaged."),
     as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
 ):
-    """What a store holds: arrays, dims, shapes, sizes, metadata and completeness."""
-    from dithooks.store.reader import open_store
+    """What a store holds: arrays, dims, shapes, sizes, metadata, completeness, NaN/inf counts."""
+    from .store_cmd import ls
 
-    s = open_store(store)
-    comp = s.completeness()
-    arrays = [s.array_info(n) for n in s.array_names()]
-    m = s.meta
-    if as_json:
-        print_json({"store": str(store), "completeness": comp, "metadata": m,
-                    "arrays": [a.__dict__ for a in arrays]})
-        return
-    smp = m.get("sampler", {})
-    typer.echo(f"store     {store}")
-    typer.echo(f"model     {m.get('model_id')} ({m.get('model_class')}, {m.get('model_config', {}).get('num_layers')} blocks)")
-    typer.echo(f"sampler   {smp.get('name')} {smp.get('steps')} steps, eta {smp.get('eta')}, guidance {smp.get('guidance')}")
-    typer.echo(f"samples   labels {m.get('labels')} seeds {m.get('seeds')}")
-    typer.echo(f"layers    {m.get('layers')}")
-    extras = m.get("extras") or {}
-    if "replicas" in extras:
-        r = extras["replicas"]
-        typer.echo(f"replicas  pairs, kappa {r['kappa']:.4g}, g {r['g']}, couple until {r['couple_until']}, "
-                   f"shared noise until {r['share_noise_until']}, coupled blocks {r['layers'] or 'all'}")
-    if "attention" in extras:
-        typer.echo("attention " + ", ".join(f"{k} {v}" for k, v in extras["attention"].items()))
-    if "jvp" in extras:
-        typer.echo("jvp       " + ", ".join(f"{k} {v}" for k, v in extras["jvp"].items()))
-    if m.get("probes"):
-        typer.echo("probes    " + ", ".join(p["name"] for p in m["probes"]))
-    typer.echo(f"dtype     stored {m.get('storage_dtype')}, computed {m.get('compute_dtype')}, compression {m.get('compression')}")
-    typer.echo(f"times     started {m.get('started')}, finished {m.get('finished')}")
-    state = "complete" if comp["complete"] else f"{comp['status']}: steps {comp['complete_steps']} of 0-{comp['steps_total'] - 1} on disk; continue with `dithooks capture --resume --out {store} ...`"
-    typer.echo(f"status    {state}")
-    if m.get("error"):
-        typer.echo(f"error     {m['error']}")
-    print_table([{"array": a.name, "dims": "(" + ", ".join(a.dims) + ")", "shape": "x".join(map(str, a.shape)),
-                  "dtype": a.dtype, "size": human_bytes(a.nbytes_logical), "on disk": human_bytes(a.nbytes_stored)}
-                 for a in arrays])
+    rc = ls(store, verify=verify, as_json=as_json)
+    if rc:
+        raise typer.Exit(rc)
+
+
+@app.command("verify")
+@user_errors
+def verify_(
+    store: Path = typer.Argument(..., help="A store."),
+    quick: bool = typer.Option(False, "--quick", help="Only check that chunk files exist and are whole; do not decode them."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+):
+    """Check that every chunk of every complete step exists and decodes; list those that do not (exit 1)."""
+    from .store_cmd import verify
+
+    rc = verify(store, quick=quick, as_json=as_json)
+    if rc:
+        raise typer.Exit(rc)
 
 
 @app.command()

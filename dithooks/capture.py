@@ -25,6 +25,9 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import errno
+import json
+import os
 import shutil
 import time
 import warnings
@@ -45,9 +48,12 @@ from .probes.runner import ProbeRunner
 from .jvp_hooks import JVPSettings, check_direction, jvp_batch_axes
 from .sampling import ReplicaSpec, Sampler, SamplerSpec, TrajectoryState
 from .store.codecs import COMPRESSIONS, storage_dtype
-from .store.metadata import (ATTR_KEY, FORMAT_VERSION, RESUME_KEYS, completeness, jsonable,
-                             library_versions, now)
-from .store.writer import ArraySpec, StoreWriter, WriterFailed
+from .store.files import describe_foreign, foreign_entries, remove_leftovers, temp_path
+from .store.lock import LOCK_NAME, StoreLock
+from .store.metadata import (ATTR_KEY, FORMAT_VERSION, RESUME_KEYS, completeness, how_to_continue,
+                             invocation, jsonable, library_versions, now)
+from .store.verify import DamagedStore, StoreLayout, inspect_store, verify_store
+from .store.writer import ARRAY_CONFIG, ArraySpec, StoreWriter, WriterFailed
 
 DEFAULT_HOOKS = ("resid_post",)
 MODES = ("create", "overwrite", "resume")
@@ -117,6 +123,8 @@ class CaptureResult:
     bytes_written: int
     hooks: list[str]
     resumed_from: int = 0
+    # array -> number of NaN/inf values in it (whole store, after this run); empty when none
+    nonfinite: dict[str, int] = field(default_factory=dict)
 
 
 def expand_hooks(patterns: tuple[str, ...] | list[str], layers: list[int], available: list[str]) -> list[str]:
@@ -188,6 +196,11 @@ class CaptureSession:
         # finished steps not yet written: (step, {array: values}, state); see _flush_pending
         self._pending: list[tuple[int, dict[str, torch.Tensor], TrajectoryState]] = []
         self._batch: int | None = None
+        self._command = invocation()  # which dithooks command (if any) runs this capture
+        self._lock: StoreLock | None = None
+        self._meta: dict[str, Any] = {}
+        self._nonfinite: dict[str, dict[Any, int]] = {}
+        self._nonfinite_written = "{}"
 
     def _configure_attention_and_jvp(self) -> None:
         cfg, n = self.cfg, self.loaded.adapter.num_layers
@@ -313,41 +326,140 @@ class CaptureSession:
 
     # -- store lifecycle ---------------------------------------------------------------------
     def open_store(self) -> tuple[zarr.Group, int]:
-        """Create, replace or reopen the store; returns the group and the first step to run."""
-        exists = self.path.exists()
-        if exists and self.cfg.mode == "create":
-            raise StoreError(f"{self.path} already exists: use --overwrite to replace it "
-                             "or --resume to continue it")
-        if exists and self.cfg.mode == "overwrite":
-            empty_dir = self.path.is_dir() and not any(self.path.iterdir())
-            if not (is_store(self.path) or empty_dir):
-                raise StoreError(f"{self.path} exists and is not a dithooks store: refusing to overwrite it")
-            shutil.rmtree(self.path)
-            exists = False
-        if exists:  # resume
-            return self._reopen()
-        if self.cfg.mode == "resume":
-            raise StoreError(f"nothing to resume: {self.path} does not exist")
-        return self._create(), 0
+        """Create, replace or reopen the store; returns the group and the first step to run.
 
-    def _create(self) -> zarr.Group:
+        The store is held under its writer's lock (``.dithooks.lock``, store/lock.py) from here
+        until :meth:`run` ends (:meth:`release_store`). A new store is built under a temporary
+        name next to the target and renamed into place once its skeleton is complete, so a
+        killed or failed creation never leaves a half-made store at the target (store/files.py).
+        """
+        path, mode = self.path, self.cfg.mode
+        remove_leftovers(path)
+        exists = path.exists() or path.is_symlink()
+        if exists and mode == "create":
+            raise StoreError(f"{path} already exists: use --overwrite to replace it "
+                             "or --resume to continue it")
+        if not exists and mode == "resume":
+            raise StoreError(f"nothing to resume: {path} does not exist")
+        old = self._lock_existing(replacing=exists and mode == "overwrite") if exists else None
         try:
-            group = zarr.open_group(str(self.path), mode="w", zarr_format=3)
+            if mode == "resume":
+                self._lock = old
+                return self._reopen()
+            return self._create(old), 0
+        except BaseException:
+            self.release_store()
+            if old is not None:
+                old.release()
+            raise
+
+    def release_store(self) -> None:
+        """Give up the store's writer lock (run() does this when it ends)."""
+        lock, self._lock = getattr(self, "_lock", None), None
+        if lock is not None:
+            lock.release()
+
+    def _lock_existing(self, replacing: bool) -> StoreLock:
+        path = self.path
+        what = "overwrite" if replacing else "resume"
+        if path.is_symlink() or not path.is_dir():
+            raise StoreError(f"{path} exists and is not a folder: refusing to {what} it")
+        if replacing:
+            self._check_replaceable()  # before the lock: a folder we refuse is not touched at all
+        lock = StoreLock(path, command=self._command_text()).acquire()
+        if replacing:
+            try:
+                self._check_replaceable()  # again, now that no dithooks writer can change it
+            except BaseException:
+                lock.release()
+                raise
+        return lock
+
+    def _check_replaceable(self) -> None:
+        """--overwrite deletes only what dithooks wrote: refuse a folder with anything else."""
+        path = self.path
+        if any(p.name != LOCK_NAME for p in path.iterdir()):  # else an empty folder
+            try:
+                inspect_store(path)
+            except DamagedStore:
+                pass  # half-made or damaged dithooks store: replacing it is the way out
+            except StoreError:
+                raise StoreError(f"{path} exists and is not a dithooks store: refusing to overwrite it") from None
+        foreign = foreign_entries(path)
+        if foreign:
+            raise StoreError(f"refusing to overwrite {path}: it holds files dithooks did not write "
+                             f"({describe_foreign(foreign)}); move them out first")
+
+    def _command_text(self) -> str:
+        c = self._command
+        if c.get("argv"):
+            return "dithooks " + " ".join(c["argv"])
+        return f"dithooks {c['name']}" if c.get("name") else "dithooks (Python)"
+
+    def _create(self, old: StoreLock | None) -> zarr.Group:
+        """Build the store's skeleton under a temporary name, then rename it into place (moving
+        an old store aside first when replacing one, and deleting it after)."""
+        target = self.path
+        tmp = temp_path(target, "new")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():  # left by this very process (a pid reused): never a live store
+                shutil.rmtree(tmp)
+            tmp.mkdir()
         except OSError as e:
-            raise StoreError(f"cannot create {self.path}: {e.strerror or e}") from None
+            raise StoreError(f"cannot create {target}: {e.strerror or e}") from None
+        lock = StoreLock(tmp, command=self._command_text())
+        trash = None
+        try:
+            lock.acquire()
+            try:
+                self._build(tmp)
+            except (DithooksError, KeyboardInterrupt):
+                raise
+            except Exception as e:
+                msg = f"{e.strerror or e}" if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
+                raise StoreError(f"cannot create {target}: {msg}") from None
+            if old is not None:
+                trash = temp_path(target, "old")
+                os.rename(target, trash)
+                old.moved_to(trash)
+            try:
+                os.rename(tmp, target)
+            except OSError as e:
+                if trash is not None and not target.exists():
+                    os.rename(trash, target)  # put the old store back
+                    old.moved_to(target)
+                    trash = None
+                if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+                    raise StoreError(f"{target} was created by another process meanwhile: "
+                                     "use --overwrite to replace it or --resume to continue it") from None
+                raise StoreError(f"cannot create {target}: {e.strerror or e}") from None
+            lock.moved_to(target)
+        except BaseException:
+            lock.release()
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self._lock = lock
+        if trash is not None:
+            old.release()
+            shutil.rmtree(trash, ignore_errors=True)  # verified to hold only what dithooks wrote
+        return zarr.open_group(str(target), mode="r+", zarr_format=3)
+
+    def _build(self, folder: Path) -> None:
+        """The store's skeleton: metadata, coordinates, ``step_complete`` (all False)."""
+        group = zarr.open_group(str(folder), mode="w", zarr_format=3)
         req = self.request()
         steps = self.cfg.sampler.steps
         n = len(self.cfg.seeds)
         meta = {"format_version": FORMAT_VERSION, **req, "versions": library_versions(),
                 "started": now(), "finished": None, "status": "running", "error": None, "runs": [now()],
-                "hook_arrays": self._hook_array_table()}
-        group.attrs[ATTR_KEY] = meta
+                "command": self._command, "nonfinite": {}, "hook_arrays": self._hook_array_table()}
 
         def coord(name, values, dims, dtype=None):
             values = np.asarray(values, dtype=dtype)
             text = values.dtype.kind in "US"  # variable-length strings: the dtype Zarr v3 specifies
             a = group.create_array(name=name, shape=values.shape, dtype=str if text else values.dtype,
-                                   dimension_names=dims, fill_value="" if text else 0)
+                                   dimension_names=dims, fill_value="" if text else 0, config=ARRAY_CONFIG)
             a[...] = values
 
         coord("step", np.arange(steps), ("step",), "int64")
@@ -361,10 +473,11 @@ class CaptureSession:
             coord("cfg", np.array(["cond", "uncond"]), ("cfg",), str)
         if self.cfg.replicas is not None:
             coord("replica", np.array(["a", "b"]), ("replica",), str)
-        done = group.create_array(name="step_complete", shape=(steps,), chunks=(1,), dtype="bool",
-                                  dimension_names=("step",), fill_value=False)
-        done[...] = False
-        return group
+        # all False: its chunks are written only when a step is marked (a missing one is False)
+        group.create_array(name="step_complete", shape=(steps,), chunks=(1,), dtype="bool",
+                           dimension_names=("step",), fill_value=False)
+        group.attrs[ATTR_KEY] = meta  # last: a skeleton with metadata is a whole one
+        self._meta = meta
 
     def _hook_array_table(self) -> dict[str, Any]:
         table: dict[str, Any] = {}
@@ -376,31 +489,53 @@ class CaptureSession:
         return table
 
     def _reopen(self) -> tuple[zarr.Group, int]:
-        if not is_store(self.path):
-            raise StoreError(f"{self.path} is not a dithooks store: cannot resume it")
+        try:
+            layout = inspect_store(self.path)
+        except DamagedStore as e:
+            raise DamagedStore(f"cannot resume: {e}") from None
+        except StoreError as e:
+            raise StoreError(f"{self.path} is not a dithooks store: cannot resume it ({e})") from None
+        if layout.kind != "capture":
+            raise StoreError(f"{self.path} is a {layout.kind} store, not a capture: cannot resume it here")
         group = zarr.open_group(str(self.path), mode="r+", zarr_format=3)
-        meta = dict(group.attrs[ATTR_KEY])
+        meta = dict(layout.meta)
         req = self.request()
         meta.setdefault("probes", [])  # stores from before probes existed had none
         for key in RESUME_KEYS + ("probes",):
             if meta.get(key) != req.get(key):
                 raise StoreError(f"cannot resume {self.path}: its {key} differs from this request "
                                  f"(stored {_short(meta.get(key))}, asked {_short(req.get(key))})")
-        info = completeness(np.asarray(group["step_complete"][...]))
+        info = completeness(layout.step_complete)
         start = info["resume_from_step"]
+        # a chunk of a step marked complete that is missing or cut short: redo from that step
+        check = verify_store(self.path, decode=False, layout=layout)
+        if not check.ok:
+            if check.first_bad_step is None:
+                raise DamagedStore(f"cannot resume {self.path}: {check.summary(1)}; replace it by running the "
+                                   "command that made it with --overwrite")
+            start = min(start, check.first_bad_step)
         stateful = self.probes.not_resumable()
         if stateful and 0 < start < self.cfg.sampler.steps:
             # their state (e.g. a step-0 basis) is not in the store: continuing would be wrong
             raise StoreError(f"cannot resume {self.path} at step {start}: probe {stateful[0]} carries state "
                              "across steps and cannot continue mid-way; rerun it with --overwrite")
+        if start < self.cfg.sampler.steps and layout.step_complete[start:].any():
+            group["step_complete"][start:] = False  # steps to redo are not complete
+        meta["nonfinite"] = _nonfinite_before(meta.get("nonfinite") or {}, layout, start)
+        meta.setdefault("command", self._command)
         meta.update(status="running", error=None, finished=None, runs=list(meta.get("runs", [])) + [now()])
         group.attrs[ATTR_KEY] = meta
+        self._meta = meta
         return group, start
 
     def _state_at(self, group: zarr.Group, step: int) -> TrajectoryState | None:
         if step == 0:
             return None
-        lat = torch.from_numpy(np.asarray(group["latents"][step]))
+        lat = np.asarray(group["latents"][step])
+        if lat.size and np.isnan(lat).all():  # never written (fill value): nothing to continue from
+            raise DamagedStore(f"cannot resume {self.path}: the latents before step {step} are missing; "
+                               "replace it by running the command that made it with --overwrite")
+        lat = torch.from_numpy(lat)
         rng = self._rng_state_at(group, step)
         self._last_rng = torch.from_numpy(rng.copy())  # as stored: the next write is skipped if unchanged
         if self.cfg.replicas is not None:  # (replica, sample, ...) -> the sampler's [a-half; b-half]
@@ -480,8 +615,23 @@ class CaptureSession:
             self.writer.put(self._specs[name], (rows,), stacked)
         self._write_states([state for _, _, state in self._pending])
         done = group["step_complete"]
+        self.writer.call(lambda: self._record_nonfinite(group))  # counts of a step precede its mark
         self.writer.call(lambda: done.__setitem__(rows, True))
         self._pending = []
+
+    def _nonfinite_json(self) -> dict[str, dict[str, int]]:
+        return {a: {str(k): int(v) for k, v in sorted(rows.items(), key=lambda kv: str(kv[0]))}
+                for a, rows in sorted(self._nonfinite.items()) if rows}
+
+    def _record_nonfinite(self, group: zarr.Group) -> None:
+        """Store the non-finite counts in the metadata when they changed (rarely: NaNs are news)."""
+        table = self._nonfinite_json()
+        text = json.dumps(table, sort_keys=True)
+        if text == self._nonfinite_written:
+            return
+        self._meta["nonfinite"] = table
+        group.attrs[ATTR_KEY] = self._meta
+        self._nonfinite_written = text
 
     def _observe(self, value: torch.Tensor, ctx: HookContext) -> None:
         # one read hook per point serves both the raw capture and the probes that need it
@@ -498,6 +648,8 @@ class CaptureSession:
         values, self._slabs = self._slabs, {}
         if self.probes:
             self.probes.emit_step(step, self.writer.put, self._stored_dims())
+            if step == self.cfg.sampler.steps - 1:  # once-only outputs, before the last mark
+                self.probes.emit_finish(self.writer.put, self._stored_dims())
         if self._batch is None:
             self._batch = self._batch_size(values, state)
         self._pending.append((step, values, state))
@@ -537,13 +689,23 @@ class CaptureSession:
     # -- run ---------------------------------------------------------------------------------
     def run(self, progress: Callable | None = None) -> CaptureResult:
         group, start = self.open_store()
+        try:
+            return self._run(group, start, progress)
+        finally:
+            self.release_store()
+
+    def _run(self, group: zarr.Group, start: int, progress: Callable | None) -> CaptureResult:
         steps = self.cfg.sampler.steps
         t0 = time.perf_counter()
+        self._nonfinite = {a: {(k if k == "all" else int(k)): int(v) for k, v in rows.items()}
+                           for a, rows in (self._meta.get("nonfinite") or {}).items()}
+        self._nonfinite_written = json.dumps(self._nonfinite_json(), sort_keys=True)
         if start >= steps:
             self._finish(group, "complete")
-            return CaptureResult(self.path, 0, steps, 0.0, 0, self.hook_names, start)
+            totals = {a: sum(rows.values()) for a, rows in self._nonfinite.items() if rows}
+            return CaptureResult(self.path, 0, steps, 0.0, 0, self.hook_names, start, totals)
         self.writer = StoreWriter(group, compression=self.cfg.compression,
-                                  max_pending_bytes=self.cfg.max_pending_bytes)
+                                  max_pending_bytes=self.cfg.max_pending_bytes, nonfinite=self._nonfinite)
         state = self._state_at(group, start)
         status, error = "complete", None
         try:
@@ -564,8 +726,6 @@ class CaptureSession:
                 self.sampler.run(self.cfg.labels, self.cfg.seeds, state=state,
                                  on_step=lambda s, st: self._on_step(group, s, st),
                                  progress=progress)
-            if self.probes:
-                self.probes.emit_finish(self.writer.put, self._stored_dims())
             self.writer.flush()
         except KeyboardInterrupt:
             status = "interrupted"
@@ -583,14 +743,16 @@ class CaptureSession:
             self.writer.close()
             self._finish(group, status, error)
         info = completeness(np.asarray(group["step_complete"][...]))
+        hint = how_to_continue(self._meta, self.path, self._command)
         if status == "interrupted":
             raise StoreError(f"capture interrupted: {self.path} holds steps {info['complete_steps']} "
-                             f"of 0-{steps - 1}; continue with --resume")
+                             f"of 0-{steps - 1}; {hint}")
         if status == "failed":
             raise StoreError(f"capture failed ({error}): {self.path} holds steps {info['complete_steps']} "
-                             f"of 0-{steps - 1}; fix the cause and continue with --resume")
+                             f"of 0-{steps - 1}; fix the cause and {hint}")
+        totals = {a: sum(rows.values()) for a, rows in self._nonfinite.items() if rows}
         return CaptureResult(self.path, steps - start, steps, time.perf_counter() - t0,
-                             self.writer.bytes_written, self.hook_names, start)
+                             self.writer.bytes_written, self.hook_names, start, totals)
 
     def _start_probes(self, first_step: int) -> None:
         self._raw_names = set(self.hook_names)
@@ -605,8 +767,9 @@ class CaptureSession:
 
     def _finish(self, group: zarr.Group, status: str, error: str | None = None) -> None:
         try:
-            meta = dict(group.attrs[ATTR_KEY])
-            meta.update(status=status, error=error, finished=now())
+            meta = dict(self._meta or group.attrs[ATTR_KEY])
+            meta.update(status=status, error=error, finished=now(), nonfinite=self._nonfinite_json())
+            self._meta = meta
             group.attrs[ATTR_KEY] = meta
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -629,6 +792,19 @@ def is_store(path: Path) -> bool:
         return ATTR_KEY in g.attrs
     except Exception:
         return False
+
+
+def _nonfinite_before(table: dict, layout: StoreLayout, start: int) -> dict:
+    """The non-finite counts of rows a resume from ``start`` keeps (the rest is rewritten)."""
+    out = {}
+    for name, rows in table.items():
+        a = layout.arrays.get(name)
+        first = a.dims[0] if a is not None and a.dims else None
+        limit = start if first == "step" else start + 1 if first == "latent_step" else 0
+        kept = {k: v for k, v in rows.items() if k != "all" and int(k) < limit}
+        if kept:
+            out[name] = kept
+    return out
 
 
 def _short(v: Any) -> str:

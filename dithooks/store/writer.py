@@ -6,6 +6,12 @@ a writer that falls behind slows sampling down instead of letting memory grow wi
 of steps. Work is done in order, so a step is marked complete only after all its data is on
 disk. A write error (a full disk, say) stops the writer and is raised on the sampling thread at
 its next call.
+
+Arrays it creates (format 2): floating-point arrays have the fill value NaN, so a chunk that was
+never written reads as NaN, never as zeros (bfloat16, stored as raw bits, uses the bits of NaN);
+every chunk is written even when it equals the fill value, and carries a CRC32C checksum, so
+``dithooks verify`` can tell a missing or damaged chunk from data. The writer counts the
+non-finite values it writes per array and row (:attr:`StoreWriter.nonfinite`).
 """
 
 from __future__ import annotations
@@ -41,10 +47,45 @@ class WriterFailed(StoreError):
     pass
 
 
+# bfloat16 NaN as stored (raw uint16 bits): sign 0, exponent all ones, quiet bit
+BF16_NAN_BITS = 0x7FC0
+ARRAY_CONFIG = {"write_empty_chunks": True}
+
+
+def fill_value(dtype: torch.dtype):
+    """NaN for floating dtypes (missing data must never read as a number), 0 otherwise."""
+    if dtype == torch.bfloat16:
+        return BF16_NAN_BITS
+    return float("nan") if dtype.is_floating_point else 0
+
+
+def count_nonfinite(data: np.ndarray, dtype: torch.dtype, index: Any) -> dict[Any, int]:
+    """Non-finite values in ``data`` written at ``array[index]``: {row: count} along the first
+    dim (``"all"`` for writes of a whole array), only rows that have some."""
+    if dtype == torch.bfloat16:
+        bad = (data & 0x7F80) == 0x7F80
+    elif dtype.is_floating_point:
+        bad = ~np.isfinite(data)
+    else:
+        return {}
+    if not bad.any():
+        return {}
+    first = index[0] if isinstance(index, tuple) and index else index
+    if isinstance(first, (int, np.integer)):
+        return {int(first): int(bad.sum())}
+    if isinstance(first, slice) and first.step in (None, 1) and first.start is not None and bad.ndim:
+        per_row = bad.reshape(bad.shape[0], -1).sum(axis=1)
+        return {first.start + i: int(c) for i, c in enumerate(per_row) if c}
+    return {"all": int(bad.sum())}
+
+
 class StoreWriter:
     def __init__(self, group: zarr.Group, *, compression: str = "none",
-                 max_pending_bytes: int = 256 * 2**20):
+                 max_pending_bytes: int = 256 * 2**20, nonfinite: dict | None = None):
         self.group = group
+        # array -> {row (or "all"): number of NaN/inf values written there}; filled on the
+        # writer thread, so read it after flush() or from a call()
+        self.nonfinite: dict[str, dict[Any, int]] = nonfinite if nonfinite is not None else {}
         self.compression = compression
         self.max_pending_bytes = max_pending_bytes
         self._queue: queue.Queue = queue.Queue()
@@ -105,15 +146,18 @@ class StoreWriter:
             if tuple(arr.shape) != tuple(spec.shape):
                 raise StoreError(f"array {spec.name} in the store has shape {tuple(arr.shape)}, "
                                  f"this capture makes {tuple(spec.shape)}")
+            arr = arr.with_config(ARRAY_CONFIG)
         else:
             attrs = dict(spec.attrs)
             if spec.dtype == torch.bfloat16:
                 attrs["dithooks_dtype"] = "bfloat16"
+            compressor = compressors(self.compression)
             arr = self.group.create_array(
                 name=spec.name, shape=spec.shape, chunks=spec.chunks, shards=spec.shards,
                 dtype=zarr_dtype(spec.dtype),
-                dimension_names=spec.dims, compressors=compressors(self.compression),
-                fill_value=0, attributes=attrs)
+                dimension_names=spec.dims,
+                compressors=([compressor] if compressor is not None else []) + [zarr.codecs.Crc32cCodec()],
+                fill_value=fill_value(spec.dtype), attributes=attrs, config=ARRAY_CONFIG)
         self._arrays[spec.name] = arr
         return arr
 
@@ -129,6 +173,9 @@ class StoreWriter:
                         data = to_numpy(c)
                         self.array(a)[b] = data
                         self.bytes_written += data.nbytes
+                        bad = count_nonfinite(data, a.dtype, b)
+                        if bad:
+                            self.nonfinite.setdefault(a.name, {}).update(bad)
                     else:
                         a()
             except BaseException as e:  # kept and raised on the sampling thread

@@ -1,0 +1,438 @@
+"""Is a store whole? Structure checks (``inspect_store``) and chunk checks (``verify_store``).
+
+``inspect_store`` reads the store's metadata files directly (plain JSON, no Zarr) and turns every
+way a store can be half-made or damaged into a one-line :class:`StoreError` that says what the
+folder is and what to do: a folder whose creation was interrupted, an unreadable ``zarr.json``,
+a missing ``step_complete``.
+
+``verify_store`` then checks, for every step marked in ``step_complete``, that each array's chunk
+(or shard) file of that step exists and is whole: the file's size, and for shards their index
+(its checksum, every inner chunk present and inside the file). With ``decode=True`` it also reads
+every such chunk through Zarr, which checks each chunk's CRC32C (stores of format 2 and later) and
+decompresses it. Problems are reported per (array, step).
+
+Which steps an array's rows belong to: ``step`` arrays row by row; ``latents`` row k (x before
+step k) with step k - 1 (row 0 with step 0); ``rng_state`` rows are written only when a generator
+moved, so only row 0 must exist; arrays without a step dim (coordinates, probe outputs computed
+once) are checked when every step is marked (coordinates always).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import StoreError
+from .files import FIGURES, is_temp_name
+from .lock import LOCK_NAME
+from .metadata import ATTR_KEY
+
+COORDS = ("step", "timestep", "layer", "sample", "label", "seed", "cfg", "latent_step", "replica")
+_FIXED_CODECS = {"bytes", "crc32c", "transpose"}
+_EMPTY = 2**64 - 1
+
+
+class DamagedStore(StoreError):
+    """A store that is half-made or whose metadata cannot be read: nothing can resume it."""
+
+
+@dataclass(frozen=True)
+class ArrayMeta:
+    """What one array's ``zarr.json`` says about where its chunks are and how big they are."""
+
+    name: str
+    shape: tuple[int, ...]
+    dims: tuple[str, ...]
+    dtype: str
+    grid: tuple[int, ...]              # chunk (shard) shape of files
+    inner: tuple[int, ...] | None      # chunk shape inside a shard, for sharded arrays
+    raw_bytes: int | None              # exact size of one (inner) chunk when nothing compresses it
+    index_bytes: int                   # size of a shard's index (0 when not sharded)
+    index_at_end: bool
+    index_crc: bool
+    separator: str
+    v2_keys: bool
+    attrs: dict
+
+    @property
+    def counts(self) -> tuple[int, ...]:
+        return tuple(math.ceil(n / c) if c else 0 for n, c in zip(self.shape, self.grid))
+
+    @property
+    def inner_per_file(self) -> int:
+        if self.inner is None:
+            return 1
+        return int(np.prod([math.ceil(g / i) for g, i in zip(self.grid, self.inner)]))
+
+    def key(self, idx: tuple[int, ...]) -> str:
+        if self.v2_keys:
+            return self.separator.join(map(str, idx)) if idx else "0"
+        return "c" + (self.separator + self.separator.join(map(str, idx)) if idx else "")
+
+    def files_of_row(self, row: int) -> list[tuple[int, ...]]:
+        """Chunk-grid indices of the files that hold row ``row`` of the first dim."""
+        rest = [range(n) for n in self.counts[1:]]
+        return [(row // self.grid[0],) + t for t in itertools.product(*rest)]
+
+    def all_files(self) -> list[tuple[int, ...]]:
+        return list(itertools.product(*[range(n) for n in self.counts]))
+
+    def region(self, idx: tuple[int, ...]) -> tuple[slice, ...]:
+        return tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(idx, self.grid, self.shape))
+
+
+def _fixed_size(codecs: list, chunk: tuple[int, ...], itemsize: int | None) -> int | None:
+    names = [c.get("name") for c in codecs]
+    if itemsize is None or any(n not in _FIXED_CODECS for n in names):
+        return None
+    return int(np.prod(chunk)) * itemsize + 4 * names.count("crc32c")
+
+
+def parse_array_meta(name: str, meta: dict) -> ArrayMeta:
+    shape = tuple(int(n) for n in meta["shape"])
+    grid = tuple(int(n) for n in meta["chunk_grid"]["configuration"]["chunk_shape"])
+    dtype = meta["data_type"]
+    dtype = dtype if isinstance(dtype, str) else str(dtype.get("name"))
+    try:
+        itemsize = np.dtype(dtype).itemsize if dtype not in ("string", "bytes") else None
+    except TypeError:
+        itemsize = None
+    codecs = list(meta.get("codecs") or [])
+    inner = None
+    index_bytes, at_end, crc = 0, True, False
+    if codecs and codecs[0].get("name") == "sharding_indexed":
+        conf = codecs[0]["configuration"]
+        inner = tuple(int(n) for n in conf["chunk_shape"])
+        index_codecs = [c.get("name") for c in conf.get("index_codecs") or [{"name": "bytes"}, {"name": "crc32c"}]]
+        crc = "crc32c" in index_codecs
+        n_inner = int(np.prod([math.ceil(g / i) for g, i in zip(grid, inner)]))
+        index_bytes = 16 * n_inner + 4 * index_codecs.count("crc32c")
+        at_end = conf.get("index_location", "end") == "end"
+        raw = _fixed_size(conf.get("codecs") or [], inner, itemsize)
+    else:
+        raw = _fixed_size(codecs, grid, itemsize)
+    enc = meta.get("chunk_key_encoding") or {"name": "default"}
+    v2 = enc.get("name") == "v2"
+    sep = (enc.get("configuration") or {}).get("separator", "." if v2 else "/")
+    dims = tuple(str(d) if d is not None else f"dim_{i}" for i, d in enumerate(meta.get("dimension_names") or
+                                                                             [None] * len(shape)))
+    return ArrayMeta(name, shape, dims, dtype, grid, inner, raw, index_bytes, at_end, crc, sep, v2,
+                     dict(meta.get("attributes") or {}))
+
+
+@dataclass
+class Problem:
+    array: str
+    step: int | None
+    what: str
+    row: int | None = None  # the array's own row (latent_step) when it differs from the step
+
+    def line(self) -> str:
+        where = "" if self.step is None else f" step {self.step}"
+        if self.row is not None and self.row != self.step:
+            where = f" latent_step {self.row} (step {self.step})" if self.step is not None else f" row {self.row}"
+        return f"{self.array}{where}: {self.what}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"array": self.array, "step": self.step, "row": self.row, "problem": self.what}
+
+
+@dataclass
+class StoreLayout:
+    """A store's metadata as read from its files (see :func:`inspect_store`)."""
+
+    path: Path
+    meta: dict
+    kind: str
+    arrays: dict[str, ArrayMeta]
+    step_complete: np.ndarray | None
+    format_version: int
+
+    @property
+    def steps_total(self) -> int:
+        return 0 if self.step_complete is None else int(self.step_complete.size)
+
+    @property
+    def strict(self) -> bool:
+        """Format 2 stores write every chunk (even all-fill ones) and checksum it."""
+        return self.format_version >= 2
+
+
+def _read_json(path: Path) -> dict:
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    return data
+
+
+def _remake(path: Path) -> str:
+    return f"replace it by running the command that made it with --overwrite (--out {path})"
+
+
+def inspect_store(path: str | Path, kinds: tuple[str, ...] | None = None) -> StoreLayout:
+    """Read a store's metadata from its files; a half-made or damaged store is a one-line
+    :class:`DamagedStore`, a folder that is no store at all a :class:`StoreError`."""
+    path = Path(path)
+    if not path.exists():
+        raise StoreError(f"no store at {path}")
+    if not path.is_dir():
+        raise StoreError(f"{path} is a file, not a store (a store is a folder)")
+    entries = [p for p in path.iterdir() if p.name not in (LOCK_NAME,) and not is_temp_name(p.name)]
+    root = path / "zarr.json"
+    if not root.exists():
+        if not entries:
+            raise DamagedStore(f"{path} is an empty folder, not a store (a capture killed while creating it "
+                               f"leaves this): {_remake(path)}")
+        if any((p / "zarr.json").exists() for p in entries if p.is_dir()):
+            raise DamagedStore(f"{path} is a damaged store: its group metadata {root} is missing; {_remake(path)}")
+        raise StoreError(f"{path} is not a dithooks store (no zarr.json)")
+    try:
+        group = _read_json(root)
+    except (OSError, ValueError) as e:
+        raise DamagedStore(f"{path} is a damaged store: its metadata {root} is unreadable ({_short(e)}); "
+                           f"{_remake(path)}") from None
+    if group.get("node_type") != "group":
+        raise StoreError(f"{path} is a Zarr {group.get('node_type')}, not a dithooks store")
+    meta = (group.get("attributes") or {}).get(ATTR_KEY)
+    arrays_dirs = [p for p in entries if p.is_dir() and p.name != FIGURES]
+    if not isinstance(meta, dict):
+        if not arrays_dirs:
+            raise DamagedStore(f"{path} is a half-made store (its creation was interrupted before its metadata "
+                               f"was written): nothing in it can be read or resumed; {_remake(path)}")
+        raise StoreError(f"{path} is a Zarr store but not a dithooks store (no '{ATTR_KEY}' metadata)")
+    kind = str(meta.get("kind", "capture"))
+    if kinds is not None and kind not in kinds:
+        raise StoreError(f"{path} is a {kind} store, not a {' or '.join(kinds)} store")
+    arrays: dict[str, ArrayMeta] = {}
+    for d in sorted(arrays_dirs):
+        f = d / "zarr.json"
+        if not f.exists():
+            raise DamagedStore(f"{path} is damaged: array {d.name} has no metadata ({f} is missing); {_remake(path)}")
+        try:
+            m = _read_json(f)
+            if m.get("node_type") != "array":
+                continue
+            arrays[d.name] = parse_array_meta(d.name, m)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise DamagedStore(f"{path} is damaged: the metadata of array {d.name} ({f}) is unreadable "
+                               f"({_short(e)}); {_remake(path)}") from None
+    done = None
+    if kind == "capture":
+        if "step_complete" not in arrays:
+            half = "half-made" if not any(n not in COORDS for n in arrays) else "damaged"
+            raise DamagedStore(f"{path} is a {half} store: it has no step_complete array, so what is on disk "
+                               f"is unknown; {_remake(path)}")
+        done = _read_step_complete(path, arrays["step_complete"])
+    try:
+        version = int(meta.get("format_version", 1))
+    except (TypeError, ValueError):
+        version = 1
+    return StoreLayout(path, meta, kind, arrays, done, version)
+
+
+def _short(e: BaseException) -> str:
+    s = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return s if len(s) <= 80 else s[:77] + "..."
+
+
+def _read_step_complete(path: Path, a: ArrayMeta) -> np.ndarray:
+    import zarr
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            arr = zarr.open_array(str(path / "step_complete"), mode="r")
+            return np.asarray(arr[...], dtype=bool)
+    except Exception as e:  # a corrupt chunk of it: unknown what is on disk
+        raise DamagedStore(f"{path} is damaged: step_complete cannot be read ({_short(e)}); "
+                           f"{_remake(path)}") from None
+
+
+# -- chunk checks ------------------------------------------------------------------------------
+@dataclass
+class VerifyReport:
+    store: str
+    kind: str
+    steps_total: int
+    steps_marked: int
+    decoded: bool
+    arrays: int = 0
+    files_checked: int = 0
+    chunks_decoded: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    # the first step whose data is not all on disk (resume restarts there); None when a problem
+    # lies outside the steps (a coordinate, step_complete): no resume can repair it
+    first_bad_step: int | None = None
+    repairable: bool = True
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"store": self.store, "kind": self.kind, "ok": self.ok, "decoded": self.decoded,
+                "steps_total": self.steps_total, "steps_marked_complete": self.steps_marked,
+                "arrays": self.arrays, "files_checked": self.files_checked, "chunks_decoded": self.chunks_decoded,
+                "first_bad_step": self.first_bad_step, "repairable": self.repairable,
+                "problems": [p.as_dict() for p in self.problems]}
+
+    def summary(self, limit: int = 3) -> str:
+        if self.ok:
+            return "ok"
+        shown = "; ".join(p.line() for p in self.problems[:limit])
+        more = f" (+{len(self.problems) - limit} more)" if len(self.problems) > limit else ""
+        return f"{len(self.problems)} damaged chunk{'s' if len(self.problems) != 1 else ''}: {shown}{more}"
+
+
+def _crc32c(data: bytes) -> int | None:
+    try:
+        import google_crc32c
+    except ImportError:
+        return None
+    return int(google_crc32c.value(data))
+
+
+def check_file(a: ArrayMeta, file: Path, strict: bool) -> str | None:
+    """What is wrong with one chunk/shard file without decoding it (None: looks whole)."""
+    try:
+        size = file.stat().st_size
+    except FileNotFoundError:
+        return "missing chunk file" if a.inner is None else "missing shard file"
+    except OSError as e:
+        return f"unreadable ({e.strerror})"
+    if a.inner is None:
+        if size == 0:
+            return "empty chunk file"
+        if a.raw_bytes is not None and size != a.raw_bytes:
+            return f"chunk file has {size} bytes, {a.raw_bytes} expected (truncated or overwritten)"
+        return None
+    if size < a.index_bytes:
+        return f"shard file truncated ({size} bytes)"
+    try:
+        with open(file, "rb") as f:
+            if a.index_at_end:
+                f.seek(size - a.index_bytes)
+            index = f.read(a.index_bytes)
+    except OSError as e:
+        return f"unreadable ({e.strerror})"
+    body = index[:-4] if a.index_crc else index
+    if a.index_crc:
+        crc = _crc32c(body)
+        if crc is not None and crc != int.from_bytes(index[-4:], "little"):
+            return "shard index checksum does not match (truncated or overwritten)"
+    entries = np.frombuffer(body, dtype="<u8").reshape(-1, 2)
+    empty = (entries[:, 0] == _EMPTY) & (entries[:, 1] == _EMPTY)
+    if strict and empty.any():
+        return f"{int(empty.sum())} of {len(entries)} chunks missing from the shard"
+    data_end = size - a.index_bytes if a.index_at_end else size
+    data_start = 0 if a.index_at_end else a.index_bytes
+    used = entries[~empty]
+    if used.size and ((used[:, 0] < data_start) | (used[:, 0] + used[:, 1] > data_end)).any():
+        return "shard truncated (a chunk reaches past its end)"
+    if a.raw_bytes is not None and used.size and (used[:, 1] != a.raw_bytes).any():
+        return "a chunk in the shard has the wrong size"
+    return None
+
+
+def _rows_needed(layout: StoreLayout, a: ArrayMeta) -> tuple[str, list[tuple[int, int]]]:
+    """How ``a``'s rows map onto steps: (role, [(row, step)]) of the rows that must be whole."""
+    done = layout.step_complete if layout.step_complete is not None else np.zeros(0, bool)
+    marked = np.flatnonzero(done).tolist()
+    every = bool(done.size) and bool(done.all())
+    if a.name == "step_complete":
+        return "flags", []
+    if a.name in COORDS or not a.dims:
+        return "coordinate", []
+    first = a.dims[0]
+    if first == "step" and a.shape[0] == done.size:
+        return "step", [(s, s) for s in marked]
+    if first == "latent_step" and a.shape[0] == done.size + 1:
+        if a.name == "rng_state":  # rows only where a generator moved; row 0 always
+            return "rng", [(0, 0)] if marked and marked[0] == 0 else []
+        rows = [(0, 0)] if marked and marked[0] == 0 else []
+        return "latent", rows + [(s + 1, s) for s in marked]
+    return "whole", [] if not every else [(-1, 0)]
+
+
+def verify_store(path: str | Path, decode: bool = True, layout: StoreLayout | None = None,
+                 progress: Callable[[str], None] | None = None) -> VerifyReport:
+    """Check every chunk of every step marked complete (see the module docstring)."""
+    layout = layout or inspect_store(path)
+    done = layout.step_complete
+    rep = VerifyReport(str(layout.path), layout.kind, layout.steps_total,
+                       int(done.sum()) if done is not None else 0, decode)
+    group = None
+    if decode:
+        import zarr
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            group = zarr.open_group(str(layout.path), mode="r", use_consolidated=False)
+    for name, a in layout.arrays.items():
+        if progress:
+            progress(name)
+        rep.arrays += 1
+        folder = layout.path / name
+        if layout.kind != "capture":
+            role, rows = "other", []
+        else:
+            role, rows = _rows_needed(layout, a)
+        checks: list[tuple[tuple[int, ...], int | None, int | None, bool]] = []  # (file, step, row, must exist)
+        if role in ("step", "latent", "rng"):
+            for row, step in rows:
+                checks += [(idx, step, row if role != "step" else None, True) for idx in a.files_of_row(row)]
+            if role == "rng" and decode:  # the other rows that exist must decode too
+                listed = {idx for idx, *_ in checks}
+                for idx in a.all_files():
+                    r = idx[0] * a.grid[0]
+                    step = max(r - 1, 0)
+                    if idx not in listed and step < done.size and done[step]:
+                        checks.append((idx, step, r, False))
+        elif role == "whole" and rows:
+            checks += [(idx, None, None, layout.strict) for idx in a.all_files()]
+        elif role in ("coordinate", "flags", "other"):
+            strict_coord = layout.strict and role == "coordinate"
+            checks += [(idx, None, None, strict_coord) for idx in a.all_files()]
+        for idx, step, row, must in checks:
+            file = folder / a.key(idx)
+            if not must and not file.exists():
+                continue
+            rep.files_checked += 1
+            what = check_file(a, file, layout.strict)
+            if what is None and group is not None:
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        np.asarray(group[name][a.region(idx)])
+                    rep.chunks_decoded += a.inner_per_file
+                except Exception as e:
+                    what = f"does not decode ({_short(e)})"
+            if what is not None:
+                if role == "coordinate" or role == "flags":
+                    rep.repairable = False
+                rep.problems.append(Problem(name, step, what, row))
+                if role in ("step", "latent", "rng", "whole"):
+                    s = 0 if step is None else step
+                    rep.first_bad_step = s if rep.first_bad_step is None else min(rep.first_bad_step, s)
+    if not rep.repairable:
+        rep.first_bad_step = None
+    return rep
+
+
+def stored_bytes(path: str | Path) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.stat(os.path.join(root, f)).st_size
+            except OSError:
+                pass
+    return total
