@@ -162,41 +162,23 @@ def verify_(
 def query(
     store: Path = typer.Argument(..., help="A capture store."),
     hook: str = typer.Argument(..., help="Hook point (blocks.3.resid_post), or array (blocks.resid_post) for all layers."),
-    step: Optional[str] = typer.Option(None, "--step", help="Steps: 5, -1, 0:10, 0,5,9."),
-    layer: Optional[str] = typer.Option(None, "--layer", help="Block indices: 3, 0-27, 0,5."),
-    sample: Optional[str] = typer.Option(None, "--sample", help="Samples: 0, 0:4."),
+    step: Optional[str] = typer.Option(None, "--step", help="Step positions: 5, -1 (last), 0:10, ::2, 0,5,9, 3-7, 40- (to the end)."),
+    layer: Optional[str] = typer.Option(None, "--layer", help="Block indices: 3, -1 (last captured), 0-27, 20- (20 to the last captured), 0,5."),
+    sample: Optional[str] = typer.Option(None, "--sample", help="Samples: 0, 0:4, 0-3."),
     cfg: Optional[str] = typer.Option(None, "--cfg", help="cond or uncond (guided stores)."),
     reduce: str = typer.Option("norm", "--reduce", "-r", help="norm, mean, std, rms, absmax or none."),
+    replica: Optional[str] = typer.Option(None, "--replica", help="a or b (replica-pair stores)."),
     over: Optional[str] = typer.Option(None, "--over", help="Dims to reduce (default: all value dims, e.g. token,channel)."),
-    as_json: bool = typer.Option(False, "--json", help="Print records as JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print records as JSON (NaN as null)."),
     as_csv: bool = typer.Option(False, "--csv", help="Print records as CSV."),
     limit: int = typer.Option(200, "--limit", help="Most rows to print as a table (JSON/CSV print all)."),
 ):
-    """Slice one hook point by step/layer/sample and reduce it to a table."""
-    from dithooks.query import reduce_selection, to_records
-    from dithooks.store.reader import open_store, parse_index
+    allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help="Read steps not marked complete and missing or damaged chunks as NaN (with a warning) instead of refusing."),
+    """Slice one hook point by step/layer/sample and reduce it to a table (streamed chunk by chunk)."""
+    from .query_cmd import run_query
 
-    s = open_store(store)
-    sel = s.select(hook, step=parse_index(step), layer=parse_index(layer), sample=parse_index(sample),
-                   cfg=parse_index(cfg))
-    red = reduce_selection(sel, reduce, [d.strip() for d in over.split(",")] if over else None)
-    if reduce == "none" and red.values.size > 100_000 and not (as_json or as_csv):
-        fail(f"{red.values.size} values without a reduction: narrow the selection, or use --json/--csv")
-    records = to_records(red, reduce if reduce != "none" else "value")
-    if "step" in red.dims:
-        ts = s.coord("timestep")
-        for r in records:
-            r["timestep"] = int(ts[r["step"]])
-    if as_json:
-        print_json({"store": str(store), "array": sel.name, "reduce": reduce, "dims": list(red.dims),
-                    "records": records})
-    elif as_csv:
-        print_csv(records)
-    else:
-        title = f"{sel.name}  {reduce} over {', '.join(d for d in sel.dims if d not in red.dims) or 'nothing'}"
-        print_table(records[:limit], title=title)
-        if len(records) > limit:
-            typer.echo(f"... {len(records) - limit} more rows (--limit, --json or --csv for all)")
+    run_query(store, hook, step=step, layer=layer, sample=sample, cfg=cfg, replica=replica, reduce=reduce,
+              over=over, as_json=as_json, as_csv=as_csv, limit=limit, allow_incomplete=allow_incomplete)
 
 
 @app.command("hooks")
