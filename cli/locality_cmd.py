@@ -50,11 +50,11 @@ def _bar(desc: str, quiet: bool):
     return lambda total: tqdm(total=total, desc=desc, unit="cell", disable=quiet)
 
 
-def _report(store_path: Path, as_json: bool, seconds: float) -> None:
+def _report(store_path: Path, as_json: bool, seconds: float, figures: bool = True) -> None:
     from dithooks.locality.store import read_meta
     from dithooks.locality.summary import summarize
 
-    summary = summarize(store_path)
+    summary = summarize(store_path, figures=figures)
     meta = read_meta(store_path)
     if as_json:
         print_json({"store": str(store_path), "kind": meta.get("kind"), "status": meta.get("status"),
@@ -93,6 +93,7 @@ def gaps(
     overwrite: ro.Overwrite = False,
     quiet: ro.Quiet = False,
     as_json: ro.Json = False,
+    figures: bool = typer.Option(True, "--figures/--no-figures", help="Write figures under STORE/figures/ (PNG + SVG)."),
 ):
     """Conditioning gap ||eps_c - eps_null||/N and locality gap ||eps_global - eps_local,r||/N over t x r (Figure 3)."""
     from dithooks.locality.digits import heldout_digits, is_digits_model
@@ -113,7 +114,7 @@ def gaps(
     _interrupts()
     t0 = time.perf_counter()
     run_gaps(den, req, out, mode, data=data, progress=_bar("gaps", quiet or as_json))
-    _report(out, as_json, time.perf_counter() - t0)
+    _report(out, as_json, time.perf_counter() - t0, figures)
 
 
 def forward_backward(
@@ -130,6 +131,7 @@ def forward_backward(
     overwrite: ro.Overwrite = False,
     quiet: ro.Quiet = False,
     as_json: ro.Json = False,
+    figures: bool = typer.Option(True, "--figures/--no-figures", help="Write figures under STORE/figures/ (PNG + SVG)."),
 ):
     """Noise held-out digits to t, denoise unconditionally (global and local r): classifier error and MSE vs t (Figure 4)."""
     from dithooks.locality.digits import digits_judge, heldout_digits
@@ -152,7 +154,7 @@ def forward_backward(
     t0 = time.perf_counter()
     run_forward_backward(den, judge, req, x0, y, out, mode, batch_rows=batch,
                          progress=_bar("forward-backward", quiet or as_json))
-    _report(out, as_json, time.perf_counter() - t0)
+    _report(out, as_json, time.perf_counter() - t0, figures)
 
 
 def windowed(
@@ -175,6 +177,7 @@ def windowed(
     overwrite: ro.Overwrite = False,
     quiet: ro.Quiet = False,
     as_json: ro.Json = False,
+    figures: bool = typer.Option(True, "--figures/--no-figures", help="Write figures under STORE/figures/ (PNG + SVG)."),
 ):
     """Conditioning (or global attention) only in a window t0..t0+w, t0 scanned: error and Fréchet distance (Figures 5-6)."""
     from dithooks.locality.digits import digits_judge
@@ -193,15 +196,16 @@ def windowed(
     _interrupts()
     t0 = time.perf_counter()
     run_windowed(den, judge, feats, req, out, mode, batch_rows=batch, progress=_bar(f"windowed {inside}", quiet or as_json))
-    _report(out, as_json, time.perf_counter() - t0)
+    _report(out, as_json, time.perf_counter() - t0, figures)
 
 
 def show(
     store: Path = typer.Argument(..., help="A store written by dithooks locality gaps/forward-backward/windowed."),
     as_json: ro.Json = False,
+    figures: bool = typer.Option(True, "--figures/--no-figures", help="Write figures under STORE/figures/ (PNG + SVG)."),
 ):
     """Re-summarise a locality store: tables, notes, figures (also of a partial store)."""
-    _report(store, as_json, 0.0)
+    _report(store, as_json, 0.0, figures)
 
 
 def register(app: typer.Typer) -> None:

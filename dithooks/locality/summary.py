@@ -72,7 +72,9 @@ def _open(path: Path) -> CellStore:
     return CellStore(path, zarr.open_group(str(path), mode="r+", zarr_format=3))
 
 
-def summarize(path: str | Path, write: bool = True) -> dict[str, Any]:
+def summarize(path: str | Path, write: bool = True, figures: bool = True) -> dict[str, Any]:
+    """Tables and notes of a store (and its figures unless ``figures=False``); ``write`` puts
+    them into the store's metadata."""
     path = Path(path)
     kind = read_meta(path).get("kind")
     store = _open(path)
@@ -80,7 +82,7 @@ def summarize(path: str | Path, write: bool = True) -> dict[str, Any]:
           "locality-windowed": summarize_windowed}.get(kind)
     if fn is None:
         raise StoreError(f"{path} is a {kind!r} store, not a locality measurement")
-    summary = fn(store)
+    summary = fn(store, figures)
     if write:
         store.update_meta(summary=summary)
         store.consolidate()
@@ -93,7 +95,7 @@ def _title(store: CellStore, what: str) -> str:
 
 
 # -- gaps ---------------------------------------------------------------------------------------
-def summarize_gaps(store: CellStore) -> dict[str, Any]:
+def summarize_gaps(store: CellStore, figures: bool = True) -> dict[str, Any]:
     done = store.done_mask()
     trajs = [str(s) for s in store.coord("trajectory")]
     t, ts, radii = store.coord("t"), store.coord("timestep"), store.coord("radius")
@@ -137,7 +139,7 @@ def summarize_gaps(store: CellStore) -> dict[str, Any]:
                          f"overlap with G_cond's {ov:.2f}, correlation over t {corr:.2f}")
     figs = []
     fig_dir = store.path / "figures"
-    if done.any():
+    if figures and done.any():
         title = _title(store, "conditioning and locality gaps")
         plots.gaps_figure(fig_dir / "gaps", trajs, t, radii, gcond, gloc, gloc_u, title)
         plots.gaps_curves_figure(fig_dir / "gaps_curves", trajs, t, radii, gcond, gloc, title)
@@ -149,7 +151,7 @@ def summarize_gaps(store: CellStore) -> dict[str, Any]:
 
 
 # -- forward-backward -------------------------------------------------------------------------------
-def summarize_forward_backward(store: CellStore) -> dict[str, Any]:
+def summarize_forward_backward(store: CellStore, figures: bool = True) -> dict[str, Any]:
     from .forward_backward import binomial_sigma, fb_metrics
 
     m = fb_metrics(store)
@@ -175,7 +177,7 @@ def summarize_forward_backward(store: CellStore) -> dict[str, Any]:
         notes.append(f"{mode}: error reaches 0.45 (half of chance) at t={th:.3f}" if np.isfinite(th)
                      else f"{mode}: error never reaches 0.45 on this grid")
     figs = []
-    if np.isfinite(m["error"]).any():
+    if figures and np.isfinite(m["error"]).any():
         plots.forward_backward_figure(store.path / "figures" / "forward_backward", modes, t, m["error"],
                                       m["sigma"], m["mse"], m["mse_sem"], clean_err,
                                       _title(store, "forward-backward (unconditional denoising)"))
@@ -186,7 +188,7 @@ def summarize_forward_backward(store: CellStore) -> dict[str, Any]:
 
 
 # -- windowed -------------------------------------------------------------------------------------
-def summarize_windowed(store: CellStore) -> dict[str, Any]:
+def summarize_windowed(store: CellStore, figures: bool = True) -> dict[str, Any]:
     from .windowed import windowed_metrics
 
     real = None
@@ -223,7 +225,7 @@ def summarize_windowed(store: CellStore) -> dict[str, Any]:
             notes.append(f"lowest FD to always_on {np.nanmin(f):.3f} for window {names[scan[bf]]} "
                          f"(t in [{t0[scan[bf]]:.2f}, {t1[scan[bf]]:.2f}])")
     figs = []
-    if ok:
+    if figures and ok:
         refs = {nm: (float(mt["error"][w]), float(mt["fd"][w])) for w, nm in enumerate(names)
                 if not nm.startswith("t0=") and np.isfinite(mt["error"][w])}
         sel = [scan[i] for i in ok]
