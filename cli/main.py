@@ -256,6 +256,12 @@ from .probe_cmd import register as _register_probe_commands  # noqa: E402  (need
 
 _register_probe_commands(app)
 
+from .protocol2_cmd import register as _register_protocol2_command  # noqa: E402
+from .report_cmd import register as _register_report_command  # noqa: E402
+
+_register_protocol2_command(app)
+_register_report_command(app)
+
 from .locality_cmd import register as _register_locality_commands  # noqa: E402
 
 _register_locality_commands(app)
