@@ -15,7 +15,8 @@ from .output import human_bytes, print_csv, print_json, print_table, user_errors
 
 
 def probe(
-    name: str = typer.Argument(..., help="A built-in probe (`dithooks probes`) or your own: package.module:ClassName."),
+    name: str = typer.Argument(..., help="A built-in probe (`dithooks probes`) or your own: package.module:ClassName "
+                               "(importable, e.g. via PYTHONPATH) or path/to/file.py:ClassName."),
     option: List[str] = typer.Option([], "--option", "-O", help="Probe option key=value; repeat for more."),
     out: ro.Out = Path("probe.zarr"),
     model: ro.Model = None,
@@ -40,6 +41,7 @@ def probe(
     device: ro.Device = "cpu",
     resume: ro.Resume = False,
     overwrite: ro.Overwrite = False,
+    allow_weight_mismatch: ro.AllowWeightMismatch = False,
     quiet: ro.Quiet = False,
     as_json: ro.Json = False,
 ):
@@ -53,7 +55,7 @@ def probe(
         kappa=kappa, coupling=coupling, couple_until=couple_until, share_noise_until=share_noise_until,
         couple_layers=couple_layers, window=window, window_layers=window_layers, jvp_direction=jvp_direction,
         probes=(the_probe,))
-    result, arrays = run_probe(the_probe, request, quiet=quiet or as_json)
+    result, arrays = run_probe(the_probe, request, quiet=quiet or as_json, allow_weight_mismatch=allow_weight_mismatch)
     summary = {"store": str(result.path), "probe": the_probe.describe(), "steps_run": result.steps_run,
                "steps_total": result.steps_total, "resumed_from_step": result.resumed_from,
                "seconds": round(result.seconds, 3),
@@ -67,16 +69,15 @@ def probe(
                  for a in arrays])
 
 
-def run_probe(the_probe, request: dict, quiet: bool):
+def run_probe(the_probe, request: dict, quiet: bool, allow_weight_mismatch: bool = False):
     """Run a capture with ``the_probe``; returns the result and the probe's stored arrays."""
     from tqdm.auto import tqdm
 
-    from dithooks.capture import CaptureConfig, CaptureSession
     from dithooks.store.reader import open_store
 
     from .main import _sigterm_as_interrupt, announce_plan
 
-    session = CaptureSession(CaptureConfig(**request))
+    session = ro.make_session(request, allow_weight_mismatch=allow_weight_mismatch)
     announce_plan(session, quiet=quiet)
     _sigterm_as_interrupt()
     steps = request["sampler"].steps
@@ -84,10 +85,19 @@ def run_probe(the_probe, request: dict, quiet: bool):
     def progress(it):
         return tqdm(it, total=steps, initial=it.start, desc=the_probe.label(), unit="step", disable=quiet)
 
-    result = session.run(progress=progress)
+    result = ro.run_session(session, progress)
     store = open_store(request["out"])
     prefix = f"probe.{the_probe.label()}."
     return result, [store.array_info(n) for n in store.array_names() if n.startswith(prefix)]
+
+
+def _user_text(text: str) -> str:
+    """Docstrings cite THEORY.md, which users do not have: keep the paper's equation numbers only."""
+    import re
+
+    text = re.sub(r"THEORY(?:\.md)?\s*§\s*[\d\-–]+(?:\s*,\s*§\s*[\d\-–]+)*\s*,?\s*", "", text)
+    text = re.sub(r"\(\s*\[", "(eqs [", text)  # "(THEORY §4 [42–44])" -> "(eqs [42–44])"
+    return re.sub(r"\s*\(\s*\)", "", text)
 
 
 def probes(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")):
@@ -96,10 +106,10 @@ def probes(as_json: bool = typer.Option(False, "--json", help="Print as JSON."))
 
     rows = []
     for pname, cls in registered_probes().items():
-        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        doc = _user_text((cls.__doc__ or "").strip().splitlines()[0]) if cls.__doc__ else ""
         rows.append({"probe": pname, "class": f"{cls.__module__}:{cls.__qualname__}", "resumable": cls.resumable,
                      "description": doc,
-                     "options": {k: {"default": o.default, "help": o.help} for k, o in cls.options.items()}})
+                     "options": {k: {"default": o.default, "help": _user_text(o.help)} for k, o in cls.options.items()}})
     if as_json:
         print_json({"probes": rows})
         return
@@ -130,7 +140,9 @@ def routing(
     per_head: bool = typer.Option(False, "--per-head", help="One row per layer and head."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Save a heatmap (layer x step) of log10 ||R||/||M|| here (.png or .svg)."),
     device: ro.Device = "cpu",
+    resume: ro.Resume = False,
     overwrite: ro.Overwrite = False,
+    allow_weight_mismatch: ro.AllowWeightMismatch = False,
     quiet: ro.Quiet = False,
     as_json: ro.Json = False,
     as_csv: bool = typer.Option(False, "--csv", help="Print the table as CSV."),
@@ -140,14 +152,27 @@ def routing(
     from dithooks.probes.routing_summary import routing_heatmap, routing_summary, routing_table, summary_lines
     from dithooks.store.reader import open_store
 
+    from dithooks.errors import DithooksError
+
+    if as_json and as_csv:
+        raise DithooksError("--json and --csv exclude each other")
+    ro.check_output_file(plot, "--plot", (".png", ".svg", ".pdf"))
     if from_store is None:
+        if modes < 0:
+            raise DithooksError(f"--modes must be >= 0, got {modes}")
         the_probe = make_probe("routing", {"modes": modes})
         request = ro.sampling_request(
             out=out, model=model, layers=layers, hooks="", steps=steps, sampler=sampler, eta=eta, guidance=guidance,
-            classes=classes, seeds=seeds, device=device, overwrite=overwrite, pairs=True, kappa=kappa,
+            classes=classes, seeds=seeds, device=device, resume=resume, overwrite=overwrite, pairs=True, kappa=kappa,
             coupling=coupling, couple_until=couple_until, couple_layers=couple_layers, window=window,
             window_layers=window_layers, jvp_direction="replica", probes=(the_probe,))
-        run_probe(the_probe, request, quiet=quiet or as_json or as_csv)
+        pairs = len(request["seeds"])
+        if modes > pairs:
+            raise DithooksError(f"--modes {modes} is more than the {pairs} replica pair(s) (--seeds) can span: "
+                                f"use at most {pairs}")
+        run_probe(the_probe, request, quiet=quiet or as_json or as_csv, allow_weight_mismatch=allow_weight_mismatch)
+    elif resume or overwrite:
+        raise DithooksError("--from re-summarises a store without sampling: --resume and --overwrite do not apply")
     store = open_store(from_store if from_store is not None else out)
     rows = routing_table(store, per_head=per_head)
     summary = routing_summary(store)

@@ -7,6 +7,7 @@ the keyword arguments of :class:`dithooks.capture.CaptureConfig`.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -31,19 +32,22 @@ ComputeDtype = Annotated[str, typer.Option("--compute-dtype", help="Model dtype:
 Device = Annotated[str, typer.Option("--device", help="torch device: cpu, cuda, cuda:1, mps.")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in OUT.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing store at OUT.")]
+AllowWeightMismatch = Annotated[bool, typer.Option(
+    "--allow-weight-mismatch", help="Load a model whose weights do not match its config.json (unused or missing "
+    "weights; by default an error).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
 
-# replica pairs (THEORY §2)
+# replica pairs (the paper's eqs [18-19], [67])
 Pairs = Annotated[bool, typer.Option("--pairs", help="Sample each seed as a replica pair (a, b); implied by --kappa/--coupling.")]
 Kappa = Annotated[Optional[float], typer.Option("--kappa", help="Replica separation at the start, eq [67]: 0 identical, 0.7071 independent (default).")]
 Coupling = Annotated[Optional[float], typer.Option("--coupling", help="Coupling strength g in [0, 1] of eq [19] (default 0: uncoupled pair).")]
-CoupleUntil = Annotated[Optional[int], typer.Option("--couple-until", help="Couple for the steps before this one, then run independently (Protocol I's s*).")]
+CoupleUntil = Annotated[Optional[int], typer.Option("--couple-until", help="Couple for the steps before this one (0 to --steps), then run independently (Protocol I's s*).")]
 ShareNoiseUntil = Annotated[Optional[int], typer.Option("--share-noise-until", help="g = 0 control: replica b reuses a's sampler noise before this step.")]
 CoupleLayers = Annotated[str, typer.Option("--couple-layers", help="Blocks whose attention is coupled: all, 0-13, ...")]
 
 # attention processor options
-Window = Annotated[Optional[int], typer.Option("--window", help="Intervention: restrict attention to a Chebyshev window of this radius in tokens (THEORY §7).")]
+Window = Annotated[Optional[int], typer.Option("--window", help="Intervention: restrict attention to a Chebyshev window of this radius in tokens, max(|drow|, |dcol|) <= r (the local denoiser of the nonlocality paper, Sec. 3.1).")]
 WindowLayers = Annotated[str, typer.Option("--window-layers", help="Blocks the window applies to: all, 0-13, ...")]
 TopK = Annotated[Optional[int], typer.Option("--top-k", help="k for the attn.topk_idx / attn.topk_val reductions.")]
 QueryTokens = Annotated[Optional[str], typer.Option("--query-tokens", help="Query rows for attn.pattern_query: 0,5,120 or 0-15.")]
@@ -54,22 +58,65 @@ JvpDirection = Annotated[str, typer.Option("--jvp-direction", help="Direction of
 JvpGates = Annotated[bool, typer.Option("--jvp-gates/--no-jvp-gates", help="Apply rho(g), xi(g) to the routing/modulation parts.")]
 
 
-def parse_int_list(spec: str, what: str) -> list[int]:
-    """``0-7``, ``0,3,5``, ``4`` -> list of ints."""
+#: Most items a list option (--seeds, --class, --query-tokens, ...) may expand to.
+MAX_LIST_ITEMS = 100_000
+
+
+def parse_int_list(spec: str, what: str, *, lo: int | None = None, hi: int | None = None) -> list[int]:
+    """``0-7``, ``0,3,5``, ``4`` -> list of ints, each within ``[lo, hi]`` when given."""
     out: list[int] = []
     for part in spec.split(","):
         part = part.strip()
         try:
             if "-" in part[1:]:
-                lo, hi = part.split("-", 1)
-                out.extend(range(int(lo), int(hi) + 1))
+                a, b = part[0] + part[1:].split("-", 1)[0], part[1:].split("-", 1)[1]
+                first, last = int(a), int(b)
+                if last < first:
+                    raise DithooksError(f"empty range {part!r} in {what} {spec!r}: write it low-high")
+                if last - first + 1 + len(out) > MAX_LIST_ITEMS:
+                    raise DithooksError(f"{what} {spec!r} selects more than {MAX_LIST_ITEMS} items")
+                out.extend(range(first, last + 1))
             elif part:
                 out.append(int(part))
         except ValueError:
             raise DithooksError(f"malformed {what} {spec!r}: use e.g. 3, 0-7 or 0,2,5") from None
     if not out:
         raise DithooksError(f"empty {what} {spec!r}")
+    bad = [v for v in out if (lo is not None and v < lo) or (hi is not None and v > hi)]
+    if bad:
+        allowed = f"use {lo}-{hi}" if lo is not None and hi is not None else f"must be at least {lo}" \
+            if lo is not None else f"must be at most {hi}"
+        raise DithooksError(f"{what} {spec!r}: {bad[0]} is out of range ({allowed})")
     return out
+
+
+def check_finite(value: float | None, option: str, lo: float | None = None, hi: float | None = None) -> None:
+    """Refuse NaN, infinities and values outside ``[lo, hi]`` of a numeric option, naming it."""
+    if value is None:
+        return
+    if not math.isfinite(value):
+        raise DithooksError(f"{option} must be a finite number, got {value}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        where = (f"in [{lo:g}, {hi:g}]" if lo is not None and hi is not None
+                 else f">= {lo:g}" if lo is not None else f"<= {hi:g}")
+        raise DithooksError(f"{option} must be {where}, got {value:g}")
+
+
+def check_output_file(path: Path | None, option: str, suffixes: tuple[str, ...]) -> None:
+    """A file the command writes at the end: refuse a wrong suffix or a missing folder up front."""
+    if path is None:
+        return
+    if path.suffix.lower() not in suffixes:
+        raise DithooksError(f"{option} {path}: the file name must end in {' or '.join(suffixes)}")
+    parent = path.expanduser().parent
+    if not parent.is_dir():
+        raise DithooksError(f"{option} {path}: folder {parent} does not exist")
+    if path.is_dir():
+        raise DithooksError(f"{option} {path} is a folder")
+
+
+#: Seeds must fit torch's generator (< 2**64) after replica b's offset (replica_seed adds 2**40).
+MAX_SEED = 2**63 - 1 - 2**40
 
 
 def _jvp_direction(text: str) -> Any:
@@ -84,9 +131,19 @@ def _jvp_direction(text: str) -> Any:
     import torch
 
     try:
-        return torch.from_numpy(np.load(path, allow_pickle=False).astype("float32"))
-    except (ValueError, OSError) as e:
+        arr = np.load(path, allow_pickle=False)
+        if arr.dtype.kind not in "biuf":
+            raise ValueError(f"it holds {arr.dtype} values, not numbers")
+        arr = arr.astype("float32")
+    except (ValueError, OSError, EOFError) as e:
         raise DithooksError(f"cannot read {path} as a numpy array: {e}") from None
+    if arr.size == 0:
+        raise DithooksError(f"JVP direction {path} is empty")
+    if not np.isfinite(arr).all():
+        raise DithooksError(f"JVP direction {path} holds {int((~np.isfinite(arr)).sum())} NaN or infinite values")
+    if not np.any(arr):
+        raise DithooksError(f"JVP direction {path} is all zeros: a JVP along it is zero")
+    return torch.from_numpy(arr)
 
 
 def sampling_request(*, out: Path, model: str | None, layers: str, hooks: str, steps: int, sampler: str,
@@ -104,19 +161,73 @@ def sampling_request(*, out: Path, model: str | None, layers: str, hooks: str, s
 
     if resume and overwrite:
         raise DithooksError("--resume and --overwrite exclude each other")
+    check_finite(eta, "--eta", 0.0, 1.0)
+    check_finite(guidance, "--guidance", -1e4, 1e4)
+    check_finite(kappa, "--kappa", 0.0, 1.0)
+    check_finite(coupling, "--coupling (g)", 0.0, 1.0)
+    if steps < 1:
+        raise DithooksError(f"--steps must be at least 1, got {steps}")
+    for value, option in ((couple_until, "--couple-until"), (share_noise_until, "--share-noise-until")):
+        if value is not None and not 0 <= value <= steps:
+            raise DithooksError(f"{option} must be a step in 0-{steps} (--steps), got {value}")
+    if window is not None and window < 0:
+        raise DithooksError(f"--window must be a radius >= 0 in tokens, got {window}")
+    if top_k is not None and top_k < 1:
+        raise DithooksError(f"--top-k must be at least 1, got {top_k}")
+    if query_tile < 1:
+        raise DithooksError(f"--query-tile must be at least 1, got {query_tile}")
+    for text, option in ((layers, "--layers"), (couple_layers, "--couple-layers"), (window_layers, "--window-layers")):
+        if not str(text).strip():
+            raise DithooksError(f"empty {option}: give blocks (0-27, 0,5, 20-) or all")
     replicas = None
     if pairs or kappa is not None or coupling is not None or couple_until is not None or share_noise_until is not None:
         coupled = None  # every block; the capture checks a list against the model's blocks
-        if couple_layers not in ("all", ""):
-            coupled = tuple(parse_int_list(couple_layers, "coupled layers"))
+        if couple_layers.strip().lower() != "all":
+            coupled = tuple(parse_int_list(couple_layers, "coupled layers", lo=0))
         replicas = ReplicaSpec(kappa=2 ** -0.5 if kappa is None else kappa, g=coupling or 0.0,
                                couple_until=couple_until, share_noise_until=share_noise_until, layers=coupled)
     return dict(
         out=str(out), model=model, layers=layers, hooks=tuple(h.strip() for h in hooks.split(",") if h.strip()),
-        sampler=SamplerSpec(sampler, steps, eta, guidance), labels=tuple(parse_int_list(classes, "classes")),
-        seeds=tuple(parse_int_list(seeds, "seeds")), storage_dtype=dtype, compute_dtype=compute_dtype,
+        sampler=SamplerSpec(sampler, steps, eta, guidance), labels=tuple(parse_int_list(classes, "classes", lo=0)),
+        seeds=tuple(parse_int_list(seeds, "seeds", lo=0, hi=MAX_SEED)), storage_dtype=dtype, compute_dtype=compute_dtype,
         compression=compression, device=device, mode="resume" if resume else "overwrite" if overwrite else "create",
         probes=probes, replicas=replicas, window=window, window_layers=None if window is None else window_layers,
-        top_k=top_k, query_tokens=tuple(parse_int_list(query_tokens, "query tokens")) if query_tokens else None,
+        top_k=top_k, query_tokens=tuple(parse_int_list(query_tokens, "query tokens", lo=0)) if query_tokens is not None else None,
         query_tile=query_tile,
         jvp=JVPSettings(direction=_jvp_direction(jvp_direction), apply_gates=jvp_gates))
+
+
+def make_session(request: dict[str, Any], *, allow_weight_mismatch: bool = False):
+    """The :class:`~dithooks.capture.CaptureSession` of a request; nothing is on disk yet."""
+    from dithooks.capture import CaptureConfig, CaptureSession, _compute_dtype
+    from dithooks.loading import load_model
+
+    cfg = CaptureConfig(**request)
+    loaded = None
+    if allow_weight_mismatch:  # the session loads strictly by itself otherwise
+        loaded = load_model(cfg.model, device=cfg.device, dtype=_compute_dtype(cfg.compute_dtype),
+                            allow_weight_mismatch=True)
+    return CaptureSession(cfg, loaded)
+
+
+def run_session(session, progress):
+    """Run a session; an error after the store exists says what state the store was left in."""
+    from dithooks.store.metadata import ATTR_KEY
+
+    try:
+        return session.run(progress=progress)
+    except DithooksError as e:
+        text = str(e)
+        if "--resume" in text or "--overwrite" in text:
+            raise
+        status = None
+        try:
+            import zarr
+
+            status = dict(zarr.open_group(str(session.path), mode="r").attrs[ATTR_KEY]).get("status")
+        except Exception:
+            pass
+        if status in ("failed", "interrupted"):
+            raise type(e)(f"{text}; {session.path} is marked {status}: fix the cause and continue it with "
+                          "--resume (or start again with --overwrite)") from e
+        raise

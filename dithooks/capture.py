@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import errno
+import fnmatch
 import json
 import os
 import shutil
@@ -130,19 +131,41 @@ class CaptureResult:
 def expand_hooks(patterns: tuple[str, ...] | list[str], layers: list[int], available: list[str]) -> list[str]:
     """Turn short names (``resid_post``, ``attn.out``) into per-layer names for ``layers``.
 
-    Full names (``blocks.3.resid_post``, ``final.out``) and globs pass through unchanged.
+    Globs (``blocks.2*.mlp.out``, ``*.resid_post``) expand against ``available`` and keep only
+    points of the selected ``layers`` (and points outside blocks); a glob that selects nothing
+    there, or a full per-block name (``blocks.3.resid_post``) of a block outside ``layers``, is
+    refused with :class:`HookNameError`. ``modules.*`` names pass through unchanged.
     """
+    from .layers import format_layers
+
     out: list[str] = []
     templates = {layer_template(n)[0] for n in available}
     short = sorted(t[len("blocks.{i}."):] for t in templates if t.startswith("blocks.{i}."))
     known = set(available)
+    chosen = set(layers)
     for p in patterns:
         p = p.strip()
         if not p:
             continue
         if "blocks.{i}." + p in templates:
             out += [f"blocks.{i}.{p}" for i in layers]
-        elif p in known or p.startswith("modules.") or any(c in p for c in "*?["):
+        elif p.startswith("modules."):
+            out.append(p)
+        elif any(c in p for c in "*?["):
+            hits = [n for n in available if fnmatch.fnmatchcase(n, p)]
+            kept = [n for n in hits if layer_template(n)[1] is None or layer_template(n)[1] in chosen]
+            if not kept:
+                where = (f" among the selected blocks {format_layers(sorted(chosen))} (--layers)" if hits
+                         else "")
+                raise HookNameError(f"hook pattern {p!r} matches no hook point{where} "
+                                    "(`dithooks hooks` lists them all)")
+            out += kept
+        elif p in known:
+            layer = layer_template(p)[1]
+            if layer is not None and layer not in chosen:
+                raise HookNameError(f"hook point {p!r} is in block {layer}, which --layers "
+                                    f"({format_layers(sorted(chosen))}) does not select: add it to --layers, "
+                                    f"or use the short name {p.split('.', 2)[2]!r}")
             out.append(p)
         elif "." not in p or not p.startswith(("blocks.", "final.", "embed.")):
             close = difflib.get_close_matches(p, short + sorted(n for n in known if not n.startswith("blocks.")), 4, 0.5)
@@ -411,7 +434,6 @@ class CaptureSession:
         lock = StoreLock(tmp, command=self._command_text())
         trash = None
         try:
-            lock.acquire()
             try:
                 self._build(tmp)
             except (DithooksError, KeyboardInterrupt):
@@ -419,6 +441,7 @@ class CaptureSession:
             except Exception as e:
                 msg = f"{e.strerror or e}" if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
                 raise StoreError(f"cannot create {target}: {msg}") from None
+            lock.acquire()  # after the build: Zarr's mode "w" empties the folder it is given
             if old is not None:
                 trash = temp_path(target, "old")
                 os.rename(target, trash)

@@ -12,7 +12,7 @@ _RANGE = re.compile(r"^(\d+)?\s*-\s*(\d+)?$")
 def parse_layers(spec: str | int | list[int] | tuple[int, ...] | None, num_layers: int) -> list[int]:
     """Return the sorted, de-duplicated block indices that ``spec`` selects.
 
-    Accepted forms: ``all`` (or ``None``/empty), one index ``5``, an inclusive range ``0-27``,
+    Accepted forms: ``all`` (or ``None``; an empty string is refused), one index ``5``, an inclusive range ``0-27``,
     open ranges ``20-`` and ``-3``, negative indices ``-1`` (the last block), and any
     comma-separated mix of these. Anything else, or an index outside ``0..num_layers-1``,
     raises :class:`LayerSelectionError` naming the model's valid range.
@@ -25,8 +25,10 @@ def parse_layers(spec: str | int | list[int] | tuple[int, ...] | None, num_layer
     if isinstance(spec, (list, tuple)):
         return _check([int(i) for i in spec], num_layers, valid, str(spec))
     text = str(spec).strip().lower()
-    if text in ("", "all", "*", ":"):
+    if text in ("all", "*", ":"):
         return list(range(num_layers))
+    if not text:
+        raise LayerSelectionError(f"empty layer selection {spec!r}: use 'all', '0-27', '0,5,27' or '20-'; {valid}")
     chosen: list[int] = []
     for part in text.split(","):
         part = part.strip()

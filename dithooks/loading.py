@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .adapters import ModelAdapter, adapter_for
-from .errors import ModelNotFoundError
+from .errors import DithooksError, ModelNotFoundError
 
 DEFAULT_MODEL = "dithooks/digits-dit"
 #: Embedded models by the names users pass to ``--model`` (variant names of default_model.config).
@@ -54,8 +54,14 @@ class LoadedModel:
 
 
 def load_model(spec: str | None = None, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
-               with_vae: bool = True) -> LoadedModel:
-    """Load ``spec`` (None = the embedded default model) for inference on ``device``."""
+               with_vae: bool = True, allow_weight_mismatch: bool = False) -> LoadedModel:
+    """Load ``spec`` (None = the embedded default model) for inference on ``device``.
+
+    Weights that the config does not use, or parameters the weights do not provide (a config
+    that says 12 blocks beside weights of 28), raise :class:`ModelNotFoundError` unless
+    ``allow_weight_mismatch`` is set; an unusable ``device`` is refused before anything loads.
+    """
+    check_device(device)
     embedded = {None: "digits", "": "digits", "default": "digits",
                  **{k: k for k in EMBEDDED_MODELS}, **{v: k for k, v in EMBEDDED_MODELS.items()}}
     if spec in embedded and not (spec and Path(spec).expanduser().exists()):
@@ -65,13 +71,13 @@ def load_model(spec: str | None = None, *, device: str = "cpu", dtype: torch.dty
         if not (path / "config.json").exists():
             raise ModelNotFoundError(f"the embedded model {variant!r} has no weights in this install; "
                                      f"run `dithooks train-default --variant {variant}` or pass --model")
-        loaded = _load_dir(path, EMBEDDED_MODELS[variant], "embedded", with_vae)
+        loaded = _load_dir(path, EMBEDDED_MODELS[variant], "embedded", with_vae, allow_weight_mismatch)
     else:
         path = Path(spec).expanduser()
         if path.exists():
-            loaded = _load_dir(path, str(spec), "local directory", with_vae)
+            loaded = _load_dir(path, str(spec), "local directory", with_vae, allow_weight_mismatch)
         elif _HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
-            loaded = _load_dir(_hub_snapshot(spec), spec, "hub cache", with_vae)
+            loaded = _load_dir(_hub_snapshot(spec), spec, "hub cache", with_vae, allow_weight_mismatch)
         else:
             raise ModelNotFoundError(f"no model directory at {spec!r} (and it is not a hub id like org/name)")
     loaded.transformer.to(device=device, dtype=dtype).eval()
@@ -102,12 +108,76 @@ def _hub_snapshot(repo_id: str) -> Path:
             "or pass a local directory saved with save_pretrained") from None
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device, or a one-line error when this machine cannot use it."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise DithooksError(f"unknown device {str(device)!r}: use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DithooksError(f"device {str(device)!r} asked for, but CUDA is not available "
+                                f"(torch {torch.__version__}{'' if torch.version.cuda else ' is a CPU-only build'})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DithooksError(f"device {str(device)!r} does not exist: this machine has "
+                                f"{torch.cuda.device_count()} CUDA device(s), cuda:0-{torch.cuda.device_count() - 1}")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise DithooksError("device 'mps' asked for, but MPS is not available on this machine")
+    elif dev.type != "cpu":
+        raise DithooksError(f"device {str(device)!r} is not supported: use cpu, cuda, cuda:N or mps")
+    return dev
+
+
 def _read_json(path: Path) -> dict[str, Any]:
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ModelNotFoundError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
+                                 "is it truncated?") from None
+    except UnicodeDecodeError:
+        raise ModelNotFoundError(f"{path} is not a text (JSON) file") from None
+    if not isinstance(obj, dict):
+        raise ModelNotFoundError(f"{path} holds a JSON {type(obj).__name__}, not an object")
+    return obj
 
 
-def _load_dir(path: Path, model_id: str, source: str, with_vae: bool) -> LoadedModel:
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+def _check_loading_info(info: dict[str, Any], where: Path, what: str) -> None:
+    """Refuse weights that do not fit the config (see :func:`load_model`)."""
+    missing, unused = list(info.get("missing_keys") or ()), list(info.get("unexpected_keys") or ())
+    mismatched = list(info.get("mismatched_keys") or ())
+    if not (missing or unused or mismatched):
+        return
+    parts = []
+    if unused:
+        parts.append(f"{len(unused)} weights the config does not use (e.g. {sorted(unused)[0]})")
+    if missing:
+        parts.append(f"{len(missing)} parameters the weights do not provide (e.g. {sorted(missing)[0]})")
+    if mismatched:
+        parts.append(f"{len(mismatched)} weights of the wrong shape (e.g. {mismatched[0][0]})")
+    raise ModelNotFoundError(f"the {what} weights in {where} do not match its config.json: {'; '.join(parts)}; "
+                             "fix the config (e.g. num_layers), or pass --allow-weight-mismatch to load anyway")
+
+
+def _from_pretrained(cls, path: Path, subfolder: str | None, what: str, allow_weight_mismatch: bool):
+    kwargs = {"subfolder": subfolder} if subfolder else {}
+    try:
+        model, info = cls.from_pretrained(str(path), output_loading_info=True, **kwargs)
+    except Exception as e:  # a corrupt or inconsistent checkpoint is the user's file, not our bug
+        raise ModelNotFoundError(f"could not load the {what} from {path}: {_first_line(e)}") from None
+    if not allow_weight_mismatch:
+        _check_loading_info(info, path / subfolder if subfolder else path, what)
+    return model
+
+
+def _load_dir(path: Path, model_id: str, source: str, with_vae: bool,
+              allow_weight_mismatch: bool = False) -> LoadedModel:
     import diffusers
 
     # diffusers' advice about `accelerate` and dtype casting is noise for a CLI user
@@ -126,21 +196,23 @@ def _load_dir(path: Path, model_id: str, source: str, with_vae: bool) -> LoadedM
     if not cfg_file.exists():
         raise ModelNotFoundError(f"{path} is a pipeline without a transformer/ folder")
     class_name = _read_json(cfg_file).get("_class_name", "DiTTransformer2DModel")
-    cls = getattr(diffusers, class_name, None)
-    if cls is None:
+    cls = getattr(diffusers, str(class_name), None)
+    if not (isinstance(cls, type) and hasattr(cls, "from_pretrained")):
         raise ModelNotFoundError(f"{cfg_file} names model class {class_name!r}, unknown to diffusers "
                                  f"{diffusers.__version__}")
-    try:
-        kwargs = {"subfolder": subfolder} if subfolder else {}
-        transformer = cls.from_pretrained(str(tdir), **kwargs)
-    except (OSError, ValueError, EnvironmentError) as e:
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise ModelNotFoundError(f"could not load the transformer from {path}: {first}") from None
+    transformer = _from_pretrained(cls, tdir, subfolder, "transformer", allow_weight_mismatch)
     sched = dict(DIT_SCHEDULE)
     if sched_file.exists():
         sched.update({k: v for k, v in _read_json(sched_file).items() if not k.startswith("_")})
     vae, scale = None, 1.0
     if with_vae and (path / "vae" / "config.json").exists():
-        vae = diffusers.AutoencoderKL.from_pretrained(str(path), subfolder="vae")
+        _read_json(path / "vae" / "config.json")
+        vae = _from_pretrained(diffusers.AutoencoderKL, path, "vae", "VAE", allow_weight_mismatch)
         scale = float(getattr(vae.config, "scaling_factor", 0.18215) or 0.18215)
-    return LoadedModel(transformer, adapter_for(transformer), model_id, source, sched, vae, scale)
+    try:
+        adapter = adapter_for(transformer)
+    except DithooksError:
+        raise
+    except Exception as e:  # an adapter that cannot read this config's geometry
+        raise ModelNotFoundError(f"cannot use the {class_name} in {path}: {_first_line(e)}") from None
+    return LoadedModel(transformer, adapter, model_id, source, sched, vae, scale)

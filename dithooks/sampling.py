@@ -11,6 +11,8 @@ trajectory whatever the batch size, and a resumed run draws the same noise as an
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -35,10 +37,14 @@ class SamplerSpec:
     def __post_init__(self):
         if self.name not in SAMPLERS:
             raise DithooksError(f"unknown sampler {self.name!r}; choose one of {', '.join(SAMPLERS)}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, numbers.Integral):
+            raise DithooksError(f"steps must be a whole number, got {self.steps!r}")
         if self.steps < 1:
             raise DithooksError(f"steps must be at least 1, got {self.steps}")
-        if not 0.0 <= self.eta <= 1.0:
+        if not 0.0 <= float(self.eta) <= 1.0:  # NaN fails this too
             raise DithooksError(f"eta must lie in [0, 1], got {self.eta}")
+        if not math.isfinite(float(self.guidance)):
+            raise DithooksError(f"guidance must be a finite number, got {self.guidance}")
 
     @property
     def cfg(self) -> bool:
@@ -70,8 +76,16 @@ class ReplicaSpec:
         try:
             validate_kappa(self.kappa)
             validate_coupling(self.g)
-        except ValueError as e:
+        except (TypeError, ValueError) as e:
             raise DithooksError(str(e)) from None
+        if not float(self.g) <= 1.0:
+            raise DithooksError(f"coupling strength g must lie in [0, 1] (eq [19]), got {self.g}")
+        for what, step in (("couple_until", self.couple_until), ("share_noise_until", self.share_noise_until)):
+            if step is not None and (isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0):
+                raise DithooksError(f"{what} must be a step >= 0 (or None), got {step!r}")
+        if self.layers is not None:
+            if not self.layers or any(isinstance(i, bool) or not isinstance(i, numbers.Integral) or i < 0 for i in self.layers):
+                raise DithooksError(f"coupled layers must be block indices >= 0 (or None for all), got {self.layers!r}")
 
     def coupling_at(self, step: int) -> float:
         return self.g if self.couple_until is None or step < self.couple_until else 0.0
@@ -92,7 +106,12 @@ def make_scheduler(spec: SamplerSpec, schedule: dict):
         # the variance of learned-sigma checkpoints is dropped (as DiTPipeline does): fixed_small
         cfg["variance_type"] = "fixed_small"
         sched = DDPMScheduler.from_config(cfg)
-    sched.set_timesteps(spec.steps)
+    try:
+        sched.set_timesteps(spec.steps)
+    except ValueError:  # more steps than the model's training schedule has timesteps
+        limit = sched.config.num_train_timesteps
+        raise DithooksError(f"{spec.steps} steps is more than this model's schedule has timesteps ({limit}): "
+                            f"use --steps 1-{limit}") from None
     if len(sched.timesteps) != spec.steps:
         raise DithooksError(f"the scheduler made {len(sched.timesteps)} timesteps for {spec.steps} steps")
     return sched

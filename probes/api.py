@@ -181,14 +181,24 @@ class Probe:
                 except (TypeError, ValueError) as e:
                     raise ProbeError(f"probe {self.label()}: bad value {value!r} for option {key!r} ({e})") from None
             self.opts[key] = value
-        self.check_options()
+        try:
+            self.check_options()
+        except ProbeError:
+            raise
+        except (TypeError, ValueError) as e:  # the documented alternative to ProbeError
+            raise ProbeError(f"probe {self.label()}: {e}") from e
 
     @classmethod
     def label(cls) -> str:
         return cls.name or cls.__qualname__
 
     def check_options(self) -> None:
-        """Refuse bad option values early (raise :class:`ProbeError`); nothing to check by default."""
+        """Refuse bad option values early; nothing to check by default.
+
+        Raise :class:`ProbeError` (or ``ValueError``/``TypeError``, which are reported the same
+        way) with a one-line message: the CLI prints it, prefixed with the probe's name, before
+        any store exists.
+        """
 
     def hook_points(self) -> tuple[str, ...]:
         """Hook points this probe reads; short names expand to every captured layer."""
@@ -259,24 +269,89 @@ def registered_probes() -> dict[str, type[Probe]]:
 
 
 def probe_class(spec: str) -> type[Probe]:
-    """A probe class from a registered name (``difference_modes``) or ``package.module:Class``."""
+    """A probe class from a registered name (``difference_modes``), an importable
+    ``package.module:Class``, or a file ``path/to/probe.py:Class``."""
     if ":" in spec:
-        mod_name, _, attr = spec.partition(":")
-        try:
-            mod = importlib.import_module(mod_name)
-        except ImportError as e:
-            raise ProbeError(f"cannot import probe module {mod_name!r}: {e}") from None
+        mod_name, _, attr = spec.rpartition(":")
+        attr = attr.strip()
+        if not mod_name or not attr:
+            raise ProbeError(f"malformed probe {spec!r}: use package.module:ClassName or path/to/file.py:ClassName")
+        mod = _import_probe_module(mod_name.strip())
         cls = getattr(mod, attr, None)
+        if cls is None:
+            found = sorted(n for n, c in vars(mod).items()
+                           if inspect.isclass(c) and issubclass(c, Probe) and c is not Probe)
+            close = difflib.get_close_matches(attr, found, 3, 0.5)
+            hint = (f"; did you mean {', '.join(close)}?" if close
+                    else f" (its Probe classes: {', '.join(found)})" if found else " (it defines no Probe class)")
+            raise ProbeError(f"probe module {mod_name!r} has no class {attr!r}{hint}")
         if not (inspect.isclass(cls) and issubclass(cls, Probe)):
-            raise ProbeError(f"{spec!r} is not a Probe subclass")
+            what = f"class {cls.__name__}" if inspect.isclass(cls) else f"a {type(cls).__name__}"
+            raise ProbeError(f"{spec!r} is {what}, not a subclass of dithooks.probes.api.Probe")
         return cls
     known = registered_probes()
     if spec not in known:
         close = difflib.get_close_matches(spec, list(known), 3, 0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ProbeError(f"unknown probe {spec!r}{hint} (`dithooks probes` lists them; "
-                         "your own: module.path:ClassName)")
+                         "your own: package.module:ClassName or path/to/file.py:ClassName)")
     return known[spec]
+
+
+def _import_error(what: str, e: BaseException) -> ProbeError:
+    if isinstance(e, SyntaxError):
+        where = f" ({e.filename}, line {e.lineno})" if e.filename else ""
+        return ProbeError(f"cannot import probe {what}: SyntaxError: {e.msg}{where}")
+    text = " ".join(str(e).split()) or type(e).__name__
+    return ProbeError(f"cannot import probe {what}: {type(e).__name__}: {text}")
+
+
+def _import_probe_module(name: str):
+    """A module by import path, or a ``.py`` file loaded by path (its folder goes on ``sys.path``
+    so that it can import its neighbours)."""
+    import hashlib
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    if name.endswith(".py") or "/" in name or "\\" in name:
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise ProbeError(f"no probe file {name!r}" + (" (a folder)" if path.is_dir() else ""))
+        path = path.resolve()
+        stem = "".join(c if c.isalnum() or c == "_" else "_" for c in path.stem)
+        mod_name = f"dithooks_user_probe_{stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+        if mod_name in sys.modules:
+            return sys.modules[mod_name]
+        spec = importlib.util.spec_from_file_location(mod_name, path)
+        if spec is None or spec.loader is None:
+            raise ProbeError(f"cannot load {name!r} as a Python module")
+        mod = importlib.util.module_from_spec(spec)
+        folder = str(path.parent)
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+        sys.modules[mod_name] = mod
+        try:
+            spec.loader.exec_module(mod)
+        except BaseException as e:
+            del sys.modules[mod_name]
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            raise _import_error(f"file {name!r}", e) from e
+        return mod
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name and name.split(".")[0] == e.name.split(".")[0]:
+            here = Path(name.replace(".", "/") + ".py")
+            hint = (f"; it is in the current folder: use ./{here}:ClassName or PYTHONPATH=." if here.is_file()
+                    else "; put its folder on PYTHONPATH, or give a file: path/to/file.py:ClassName")
+            raise ProbeError(f"cannot import probe module {name!r}: no module named {e.name!r}{hint}") from None
+        raise _import_error(f"module {name!r}", e) from e
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # a syntax error, or anything the module raises while importing
+        raise _import_error(f"module {name!r}", e) from e
 
 
 def make_probe(spec: Probe | str | tuple | Sequence, options: Mapping[str, Any] | None = None) -> Probe:
@@ -288,7 +363,13 @@ def make_probe(spec: Probe | str | tuple | Sequence, options: Mapping[str, Any] 
     if isinstance(spec, (tuple, list)) and len(spec) == 2 and isinstance(spec[1], Mapping):
         return make_probe(spec[0], {**spec[1], **(options or {})})
     if isinstance(spec, str):
-        return probe_class(spec)(**dict(options or {}))
+        cls = probe_class(spec)
+        try:
+            return cls(**dict(options or {}))
+        except DithooksError:
+            raise
+        except Exception as e:  # the probe's own __init__ (or check_options) failed
+            raise ProbeError(f"probe {cls.label()}: cannot create it: {type(e).__name__}: {e}") from e
     raise ProbeError(f"cannot make a probe from {spec!r}: give a Probe, a name, or (name, options)")
 
 

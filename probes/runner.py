@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from dithooks.errors import HookNameError
+from dithooks.errors import DithooksError, HookNameError
 from dithooks.hooks import HookContext
 from dithooks.store.writer import ArraySpec
 
@@ -23,6 +23,21 @@ Put = Callable[[ArraySpec, Any, torch.Tensor], None]
 
 def probe_array_name(probe: str, output: str) -> str:
     return f"probe.{probe}.{output}"
+
+
+def _failed(probe: Probe, where: str, e: BaseException) -> ProbeError:
+    text = " ".join(str(e).split()) or "(no message)"
+    return ProbeError(f"probe {probe.label()} raised in {where}: {type(e).__name__}: {text}")
+
+
+def _guarded(probe: Probe, where: str, fn: Callable, *args: Any) -> Any:
+    """Call a probe's own code; its errors become one-line :class:`ProbeError` naming the probe."""
+    try:
+        return fn(*args)
+    except DithooksError:
+        raise
+    except Exception as e:
+        raise _failed(probe, where, e) from e
 
 
 class ProbeRunner:
@@ -39,8 +54,9 @@ class ProbeRunner:
         self.hooks_of: dict[str, tuple[str, ...]] = {}
         self._listeners: dict[str, list[Probe]] = {}
         for p in self.probes:
+            wanted = _guarded(p, "hook_points", p.hook_points)
             try:
-                names = tuple(resolve(list(p.hook_points())))
+                names = tuple(resolve(list(wanted)))
             except HookNameError as e:
                 raise HookNameError(f"probe {p.label()}: {e}") from None
             self.hooks_of[p.label()] = names
@@ -73,28 +89,33 @@ class ProbeRunner:
         self._dims = dict(dim_sizes)
         self._specs = {}
         for p in self.probes:
-            p.start(RunInfo(steps=steps, layers=tuple(layers), batch_axes=tuple(tuple(a) for a in batch_axes),
+            _guarded(p, "start", p.start, RunInfo(steps=steps, layers=tuple(layers), batch_axes=tuple(tuple(a) for a in batch_axes),
                             labels=tuple(labels), seeds=tuple(seeds), timesteps=tuple(timesteps),
                             hook_names=self.hooks_of[p.label()], first_step=first_step,
                             num_tokens=num_tokens))
 
     def observe(self, value: torch.Tensor, ctx: HookContext) -> None:
         for p in self._listeners.get(ctx.name, ()):
-            p.observe(ctx.name, value, ctx)
+            try:
+                p.observe(ctx.name, value, ctx)
+            except DithooksError:
+                raise
+            except Exception as e:
+                raise _failed(p, f"observe ({ctx.name}, step {ctx.step})", e) from e
 
     def emit_step(self, step: int, put: Put, other_dims: dict[str, int] | None = None) -> None:
         """Queue every probe's outputs of ``step`` as ``array[step]``."""
         for p in self.probes:
-            for out_name, out in (p.end_step(step) or {}).items():
-                t = out.tensor()
+            for out_name, out in (_guarded(p, f"end_step (step {step})", p.end_step, step) or {}).items():
+                t = _guarded(p, f"end_step (step {step}), output {out_name!r}", out.tensor)
                 spec = self._spec(p, out_name, out, t, per_step=True, other_dims=other_dims)
                 put(spec, (step,), t)
 
     def emit_finish(self, put: Put, other_dims: dict[str, int] | None = None) -> None:
         """Queue every probe's once-only outputs (after the last step)."""
         for p in self.probes:
-            for out_name, out in (p.finish() or {}).items():
-                t = out.tensor()
+            for out_name, out in (_guarded(p, "finish", p.finish) or {}).items():
+                t = _guarded(p, f"finish, output {out_name!r}", out.tensor)
                 put(self._spec(p, out_name, out, t, per_step=False, other_dims=other_dims), Ellipsis, t)
 
     # -- arrays -------------------------------------------------------------------------------
