@@ -11,7 +11,7 @@ import typer
 from dithooks.errors import DithooksError
 
 from . import run_options as ro
-from .output import fail, human_bytes, print_csv, print_json, print_table, user_errors
+from .output import OneLineErrors, fail, human_bytes, print_csv, print_json, print_table, user_errors
 from .run_options import MODEL_HELP, parse_int_list  # noqa: F401  (parse_int_list: used by probe_cmd)
 
 app = typer.Typer(
@@ -20,6 +20,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=OneLineErrors,  # usage errors are one line too
 )
 
 def _sigterm_as_interrupt() -> None:
@@ -64,6 +65,7 @@ def capture(
     device: ro.Device = "cpu",
     resume: ro.Resume = False,
     overwrite: ro.Overwrite = False,
+    allow_weight_mismatch: ro.AllowWeightMismatch = False,
     png: Optional[Path] = typer.Option(None, "--png", help="Also save a PNG grid of the decoded samples here."),
     quiet: ro.Quiet = False,
     as_json: ro.Json = False,
@@ -71,23 +73,22 @@ def capture(
     """Sample with hooks attached and stream the hooked values into a Zarr store."""
     from tqdm.auto import tqdm
 
-    from dithooks.capture import CaptureConfig, CaptureSession
-
-    cfg = CaptureConfig(**ro.sampling_request(
+    ro.check_output_file(png, "--png", (".png",))
+    request = ro.sampling_request(
         out=out, model=model, layers=layers, hooks=hooks, steps=steps, sampler=sampler, eta=eta,
         guidance=guidance, classes=classes, seeds=seeds, dtype=dtype, compute_dtype=compute_dtype,
         compression=compression, device=device, resume=resume, overwrite=overwrite, pairs=pairs, kappa=kappa,
         coupling=coupling, couple_until=couple_until, share_noise_until=share_noise_until,
         couple_layers=couple_layers, window=window, window_layers=window_layers, top_k=top_k,
-        query_tokens=query_tokens, query_tile=query_tile, jvp_direction=jvp_direction, jvp_gates=jvp_gates))
-    session = CaptureSession(cfg)
+        query_tokens=query_tokens, query_tile=query_tile, jvp_direction=jvp_direction, jvp_gates=jvp_gates)
+    session = ro.make_session(request, allow_weight_mismatch=allow_weight_mismatch)
     announce_plan(session, quiet=quiet or as_json)
     _sigterm_as_interrupt()
 
     def progress(it):
         return tqdm(it, total=steps, initial=it.start, desc="capture", unit="step", disable=quiet or as_json)
 
-    result = session.run(progress=progress)
+    result = ro.run_session(session, progress)
     if png is not None:
         import numpy as np
         import torch
@@ -187,12 +188,13 @@ def hooks_(
     model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     layer: Optional[int] = typer.Option(0, "--layer", help="Show the per-block points of this block."),
     as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
+    allow_weight_mismatch: ro.AllowWeightMismatch = False,
 ):
     """List the hook points of a model: name, dims and meaning."""
     from dithooks.hookpoints import layer_template
     from dithooks.loading import load_model
 
-    loaded = load_model(model, with_vae=False)
+    loaded = load_model(model, with_vae=False, allow_weight_mismatch=allow_weight_mismatch)
     pts = loaded.adapter.hook_points()
     n = loaded.adapter.num_layers
     if layer is not None and not 0 <= layer < n:
@@ -234,6 +236,14 @@ def train_default(
 
     if variant not in VARIANTS:
         raise DithooksError(f"unknown embedded model {variant!r}; choose one of {', '.join(VARIANTS)}")
+    for value, option in ((steps, "--steps"), (batch_size, "--batch-size"), (threads, "--threads"),
+                          (per_class, "--per-class")):
+        if value is not None and value < 1:
+            raise DithooksError(f"{option} must be at least 1, got {value}")
+    if not 0 <= seed <= ro.MAX_SEED:
+        raise DithooksError(f"--seed must be in 0-{ro.MAX_SEED}, got {seed}")
+    if out.exists() and not out.is_dir():
+        raise DithooksError(f"--out {out} is a file, not a folder")
     torch.set_num_threads(threads)
     kwargs = {} if steps is None else {"train_steps": steps}
     summary = train_default_model(out, seed=seed, batch_size=batch_size, threads=threads, variant=variant, **kwargs)
