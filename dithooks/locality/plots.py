@@ -44,19 +44,21 @@ def gaps_figure(stem: Path, trajectories: Sequence[str], t: np.ndarray, radii: n
     plt = _plt()
     k = len(trajectories)
     order = np.argsort(t)
-    fig, axes = plt.subplots(3, k, figsize=(4.6 * k, 8.4), squeeze=False, sharex=True)
+    fig, axes = plt.subplots(3, k, figsize=(4.8 * k + 0.8, 8.4), squeeze=False, sharex=True, layout="constrained")
     vmax = np.nanmax(np.concatenate([gloc.ravel(), gloc_u.ravel(), [0.0]])) or 1.0
     for j, name in enumerate(trajectories):
         ax = axes[0, j]
         ax.plot(t[order], gcond[j][order], "o-", ms=3, color="C3")
         ax.set_title(f"{name} trajectory")
-        ax.set_ylabel("G_cond = ‖ε_c − ε_∅‖ / N")
+        if j == 0:
+            ax.set_ylabel("G_cond = ‖ε_c − ε_∅‖ / N")
         ax.grid(alpha=0.3)
         for row, data, lab in ((1, gloc, "G_loc(t, r), class c"), (2, gloc_u, "G_loc(t, r), null class ∅")):
             ax = axes[row, j]
             mesh = ax.pcolormesh(_edges(t[order]), _edges(radii), data[j][order].T, cmap="viridis",
                                  vmin=0.0, vmax=vmax, shading="flat")
-            ax.set_ylabel(f"radius r\n{lab}")
+            if j == 0:
+                ax.set_ylabel(f"radius r\n{lab}")
             ax.set_yticks(radii)
             fig.colorbar(mesh, ax=ax, fraction=0.05)
         axes[2, j].set_xlabel("t (timestep / T; 1 = noise)")
@@ -70,7 +72,7 @@ def gaps_curves_figure(stem: Path, trajectories: Sequence[str], t: np.ndarray, r
     plt = _plt()
     k = len(trajectories)
     order = np.argsort(t)
-    fig, axes = plt.subplots(1, k, figsize=(4.8 * k, 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, k, figsize=(4.8 * k, 3.4), squeeze=False, layout="constrained")
     for j, name in enumerate(trajectories):
         ax = axes[0, j]
         g = gcond[j][order]
