@@ -75,3 +75,61 @@ def test_hooks_listing(tiny_model_dir):
     r = run("hooks", "--model", tiny_model_dir, "--layer", "1", "--json")
     names = [p["hook point"] for p in json.loads(r.output)["hook_points"]]
     assert "blocks.1.resid_mid" in names and "final.out" in names and "blocks.0.resid_mid" not in names
+
+
+# -- query: selections, incomplete and damaged stores (the read side) ---------------------------
+@pytest.mark.parametrize("args,msg", [
+    (("--step", "abc"), "malformed --step 'abc'"),
+    (("--step", "0:50:0"), "a slice step cannot be 0"),
+    (("--step", "1.5"), "'1.5' is not an index"),
+    (("--step", ""), "empty --step"),
+    (("--layer", "20-"), "no captured layer in 20- (captured: 0,2)"),
+    (("--layer", "1"), "layer 1 is not in the store (captured: 0,2)"),
+    (("--limit", "-1"), "--limit -1"),
+    (("--json", "--csv"), "--json and --csv exclude each other"),
+    (("--cfg", "both"), "cfg 'both' is not in the store"),
+    (("--over", "head"), "cannot reduce over 'head'"),
+])
+def test_query_refuses_bad_selections_with_one_line(store, args, msg):
+    r = run("query", store, "blocks.resid_post", *args)
+    assert r.exit_code == 2, r.output
+    assert msg in r.stderr and "Traceback" not in r.output
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("dithooks: error:")
+
+
+def test_query_layer_ranges_and_limit(store):
+    j = json.loads(run("query", store, "blocks.resid_post", "--layer", "1-", "--step", "0", "--json").stdout)
+    assert {r["layer"] for r in j["records"]} == {2}
+    j = json.loads(run("query", store, "blocks.resid_post", "--layer", "-1", "--step", "-1", "--json").stdout)
+    assert {(r["layer"], r["step"]) for r in j["records"]} == {(2, 3)}
+    r = run("query", store, "blocks.resid_post", "--limit", "3")
+    assert r.exit_code == 0 and "... 45 more rows" in r.output  # 4 steps x 2 layers x 2 cfg x 3 samples = 48
+
+
+def test_query_refuses_incomplete_steps_and_missing_chunks(store, tmp_path):
+    import shutil
+
+    import numpy as np
+    import zarr
+
+    part = tmp_path / "part.zarr"
+    shutil.copytree(store, part)
+    zarr.open_array(str(part / "step_complete"), mode="r+")[3] = False  # as if killed before step 3
+    shutil.rmtree(part / "blocks.resid_post" / "c" / "3")
+    r = run("query", part, "blocks.resid_post", "--step", "2:4")
+    assert r.exit_code == 2 and "step 3 is not complete" in r.stderr and "complete steps: 0-2" in r.stderr
+    assert run("query", part, "blocks.resid_post", "--step", "0:3").exit_code == 0
+    r = run("query", part, "blocks.resid_post", "--step", "2:4", "--allow-incomplete", "--json")
+    assert r.exit_code == 0 and r.stderr.startswith("dithooks: warning:") and "step" in r.stderr
+    j = json.loads(r.stdout)
+    assert j["incomplete_steps"] == [3] and j["nan_chunks"] > 0
+    assert all(rec["norm"] is None for rec in j["records"] if rec["step"] == 3)  # NaN, never 0
+    assert all(rec["norm"] > 0 for rec in j["records"] if rec["step"] == 2)
+    # a chunk file deleted from a complete step is damage, not zeros
+    victim = next(p for p in sorted((part / "final.out" / "c" / "1").rglob("*")) if p.is_file())
+    victim.unlink()
+    r = run("query", part, "final.out", "--step", "1")
+    assert r.exit_code == 2 and "is missing although its step is marked complete" in r.stderr
+    r = run("query", part, "final.out", "--step", "0:2", "--allow-incomplete", "--csv")
+    assert r.exit_code == 0 and "nan" in r.stdout
+    assert np.isfinite([float(line.split(",")[-2]) for line in r.stdout.splitlines()[1:] if line.startswith("0,")]).all()

@@ -152,21 +152,21 @@ class ArrayMeta:
                    dict(m.get("attributes") or {}), outer, inner, sharded, chain, index_crc, index_at_end,
                    prefix, sep, native, m)
 
+    def __post_init__(self) -> None:
+        self.per_shard = tuple(o // i for o, i in zip(self.outer, self.inner))  # inner chunks per file, per dim
+        self._dir = str(self.dir)
+
     @property
     def inner_grid(self) -> tuple[int, ...]:
         return tuple(-(-n // c) for n, c in zip(self.shape, self.inner))
-
-    @property
-    def per_shard(self) -> tuple[int, ...]:
-        return tuple(o // i for o, i in zip(self.outer, self.inner))
 
     def key(self, outer_index: tuple[int, ...]) -> str:
         if not outer_index:
             return "c" if self.key_prefix else "0"
         return self.key_prefix + self.separator.join(str(i) for i in outer_index)
 
-    def path(self, outer_index: tuple[int, ...]) -> Path:
-        return self.dir / self.key(outer_index)
+    def path(self, outer_index: tuple[int, ...]) -> str:
+        return os.path.join(self._dir, self.key(outer_index))
 
 
 @dataclass(frozen=True)
@@ -237,7 +237,7 @@ class ArrayReader:
         m = self.meta
         path = m.path(shard)
         try:
-            size = path.stat().st_size
+            size = os.stat(path).st_size
         except FileNotFoundError:
             self._index[shard] = None
             return None
@@ -266,13 +266,13 @@ class ArrayReader:
         self._index[shard] = (index, size)
         return self._index[shard]
 
-    def location(self, chunk: tuple[int, ...]) -> tuple[Path, int, int] | None:
+    def location(self, chunk: tuple[int, ...]) -> tuple[str, int, int] | None:
         """(file, offset, nbytes) of an inner chunk, or None if it was never written."""
         m = self.meta
         if not m.sharded:
             path = m.path(chunk)
             try:
-                return path, 0, path.stat().st_size
+                return path, 0, os.stat(path).st_size
             except FileNotFoundError:
                 return None
         shard = tuple(c // p for c, p in zip(chunk, m.per_shard))
@@ -309,10 +309,10 @@ class ArrayReader:
         path, off, n = loc
         if m.dtype is not None and not m.chain and all(isinstance(s, slice) for s in block.local):
             return self._read_span(path, off, n, block)
-        data = self._decode(self._pread(path, off, n), block)
+        data = self._decode(self._pread(path, off, n, block.chunk), block)
         return _take(data, block.local)
 
-    def _read_span(self, path: Path, off: int, n: int, block: Block) -> np.ndarray:
+    def _read_span(self, path: str, off: int, n: int, block: Block) -> np.ndarray:
         """Uncompressed chunk: read only the bytes between the first and last selected element."""
         m = self.meta
         item = m.dtype.itemsize
@@ -337,11 +337,11 @@ class ArrayReader:
         return np.ndarray(tuple(counts), dtype=m.dtype, buffer=buf,
                           strides=tuple(s.step * st for s, st in zip(block.local, strides)))
 
-    @staticmethod
-    def _pread(path: Path, off: int, n: int) -> bytes:
+    def _pread(self, path: str, off: int, n: int, chunk: tuple[int, ...]) -> bytes:
         with open(path, "rb", buffering=0) as f:
-            f.seek(off)
-            data = f.read(n)
+            data = os.pread(f.fileno(), n, off)
+        if len(data) != n:
+            raise CorruptStoreError(f"{self.describe(chunk)} in {self.meta.dir.parent} is damaged: file ends early")
         return data
 
     def _decode(self, data: bytes, block: Block) -> np.ndarray:
@@ -354,9 +354,9 @@ class ArrayReader:
                 values = _vlen_utf8(data, int(np.prod(m.inner)), where)
             else:
                 want = int(np.prod(m.inner)) * m.dtype.itemsize
-                if len(data) != want:
+                if memoryview(data).nbytes != want:
                     raise CorruptStoreError(f"{where} is damaged: {len(data)} bytes where {want} were expected")
-                values = np.frombuffer(data, dtype=m.dtype)
+                values = np.frombuffer(data, dtype=m.dtype, count=want // m.dtype.itemsize)
         except CorruptStoreError:
             raise
         except Exception as e:  # a decompressor's own error on garbage
@@ -366,7 +366,7 @@ class ArrayReader:
     def _read_block_zarr(self, block: Block) -> np.ndarray:
         m = self.meta
         shard = tuple(c // p for c, p in zip(block.chunk, m.per_shard))
-        if not m.path(shard).exists():
+        if not os.path.exists(m.path(shard)):
             raise ChunkMissing(self.describe(block.chunk))
         if self._zarr is None:
             import warnings
@@ -395,22 +395,30 @@ def _take(data: np.ndarray, local: tuple[Any, ...]) -> np.ndarray:
     return v
 
 
-def _bytes_decode(name: str, data: bytes, where: str) -> bytes:
+CRC32C_RESIDUE = 0x48674BC7  # crc32c(data + crc32c(data) as 4 little-endian bytes), for any data
+
+
+def _bytes_decode(name: str, data: Any, where: str) -> Any:
+    """Undo one bytes->bytes codec. Returns a bytes-like object; ``crc32c`` returns a view without
+    the checksum (checked over the whole buffer against the CRC residue: no copy of the body)."""
     if name == "crc32c":
         import google_crc32c
 
-        body, want = data[:-4], int(np.frombuffer(data[-4:], "<u4")[0])
-        if google_crc32c.value(body) != want:
+        mv = memoryview(data).cast("B")
+        if len(mv) < 4:
+            raise CorruptStoreError(f"{where} is damaged: shorter than its checksum")
+        whole = data if isinstance(data, bytes) else bytes(mv)
+        if google_crc32c.value(whole) != CRC32C_RESIDUE:
             raise CorruptStoreError(f"{where} is damaged: it fails its checksum")
-        return body
+        return mv[:-4]
     if name == "zstd":
         from numcodecs.zstd import Zstd
 
-        return bytes(Zstd().decode(data))
+        return Zstd().decode(data)
     if name == "blosc":
         from numcodecs.blosc import Blosc
 
-        return bytes(Blosc().decode(data))
+        return Blosc().decode(data)
     if name == "gzip":
         import gzip
 
@@ -420,7 +428,9 @@ def _bytes_decode(name: str, data: bytes, where: str) -> bytes:
 
 def _vlen_utf8(data: bytes, count: int, where: str) -> np.ndarray:
     """numcodecs' VLenUTF8 layout: u4 item count, then per item u4 length and UTF-8 bytes."""
-    mv = memoryview(data)
+    mv = memoryview(data).cast("B")
+    if len(mv) < 4:
+        raise CorruptStoreError(f"{where} is damaged: too short for its string count")
     n = int(np.frombuffer(mv[:4], "<u4")[0])
     if n != count:
         raise CorruptStoreError(f"{where} is damaged: {n} strings where {count} were expected")
