@@ -116,7 +116,7 @@ def write_figures(store_path: str | Path, summary: dict) -> list[str]:
 
     # R over steps and blocks
     ps = summary["per_step"]["R"]
-    fig, axes = plt.subplots(1, G, figsize=(4.2 * G, 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, G, figsize=(4.4 * G + 1.2, 3.8), squeeze=False, layout="constrained")
     with np.errstate(all="ignore"):
         logR = np.log10(ps)
     finite = logR[np.isfinite(logR)]
@@ -128,7 +128,8 @@ def write_figures(store_path: str | Path, summary: dict) -> list[str]:
         ax.axvline(summary["at_step"][gi], color="k", lw=0.8, ls="--")
         ax.set_title(f"g = {g:g}", fontsize=10)
         ax.set_xlabel("sampling step")
-        ax.set_ylabel("block")
+        if gi == 0:
+            ax.set_ylabel("block")
         ticks = list(range(0, len(layers), max(1, len(layers) // 7)))
         ax.set_yticks(ticks)
         ax.set_yticklabels([str(layers[t]) for t in ticks])

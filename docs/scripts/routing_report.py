@@ -1,10 +1,15 @@
-"""Figures and tables of docs/reproduction.md from two `dithooks routing` stores (g = 0, g = 0.3).
+"""Figures and tables of docs/reproduction.md from `dithooks routing` stores.
 
     dithooks routing --steps 50 --seeds 0-7 --class 0-7 --coupling 0   --modes 4 --out runs/routing_g0.zarr   --plot docs/img/routing_g0.png
     dithooks routing --steps 50 --seeds 0-7 --class 0-7 --coupling 0.3 --modes 4 --out runs/routing_g0.3.zarr --plot docs/img/routing_g0.3.png
-    python docs/scripts/routing_report.py runs/routing_g0.zarr runs/routing_g0.3.zarr
+    dithooks routing --steps 50 --seeds 0-7 --class 0-7 --coupling 0 --kappa 0.01 --out runs/routing_k0.01.zarr
+    python docs/scripts/routing_report.py runs/routing_g0.zarr runs/routing_g0.3.zarr runs/routing_k0.01.zarr
+    python docs/scripts/routing_report.py --png other.png STORE...     # the figure elsewhere
 
-Prints the markdown tables; writes docs/img/routing_layers.png (per-layer ratios and modal gains).
+Prints, per store, the markdown table per block (ratios, bound validity and tightness, linearisation
+error, modal gains when measured) and a summary line with the counts of valid / vacuous / tight
+bounds and the linearisation error; writes docs/img/routing_layers.png (per-layer ratios, modal
+gains when measured, linearisation error).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import sys
 
 import numpy as np
 
-from dithooks.probes.routing_summary import routing_table
+from dithooks.probes.routing_summary import routing_summary, routing_table
 from dithooks.store.reader import open_store
 
 
@@ -21,57 +26,90 @@ def values(store, name):
     return np.asarray(store.select("probe.routing." + name).values, dtype=np.float64)
 
 
+def has(store, name):
+    return "probe.routing." + name in store.array_names()
+
+
 def med(x):
     x = x[np.isfinite(x)]
     return float(np.median(x)) if x.size else float("nan")
 
 
-def main(paths):
+def label(store):
+    rep = store.meta["extras"]["replicas"]
+    return f"g={rep['g']:g}, κ={rep['kappa']:.3g}"
+
+
+def main(paths, png="docs/img/routing_layers.png"):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     stores = [open_store(p) for p in paths]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 3.8))
     for s in stores:
-        g = s.meta["extras"]["replicas"]["g"]
         rows = routing_table(s)
+        summ = routing_summary(s)
         layers = [r["layer"] for r in rows]
-        axes[0].plot(layers, [r["R/M"] for r in rows], marker="o", ms=3, label=f"‖R‖/‖M‖ gated, g={g}")
-        axes[0].plot(layers, [r["R/M ungated"] for r in rows], ls="--", label=f"‖AδV‖/‖δA V‖ ungated, g={g}")
-        ratio = values(s, "mode_ratio")  # (step, layer, mode)
-        axes[1].plot(layers, np.nanmedian(ratio[:, :, 0], axis=0), marker="o", ms=3, label=f"mode 0, g={g}")
-        axes[1].plot(layers, np.nanmedian(ratio[:, :, -1], axis=0), ls="--", label=f"mode 3, g={g}")
-        print(f"\n### g = {g}\n")
-        print("| block | ‖R‖/‖M‖ | min | ungated | bound holds | bound valid | tightness | ǀπ₀ǀ/ǀχ₀ǀ |")
-        print("|---|---|---|---|---|---|---|---|")
+        axes[0].plot(layers, [r["R/M"] for r in rows], marker="o", ms=3, label=f"‖R‖/‖M‖ gated, {label(s)}")
+        axes[0].plot(layers, [r["R/M ungated"] for r in rows], ls="--", label=f"‖AδV‖/‖δA V‖ ungated, {label(s)}")
+        modes = has(s, "mode_ratio")
+        if modes:
+            ratio = values(s, "mode_ratio")  # (step, layer, mode)
+            axes[1].plot(layers, np.nanmedian(ratio[:, :, 0], axis=0), marker="o", ms=3, label=f"mode 0, {label(s)}")
+            axes[1].plot(layers, np.nanmedian(ratio[:, :, -1], axis=0), ls="--", label=f"last mode, {label(s)}")
+        if "lin err" in rows[0]:
+            axes[2].plot(layers, [r["lin err"] for r in rows], marker="o", ms=3, label=label(s))
+        print(f"\n### {label(s)} ({s.path})\n")
+        cols = ["‖R‖/‖M‖", "min", "ungated", "bound valid", "bound tight", "tightness"]
+        cols += ["lin. error"] if "lin err" in rows[0] else []
+        cols += ["ǀπ₀ǀ/ǀχ₀ǀ"] if modes else []
+        print("| block | " + " | ".join(cols) + " |")
+        print("|---" * (len(cols) + 1) + "|")
         for r in rows:
-            print(f"| {r['layer']} | {r['R/M']:.2f} | {r['R/M min']:.2f} | {r['R/M ungated']:.2f} | "
-                  f"{r['bound holds']:.0%} | {r['bound valid']:.1%} | {r['tightness']:.3f} | {r['|pi|/|chi| mode 0']:.2f} |")
-        ing = {k: med(values(s, k)) for k in ("a", "eps_delta", "eps_V", "N_min", "tightness")}
-        valid = np.asarray(s.select("probe.routing.bound_valid").values)
-        lower_ok = float(np.mean(np.sqrt(1 - values(s, "eps_delta") ** 2) > values(s, "a") * values(s, "eps_delta")))
-        print(f"\nmedians over (step, layer, sample, head): a = {ing['a']:.3f}, eps_delta = {ing['eps_delta']:.3f}, "
-              f"eps_V = {ing['eps_V']:.3f}, N_min = {ing['N_min']:.2f} of N = 16; bound valid on {valid.mean():.2%} "
-              f"({lower_ok:.2%} with sqrt(1-eps_d^2) > a eps_d); median tightness where valid {med(values(s, 'tightness')[valid]):.4f}; "
-              f"all-layer median gated R/M {med(values(s, 'layer_routing_dominance_gated')):.3f}, "
-              f"ungated {med(values(s, 'layer_routing_dominance')):.3f}; median |pi|/|chi| over modes "
-              + ", ".join(f"{med(values(s, 'mode_ratio')[:, :, k]):.2f}" for k in range(values(s, "mode_ratio").shape[-1])))
-    axes[0].axhline(1, color="k", lw=0.6)
-    axes[0].set_yscale("log")
-    axes[0].set_xlabel("block")
-    axes[0].set_title("routing / modulation (median over steps, pairs)")
-    axes[0].legend(fontsize=7)
-    axes[1].axhline(1, color="k", lw=0.6)
-    axes[1].set_yscale("log")
-    axes[1].set_xlabel("block")
-    axes[1].set_title("|π_k|/|χ_k| along difference modes (median over steps)")
-    axes[1].legend(fontsize=7)
+            cells = [f"{r['R/M']:.2f}", f"{r['R/M min']:.2f}", f"{r['R/M ungated']:.2f}", f"{r['bound valid']:.1%}",
+                     f"{r['bound tight']:.1%}", f"{r['tightness']:.3f}"]
+            cells += [f"{r['lin err']:.3g}"] if "lin err" in r else []
+            cells += [f"{r['|pi|/|chi| mode 0']:.2f}"] if modes else []
+            print(f"| {r['layer']} | " + " | ".join(cells) + " |")
+        b = summ["bound"]
+        ing = {k: med(values(s, k)) for k in ("a", "eps_delta", "eps_V", "N_min")}
+        line = (f"\n{b['measurements']:,} (step, layer, sample, head) measurements: bound [105] non-vacuous on "
+                f"{b['valid']:,} ({b['valid'] / b['measurements']:.2%}), vacuous on {b['vacuous']:,}, tight "
+                f"(measured/bound > {b['tight_threshold']:g}) on {b['tight']:,}; holds on all {b['holds_valid']:,} "
+                f"non-vacuous ones ({b['violations']} violations); median tightness where valid "
+                f"{b['median_tightness']:.4f}. Medians: a = {ing['a']:.3f}, eps_delta = {ing['eps_delta']:.3f}, "
+                f"eps_V = {ing['eps_V']:.3f}, N_min = {ing['N_min']:.2f}; all-layer median gated R/M "
+                f"{med(values(s, 'layer_routing_dominance_gated')):.3f}, ungated {med(values(s, 'layer_routing_dominance')):.3f}")
+        lin = summ.get("linearisation")
+        if lin:
+            h, l_ = lin["per_head"], lin["per_layer"]
+            line += (f"; linearisation error per head median {h['median']:.3g} (90% {h['p90']:.3g}, max {h['max']:.3g}), "
+                     f"per layer after W_O median {l_['median']:.3g} (max {l_['max']:.3g})")
+        if modes:
+            ratio = values(s, "mode_ratio")
+            line += "; median |pi|/|chi| over modes " + ", ".join(f"{med(ratio[:, :, k]):.2f}" for k in range(ratio.shape[-1]))
+        print(line)
+    for ax, title in zip(axes, ("routing / modulation (median over steps, pairs)",
+                                "|π_k|/|χ_k| along difference modes (median over steps)",
+                                "linearisation error ‖(O^a−O^b)/2 − (R+M)‖/‖(O^a−O^b)/2‖ (median)")):
+        ax.axhline(1, color="k", lw=0.6)
+        ax.set_yscale("log")
+        ax.set_xlabel("block")
+        ax.set_title(title, fontsize=9)
+        if ax.lines[1:]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig("docs/img/routing_layers.png", dpi=110)
-    print("\nwrote docs/img/routing_layers.png")
+    fig.savefig(png, dpi=110)
+    print(f"\nwrote {png}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["runs/routing_g0.zarr", "runs/routing_g0.3.zarr"])
+    args = sys.argv[1:]
+    png = "docs/img/routing_layers.png"
+    if "--png" in args:
+        i = args.index("--png")
+        png = args[i + 1]
+        del args[i:i + 2]
+    main(args or ["runs/routing_g0.zarr", "runs/routing_g0.3.zarr"], png)
