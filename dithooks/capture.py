@@ -49,7 +49,7 @@ from .probes.runner import ProbeRunner
 from .jvp_hooks import JVPSettings, check_direction, jvp_batch_axes
 from .sampling import ReplicaSpec, Sampler, SamplerSpec, TrajectoryState
 from .store.codecs import COMPRESSIONS, storage_dtype
-from .store.files import describe_foreign, foreign_entries, remove_leftovers, temp_path
+from .store.files import describe_foreign, foreign_entries, remove_leftovers, remove_partials, temp_path
 from .store.lock import LOCK_NAME, StoreLock
 from .store.metadata import (ATTR_KEY, FORMAT_VERSION, RESUME_KEYS, completeness, how_to_continue,
                              invocation, jsonable, library_versions, now)
@@ -520,6 +520,7 @@ class CaptureSession:
             raise StoreError(f"{self.path} is not a dithooks store: cannot resume it ({e})") from None
         if layout.kind != "capture":
             raise StoreError(f"{self.path} is a {layout.kind} store, not a capture: cannot resume it here")
+        remove_partials(self.path)  # writes a killed run left half-done (we hold the lock)
         group = zarr.open_group(str(self.path), mode="r+", zarr_format=3)
         meta = dict(layout.meta)
         req = self.request()

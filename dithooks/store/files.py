@@ -23,7 +23,7 @@ from pathlib import Path
 from .lock import LOCK_NAME, hostname, pid_alive
 
 FIGURES = "figures"
-_PARTIAL = re.compile(r"^.+\.[0-9a-f]{32}\.partial$")  # zarr's atomic-write temporaries
+PARTIAL = re.compile(r"^.+\.[0-9a-f]{32}\.partial$")  # zarr's atomic-write temporaries
 _LOCK_TMP = re.compile(re.escape(LOCK_NAME) + r"\.[0-9a-f]{32}\.(tmp|stale)$")
 _CHUNK = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.dithooks-(?P<kind>new|old)-(?P<host>[A-Za-z0-9_-]+)-(?P<pid>[0-9]+)$")
@@ -80,7 +80,7 @@ def _chunks_foreign(folder: Path, rel: str) -> list[str]:
         r = f"{rel}/{p.name}"
         if p.is_dir() and not p.is_symlink() and _CHUNK.match(p.name):
             out += _chunks_foreign(p, r)
-        elif not (p.is_file() and not p.is_symlink() and (_CHUNK.match(p.name) or _PARTIAL.match(p.name))):
+        elif not (p.is_file() and not p.is_symlink() and (_CHUNK.match(p.name) or PARTIAL.match(p.name))):
             out.append(r + ("/" if p.is_dir() else ""))
     return out
 
@@ -95,7 +95,7 @@ def foreign_entries(folder: str | Path, rel: str = "") -> list[str]:
             out.append(r)
         elif p.is_file():
             top = not rel and (p.name == LOCK_NAME or _LOCK_TMP.match(p.name))
-            if not (p.name == "zarr.json" or _PARTIAL.match(p.name) or top):
+            if not (p.name == "zarr.json" or PARTIAL.match(p.name) or top):
                 out.append(r)
         elif p.is_dir():
             if not rel and p.name == FIGURES:
@@ -105,7 +105,7 @@ def foreign_entries(folder: str | Path, rel: str = "") -> list[str]:
                 out += foreign_entries(p, r + "/")
             elif node in ("array", "damaged") or _zarr_array_remains(p):
                 for q in sorted(p.iterdir()):
-                    if q.name == "zarr.json" or (q.is_file() and _PARTIAL.match(q.name)):
+                    if q.name == "zarr.json" or (q.is_file() and PARTIAL.match(q.name)):
                         continue
                     if q.name == "c" and q.is_dir() and not q.is_symlink():
                         out += _chunks_foreign(q, f"{r}/c")
@@ -121,9 +121,25 @@ def foreign_entries(folder: str | Path, rel: str = "") -> list[str]:
 def _zarr_array_remains(folder: Path) -> bool:
     """An array folder whose ``zarr.json`` is gone: only chunks (``c/``) and partial files left."""
     names = [p.name for p in folder.iterdir()]
-    return bool(names) and all(n == "c" or _PARTIAL.match(n) for n in names)
+    return bool(names) and all(n == "c" or PARTIAL.match(n) for n in names)
 
 
 def describe_foreign(entries: list[str], limit: int = 3) -> str:
     shown = ", ".join(entries[:limit])
     return shown + (f" and {len(entries) - limit} more" if len(entries) > limit else "")
+
+
+def remove_partials(folder: str | Path) -> int:
+    """Delete Zarr's ``*.partial`` files (writes cut short by a kill) under ``folder``; call it
+    only while holding the store's lock, when no write of ours is in flight."""
+    removed = 0
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if d != FIGURES or root != str(folder)]
+        for f in files:
+            if PARTIAL.match(f):
+                try:
+                    os.unlink(os.path.join(root, f))
+                    removed += 1
+                except OSError:
+                    pass
+    return removed

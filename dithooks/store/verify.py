@@ -31,7 +31,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import StoreError
-from .files import FIGURES, is_temp_name
+from .files import FIGURES, PARTIAL, is_temp_name
 from .lock import LOCK_NAME
 from .metadata import ATTR_KEY
 
@@ -214,6 +214,8 @@ def inspect_store(path: str | Path, kinds: tuple[str, ...] | None = None) -> Sto
     arrays: dict[str, ArrayMeta] = {}
     for d in sorted(arrays_dirs):
         f = d / "zarr.json"
+        if not f.exists() and all(PARTIAL.match(p.name) for p in d.iterdir()):
+            continue  # a write killed before the array's metadata appeared: no array yet
         if not f.exists():
             raise DamagedStore(f"{path} is damaged: array {d.name} has no metadata ({f} is missing); {_remake(path)}")
         try:
