@@ -10,6 +10,19 @@
 (2) A hooked layer on the explicit softmax path (``attn.n_eff`` reduction only, and the full
     ``attn.pattern``) relative to the same processor on SDPA (nothing wanted). Target: <= 1.10x.
 
+(3) ``--whole-run``: the JVP's cost in a whole sampling run. Plain sampling against sampling with
+    ``blocks.*.jvp.full`` (and with every part, ``blocks.*.jvp.{full,attn,routing,...}``) read on
+    every block, the JVP computed the old way (its own primal at the block's input, beside the
+    forward: ``JVPSettings(ride_along=False)``) and riding along the sampling forward (the tangent
+    reuses the forward's q/k/v, h_mid and GELU pre-activation). Reported per hooked block in units
+    of a block forward: ``(run - plain run) / (plain run / block forwards)``. Models: the embedded
+    digits DiT, and random-init DiTs at S width (12 blocks, 384 wide, 256 tokens) and XL width
+    (1152 wide, 16 heads, 256 tokens; 4 blocks to keep the run short: the measure is per block).
+    Target: <= 2.2 block forwards per hooked block.
+
+    python benchmarks/bench_attention_jvp.py --whole-run --threads 1
+    python benchmarks/bench_attention_jvp.py --whole-run --threads 2 --models digits,S
+
 Cases are timed interleaved (one repeat of each in turn) and medians reported, so background
 load on a shared machine biases every case alike.
 """
@@ -27,7 +40,7 @@ import torch
 from diffusers.models.attention import BasicTransformerBlock
 
 from dithooks.attention.processor import HookedAttnProcessor
-from dithooks.jvp import DEFAULT_PARTS, block_jvp
+from dithooks.jvp import ALL_PARTS, DEFAULT_PARTS, block_jvp
 
 
 @dataclass(frozen=True)
@@ -69,17 +82,24 @@ def block_inputs(cfg: Config, seed: int = 1):
     return h, delta, t, y
 
 
-def time_interleaved(cases: dict, repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Median wall time (s) of each zero-argument callable, timed in turn each repeat."""
+def time_interleaved(cases: dict, repeats: int, warmup: int = 2, cpu: dict | None = None) -> dict[str, float]:
+    """Median wall time (s) of each zero-argument callable, timed in turn each repeat.
+
+    ``cpu``, if given, receives the median CPU time of this process (s) per case: on a shared,
+    loaded machine it is far less disturbed by other processes than wall time."""
     for _ in range(warmup):
         for fn in cases.values():
             fn()
     samples: dict[str, list[float]] = {name: [] for name in cases}
+    cpu_samples: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(repeats):
         for name, fn in cases.items():
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fn()
             samples[name].append(time.perf_counter() - t0)
+            cpu_samples[name].append(time.process_time() - c0)
+    if cpu is not None:
+        cpu.update({name: statistics.median(v) for name, v in cpu_samples.items()})
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
@@ -147,6 +167,103 @@ def bench_explicit(cfg: Config, repeats: int) -> dict:
     return out
 
 
+# -- (3) the JVP in a whole run ----------------------------------------------------------------
+DIT_DEFAULTS = dict(in_channels=4, out_channels=8, sample_size=32, patch_size=2, num_embeds_ada_norm=1000)
+WHOLE_RUN_MODELS = {
+    # name: (DiT config or None for the embedded digits model, samples, DDIM steps, repeats)
+    "digits": (None, 4, 10, 9),
+    "S": (dict(num_attention_heads=6, attention_head_dim=64, num_layers=12, **DIT_DEFAULTS), 2, 3, 5),
+    "XL": (dict(num_attention_heads=16, attention_head_dim=72, num_layers=4, **DIT_DEFAULTS), 2, 2, 5),
+}
+WHOLE_RUN_PARTS = {"jvp.full": ("full",), "all parts": ALL_PARTS}
+
+
+def whole_run_model(name: str, device: str = "cpu"):
+    """The embedded digits DiT, or a random-init DiT of one of :data:`WHOLE_RUN_MODELS`' configs."""
+    from dithooks.loading import DIT_SCHEDULE, LoadedModel, load_model
+
+    cfg = WHOLE_RUN_MODELS[name][0]
+    if cfg is None:
+        return load_model(device=device)
+    from diffusers import DiTTransformer2DModel
+
+    from dithooks.adapters import adapter_for
+
+    torch.manual_seed(0)
+    model = DiTTransformer2DModel(**cfg).to(device).eval().requires_grad_(False)
+    return LoadedModel(model, adapter_for(model), f"random {name}", "config", dict(DIT_SCHEDULE))
+
+
+def bench_whole_run(name: str, repeats: int | None = None, device: str = "cpu") -> dict:
+    from dithooks.hooks import HookManager
+    from dithooks.sampling import Sampler, SamplerSpec
+
+    _, samples, steps, default_repeats = WHOLE_RUN_MODELS[name]
+    repeats = repeats or default_repeats
+    loaded = whole_run_model(name, device)
+    geo = loaded.adapter.geometry
+    hm = HookManager(loaded.transformer, loaded.adapter)
+    spec = SamplerSpec("ddim", steps)
+    labels, seeds = [i % (geo.num_classes or 1) for i in range(samples)], list(range(samples))
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    outputs, paths = {}, {}
+
+    def noop(v, ctx):
+        return None
+
+    def run(key=None, parts=(), ride_along=True):
+        def fn():
+            hm.jvp.configure(ride_along=ride_along)
+            with hm.hooks(read={f"blocks.*.jvp.{p}": noop for p in parts}):
+                out = Sampler(loaded, spec, hm, device=device).run(labels, seeds)
+                sync()
+                if key is not None:
+                    paths[key] = dict(hm.jvp.calls)
+            outputs[key] = out
+        return fn
+
+    cases = {"plain": run()}
+    for label, parts in WHOLE_RUN_PARTS.items():
+        cases[f"{label}, separate primal (before)"] = run(f"{label} before", parts, ride_along=False)
+        cases[f"{label}, ride-along (after)"] = run(f"{label} after", parts, ride_along=True)
+    cpu: dict[str, float] = {}
+    times = time_interleaved(cases, repeats, warmup=1, cpu=cpu)
+    block_forwards = steps * geo.num_layers  # one model call per step (no guidance)
+    per_block = times["plain"] / block_forwards
+    identical = all(torch.equal(o, outputs[None]) for o in outputs.values())
+
+    def cost(t):  # every block is hooked: the extra time per hooked block call, in block forwards
+        return {k: (v - t["plain"]) / block_forwards / (t["plain"] / block_forwards)
+                for k, v in t.items() if k != "plain"}
+
+    return {"model": name, "width": geo.width, "heads": geo.num_heads, "blocks": geo.num_layers,
+            "tokens": geo.num_tokens, "batch": samples, "steps": steps, "repeats": repeats,
+            "block_forwards": block_forwards, "threads": torch.get_num_threads(), "device": device,
+            "s": times, "cpu_s": cpu, "plain_per_block_ms": 1e3 * per_block,
+            "cost_in_block_forwards": cost(times), "cpu_cost_in_block_forwards": cost(cpu),
+            "paths": paths, "outputs_bit_identical": identical}
+
+
+def whole_run_markdown(rows: list[dict]) -> str:
+    cases = list(rows[0]["cost_in_block_forwards"])
+    lines = ["### (3) JVP in a whole run: cost per hooked block, in block forwards "
+             "((run - plain) / block forwards / (plain / block forwards)); medians", "",
+             "| model | width | blocks x steps | tokens | B | threads | plain (s) | "
+             + " | ".join(cases) + " |", "|---" * (7 + len(cases)) + "|"]
+    for r in rows:
+        cells = [f"{r['cost_in_block_forwards'][c]:.2f} ({r['s'][c]:.2f} s)" for c in cases]
+        lines.append(f"| {r['model']} | {r['width']} | {r['blocks']} x {r['steps']} | {r['tokens']} | "
+                     f"{r['batch']} | {r['threads']} | {r['s']['plain']:.2f} | " + " | ".join(cells) + " |")
+        cells = [f"{r['cpu_cost_in_block_forwards'][c]:.2f} ({r['cpu_s'][c]:.2f} s)" for c in cases]
+        lines.append(f"| {r['model']}, CPU time | | | | | | {r['cpu_s']['plain']:.2f} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("outputs bit-for-bit equal to plain sampling in every variant: "
+                 + ", ".join(f"{r['model']} {r['outputs_bit_identical']}" for r in rows))
+    lines.append("block calls per path (last repeat): " + "; ".join(
+        f"{r['model']}: " + ", ".join(f"{k} {v}" for k, v in r["paths"].items()) for r in rows))
+    return "\n".join(lines)
+
+
 def markdown(jvp_rows: list[dict], explicit_rows: list[dict]) -> str:
     lines = ["### (1) JVP cost vs block forward (median ms, ratio to forward)", ""]
     cases = list(jvp_rows[0]["ms"])
@@ -173,11 +290,32 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=None, help="repeats per case (default 15/5)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    ap.add_argument("--whole-run", action="store_true", help="only (3): the JVP in a whole sampling run")
+    ap.add_argument("--models", default="digits,S,XL", help="(3): models, comma-separated (digits,S,XL)")
+    ap.add_argument("--device", default="cpu", help="(3): cpu or cuda")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    repeats = args.repeats or (5 if args.quick else 15)
     t0 = time.perf_counter()
+    if args.whole_run:
+        names = [m.strip() for m in args.models.split(",") if m.strip()]
+        unknown = set(names) - set(WHOLE_RUN_MODELS)
+        if unknown:
+            ap.error(f"unknown models {sorted(unknown)}; choose from {', '.join(WHOLE_RUN_MODELS)}")
+        rows = []
+        for name in names:
+            rows.append(bench_whole_run(name, args.repeats or (3 if args.quick else None), args.device))
+            print(whole_run_markdown(rows[-1:]), flush=True)
+        print("\n" + whole_run_markdown(rows))
+        meta = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                "machine": platform.processor() or platform.machine(), "device": args.device,
+                "seconds": round(time.perf_counter() - t0, 1)}
+        print(f"\n{meta}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"meta": meta, "whole_run": rows}, f, indent=2)
+        return
+    repeats = args.repeats or (5 if args.quick else 15)
     jvp_rows = [bench_jvp(c, repeats if c.name != "XL width" else max(3, repeats // 2))
                 for c in CONFIGS]
     explicit_rows = [bench_explicit(c, repeats) for c in CONFIGS[1:]]

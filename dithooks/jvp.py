@@ -190,7 +190,8 @@ def _softmax_jvp(A: torch.Tensor, dL: torch.Tensor) -> torch.Tensor:
 
 
 def _pattern(q: torch.Tensor, k: torch.Tensor, window: int | None) -> torch.Tensor:
-    logits = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    # scaling q (N x d) rather than the logits (N x N), as the explicit attention path does
+    logits = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))
     mask = window_mask(q.shape[-2], window, q.device) if window is not None else None
     if mask is not None:
         logits = logits.masked_fill(~mask, float("-inf"))
@@ -258,7 +259,8 @@ def block_jvp(block: nn.Module, h: torch.Tensor, delta: torch.Tensor, *, timeste
               class_labels: torch.Tensor, parts: Sequence[str] = DEFAULT_PARTS, g: float = 0.0,
               apply_gates: bool = True, window: int | None = None,
               conditioning: AdaLNConditioning | None = None,
-              method: str = "fused") -> dict[str, torch.Tensor]:
+              method: str = "fused", heads: Sequence[str] = (),
+              primal: BlockPrimal | None = None) -> dict[str, torch.Tensor]:
     """Linearise one DiT block at ``h`` (B, N, D) along ``delta``; returns ``{part: (B, N, D)}``.
 
     ``timestep`` and ``class_labels`` (B,) are held fixed; ``g`` is the replica coupling [19] at
@@ -266,73 +268,158 @@ def block_jvp(block: nn.Module, h: torch.Tensor, delta: torch.Tensor, *, timeste
     ``routing``/``modulation`` carry ``rho(g)``/``xi(g)``; ``window`` restricts attention as the
     local denoiser does (THEORY §7). The parts are defined in the module docstring. The model
     should be in ``eval()`` mode (dropout is not linearised).
+
+    ``heads`` (fused only): per-head terms from :data:`HEAD_TERMS` computed in the same pass
+    (as :func:`block_attention_terms` gives them), returned under their names. ``primal``
+    (fused only): a :class:`BlockPrimal` of the block's own forward at ``h``; the primal is then
+    not recomputed (``conditioning`` is ignored: ``primal.cond`` is used).
     """
     parts = _check_parts(parts)
+    unknown = set(heads) - set(HEAD_TERMS)
+    if unknown:
+        raise ValueError(f"unknown head terms {sorted(unknown)}; known: {list(HEAD_TERMS)}")
+    if method != "fused" and (heads or primal is not None):
+        raise ValueError("heads and primal are options of the fused method")
     g = validate_coupling(g)
     _check_block(block)
     if h.shape != delta.shape or h.ndim != 3:
         raise ValueError(f"h and delta must both be (B, N, D), got {tuple(h.shape)} and "
                          f"{tuple(delta.shape)}")
-    # the embedders want one timestep / label per batch row
-    timestep = torch.as_tensor(timestep, device=h.device).reshape(-1).expand(h.shape[0])
-    class_labels = torch.as_tensor(class_labels, device=h.device).reshape(-1).expand(h.shape[0])
+    if primal is None:  # the embedders want one timestep / label per batch row
+        timestep = torch.as_tensor(timestep, device=h.device).reshape(-1).expand(h.shape[0])
+        class_labels = torch.as_tensor(class_labels, device=h.device).reshape(-1).expand(h.shape[0])
     if method == "autograd":
         return _block_jvp_autograd(block, h, delta, timestep, class_labels, parts, g, apply_gates,
                                    window)
     if method != "fused":
         raise ValueError(f"method must be 'fused' or 'autograd', got {method!r}")
     with torch.no_grad():  # forward mode only: no backward graph through the parameters
+        if primal is not None:
+            return block_tangents(block, h, delta, primal, parts, g, apply_gates, window, tuple(heads))
         cond = conditioning if conditioning is not None else adaln_conditioning(
             block, timestep, class_labels, h.dtype)
-        return _block_jvp_fused(block, h, delta, cond, parts, g, apply_gates, window)
+        return _block_jvp_fused(block, h, delta, cond, parts, g, apply_gates, window, tuple(heads))
 
 
-def _block_jvp_fused(block, h, delta, cond, parts, g, apply_gates, window):
+def _block_jvp_fused(block, h, delta, cond, parts, g, apply_gates, window, heads=()):
+    """The separate-primal path: the block's primal recomputed at ``h``, then :func:`block_tangents`."""
+    return block_tangents(block, h, delta, block_primal(block, h, cond), parts, g, apply_gates, window,
+                          heads)
+
+
+@dataclass(frozen=True)
+class BlockPrimal:
+    """What the tangent pass of a block needs from the block's own forward at ``h``.
+
+    ``cond``: the adaLN vectors; ``qkv``: the outputs of ``attn1.to_q/to_k/to_v`` (B, N, D), before
+    the head split and ``norm_q``/``norm_k``; ``h_mid``: the residual after attention (``norm3``'s
+    input), None to rebuild it from the pattern; ``ff_hidden``: the output of the GELU layer's
+    projection inside ``ff`` (the pre-activation), None to recompute the feed-forward primal;
+    ``attn_heads``: attention's output before ``W_O``, heads merged (B, N, D): ``A V``, the input
+    of ``attn1.to_out[0]``, None to form it from the pattern.
+    Captured from a sampling forward (:mod:`dithooks.jvp_hooks`) the tangent rides along that
+    forward: no projection of the block runs twice.
+    """
+
+    cond: AdaLNConditioning
+    qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    h_mid: torch.Tensor | None = None
+    ff_hidden: torch.Tensor | None = None
+    attn_heads: torch.Tensor | None = None
+
+
+def block_primal(block: nn.Module, h: torch.Tensor, cond: AdaLNConditioning) -> BlockPrimal:
+    """The primal pieces of :class:`BlockPrimal` computed anew at ``h`` (module hooks stay silent)."""
+    x = block.norm1.norm.forward(h) * (1 + cond.scale_msa[:, None]) + cond.shift_msa[:, None]
     attn = block.attn1
-    gate1 = cond.gate_msa[:, None]
-    w_o = attn.to_out[0].weight
+    return BlockPrimal(cond, (attn.to_q.forward(x), attn.to_k.forward(x), attn.to_v.forward(x)))
+
+
+HEAD_TERMS = ("heads.pattern", "heads.v", "heads.dv", "heads.dlogits_intra", "heads.dlogits_inter")
+
+
+def block_tangents(block: nn.Module, h: torch.Tensor, delta: torch.Tensor, primal: BlockPrimal,
+                   parts: Sequence[str] = DEFAULT_PARTS, g: float = 0.0, apply_gates: bool = True,
+                   window: int | None = None, heads: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+    """The JVP parts (and per-head terms ``heads``, names from :data:`HEAD_TERMS`) of a block at ``h``.
+
+    Only tangents are computed here: every primal value comes from ``primal`` (the pattern is
+    re-formed from its ``Q, K``; ``h_mid`` from ``A V`` when not given). Call under ``no_grad``.
+    Parts that map per-head terms through ``W_O`` share one GEMM; equal terms (at ``g = 0`` the
+    modulation is its intra part) are mapped once. Part values may be views of one tensor.
+    """
+    cond = primal.cond
+    attn = block.attn1
     want = set(parts)
-
-    def to_residual(z_heads):  # per-head tangent -> residual stream: a1 * W_O z (no bias)
-        return gate1 * F.linear(_merge_heads(z_heads), w_o) / attn.rescale_output_factor
-
-    y, dy = layer_norm_jvp(block.norm1.norm, h, delta)
-    x, dx = y * (1 + cond.scale_msa[:, None]) + cond.shift_msa[:, None], dy * (1 + cond.scale_msa[:, None])
-    (q, k, v), (dq, dk, dv) = qkv_jvp(attn, x, dx)
-    A = _pattern(q, k, window)
-    s = q.shape[-1] ** -0.5
-    # A*dL_intra = P1 + P2 and A*dL_inter = P1 - P2: the inter block costs no extra matmul
-    P1 = A * (torch.matmul(dq, k.transpose(-1, -2)) * s)
-    P2 = A * (torch.matmul(q, dk.transpose(-1, -2)) * s)
-
-    def dA(AdL):  # softmax Jacobian [87-88]
-        return AdL - A * AdL.sum(-1, keepdim=True)
-
-    R = torch.matmul(A, dv)
-    M_intra = torch.matmul(dA(P1 + P2), v)
-    M_inter = torch.matmul(dA(P1 - P2), v) if g != 0.0 or "modulation_inter" in want else None
-    M = M_intra + g * M_inter if g != 0.0 else M_intra
-    r, x_i = rho(g), xi(g)
-
     out: dict[str, torch.Tensor] = {}
-    if "routing" in want:
-        out["routing"] = to_residual(r * R if apply_gates else R)
-    if "modulation" in want:
-        out["modulation"] = to_residual(x_i * M if apply_gates else M)
-    if "modulation_intra" in want:
-        out["modulation_intra"] = to_residual(M_intra)
-    if "modulation_inter" in want:
-        out["modulation_inter"] = to_residual(M_inter)
-    if want & {"attn", "full", "cross"}:
-        if apply_gates and "routing" in out and "modulation" in out:
-            attn_d = out["routing"] + out["modulation"]
-        else:
-            attn_d = to_residual(r * R + x_i * M)
-        out["attn"] = attn_d
-    if want & {"mlp", "full", "cross"}:
-        # primal h_mid at the symmetric state (the coupled output equals A V there for any g)
-        o = attn.to_out[0](_merge_heads(torch.matmul(A, v))) / attn.rescale_output_factor
-        h_mid = h + gate1 * o
+    need_mlp = bool(want & {"mlp", "full", "cross"})
+    need_attn_tangent = bool(heads) or bool(want - {"mlp"})
+
+    if need_attn_tangent:
+        dx = layer_norm_tangent(block.norm1.norm, h, delta, scale=1 + cond.scale_msa[:, None])
+        (q, k, v), (dq, dk, dv) = _qkv_tangents(attn, primal.qkv, dx)
+    else:
+        q, k, v = _qkv_primal(attn, primal.qkv)
+    k, v = k.contiguous(), v.contiguous()  # each feeds several matmuls: copy them once
+    A = _pattern(q, k, window) if need_attn_tangent or primal.h_mid is None else None
+    attn_d = None
+    if need_attn_tangent:
+        s = q.shape[-1] ** -0.5
+        inter = g != 0.0 or "modulation_inter" in want or "heads.dlogits_inter" in heads
+        if inter or "heads.dlogits_intra" in heads:
+            dqk = torch.matmul(dq * s, k.transpose(-1, -2))  # dQ K^T / sqrt(d_h)
+            qdk = torch.matmul(q * s, dk.transpose(-1, -2))  # Q dK^T / sqrt(d_h)
+            dL_intra, dL_inter = dqk + qdk, (dqk - qdk if inter else None)
+        else:  # [dQ, Q] [K, dK]^T: both terms in one matmul, no N x N sum
+            dL_intra = torch.matmul(torch.cat([dq, q], -1).mul_(s), torch.cat([k, dk], -1).transpose(-1, -2))
+            dL_inter = None
+        if heads:
+            terms = {"heads.pattern": A, "heads.v": v, "heads.dv": dv, "heads.dlogits_intra": dL_intra,
+                     "heads.dlogits_inter": dL_inter}
+            out.update({n: terms[n] for n in heads})
+    O = None  # A V per head: what attention computed (given by the forward, else formed once)
+    if primal.attn_heads is not None:
+        O = _split_heads(attn, primal.attn_heads)
+    if want - {"mlp"}:
+        if O is None:
+            O = torch.matmul(A, v)
+
+        def dA_v(dL):  # dA V with dA = A (dL - rowsum(A dL)), the softmax Jacobian [87-88]
+            AdL = A * dL
+            return torch.matmul(AdL, v).sub_(AdL.sum(-1, keepdim=True) * O)
+
+        R = torch.matmul(A, dv)
+        M_intra = dA_v(dL_intra)
+        M_inter = dA_v(dL_inter) if g != 0.0 or "modulation_inter" in want else None
+        M = M_intra + g * M_inter if g != 0.0 else M_intra
+        r, x_i = rho(g), xi(g)
+
+        def times(c, t):  # c * t, and t itself for c = 1 (exact either way)
+            return t if c == 1.0 else c * t
+
+        per_head: dict[str, torch.Tensor] = {}
+        if "routing" in want:
+            per_head["routing"] = times(r, R) if apply_gates else R
+        if "modulation" in want:
+            per_head["modulation"] = times(x_i, M) if apply_gates else M
+        if "modulation_intra" in want:
+            per_head["modulation_intra"] = M_intra
+        if "modulation_inter" in want:
+            per_head["modulation_inter"] = M_inter
+        attn_from_parts = apply_gates and "routing" in per_head and "modulation" in per_head
+        if want & {"attn", "full", "cross"} and not attn_from_parts:
+            per_head["attn"] = times(r, R) + times(x_i, M)
+        out.update(_to_residual(attn, cond, per_head))
+        if want & {"attn", "full", "cross"}:
+            attn_d = out["routing"] + out["modulation"] if attn_from_parts else out["attn"]
+            out["attn"] = attn_d
+    if need_mlp:
+        h_mid = primal.h_mid
+        if h_mid is None:
+            # primal h_mid at the symmetric state (the coupled output equals A V there for any g)
+            o = attn.to_out[0].forward(_merge_heads(O if O is not None else torch.matmul(A, v)))
+            o = o / attn.rescale_output_factor
+            h_mid = h + cond.gate_msa[:, None] * o
         tangents = {}
         if "mlp" in want or {"full", "cross"} <= want:
             tangents["mlp"] = delta
@@ -341,12 +428,35 @@ def _block_jvp_fused(block, h, delta, cond, parts, g, apply_gates, window):
         if "full" in want and not tangents:
             tangents["mid"] = delta + attn_d  # J_MLP(delta + attn) in one tangent pass
         names = list(tangents)
-        jv = mlp_branch_jvp(block, h_mid, cond, torch.stack([tangents[n] for n in names]))
+        stacked = tangents[names[0]][None] if len(names) == 1 else torch.stack([tangents[n] for n in names])
+        jv = mlp_branch_jvp(block, h_mid, cond, stacked, ff_hidden=primal.ff_hidden)
         jv = dict(zip(names, jv.unbind(0)))
         out.update({n: jv[n] for n in ("mlp", "cross") if n in want})
         if "full" in want:
             out["full"] = delta + attn_d + (jv["mid"] if "mid" in jv else jv["mlp"] + jv["cross"])
-    return {p: out[p] for p in parts}
+    return {p: out[p] for p in (*parts, *heads)}
+
+
+def _to_residual(attn: nn.Module, cond: AdaLNConditioning,
+                 per_head: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``a1 * W_O z / rescale`` (no bias) of each per-head tangent ``z``, all in one GEMM."""
+    if not per_head:
+        return {}
+    unique: list[torch.Tensor] = []
+    index: dict[str, int] = {}
+    for name, z in per_head.items():
+        i = next((j for j, u in enumerate(unique) if u is z), None)
+        if i is None:
+            unique.append(z)
+            i = len(unique) - 1
+        index[name] = i
+    # (P, B, heads, N, d) -> (P, B, N, heads*d): stacking the transposed views is the one copy
+    b, n_heads, n, d = unique[0].shape
+    z = torch.stack([u.transpose(1, 2) for u in unique]).view(len(unique), b, n, n_heads * d)
+    res = F.linear(z, attn.to_out[0].weight).mul_(cond.gate_msa[:, None])
+    if attn.rescale_output_factor != 1.0:
+        res = res / attn.rescale_output_factor
+    return {name: res[i] for name, i in index.items()}
 
 
 # -- forward-mode pieces written out --------------------------------------------------------------
@@ -359,23 +469,45 @@ def layer_norm_jvp(norm: nn.Module, x: torch.Tensor, dx: torch.Tensor) -> tuple[
 
     ``J dx = rstd (dx - mean(dx) - xhat mean(xhat dx))`` (times the weight when affine).
     """
-    if not isinstance(norm, nn.LayerNorm) or len(norm.normalized_shape) != 1:
+    if not _plain_layer_norm(norm):
         return _jvp_stacked(norm.forward, x, dx)
-    y = norm.forward(x)  # .forward: hooks on the norm (resid_mid reads norm3's input) stay silent
-    xc = x - x.mean(-1, keepdim=True)
-    rstd = torch.rsqrt(xc.square().mean(-1, keepdim=True) + norm.eps)
-    xhat = xc * rstd
-    dxhat = rstd * (dx - dx.mean(-1, keepdim=True) - xhat * (xhat * dx).mean(-1, keepdim=True))
+    # .forward: hooks on the norm (resid_mid reads norm3's input) stay silent
+    return norm.forward(x), layer_norm_tangent(norm, x, dx)
+
+
+def _plain_layer_norm(norm: nn.Module) -> bool:
+    return isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1
+
+
+def layer_norm_tangent(norm: nn.Module, x: torch.Tensor, dx: torch.Tensor,
+                       scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``J dx`` of :func:`layer_norm_jvp` alone (the primal ``norm(x)`` is not formed), times
+    ``scale`` when given (broadcast against ``x``: adaLN's ``1 + scale``)."""
+    if not _plain_layer_norm(norm):
+        t = _jvp_stacked(norm.forward, x, dx)[1]
+        return t if scale is None else t * scale
+    # xhat and 1/std in one pass, as LayerNorm itself computes them
+    xhat, _, rstd = torch.native_layer_norm(x, norm.normalized_shape, None, None, norm.eps)
+    factor = rstd.to(x.dtype)
     if norm.weight is not None:
-        dxhat = dxhat * norm.weight
-    return y, dxhat
+        factor = factor * norm.weight
+    if scale is not None:
+        factor = factor * scale
+    dxhat = dx - dx.mean(-1, keepdim=True)
+    dxhat.sub_(xhat * (xhat * dx).mean(-1, keepdim=True))
+    return dxhat.mul_(factor)
 
 
 def qkv_jvp(attn: nn.Module, x: torch.Tensor, dx: torch.Tensor):
     """``((Q, K, V), (dQ, dK, dV))`` per head, as :func:`project_qkv` computes them."""
+    return _qkv_tangents(attn, (attn.to_q.forward(x), attn.to_k.forward(x), attn.to_v.forward(x)), dx)
+
+
+def _qkv_tangents(attn: nn.Module, qkv: Sequence[torch.Tensor], dx: torch.Tensor):
+    """Per-head ``(Q, K, V), (dQ, dK, dV)`` from the projections' outputs ``qkv`` (B, N, D)."""
     prims, tans = [], []
-    for proj, norm in ((attn.to_q, attn.norm_q), (attn.to_k, attn.norm_k), (attn.to_v, None)):
-        p, t = _split_heads(attn, proj(x)), _split_heads(attn, F.linear(dx, proj.weight))
+    for lin, proj, norm in zip(qkv, (attn.to_q, attn.to_k, attn.to_v), (attn.norm_q, attn.norm_k, None)):
+        p, t = _split_heads(attn, lin), _split_heads(attn, F.linear(dx, proj.weight))
         if norm is not None:
             p, t = torch.func.jvp(norm, (p,), (t,))
         prims.append(p)
@@ -383,13 +515,50 @@ def qkv_jvp(attn: nn.Module, x: torch.Tensor, dx: torch.Tensor):
     return tuple(prims), tuple(tans)
 
 
+def _qkv_primal(attn: nn.Module, qkv: Sequence[torch.Tensor]):
+    out = []
+    for lin, norm in zip(qkv, (attn.norm_q, attn.norm_k, None)):
+        p = _split_heads(attn, lin)
+        out.append(norm(p) if norm is not None else p)
+    return tuple(out)
+
+
 def mlp_branch_jvp(block: nn.Module, h_mid: torch.Tensor, cond: AdaLNConditioning,
-                   tangents: torch.Tensor) -> torch.Tensor:
-    """``a2 J_MLP(h_mid) t`` for a stack of tangents (T, B, N, D); the primal runs once."""
-    y, dy = layer_norm_jvp(block.norm3, h_mid, tangents)
-    z, dz = y * (1 + cond.scale_mlp[:, None]) + cond.shift_mlp[:, None], dy * (1 + cond.scale_mlp[:, None])
-    _, dout = feed_forward_jvp(block.ff, z, dz)
-    return cond.gate_mlp[:, None] * dout
+                   tangents: torch.Tensor, ff_hidden: torch.Tensor | None = None) -> torch.Tensor:
+    """``a2 J_MLP(h_mid) t`` for a stack of tangents (T, B, N, D); the primal runs once.
+
+    ``ff_hidden``: the GELU projection's output of the forward at ``h_mid`` (see
+    :class:`BlockPrimal`); given, and the feed-forward a GELU-Linear one, no primal runs here.
+    """
+    dz = layer_norm_tangent(block.norm3, h_mid, tangents, scale=1 + cond.scale_mlp[:, None])
+    if ff_hidden is not None and gelu_linear_layers(block.ff, ff_hidden.device) is not None:
+        dout = feed_forward_tangent(block.ff, ff_hidden, dz)
+    else:
+        z = block.norm3.forward(h_mid) * (1 + cond.scale_mlp[:, None]) + cond.shift_mlp[:, None]
+        _, dout = feed_forward_jvp(block.ff, z, dz)
+    return dout.mul_(cond.gate_mlp[:, None])
+
+
+def gelu_linear_layers(ff: nn.Module, device: torch.device | None = None):
+    """``(GELU, Linear)`` when ``ff.net`` is diffusers' GELU-proj, dropout, Linear (else None)."""
+    from diffusers.models.activations import GELU
+
+    layers = [m for m in getattr(ff, "net", ()) if not isinstance(m, nn.Dropout)]
+    if (len(layers) != 2 or type(layers[0]) is not GELU or not isinstance(layers[1], nn.Linear)
+            or (device is not None and torch.device(device).type == "mps")):
+        return None
+    return layers[0], layers[1]
+
+
+def feed_forward_tangent(ff: nn.Module, ff_hidden: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+    """``J_ff dx`` of a GELU-Linear feed-forward from its GELU pre-activation ``ff_hidden``."""
+    gelu, out = gelu_linear_layers(ff)
+    du = F.linear(dx, gelu.proj.weight)
+    # gelu'(u), from the op autograd itself uses
+    if du.shape == ff_hidden.shape:  # one tangent: gelu_backward scales it directly
+        return F.linear(torch.ops.aten.gelu_backward(du, ff_hidden, approximate=gelu.approximate), out.weight)
+    slope = torch.ops.aten.gelu_backward(torch.ones_like(ff_hidden), ff_hidden, approximate=gelu.approximate)
+    return F.linear(du.mul_(slope), out.weight)
 
 
 def feed_forward_jvp(ff: nn.Module, x: torch.Tensor, dx: torch.Tensor):
@@ -400,9 +569,9 @@ def feed_forward_jvp(ff: nn.Module, x: torch.Tensor, dx: torch.Tensor):
         if isinstance(layer, nn.Dropout):
             continue  # identity in eval mode
         if isinstance(layer, nn.Linear):
-            x, dx = layer(x), F.linear(dx, layer.weight)
+            x, dx = layer.forward(x), F.linear(dx, layer.weight)
         elif type(layer) is GELU and x.device.type != "mps":
-            u, du = layer.proj(x), F.linear(dx, layer.proj.weight)
+            u, du = layer.proj.forward(x), F.linear(dx, layer.proj.weight)
             x = F.gelu(u, approximate=layer.approximate)
             # gelu'(u), from the op autograd itself uses
             slope = torch.ops.aten.gelu_backward(torch.ones_like(u), u, approximate=layer.approximate)

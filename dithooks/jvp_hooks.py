@@ -33,10 +33,12 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
+from torch import nn
 
 from .errors import DithooksError
 from .hookpoints import HookPoint
-from .jvp import ALL_PARTS, block_attention_terms, block_jvp
+from .jvp import (ALL_PARTS, AdaLNConditioning, BlockPrimal, _check_block, block_jvp, block_tangents,
+                  gelu_linear_layers)
 
 RESID = ("batch", "token", "channel")
 
@@ -98,6 +100,7 @@ class JVPSettings:
     g: float | None = None
     apply_gates: bool = True
     seed: int = 0
+    ride_along: bool = True
 
     def describe(self) -> dict[str, Any]:
         d = self.direction
@@ -112,16 +115,97 @@ def check_direction(direction: Any) -> None:
                             "or give a tensor / {layer: tensor} / callable")
 
 
+class _Tap:
+    """Passive forward hooks inside one block that keep what the tangent pass reuses.
+
+    They record only while armed (between the block's pre-hook and its post-hook on a
+    ride-along call) and never return a value, so the block computes exactly what it would.
+    """
+
+    def __init__(self, block: nn.Module):
+        self.armed = False
+        self.got: dict[str, torch.Tensor] = {}
+        attn = block.attn1
+        self.keys = ["emb", "q", "k", "v", "h_mid"]
+        self.handles = [block.norm1.linear.register_forward_hook(self._output("emb")),
+                        attn.to_q.register_forward_hook(self._output("q")),
+                        attn.to_k.register_forward_hook(self._output("k")),
+                        attn.to_v.register_forward_hook(self._output("v")),
+                        block.norm3.register_forward_pre_hook(self._input("h_mid"))]
+        ff = gelu_linear_layers(block.ff)
+        if ff is not None:
+            self.keys.append("ff_hidden")
+            self.handles.append(ff[0].proj.register_forward_hook(self._output("ff_hidden")))
+
+    def _output(self, key: str):
+        def hook(module, args, output):
+            if self.armed:
+                self.got[key] = output
+        return hook
+
+    def _input(self, key: str):
+        def hook(module, args):
+            if self.armed:
+                self.got[key] = args[0]
+        return hook
+
+    def arm(self) -> None:
+        self.got = {}
+        self.armed = True
+
+    def take(self) -> dict[str, torch.Tensor]:
+        got, self.got, self.armed = self.got, {}, False
+        return got
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        self.armed, self.got = False, {}
+
+
+@dataclass
+class _Job:
+    """What a block's pre-hook decided, for its post-hook to finish (ride-along calls)."""
+
+    point: torch.Tensor
+    delta: torch.Tensor
+    axes: Any
+    t: torch.Tensor
+    y: torch.Tensor | None
+    g: float
+    window: int | None
+
+
+# processors that call attn1.to_q/to_k/to_v once on the attention input (what the tap reads)
+_KNOWN_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor", "HookedAttnProcessor")
+
+
+def _can_ride_along(block: nn.Module) -> bool:
+    """Whether the block is the adaLN-Zero DiT block the ride-along tangent knows."""
+    try:
+        _check_block(block)
+    except NotImplementedError:
+        return False
+    norm1 = block.norm1
+    return (getattr(norm1, "emb", None) is not None and isinstance(getattr(norm1, "linear", None), nn.Linear)
+            and all(isinstance(getattr(block.attn1, n, None), nn.Linear) for n in ("to_q", "to_k", "to_v")))
+
+
 class JVPHooks:
     """Hook-manager extension owning the ``jvp`` hook points."""
 
     def __init__(self, manager, settings: JVPSettings | None = None):
         self._manager = manager
         self.settings = settings or JVPSettings()
-        self._handles: dict[int, Any] = {}
+        self._handles: dict[int, list[Any]] = {}
+        self._taps: dict[int, _Tap] = {}
+        self._jobs: dict[int, _Job] = {}
+        #: how many block calls took each path since the last sync: {"ride_along": n, "separate": n}
+        self.calls = {"ride_along": 0, "separate": 0}
 
     def configure(self, **changes: Any) -> None:
-        """Change :class:`JVPSettings` fields (direction, g, apply_gates, seed)."""
+        """Change :class:`JVPSettings` fields (direction, g, apply_gates, seed, ride_along)."""
         for k, v in changes.items():
             if not hasattr(self.settings, k):
                 raise DithooksError(f"unknown JVP setting {k!r}")
@@ -133,19 +217,44 @@ class JVPHooks:
     def sync(self, manager) -> None:
         self._manager = manager
         wanted: dict[int, set[str]] = {}
+        inside: set[int] = set()  # blocks with an intervention inside them
         for h in manager.attached():
             p = manager.adapter.point(h.name)
             if p.kind == "jvp":
                 wanted.setdefault(p.layer, set()).add(h.name.split(".", 3)[3])
+            elif h.mode == "replace":
+                inside.update(self._layers_inside(manager, p))
         # re-register every time so this pre-hook runs after the manager's own ones on the block
         # (a replaced resid_pre is then the state the block is linearised at)
-        for handle in self._handles.values():
-            handle.remove()
-        self._handles = {}
+        for handles in self._handles.values():
+            for handle in handles:
+                handle.remove()
+        for tap in self._taps.values():
+            tap.remove()
+        self._handles, self._taps, self._jobs = {}, {}, {}
+        self.calls = {"ride_along": 0, "separate": 0}
         blocks = manager.adapter.blocks()
         for layer, names in wanted.items():
-            self._handles[layer] = blocks[layer].register_forward_pre_hook(
-                self._make_hook(layer, frozenset(names)), with_kwargs=True)
+            block, names = blocks[layer], frozenset(names)
+            self._handles[layer] = [
+                block.register_forward_pre_hook(self._make_hook(layer, names), with_kwargs=True),
+                block.register_forward_hook(self._make_post_hook(layer, names), with_kwargs=True)]
+            # an intervention inside the block changes what its forward computes; today's JVP
+            # ignores those, so such a block is linearised from its own primal (separate path)
+            if layer not in inside and _can_ride_along(block):
+                self._taps[layer] = _Tap(block)
+
+    @staticmethod
+    def _layers_inside(manager, p) -> set[int]:
+        """The blocks that hook point ``p`` lies inside (not on the block itself: resid_pre/post)."""
+        if p.kind == "processor":
+            return {p.layer}
+        out = set()
+        for layer in range(manager.adapter.num_layers):
+            path = manager.adapter.point(f"blocks.{layer}.jvp.full").module_path
+            if p.module_path.startswith(path + "."):
+                out.add(layer)
+        return out
 
     # -- computing ------------------------------------------------------------------------------
     def _layer_attention(self, layer: int) -> tuple[float, int | None]:
@@ -188,10 +297,22 @@ class JVPHooks:
                                 f"input {tuple(h.shape)} (give (tokens, channels) or (batch, tokens, channels))") from None
         return h, delta, axes, slice(None)
 
-    def _make_hook(self, layer: int, names: frozenset[str]):
-        parts = tuple(p for p in ALL_PARTS if p in names)
-        heads = [n for n in HEAD_POINTS if n in names]
+    def _rides_along(self, layer: int, block: nn.Module, h: torch.Tensor, point: torch.Tensor,
+                     g_live: float, window: int | None, kwargs: Mapping[str, Any]) -> bool:
+        """Whether this call's forward computes the primal at the linearisation point as the
+        separate path would (then the tangent reuses it): the point is the block's input, the layer
+        runs uncoupled (g = 0 is exactly uncoupled) with the window the JVP uses, plain self-attention."""
+        if not self.settings.ride_along or layer not in self._taps or point is not h or g_live != 0.0:
+            return False
+        if any(kwargs.get(k) is not None for k in ("attention_mask", "encoder_hidden_states",
+                                                   "cross_attention_kwargs", "added_cond_kwargs")):
+            return False
+        proc = getattr(block.attn1, "processor", None)
+        if type(proc).__name__ not in _KNOWN_PROCESSORS:
+            return False
+        return getattr(proc, "g", None) in (None, 0.0) and getattr(proc, "window", None) == window
 
+    def _make_hook(self, layer: int, names: frozenset[str]):
         def pre_hook(block, args, kwargs):
             m = self._manager
             h = args[0] if args else kwargs["hidden_states"]
@@ -203,24 +324,52 @@ class JVPHooks:
             g = g_live if self.settings.g is None else float(self.settings.g)
             t = torch.as_tensor(t).reshape(-1).expand(h.shape[0])[rows]
             y = None if y is None else torch.as_tensor(y).reshape(-1).expand(h.shape[0])[rows]
-            values: dict[str, torch.Tensor] = {"point": point, "direction": delta}
-            with torch.no_grad():
-                if parts:
-                    values.update(block_jvp(block, point, delta, timestep=t, class_labels=y, parts=parts,
-                                            g=g, apply_gates=self.settings.apply_gates, window=window))
-                if heads:
-                    terms = block_attention_terms(block, point, delta, timestep=t, class_labels=y,
-                                                  g=g, window=window)
-                    values.update({"heads.pattern": terms.A, "heads.v": terms.V, "heads.dv": terms.dV,
-                                   "heads.dlogits_intra": terms.dL_intra,
-                                   "heads.dlogits_inter": terms.dL_inter})
-            info = {"g": g, "window": window, "apply_gates": self.settings.apply_gates, "block": block,
-                    "timestep": t, "class_labels": y}
-            for local in names:
-                m.run_hooks(m.adapter.point(f"blocks.{layer}.jvp.{local}"), values[local], batch_axes=axes,
-                            info=info)
+            job = _Job(point, delta, axes, t, y, g, window)
+            if self._rides_along(layer, block, h, point, g_live, window, kwargs):
+                self._taps[layer].arm()  # the post-hook finishes from what the forward computes
+                self._jobs[layer] = job
+                return None
+            self._jobs.pop(layer, None)
+            self._finish(layer, block, names, job, None)
             return None
         return pre_hook
+
+    def _make_post_hook(self, layer: int, names: frozenset[str]):
+        def post_hook(block, args, kwargs, output):
+            job = self._jobs.pop(layer, None)
+            if job is None:
+                return None
+            got = self._taps[layer].take()
+            self._finish(layer, block, names, job, got)
+            return None
+        return post_hook
+
+    def _finish(self, layer: int, block: nn.Module, names: frozenset[str], job: _Job,
+                got: dict[str, torch.Tensor] | None) -> None:
+        """Compute every attached JVP value of this call and hand it to the attached functions."""
+        m = self._manager
+        parts = tuple(p for p in ALL_PARTS if p in names)
+        heads = tuple(n for n in HEAD_POINTS if n in names)
+        values: dict[str, torch.Tensor] = {"point": job.point, "direction": job.delta}
+        tap = self._taps.get(layer)
+        complete = got is not None and tap is not None and all(k in got for k in tap.keys)
+        with torch.no_grad():
+            if parts or heads:
+                if complete:
+                    primal = BlockPrimal(AdaLNConditioning(*got["emb"].chunk(6, dim=1)),
+                                         (got["q"], got["k"], got["v"]), got["h_mid"], got.get("ff_hidden"))
+                    values.update(block_tangents(block, job.point, job.delta, primal, parts, job.g,
+                                                 self.settings.apply_gates, job.window, heads))
+                else:
+                    values.update(block_jvp(block, job.point, job.delta, timestep=job.t, class_labels=job.y,
+                                            parts=parts, heads=heads, g=job.g,
+                                            apply_gates=self.settings.apply_gates, window=job.window))
+        self.calls["ride_along" if complete else "separate"] += 1
+        info = {"g": job.g, "window": job.window, "apply_gates": self.settings.apply_gates, "block": block,
+                "timestep": job.t, "class_labels": job.y}
+        for local in names:
+            m.run_hooks(m.adapter.point(f"blocks.{layer}.jvp.{local}"), values[local], batch_axes=job.axes,
+                        info=info)
 
 
 def _has_replica(axes) -> bool:
