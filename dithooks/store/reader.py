@@ -153,6 +153,7 @@ class CaptureStore:
         self._metas: dict[str, ArrayMeta] = {}
         self._readers: dict[str, ArrayReader] = {}
         self._coords: dict[str, np.ndarray] = {}
+        self._names: list[str] | None = None
         self._group = None
 
     @property
@@ -168,9 +169,11 @@ class CaptureStore:
 
     # -- what is in it -----------------------------------------------------------------------
     def array_names(self) -> list[str]:
-        return sorted(p.name for p in self.path.iterdir()
-                      if p.is_dir() and (p / "zarr.json").is_file() and p.name not in COORDS
-                      and self._is_array(p.name))
+        if self._names is None:
+            self._names = sorted(p.name for p in self.path.iterdir()
+                                 if p.is_dir() and (p / "zarr.json").is_file() and p.name not in COORDS
+                                 and self._is_array(p.name))
+        return list(self._names)
 
     def _is_array(self, name: str) -> bool:
         try:
