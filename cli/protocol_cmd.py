@@ -82,11 +82,12 @@ def protocol1(
     _sigterm_as_interrupt()
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=0, desc="protocol1", unit="step", disable=quiet or as_json)
+    def bar(total):
+        return tqdm(total=total, desc="protocol1", unit="step", disable=quiet or as_json)
+
     try:
         summary = run.run(bar=bar, plots=plots)
     except Protocol1Interrupted as e:
-        bar.close()
         typer.echo(f"dithooks: {e}", err=True)
         raise typer.Exit(130)
     seconds = time.perf_counter() - t0

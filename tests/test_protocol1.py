@@ -163,6 +163,19 @@ def test_g0_coupled_runs_equal_independent_runs(tiny_loaded):
         assert torch.equal(x, free)
 
 
+def test_replica_noise_streams_are_independent(tiny_loaded, tmp_path):
+    """b's sampler noise must not replay a's generator (the one that drew the start z, eta)."""
+    p = Protocol1(_tiny_request(), tmp_path / "s.zarr", loaded=tiny_loaded)
+    gens = p.start.generators()
+    M = p.request.pairs
+    for m, seed in enumerate(p.request.seeds):
+        replay = torch.randn(4 * 8 * 8 * 6, generator=torch.Generator().manual_seed(seed))  # start + 4 steps
+        b = torch.randn(4 * 8 * 8, generator=gens[M + m])
+        a = torch.randn(4 * 8 * 8, generator=gens[m])
+        assert not torch.equal(a, b)
+        assert not any(torch.equal(b, replay[k:k + 256]) for k in range(0, len(replay) - 255, 256))
+
+
 def _tiny_request(**kw):
     base = dict(model="tiny", g=(0.0, 0.6), s_star=(0, 2, 4, 6), pairs=3, steps=6, labels=(1,), encoder="pixels",
                 bootstrap=40, kappa=0.5)
@@ -185,13 +198,15 @@ def test_snapshot_shortcut_equals_direct_runs(tiny_run, tiny_loaded):
     out, _ = tiny_run
     grp = zarr.open_group(str(out), mode="r")
     req = _tiny_request()
-    p = Protocol1.__new__(Protocol1)  # only for measure(): the encoder and sizes of the run
+    p = Protocol1.__new__(Protocol1)  # only for measure() and initial_state(): as in the run
     p.loaded, p.request, p.encoder = tiny_loaded, Protocol1Request(**{**req.__dict__, "coarse_size": 2}), PixelEncoder()
+    p.hm, p.device = None, torch.device("cpu")
+    start, _ = p.initial_state()
     spec = SamplerSpec("ddim", req.steps, req.eta)
     for s_idx, s in enumerate(req.s_star):
         for prefix, rep in (("", ReplicaSpec(req.kappa, 0.6, couple_until=s)),
                             ("control_", ReplicaSpec(req.kappa, 0.0, share_noise_until=s))):
-            x = Sampler(tiny_loaded, spec, replicas=rep).run(list(req.pair_labels), req.seeds)
+            x = Sampler(tiny_loaded, spec, replicas=rep).run(list(req.pair_labels), req.seeds, state=start)
             m = p.measure(x)
             stored = grp[prefix + "agreement"][...]
             stored = stored[1, s_idx] if not prefix else stored[s_idx]

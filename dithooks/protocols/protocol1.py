@@ -193,6 +193,19 @@ def merge_resume_request(stored: dict, given: dict[str, Any]) -> Protocol1Reques
 
 
 # -- small helpers --------------------------------------------------------------------------------
+def same_stream(seed_a: int, seed_b: int) -> bool:
+    """Whether two seeds give torch CPU generators the same stream (it keeps 32 bits of a seed)."""
+    a = torch.randn(4, generator=torch.Generator().manual_seed(int(seed_a)))
+    b = torch.randn(4, generator=torch.Generator().manual_seed(int(seed_b)))
+    return bool(torch.equal(a, b))
+
+
+def independent_seed(seed: int) -> int:
+    """A 32-bit seed for replica b's sampler noise, derived from the pair's seed by numpy's
+    SeedSequence (so it does not replay any small seed's stream)."""
+    return int(np.random.SeedSequence([int(seed) % 2**63, 0xB]).generate_state(1)[0])
+
+
 def timestep_at(s: float, timesteps: Sequence[int]) -> float:
     """Timestep where the coupling stops after s steps (interpolated for fractional s; 0 at s = T)."""
     if not math.isfinite(s):
@@ -231,8 +244,9 @@ class _Plan:
 class Protocol1:
     """One Protocol I store: create (or reopen with ``mode="resume"``), run the missing cells, fit.
 
-    ``log`` gets one-line messages (the plan, the time estimate); ``bar`` an object with
-    ``update(n)`` (a tqdm bar) that sees every model step.
+    ``log`` gets one-line messages (the plan, the time estimate); ``bar`` (of :meth:`run`) an
+    object with ``update(n)`` (a tqdm bar) that sees every model step, or a factory ``bar(total)``
+    called once the number of steps is known.
     """
 
     def __init__(self, request: Protocol1Request | None, out: str | Path, *, mode: str = "create", loaded=None,
@@ -276,6 +290,7 @@ class Protocol1:
             raise DithooksError(f"replica coupling needs attention processors, which "
                                 f"{type(self.loaded.transformer).__name__} does not expose")
         self.timesteps = self._sampler(None).timesteps
+        self.start, self.b_noise = self.initial_state()
         self.store = self._open_store()
 
     # -- store ---------------------------------------------------------------------------------
@@ -288,6 +303,10 @@ class Protocol1:
                 if getattr(stored, k) != getattr(r, k):
                     raise StoreError(f"cannot resume {self.out}: its {k} is {getattr(stored, k)!r}, "
                                      f"this run resolves to {getattr(r, k)!r}")
+            if store.meta.get("b_noise_seeds", "library") != self.b_noise:
+                raise StoreError(f"cannot resume {self.out}: replica b's noise was seeded by "
+                                 f"{store.meta.get('b_noise_seeds', 'library')!r} there and would be by "
+                                 f"{self.b_noise!r} now (dithooks.sampling.replica_seed changed): use --overwrite")
             store.update_meta(request=r.as_dict(), status="running", finished=None,
                               runs=list(store.meta.get("runs", [])) + [now()])
             return store
@@ -297,7 +316,7 @@ class Protocol1:
         store.update_meta(model_id=self.loaded.model_id, model_source=self.loaded.source,
                           timesteps=list(self.timesteps), image_shape=list(self.image_shape),
                           fit_variable="s_star (steps coupled before the switch to independent sampling)",
-                          encoder=getattr(self.encoder, "name", r.encoder))
+                          encoder=getattr(self.encoder, "name", r.encoder), b_noise_seeds=self.b_noise)
         store.coord("g", np.asarray(r.g, dtype="float64"), ("g",))
         store.coord("s_star", np.asarray(r.s_star, dtype="int64"), ("s_star",))
         store.coord("timestep", np.asarray([timestep_at(s, self.timesteps) for s in r.s_star]), ("s_star",))
@@ -385,9 +404,31 @@ class Protocol1:
         return ReplicaSpec(kappa=self.request.kappa, g=g, couple_until=couple_until,
                            share_noise_until=share_noise_until)
 
+    def initial_state(self):
+        """The pairs' start (:func:`dithooks.sampling.initial_replica_state`) and where replica b's
+        sampler noise comes from.
+
+        torch's CPU generator keeps only the low 32 bits of a seed, so when the library's
+        ``replica_seed(seed)`` equals ``seed`` modulo 2**32, b's "own" generator would replay a's
+        stream (the one that drew the start): b's noise would lag a's by two draws, and after the
+        shared-noise control it would re-inject the start's z. Then b's generator is seeded with
+        :func:`independent_seed` instead. Returns ``(state, "library" | "protocol1")``.
+        """
+        from ..sampling import TrajectoryState, initial_replica_state, replica_seed
+
+        r = self.request
+        sigma = float(self._sampler(None).scheduler.init_noise_sigma)
+        st = initial_replica_state(self.loaded, r.seeds, self._replicas(), sigma)
+        states, source = list(st.rng_states), "library"
+        for m, seed in enumerate(r.seeds):
+            if same_stream(seed, replica_seed(seed)):
+                states[r.pairs + m] = torch.Generator().manual_seed(independent_seed(seed)).get_state()
+                source = "protocol1"
+        return TrajectoryState(0, st.latents, states), source
+
     def _run(self, replicas, state=None, on_step=None) -> torch.Tensor:
         r = self.request
-        return self._sampler(replicas).run(r.pair_labels, r.seeds, state=state, on_step=on_step,
+        return self._sampler(replicas).run(r.pair_labels, r.seeds, state=state if state is not None else self.start, on_step=on_step,
                                            progress=self._progress).cpu()
 
     def _progress(self, it):
@@ -401,11 +442,10 @@ class Protocol1:
     def time_one_step(self) -> tuple[float, float]:
         """Seconds per model step (uncoupled, coupled at the largest g) at this batch size, measured
         on the last step of the schedule (one warm-up step first)."""
-        from ..sampling import TrajectoryState, initial_replica_state
+        from ..sampling import TrajectoryState
 
         r = self.request
-        st = initial_replica_state(self.loaded, r.seeds, self._replicas(), float(self._sampler(None).scheduler.init_noise_sigma))
-        last = TrajectoryState(r.steps - 1, st.latents, st.rng_states)
+        last = TrajectoryState(r.steps - 1, self.start.latents, self.start.rng_states)
         out = []
         for g in (0.0, 0.0, max(r.g)):
             t0 = time.perf_counter()
@@ -458,12 +498,19 @@ class Protocol1:
                 tu, tc = self.time_one_step()
                 msg += f"; about {_duration(unc * tu + cpl * tc)} ({tu * 1e3:.0f} ms/step uncoupled, {tc * 1e3:.0f} coupled)"
             self.log(msg)
-        if bar is not None and hasattr(bar, "total"):
+        if callable(bar) and not hasattr(bar, "update"):  # a factory: bar(total)
+            bar = bar(unc + cpl) if plan.cells else None
+        elif bar is not None and hasattr(bar, "total"):
             bar.total = unc + cpl
             if hasattr(bar, "refresh"):
                 bar.refresh()
+        self.bar = bar
         try:
-            self._run_plan(plan)
+            try:
+                self._run_plan(plan)
+            finally:
+                if bar is not None and hasattr(bar, "close"):
+                    bar.close()
         except KeyboardInterrupt:
             self.store.update_meta(cells=self._cell_status())
             self.store.finish("interrupted")
@@ -475,8 +522,6 @@ class Protocol1:
             self.store.update_meta(cells=self._cell_status(), error=str(e).splitlines()[0][:300] if str(e) else type(e).__name__)
             self.store.finish("failed")
             raise
-        if bar is not None and hasattr(bar, "close"):
-            bar.close()
         if plan.cells:
             self.log(f"fitting ({r.bootstrap} bootstrap resamples){' and drawing figures' if plots else ''}")
         return self.finalize(plots=plots)
@@ -534,7 +579,7 @@ class Protocol1:
                 raise _Stop
 
         try:
-            sampler.run(r.pair_labels, r.seeds, on_step=on_step, progress=self._progress)
+            sampler.run(r.pair_labels, r.seeds, state=self.start, on_step=on_step, progress=self._progress)
         except _Stop:  # the last step ran but its progress update was skipped
             if self.bar is not None:
                 self.bar.update(1)
@@ -545,6 +590,9 @@ class Protocol1:
     def finalize(self, plots: bool = True) -> dict:
         """Normalise the discrepancies, fit every curve, write fits, figures and the summary."""
         summary = compute_summary(self.store, self.request, self.timesteps)
+        if self.b_noise == "protocol1":
+            summary["notes"].append("replica b's sampler noise is seeded by protocol1.independent_seed: the library's "
+                                    "replica_seed(seed) = seed + 2**40 replays seed's stream in torch (32-bit seeds).")
         write_fits(self.store, summary)
         figures = []
         if plots:
