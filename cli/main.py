@@ -82,10 +82,10 @@ def capture(
         couple_layers=couple_layers, window=window, window_layers=window_layers, top_k=top_k,
         query_tokens=query_tokens, query_tile=query_tile, jvp_direction=jvp_direction, jvp_gates=jvp_gates)
     session = ro.make_session(request, allow_weight_mismatch=allow_weight_mismatch)
-    announce_plan(session, quiet=quiet or as_json)
     _sigterm_as_interrupt()
 
-    def progress(it):
+    def progress(it):  # called once sampling starts: the store is open, so the plan is news
+        announce_plan(session, quiet=quiet or as_json)
         return tqdm(it, total=steps, initial=it.start, desc="capture", unit="step", disable=quiet or as_json)
 
     result = ro.run_session(session, progress)

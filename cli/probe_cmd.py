@@ -78,11 +78,11 @@ def run_probe(the_probe, request: dict, quiet: bool, allow_weight_mismatch: bool
     from .main import _sigterm_as_interrupt, announce_plan
 
     session = ro.make_session(request, allow_weight_mismatch=allow_weight_mismatch)
-    announce_plan(session, quiet=quiet)
     _sigterm_as_interrupt()
     steps = request["sampler"].steps
 
-    def progress(it):
+    def progress(it):  # called once sampling starts: the store is open, so the plan is news
+        announce_plan(session, quiet=quiet)
         return tqdm(it, total=steps, initial=it.start, desc=the_probe.label(), unit="step", disable=quiet)
 
     result = ro.run_session(session, progress)
