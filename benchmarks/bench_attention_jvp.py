@@ -211,21 +211,26 @@ def bench_whole_run(name: str, repeats: int | None = None, device: str = "cpu") 
     def noop(v, ctx):
         return None
 
+    # the code before the ride-along (an older checkout on PYTHONPATH) has only the separate path
+    has_ride_along = hasattr(hm.jvp.settings, "ride_along")
+
     def run(key=None, parts=(), ride_along=True):
         def fn():
-            hm.jvp.configure(ride_along=ride_along)
+            if has_ride_along:
+                hm.jvp.configure(ride_along=ride_along)
             with hm.hooks(read={f"blocks.*.jvp.{p}": noop for p in parts}):
                 out = Sampler(loaded, spec, hm, device=device).run(labels, seeds)
                 sync()
                 if key is not None:
-                    paths[key] = dict(hm.jvp.calls)
+                    paths[key] = dict(getattr(hm.jvp, "calls", {"separate": "?"}))
             outputs[key] = out
         return fn
 
     cases = {"plain": run()}
     for label, parts in WHOLE_RUN_PARTS.items():
         cases[f"{label}, separate primal (before)"] = run(f"{label} before", parts, ride_along=False)
-        cases[f"{label}, ride-along (after)"] = run(f"{label} after", parts, ride_along=True)
+        if has_ride_along:
+            cases[f"{label}, ride-along (after)"] = run(f"{label} after", parts, ride_along=True)
     cpu: dict[str, float] = {}
     times = time_interleaved(cases, repeats, warmup=1, cpu=cpu)
     block_forwards = steps * geo.num_layers  # one model call per step (no guidance)

@@ -132,10 +132,15 @@ class _Tap:
                         attn.to_k.register_forward_hook(self._output("k")),
                         attn.to_v.register_forward_hook(self._output("v")),
                         block.norm3.register_forward_pre_hook(self._input("h_mid"))]
+        # optional pieces: without them the tangent pass forms them itself
+        self.optional = []
         ff = gelu_linear_layers(block.ff)
         if ff is not None:
-            self.keys.append("ff_hidden")
+            self.optional.append("ff_hidden")
             self.handles.append(ff[0].proj.register_forward_hook(self._output("ff_hidden")))
+        if isinstance(attn.to_out[0], nn.Linear):  # its input is A V, heads merged
+            self.optional.append("attn_heads")
+            self.handles.append(attn.to_out[0].register_forward_pre_hook(self._input("attn_heads")))
 
     def _output(self, key: str):
         def hook(module, args, output):
@@ -357,7 +362,8 @@ class JVPHooks:
             if parts or heads:
                 if complete:
                     primal = BlockPrimal(AdaLNConditioning(*got["emb"].chunk(6, dim=1)),
-                                         (got["q"], got["k"], got["v"]), got["h_mid"], got.get("ff_hidden"))
+                                         (got["q"], got["k"], got["v"]), got["h_mid"], got.get("ff_hidden"),
+                                         got.get("attn_heads"))
                     values.update(block_tangents(block, job.point, job.delta, primal, parts, job.g,
                                                  self.settings.apply_gates, job.window, heads))
                 else:

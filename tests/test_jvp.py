@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from dithooks.attention.processor import HookedAttnProcessor
-from dithooks.jvp import (ALL_PARTS, adaln1, adaln_conditioning, linearise_attention,
-                          block_jvp)
+from dithooks.jvp import (ALL_PARTS, HEAD_TERMS, AdaLNConditioning, BlockPrimal, adaln1, adaln_conditioning,
+                          block_attention_terms, block_jvp, linearise_attention)
 from dithooks.gates import rho, xi
 
 from .conftest import TINY_HEAD_DIM, TINY_HEADS, make_tiny_attn_dit
@@ -210,3 +210,43 @@ def test_bad_arguments():
         block_jvp(block, h, delta, timestep=t, class_labels=y, g=-1.0)
     with pytest.raises(ValueError, match="method"):
         block_jvp(block, h, delta, timestep=t, class_labels=y, method="magic")
+
+
+def _forward_primal(block, h, t, y, optional=True):
+    """What the block's own forward computes, read by module hooks (as the JVP hook points do)."""
+    got = {}
+    attn = block.attn1
+    hooks = [block.norm1.linear.register_forward_hook(lambda m, a, o: got.setdefault("emb", o)),
+             attn.to_q.register_forward_hook(lambda m, a, o: got.setdefault("q", o)),
+             attn.to_k.register_forward_hook(lambda m, a, o: got.setdefault("k", o)),
+             attn.to_v.register_forward_hook(lambda m, a, o: got.setdefault("v", o)),
+             block.norm3.register_forward_pre_hook(lambda m, a: got.setdefault("h_mid", a[0])),
+             block.ff.net[0].proj.register_forward_hook(lambda m, a, o: got.setdefault("ff", o)),
+             attn.to_out[0].register_forward_pre_hook(lambda m, a: got.setdefault("o", a[0]))]
+    try:
+        out = block_out(block, h, t, y)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    primal = BlockPrimal(AdaLNConditioning(*got["emb"].chunk(6, dim=1)), (got["q"], got["k"], got["v"]),
+                         got["h_mid"], got["ff"] if optional else None, got["o"] if optional else None)
+    return out, primal
+
+
+@pytest.mark.parametrize("g", [0.0, 0.3])
+@pytest.mark.parametrize("optional", [True, False])
+def test_tangent_from_the_forward_equals_the_separate_primal(g, optional):
+    block = make_tiny_attn_dit().transformer_blocks[1]
+    h, delta, t, y = state()
+    _, primal = _forward_primal(block, h, t, y, optional)
+    kw = dict(timestep=t, class_labels=y, parts=ALL_PARTS, g=g, heads=HEAD_TERMS)
+    riding = block_jvp(block, h, delta, primal=primal, **kw)
+    separate = block_jvp(block, h, delta, **kw)
+    for name in (*ALL_PARTS, *HEAD_TERMS):
+        assert rel(riding[name], separate[name]) < 2e-6, name
+    terms = block_attention_terms(block, h, delta, timestep=t, class_labels=y, g=g)
+    for name, ref in (("heads.pattern", terms.A), ("heads.dv", terms.dV), ("heads.dlogits_intra", terms.dL_intra),
+                      ("heads.dlogits_inter", terms.dL_inter)):
+        assert rel(riding[name], ref) < 2e-6, name
+    with pytest.raises(ValueError, match="fused"):
+        block_jvp(block, h, delta, primal=primal, method="autograd", **{**kw, "heads": ()})

@@ -131,3 +131,114 @@ def test_jvp_points_are_read_only_and_listed(tiny_loaded):
         hm.add_intervention("blocks.0.jvp.full", lambda v, c: v)
     names = tiny_loaded.adapter.hook_points()
     assert {"blocks.3.jvp.routing", "blocks.3.jvp.heads.dlogits_intra", "blocks.0.jvp.direction"} <= set(names)
+
+
+# -- the tangent riding along the sampling forward ------------------------------------------------
+ALL_JVP_POINTS = ("full", "attn", "routing", "modulation", "modulation_intra", "modulation_inter", "mlp", "cross",
+                  "heads.pattern", "heads.v", "heads.dv", "heads.dlogits_intra", "heads.dlogits_inter",
+                  "point", "direction")
+
+
+def _both_paths(loaded, hm, layers, run, replace=None):
+    """Every JVP point of ``layers``, once riding along the forward and once with its own primal."""
+    names = [f"blocks.{i}.jvp.{p}" for i in layers for p in ALL_JVP_POINTS]
+    got, outs, calls = {}, {}, {}
+    for ride_along in (True, False):
+        hm.jvp.configure(ride_along=ride_along)
+        seen = {}
+
+        def keep(v, ctx, seen=seen):
+            seen.setdefault(ctx.name, []).append(v.clone())
+
+        with hm.hooks(read={n: keep for n in names}, replace=replace):
+            outs[ride_along] = run()
+            calls[ride_along] = dict(hm.jvp.calls)
+        got[ride_along] = seen
+    hm.jvp.configure(ride_along=True)
+    return got, outs, calls
+
+
+def _assert_same_values(got, exact=False):
+    assert got[True].keys() == got[False].keys()
+    for name, values in got[False].items():
+        assert len(got[True][name]) == len(values)
+        for a, b in zip(got[True][name], values):
+            if exact:
+                assert torch.equal(a, b), name
+            else:  # float32 rounding: SDPA's A V and h_mid against the explicit ones
+                torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-6, msg=name)
+
+
+@pytest.mark.parametrize("direction", ["random", "stored", "callable"])
+def test_ride_along_equals_separate_primal_and_is_passive(tiny_loaded, direction):
+    model = tiny_loaded.transformer
+    hm = HookManager(model, tiny_loaded.adapter)
+    stored = torch.randn(16, 16, generator=torch.Generator().manual_seed(3))
+    hm.jvp.configure(direction={"random": "random", "stored": {0: stored, 2: 2 * stored},
+                                "callable": lambda h, ctx: torch.flip(h, dims=[1])}[direction])
+    spec = SamplerSpec("ddim", 3, guidance=1.5)
+    plain = Sampler(tiny_loaded, spec).run([1, 2], [0, 1])
+    got, outs, calls = _both_paths(tiny_loaded, hm, (0, 2), lambda: Sampler(tiny_loaded, spec, hm).run([1, 2], [0, 1]))
+    assert calls[True] == {"ride_along": 6, "separate": 0} and calls[False] == {"ride_along": 0, "separate": 6}
+    assert torch.equal(outs[True], plain) and torch.equal(outs[False], plain)  # bit for bit
+    _assert_same_values(got)
+    # nothing stays behind on any module once the hooks are gone
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_ride_along_matches_the_autograd_reference(tiny_loaded):
+    """Independent of the fused code: torch.func.jvp through diffusers' own block at the read state."""
+    model = tiny_loaded.transformer
+    hm = HookManager(model, tiny_loaded.adapter)
+    parts = ("full", "attn", "routing", "modulation", "mlp", "cross", "modulation_intra", "modulation_inter")
+    seen, _ = _collect(hm, [f"blocks.1.jvp.{p}" for p in parts] + ["blocks.1.jvp.point", "blocks.1.jvp.direction"],
+                       lambda: Sampler(tiny_loaded, SamplerSpec("ddim", 2), hm).run([3, 5], [0, 1]))
+    assert hm.jvp.calls == {"ride_along": 0, "separate": 0}  # reset when the hooks went
+    t = torch.full((2,), Sampler(tiny_loaded, SamplerSpec("ddim", 2)).timesteps[1])
+    ref = block_jvp(model.transformer_blocks[1], seen["blocks.1.jvp.point"][1][2],
+                    seen["blocks.1.jvp.direction"][1][2], timestep=t, class_labels=torch.tensor([3, 5]),
+                    parts=parts, method="autograd")
+    for p in parts:
+        got = seen[f"blocks.1.jvp.{p}"][1][2]
+        assert ((got - ref[p]).norm() / ref[p].norm()).item() < 2e-6, p
+
+
+def test_ride_along_under_a_window_and_with_uncoupled_replicas(tiny_loaded):
+    hm = HookManager(tiny_loaded.transformer, tiny_loaded.adapter)
+    hm.attention.set_window(1, layers=[1])
+    hm.jvp.configure(direction="random", g=0.4)  # g of the linearisation only; the run is uncoupled
+    try:
+        got, _, calls = _both_paths(tiny_loaded, hm, (1,),
+                                    lambda: Sampler(tiny_loaded, SamplerSpec("ddim", 2), hm).run([1], [0]))
+    finally:
+        hm.attention.set_window(None)
+    assert calls[True]["ride_along"] == 2
+    _assert_same_values(got)
+    # replica pairs at g = 0 run exactly uncoupled: a random direction still rides along
+    rep = ReplicaSpec(kappa=0.5, g=0.0)
+    got, _, calls = _both_paths(tiny_loaded, hm, (2,),
+                                lambda: Sampler(tiny_loaded, SamplerSpec("ddim", 2), hm, replicas=rep).run([1], [0]))
+    assert calls[True] == {"ride_along": 2, "separate": 0}
+    _assert_same_values(got)
+
+
+def test_what_cannot_ride_along_takes_the_separate_path(tiny_loaded):
+    hm = HookManager(tiny_loaded.transformer, tiny_loaded.adapter)
+    spec = SamplerSpec("ddim", 2)
+    # replica direction: linearised at the symmetric state, which the forward never computes
+    rep = ReplicaSpec(kappa=0.5, g=0.3)
+    got, _, calls = _both_paths(tiny_loaded, hm, (1,), lambda: Sampler(tiny_loaded, spec, hm, replicas=rep).run([1], [0]))
+    assert calls[True] == {"ride_along": 0, "separate": 2}
+    _assert_same_values(got, exact=True)
+    # a random direction in a coupled layer: the forward's h_mid is the coupled one
+    hm.jvp.configure(direction="random")
+    got, _, calls = _both_paths(tiny_loaded, hm, (1,), lambda: Sampler(tiny_loaded, spec, hm, replicas=rep).run([1], [0]))
+    assert calls[True] == {"ride_along": 0, "separate": 2}
+    _assert_same_values(got, exact=True)
+    # an intervention inside the block: the JVP ignores it (as before), so it cannot reuse the forward
+    hm.jvp.configure(direction="auto")
+    got, outs, calls = _both_paths(tiny_loaded, hm, (1, 2), lambda: Sampler(tiny_loaded, spec, hm).run([1], [0]),
+                                   replace={"blocks.1.attn.v": lambda v, ctx: 0.5 * v})
+    assert calls[True] == {"ride_along": 2, "separate": 2}  # block 2 still rides along
+    assert torch.equal(outs[True], outs[False])
+    _assert_same_values(got)
