@@ -27,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     p_train.add_argument("--checkpoint-every", type=int, default=500)
     p_train.add_argument("--variant", default="digits", help="embedded model: digits (4x4 tokens) or digits64 (8x8)")
     p_train.add_argument("--lr", type=float, default=None)
+    p_train.add_argument("--init-from", type=pathlib.Path, default=None,
+                         help="checkpoint folder (with raw/ and ema/) to start a second stage from")
+    p_train.add_argument("--warmup-steps", type=int, default=None)
 
     p_eval = sub.add_parser("evaluate", help="classify DDIM samples of a model folder")
     p_eval.add_argument("--model", type=pathlib.Path, default=None, help="default: shipped weights")
@@ -68,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = train_default_model(
             args.out, seed=args.seed, batch_size=args.batch_size, threads=args.threads,
             log_every=args.log_every, checkpoint_every=args.checkpoint_every,
-            variant=args.variant, **kwargs,
+            variant=args.variant, init_from=args.init_from, warmup_steps=args.warmup_steps, **kwargs,
         )
         print(json.dumps({k: v for k, v in summary.items() if k != "scheduler"}, indent=2))
     elif args.command == "evaluate":

@@ -61,6 +61,15 @@ class EpochSampler:
         return idx
 
 
+def _load_stage(model: torch.nn.Module, ema: torch.nn.Module, folder: pathlib.Path) -> None:
+    """Start from a checkpoint's plain (``raw``) and EMA weights; the architectures must match."""
+    from diffusers import DiTTransformer2DModel
+
+    for target, sub in ((model, RAW_SUBDIR), (ema, EMA_SUBDIR)):
+        source = DiTTransformer2DModel.from_pretrained(folder / sub, torch_dtype=torch.float32)
+        target.load_state_dict(source.state_dict(), strict=True)
+
+
 def save_model_dir(model, scheduler, directory: pathlib.Path) -> None:
     """Write ``config.json`` + safetensors weights + ``scheduler_config.json`` to ``directory``."""
     model.save_pretrained(directory)
@@ -79,6 +88,8 @@ def train_default_model(
     checkpoint_every: int = 500,
     lr: float = TRAIN_DEFAULTS["lr"],
     variant: str = DEFAULT_VARIANT,
+    init_from=None,
+    warmup_steps: int | None = None,
 ) -> dict:
     """Train the default DiT and write it to ``out_dir``.
 
@@ -86,6 +97,9 @@ def train_default_model(
     (EMA and plain weights); ``out_dir/checkpoints/step_N/{ema,raw}`` hold periodic snapshots
     so partial progress can be evaluated; ``train_log.jsonl`` has one line per ``log_every``
     steps. Returns the training summary (also written to ``train_summary.json``).
+
+    ``init_from``: a checkpoint folder (``.../checkpoints/step_N`` or a run folder) whose ``raw``
+    and ``ema`` weights start this run (a second stage with a fresh optimiser and schedule).
     """
     torch.set_num_threads(threads)
     out_dir = pathlib.Path(out_dir)
@@ -95,6 +109,13 @@ def train_default_model(
     images, labels = load_digit_images()
     model = build_transformer(seed, variant)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
+    ema_offset = 0  # a second stage continues the EMA's warm-up where the first stage left it
+    if init_from is not None:
+        _load_stage(model, ema, pathlib.Path(init_from))
+        name = pathlib.Path(init_from).name
+        ema_offset = int(name.split("_")[-1]) if name.startswith("step_") else 0
+    if warmup_steps is not None:
+        cfg["warmup_steps"] = warmup_steps
     scheduler = build_noise_scheduler()
     alphas_cumprod = scheduler.alphas_cumprod.float()
     num_timesteps = scheduler.config.num_train_timesteps
@@ -130,7 +151,7 @@ def train_default_model(
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
         optimizer.step()
         lr_schedule.step()
-        update_ema(ema, model, ema_decay_at(step, cfg["ema_decay"]))
+        update_ema(ema, model, ema_decay_at(step + ema_offset, cfg["ema_decay"]))
 
         running += loss.item()
         running_n += 1
@@ -168,6 +189,7 @@ def train_default_model(
     summary = dict(
         seed=seed,
         variant=variant,
+        init_from=None if init_from is None else str(init_from),
         train_steps=train_steps,
         batch_size=batch_size,
         images_seen=train_steps * batch_size,
