@@ -276,6 +276,10 @@ from .locality_cmd import register as _register_locality_commands  # noqa: E402
 
 _register_locality_commands(app)
 
+from .protocol_cmd import register as _register_protocol_commands  # noqa: E402
+
+_register_protocol_commands(app)
+
 
 def main() -> None:
     app()
