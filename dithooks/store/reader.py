@@ -63,6 +63,10 @@ class IncompleteDataWarning(UserWarning):
     """Data read with ``allow_incomplete``: some steps are not complete or some chunks read as NaN."""
 
 
+# loud: every such read warns, not only the first from each line of code
+warnings.filterwarnings("always", category=IncompleteDataWarning)
+
+
 @dataclass(frozen=True)
 class ArrayInfo:
     name: str
