@@ -167,14 +167,14 @@ def query(
     layer: Optional[str] = typer.Option(None, "--layer", help="Block indices: 3, -1 (last captured), 0-27, 20- (20 to the last captured), 0,5."),
     sample: Optional[str] = typer.Option(None, "--sample", help="Samples: 0, 0:4, 0-3."),
     cfg: Optional[str] = typer.Option(None, "--cfg", help="cond or uncond (guided stores)."),
-    reduce: str = typer.Option("norm", "--reduce", "-r", help="norm, mean, std, rms, absmax or none."),
     replica: Optional[str] = typer.Option(None, "--replica", help="a or b (replica-pair stores)."),
+    reduce: str = typer.Option("norm", "--reduce", "-r", help="norm, mean, std, rms, absmax or none."),
     over: Optional[str] = typer.Option(None, "--over", help="Dims to reduce (default: all value dims, e.g. token,channel)."),
     as_json: bool = typer.Option(False, "--json", help="Print records as JSON (NaN as null)."),
     as_csv: bool = typer.Option(False, "--csv", help="Print records as CSV."),
     limit: int = typer.Option(200, "--limit", help="Most rows to print as a table (JSON/CSV print all)."),
-):
     allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help="Read steps not marked complete and missing or damaged chunks as NaN (with a warning) instead of refusing."),
+):
     """Slice one hook point by step/layer/sample and reduce it to a table (streamed chunk by chunk)."""
     from .query_cmd import run_query
 
