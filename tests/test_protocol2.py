@@ -187,6 +187,12 @@ def test_t_spec_from_protocol1_maps_to_the_nearest_timestep(tmp_path, tiny_model
     with pytest.raises(DithooksError, match="no t_spec for g = 0.5"):
         Protocol2(request(tiny_model_dir, at_step=None, from_protocol1="p1.zarr"), tmp_path / "x.zarr", loaded=tiny_loaded)
     assert not (tmp_path / "x.zarr").exists()  # refused before anything was created
+    # g = 0 has a flat Protocol I curve (no fit): --at-step serves it, t_spec serves the rest
+    monkeypatch.setattr(p1, "read_t_spec", lambda path, unit="step": {0.0: math.nan, 0.5: timesteps[unit][0.5]})
+    s = Protocol2(None, out, mode="resume", given={"from_protocol1": "p1.zarr", "at_step": (2,)}, loaded=tiny_loaded,
+                  figures=False).run()
+    assert s["at_step"][0] == 2 and s["at_step"][1] == int(np.argmin(np.abs(np.array(ts) - 760)))
+    assert math.isnan(s["t_spec"][0]) and s["t_spec"][1] == 0.4 and "--at-step (no Protocol I t_spec)" in s["source"]
 
 
 def test_protocol2_command(tmp_path, tiny_model_dir):

@@ -249,7 +249,8 @@ def _band(spec: Any) -> Any:
 class Protocol2Request:
     """What to run (identity) and how to summarise it. Pair m uses seed ``first_seed + m``;
     ``labels`` one class for every pair or one per pair. ``at_step``: one step for every g, or one
-    per g; ``from_protocol1``: a Protocol I store whose t_spec(g) gives the step instead."""
+    per g; ``from_protocol1``: a Protocol I store whose t_spec(g) gives the step instead (with both,
+    ``at_step`` serves the g that Protocol I has no t_spec for, e.g. g = 0, whose curve is flat)."""
 
     model: str | None = None
     g: tuple[float, ...] = (0.0, 0.3)
@@ -294,8 +295,6 @@ class Protocol2Request:
             if bad:
                 raise DithooksError(f"step {bad[0]} is outside 0-{self.steps - 1}")
             object.__setattr__(self, "at_step", at)
-        if self.at_step is not None and self.from_protocol1:
-            raise DithooksError("give --at-step or --from-protocol1, not both")
         if self.bootstrap < 0:
             raise DithooksError(f"--bootstrap must be >= 0, got {self.bootstrap}")
         if self.low_freq_radius < 0:
@@ -335,9 +334,9 @@ def merge_request(stored: Mapping, given: Mapping[str, Any]) -> Protocol2Request
                              f"{getattr(probe, k)!r} (leave the option out to keep it, or use --overwrite)")
         changes[k] = v
     summary = {k: v for k, v in changes.items() if k not in IDENTITY_KEYS}
-    if "at_step" in summary:
-        summary.setdefault("from_protocol1", None)
-    elif "from_protocol1" in summary:
+    if "at_step" in summary and "from_protocol1" not in summary:
+        summary["from_protocol1"] = None
+    elif "from_protocol1" in summary and "at_step" not in summary:
         summary["at_step"] = None
     return replace(base, **summary)
 
@@ -506,13 +505,13 @@ def check_summary_source(r: Protocol2Request) -> None:
 
         t = read_t_spec(r.from_protocol1)
         missing = [g for g in r.g if not any(abs(k - g) < 1e-9 for k in t)]
-        if missing:
+        if missing and r.at_step is None:
             raise DithooksError(f"the Protocol I store {r.from_protocol1} has no t_spec for g = {missing[0]:g} (it has "
-                                f"g = {', '.join(f'{k:g}' for k in sorted(t))}); use --at-step")
+                                f"g = {', '.join(f'{k:g}' for k in sorted(t))}); add --at-step S for it")
         failed = [g for g in r.g for k, v in t.items() if abs(k - g) < 1e-9 and not (v is not None and math.isfinite(v))]
-        if failed:
+        if failed and r.at_step is None:
             raise DithooksError(f"the Protocol I fit for g = {failed[0]:g} failed (t_spec n/a in {r.from_protocol1}); "
-                                "use --at-step")
+                                "add --at-step S for it")
 
 
 def run_protocol2(request: Protocol2Request, out, *, mode: str = "create", given=None, loaded=None, device="cpu",
@@ -523,26 +522,31 @@ def run_protocol2(request: Protocol2Request, out, *, mode: str = "create", given
 
 
 # -- the summary -----------------------------------------------------------------------------------
-def _steps_from_protocol1(path: str, g_list: Sequence[float], timesteps: np.ndarray) -> tuple[list[int], list[float]]:
+def _steps_from_protocol1(path: str, g_list: Sequence[float], timesteps: np.ndarray,
+                          fallback: Sequence[int] | None = None) -> tuple[list[int], list[float], list[str]]:
     """Protocol II steps whose timestep is nearest the Protocol I t_spec(g) (timestep where the pair
-    commits), and the t_spec values in Protocol I steps."""
+    commits), the t_spec values in Protocol I steps (NaN where the fallback step was used) and each
+    g's source. ``fallback``: --at-step (one, or one per g) for the g Protocol I has no t_spec for."""
     from .protocol1 import read_t_spec
 
     by_t = read_t_spec(path, unit="timestep")
     by_s = read_t_spec(path, unit="step")
-    steps, t_spec = [], []
-    for g in g_list:
+    steps, t_spec, sources = [], [], []
+    for gi, g in enumerate(g_list):
         match = [k for k in by_t if abs(k - g) < 1e-9]
-        if not match:
-            raise DithooksError(f"the Protocol I store {path} has no t_spec for g = {g:g} (it has g = "
-                                f"{', '.join(f'{k:g}' for k in sorted(by_t))}); use --at-step for this g")
-        t = by_t[match[0]]
+        t = by_t[match[0]] if match else None
         if t is None or not math.isfinite(t):
-            raise DithooksError(f"the Protocol I fit for g = {g:g} failed (t_spec is n/a in {path}); "
-                                "use --at-step for this g")
+            if fallback is None:
+                why = "has no t_spec for" if not match else "has a failed fit (t_spec n/a) for"
+                raise DithooksError(f"the Protocol I store {path} {why} g = {g:g}; add --at-step S for it")
+            steps.append(int(fallback[0] if len(fallback) == 1 else fallback[gi]))
+            t_spec.append(math.nan)
+            sources.append("--at-step (no Protocol I t_spec)")
+            continue
         steps.append(int(np.argmin(np.abs(timesteps.astype(float) - t))))
         t_spec.append(float(by_s[match[0]]))
-    return steps, t_spec
+        sources.append(f"Protocol I t_spec = {by_s[match[0]]:.4g} steps (timestep {t:.4g})")
+    return steps, t_spec, sources
 
 
 def _load_run(path: Path) -> dict[str, np.ndarray]:
@@ -576,12 +580,13 @@ def compute_summary(store: ResultsStore, request: Protocol2Request) -> dict:
     layers = runs[0]["layer"].astype(int)
     L, S = len(layers), len(timesteps)
     if r.from_protocol1:
-        at, t_spec = _steps_from_protocol1(r.from_protocol1, r.g, timesteps)
-        source = f"t_spec(g) of the Protocol I store {r.from_protocol1} (nearest timestep)"
+        at, t_spec, sources = _steps_from_protocol1(r.from_protocol1, r.g, timesteps, r.at_step)
+        source = (f"t_spec(g) of the Protocol I store {r.from_protocol1} (the Protocol II step with the nearest "
+                  "timestep): " + "; ".join(f"g = {g:g}: step {s} ({src})" for g, s, src in zip(r.g, at, sources)))
     elif r.at_step is not None:
         at = list(r.at_step) * (G if len(r.at_step) == 1 else 1)
         t_spec = [math.nan] * G
-        source = "the step given (--at-step)"
+        source = "the step given (--at-step): " + ", ".join(f"g = {g:g}: step {s}" for g, s in zip(r.g, at))
     else:
         raise DithooksError("say where to read the energies: --from-protocol1 STORE (t_spec(g)) or --at-step S")
     M = r.pairs
