@@ -211,3 +211,26 @@ def test_protocol2_command(tmp_path, tiny_model_dir):
     assert "Protocol II" in r.output and "spatial coherence" in r.output and "E_lead g=0.3" in r.output
     r = runner.invoke(app, base + ["--at-step", "5"])
     assert r.exit_code == 2 and "outside 0-1" in r.output
+
+
+def test_interrupted_run_says_how_to_resume(tmp_path, tiny_model_dir, tiny_loaded, monkeypatch):
+    from dithooks.capture import CaptureSession
+
+    calls = []
+    real_run = CaptureSession.run
+
+    def run(self, progress=None):  # the second coupling is interrupted (Ctrl-C inside the capture)
+        calls.append(self.cfg.out)
+        if len(calls) == 2:
+            raise StoreError(f"capture interrupted: {self.cfg.out} holds steps none of 0-1; continue with --resume")
+        return real_run(self, progress=progress)
+
+    monkeypatch.setattr(CaptureSession, "run", run)
+    out = tmp_path / "p2.zarr"
+    job = Protocol2(request(tiny_model_dir, pairs=4, steps=2, at_step=(1,), layers="0-1"), out, loaded=tiny_loaded,
+                    figures=False)
+    with pytest.raises(StoreError, match="protocol2 interrupted: .* holds 1 of 2 couplings"):
+        job.run()
+    assert job.store.meta["status"] == "interrupted" and list(job.done()) == [True, False]
+    s = Protocol2(None, out, mode="resume", loaded=tiny_loaded, figures=False).run()
+    assert len(calls) == 3 and np.isfinite(s["per_layer"]["R"]).all()  # only the missing g ran again

@@ -484,10 +484,15 @@ class Protocol2:
                     timings[_key(r.g[i])] = round(time.perf_counter() - t0, 3)
                     self.store.write("g_done", i, True)
                     self.store.update_meta(timings=timings, cells={"done": int(self.done().sum()), "total": len(r.g)})
-            except KeyboardInterrupt:
+            except (KeyboardInterrupt, StoreError) as e:
+                # a capture turns Ctrl-C / SIGTERM into "capture interrupted: ..." (its store is kept)
+                if not isinstance(e, KeyboardInterrupt) and not str(e).startswith("capture interrupted"):
+                    self.store.update_meta(error=f"{type(e).__name__}: {e}")
+                    self.store.finish("failed")
+                    raise
                 self.store.finish("interrupted")
                 raise StoreError(f"protocol2 interrupted: {self.out} holds {int(self.done().sum())} of {len(r.g)} "
-                                 "couplings; continue with --resume") from None
+                                 "couplings; continue with `dithooks protocol2 --out STORE --resume`") from None
             except BaseException as e:
                 self.store.update_meta(error=f"{type(e).__name__}: {e}")
                 self.store.finish("failed")
