@@ -80,6 +80,10 @@ def protocol1(
     run = Protocol1(request, out, mode="resume" if resume else "overwrite" if overwrite else "create",
                     device=device, log=log)
     _sigterm_as_interrupt()
+    import shlex
+    import sys
+
+    run.store.update_meta(command="dithooks " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     from tqdm.auto import tqdm
 
     def bar(total):

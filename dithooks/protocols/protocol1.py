@@ -434,8 +434,6 @@ class Protocol1:
     def _progress(self, it):
         for s in it:
             yield s
-            if self._t_first is None:
-                self._t_first = time.perf_counter()
             if self.bar is not None:
                 self.bar.update(1)
 
@@ -488,7 +486,8 @@ class Protocol1:
         """Run what is missing, then fit and summarise (and draw the figures unless ``plots`` is
         False); returns the summary."""
         r, T = self.request, self.request.steps
-        self.bar, self._t_first = bar, None
+        self.bar = bar
+        t_start = time.perf_counter()
         plan = self.plan()
         unc, cpl = plan.steps(T)
         if plan.cells:
@@ -522,9 +521,10 @@ class Protocol1:
             self.store.update_meta(cells=self._cell_status(), error=str(e).splitlines()[0][:300] if str(e) else type(e).__name__)
             self.store.finish("failed")
             raise
+        t_sampled = time.perf_counter()
         if plan.cells:
             self.log(f"fitting ({r.bootstrap} bootstrap resamples){' and drawing figures' if plots else ''}")
-        return self.finalize(plots=plots)
+        return self.finalize(plots=plots, sampling_seconds=t_sampled - t_start)
 
     def _run_plan(self, plan: _Plan) -> None:
         r = self.request
@@ -587,8 +587,9 @@ class Protocol1:
             self.hm.attention.set_coupling(None)
 
     # -- fits and summary ---------------------------------------------------------------------
-    def finalize(self, plots: bool = True) -> dict:
+    def finalize(self, plots: bool = True, sampling_seconds: float | None = None) -> dict:
         """Normalise the discrepancies, fit every curve, write fits, figures and the summary."""
+        t0 = time.perf_counter()
         summary = compute_summary(self.store, self.request, self.timesteps)
         if self.b_noise == "protocol1":
             summary["notes"].append("replica b's sampler noise is seeded by protocol1.independent_seed: the library's "
@@ -606,6 +607,12 @@ class Protocol1:
             cells=self._cell_status(), fits=summary["fits"],
             summary={"tables": [{"title": TABLE_TITLE, "rows": display_rows(summary)}],
                      "figures": figures, "notes": summary["notes"]})
+        timings = dict(self.store.meta.get("timings") or {})
+        key = f"run {len(self.store.meta.get('runs', []))}"
+        if sampling_seconds is not None:
+            timings[key + ": sampling"] = round(sampling_seconds, 2)
+        timings[key + ": fits and figures"] = round(time.perf_counter() - t0, 2)
+        self.store.update_meta(timings=timings)
         self.store.finish("complete")
         summary["figures"] = figures
         return summary
