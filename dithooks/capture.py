@@ -760,6 +760,9 @@ class CaptureSession:
             status, error = "failed", str(e)
         except BaseException as e:
             status, error = "failed", f"{type(e).__name__}: {e}"
+            with contextlib.suppress(Exception):  # steps finished before the failure are kept too
+                self._flush_pending(group)
+                self.writer.flush()
             raise
         finally:
             if self.cfg.window is not None:

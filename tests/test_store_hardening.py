@@ -397,3 +397,64 @@ def test_ls_suggests_the_command_that_made_the_store(tmp_path, tiny_model_dir):
     argv = {"command": {"name": "capture", "argv": ["capture", "--steps", "9", "--out", "x y.zarr", "--overwrite"],
                         "resume_option": True}}
     assert how_to_continue(argv, "x y.zarr") == "continue with `dithooks capture --steps 9 --out 'x y.zarr' --resume`"
+
+
+# -- 8. failures inside a run ---------------------------------------------------------------------------------
+from dithooks.probes.api import Output, Probe  # noqa: E402
+
+
+class Failing(Probe):
+    """Counts steps; raises in observe at step ``at`` or in finish (for the tests below)."""
+
+    needs = ("resid_post",)
+    resumable = True
+    at: int | None = None
+
+    def start(self, run):
+        self.run, self.n = run, 0
+
+    def observe(self, name, value, ctx):
+        if ctx.step == self.at:
+            raise RuntimeError("probe bug")
+
+    def end_step(self, step):
+        self.n += 1
+        return {"n": Output(torch.tensor([float(step)]), ("one",), "step")}
+
+    def finish(self):
+        if self.at is None:
+            raise RuntimeError("finish bug")
+        return {"total": Output(torch.tensor([float(self.n)]), ("one",), "steps seen")}
+
+
+def test_a_failing_probe_keeps_finished_steps_and_never_marks_the_store_complete(tmp_path, tiny_loaded,
+                                                                                 tiny_model_dir, monkeypatch):
+    monkeypatch.setattr("dithooks.capture.BATCH_STEPS", 16)  # every step buffered until the end
+    out = tmp_path / "s.zarr"
+    with pytest.raises(Exception, match="probe bug"):  # a ProbeError (one line) or the raw error
+        capture(config(out, tiny_model_dir, probes=(type("AtThree", (Failing,), {"at": 3})(),)), loaded=tiny_loaded)
+    done = np.asarray(zarr.open_group(str(out), mode="r")["step_complete"][...])
+    assert done.tolist() == [True, True, True, False, False]  # the buffered steps 0-2 were written
+    out2 = tmp_path / "f.zarr"
+    with pytest.raises(Exception, match="finish bug"):
+        capture(config(out2, tiny_model_dir, probes=(Failing(),)), loaded=tiny_loaded)
+    done = np.asarray(zarr.open_group(str(out2), mode="r")["step_complete"][...])
+    assert not done[-1]  # the once-only outputs are missing: the last step is not complete
+    assert "complete" not in next(ln for ln in cli("ls", out2).output.splitlines() if ln.startswith("status"))
+
+
+def test_count_nonfinite_matches_numpy_for_every_storage_dtype():
+    from dithooks.store.codecs import to_numpy
+    from dithooks.store.writer import count_nonfinite
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 50, generator=g)
+    x[torch.rand(6, 50, generator=g) < 0.1] = float("nan")
+    x[torch.rand(6, 50, generator=g) < 0.05] = float("inf")
+    x[torch.rand(6, 50, generator=g) < 0.05] = -float("inf")
+    want = (~np.isfinite(x.numpy())).sum(axis=1)
+    for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        got = count_nonfinite(to_numpy(x.to(dt)), dt, (slice(10, 16),))
+        assert got == {10 + i: int(c) for i, c in enumerate(want) if c}, dt
+    assert count_nonfinite(to_numpy(x), torch.float32, Ellipsis) == {"all": int(want.sum())}
+    assert count_nonfinite(np.zeros(3, np.uint8), torch.uint8, (0,)) == {}

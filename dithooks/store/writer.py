@@ -62,8 +62,10 @@ def fill_value(dtype: torch.dtype):
 def count_nonfinite(data: np.ndarray, dtype: torch.dtype, index: Any) -> dict[Any, int]:
     """Non-finite values in ``data`` written at ``array[index]``: {row: count} along the first
     dim (``"all"`` for writes of a whole array), only rows that have some."""
-    if dtype == torch.bfloat16:
+    if dtype == torch.bfloat16:  # raw bits: exponent all ones is inf or NaN
         bad = (data & 0x7F80) == 0x7F80
+    elif dtype == torch.float16:  # the same on the bits: numpy's float16 isfinite is ~8x slower
+        bad = (data.view(np.uint16) & 0x7C00) == 0x7C00
     elif dtype.is_floating_point:
         bad = ~np.isfinite(data)
     else:
