@@ -320,3 +320,20 @@ def test_gap_scan_refuses_bad_requests(den, gap_data, tmp_path):
         run_gaps(den, _gap_request(trajectories=("sampled",)), tmp_path / "b.zarr")
     with pytest.raises(DithooksError, match="one label per sample"):
         run_gaps(den, _gap_request(labels=(1,)), tmp_path / "c.zarr", data=gap_data)
+
+
+def test_an_8x8_token_grid_like_digits64():
+    """patch 1 on 8x8 images: 64 tokens, radii 0-7; r = 7 is global bit for bit, r = 2 the loop mask."""
+    from dithooks.loading import LoadedModel, DIT_SCHEDULE
+    from dithooks.adapters import adapter_for
+
+    from .conftest import make_tiny_dit
+
+    model = make_tiny_dit(num_layers=2, in_channels=1, out_channels=1, patch_size=1)
+    loaded = LoadedModel(model, adapter_for(model), "tiny64", "test", dict(DIT_SCHEDULE))
+    d = Denoiser(loaded)
+    assert (d.layout.grid_side, d.num_tokens) == (8, 64)
+    assert parse_radii("all", d.layout) == list(range(8))
+    x, y = xs(2, c=1), torch.tensor([4, 10])
+    assert torch.equal(d.eps(x, 400, y, 7), d.eps(x, 400, y, None))
+    assert torch.allclose(d.eps(x, 400, y, 2), plain_eps(loaded, x, 400, y, 2), atol=1e-5, rtol=1e-5)
