@@ -19,7 +19,6 @@ classifier's feature space, to ``always_on`` (bootstrap 1σ) and to the held-out
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
