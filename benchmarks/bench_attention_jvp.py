@@ -173,7 +173,7 @@ WHOLE_RUN_MODELS = {
     # name: (DiT config or None for the embedded digits model, samples, DDIM steps, repeats)
     "digits": (None, 4, 10, 9),
     "S": (dict(num_attention_heads=6, attention_head_dim=64, num_layers=12, **DIT_DEFAULTS), 2, 3, 5),
-    "XL": (dict(num_attention_heads=16, attention_head_dim=72, num_layers=4, **DIT_DEFAULTS), 2, 2, 5),
+    "XL": (dict(num_attention_heads=16, attention_head_dim=72, num_layers=4, **DIT_DEFAULTS), 2, 2, 3),
 }
 WHOLE_RUN_PARTS = {"jvp.full": ("full",), "all parts": ALL_PARTS}
 

@@ -41,13 +41,15 @@ its tangent given) or :func:`block_attention_terms` (a block's residual state an
 
 Two methods give the same numbers: ``"fused"`` (default) propagates the tangent by hand (linear
 maps as one GEMM each, LayerNorm and GELU by their analytic derivatives, the softmax by its
-Jacobian [87-88]), computing the primal once and every requested part in the same pass, about
-2x the cost of a forward; ``"autograd"`` is the reference: ``torch.func.jvp`` through the actual
+Jacobian [87-88]), computing the primal once and every requested part in the same pass; given
+a :class:`BlockPrimal` read from the block's own forward (``primal=``, what the JVP hook points
+do while sampling) it computes tangents only, about one block forward for ``full`` and two for
+every part at once; ``"autograd"`` is the reference: ``torch.func.jvp`` through the actual
 diffusers modules (math SDPA backend, since forward AD fails through CPU SDPA), with replicas
 run for real through a coupled :class:`~dithooks.attention.processor.HookedAttnProcessor` and the
 pattern or the values frozen by its interventions. The tests pin one to the other and both to
-finite differences. The fused method calls module ``forward`` methods directly where the
-adapter places hooks, so hook functions do not fire during linearisation; pass ``conditioning``
+finite differences. The fused method calls module ``forward`` methods directly, so hook
+functions do not fire during linearisation; pass ``conditioning``
 to linearise at intervened adaLN values.
 """
 
@@ -355,14 +357,15 @@ def block_tangents(block: nn.Module, h: torch.Tensor, delta: torch.Tensor, prima
     need_mlp = bool(want & {"mlp", "full", "cross"})
     need_attn_tangent = bool(heads) or bool(want - {"mlp"})
 
+    A = attn_d = None
     if need_attn_tangent:
         dx = layer_norm_tangent(block.norm1.norm, h, delta, scale=1 + cond.scale_msa[:, None])
         (q, k, v), (dq, dk, dv) = _qkv_tangents(attn, primal.qkv, dx)
-    else:
+    elif primal.h_mid is None:  # the primal h_mid is formed from A V
         q, k, v = _qkv_primal(attn, primal.qkv)
-    k, v = k.contiguous(), v.contiguous()  # each feeds several matmuls: copy them once
-    A = _pattern(q, k, window) if need_attn_tangent or primal.h_mid is None else None
-    attn_d = None
+    if need_attn_tangent or primal.h_mid is None:
+        k, v = k.contiguous(), v.contiguous()  # each feeds several matmuls: copy them once
+        A = _pattern(q, k, window)
     if need_attn_tangent:
         s = q.shape[-1] ** -0.5
         inter = g != 0.0 or "modulation_inter" in want or "heads.dlogits_inter" in heads

@@ -3,11 +3,21 @@
 A JVP hook point is not a value the forward pass computes; it is what block ``i`` would do to a
 small perturbation ``delta`` of its residual input, with the conditioning (t, y) held fixed
 (THEORY §3). When any ``blocks.{i}.jvp.*`` point is attached, this extension puts a forward
-pre-hook on block ``i``; it reads the block's input, builds the linearisation point and the
-direction, runs :func:`dithooks.jvp.block_jvp` once for every attached part (one fused pass),
-and hands each part to the attached functions like any other hook value. The block's own
-forward is untouched (the JVP runs beside it, under ``no_grad``), so the model's output is
-bit-for-bit what it is without the hook.
+pre-hook and a forward hook on block ``i``; the pre-hook reads the block's input and builds the
+linearisation point and the direction, and every attached part and head term is computed in one
+fused pass (:func:`dithooks.jvp.block_tangents`) and handed to the attached functions like any
+other hook value. The block's own forward is untouched, so the model's output is bit-for-bit
+what it is without the hook.
+
+**Riding along the forward.** When the linearisation point is the block's own input (every
+direction but ``"replica"``), the layer runs uncoupled (``g = 0`` is exactly uncoupled) and
+nothing inside the block is intervened on, the block's forward computes the primal the JVP
+needs. Passive hooks inside the block then keep what it computes (the adaLN vectors, ``Q, K, V``,
+attention's ``A V``, ``h_mid``, the GELU pre-activation) and, after the forward, only the tangent
+is propagated: no projection runs twice (``JVPSettings.ride_along``, default on; the values are
+those of the separate primal to float32 rounding, tested). Otherwise the pre-hook computes the
+JVP beside the forward from its own primal (``block_jvp``), as it always did; ``JVPHooks.calls``
+counts the block calls of each path.
 
 Directions (:class:`JVPSettings.direction`):
 
@@ -93,7 +103,8 @@ class JVPSettings:
 
     ``g``: coupling at which the difference is propagated; None = what the block runs at now
     (the replica coupling of this step, 0 when uncoupled). ``apply_gates``: whether ``routing``
-    and ``modulation`` carry rho(g), xi(g).
+    and ``modulation`` carry rho(g), xi(g). ``ride_along``: reuse the block's forward where it
+    computes the primal (module docstring); False computes every JVP from its own primal.
     """
 
     direction: Any = "auto"
@@ -335,6 +346,8 @@ class JVPHooks:
                 self._jobs[layer] = job
                 return None
             self._jobs.pop(layer, None)
+            if layer in self._taps:
+                self._taps[layer].take()  # disarmed, holding nothing (a call before may have failed)
             self._finish(layer, block, names, job, None)
             return None
         return pre_hook
