@@ -64,7 +64,8 @@ def load_model(spec: str | None = None, *, device: str = "cpu", dtype: torch.dty
     check_device(device)
     embedded = {None: "digits", "": "digits", "default": "digits",
                  **{k: k for k in EMBEDDED_MODELS}, **{v: k for k, v in EMBEDDED_MODELS.items()}}
-    if spec in embedded and not (spec and Path(spec).expanduser().exists()):
+    # an embedded name wins unless a model folder of that name is here (an output folder is not one)
+    if spec in embedded and not (spec and _is_model_dir(Path(spec).expanduser())):
         from .default_model import default_model_dir
         variant = embedded[spec]
         path = default_model_dir(variant)
@@ -85,6 +86,11 @@ def load_model(spec: str | None = None, *, device: str = "cpu", dtype: torch.dty
     if loaded.vae is not None:
         loaded.vae.to(device=device).eval()
     return loaded
+
+
+def _is_model_dir(path: Path) -> bool:
+    """A folder saved by diffusers: a pipeline (model_index.json) or a model (config.json)."""
+    return (path / "model_index.json").is_file() or (path / "config.json").is_file()
 
 
 def _hub_snapshot(repo_id: str) -> Path:
