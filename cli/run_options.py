@@ -115,8 +115,8 @@ def check_output_file(path: Path | None, option: str, suffixes: tuple[str, ...])
         raise DithooksError(f"{option} {path} is a folder")
 
 
-#: Seeds must fit torch's generator (< 2**64) after replica b's offset (replica_seed adds 2**40).
-MAX_SEED = 2**63 - 1 - 2**40
+#: Seeds must fit torch's generator (< 2**64); replica b's seed is hashed into 32 bits (replica_seed).
+MAX_SEED = 2**63 - 1
 
 
 def _jvp_direction(text: str) -> Any:

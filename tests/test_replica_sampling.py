@@ -77,3 +77,17 @@ def test_bad_replica_specs():
         ReplicaSpec(kappa=1.5)
     with pytest.raises(DithooksError):
         ReplicaSpec(g=-0.1)
+
+
+def test_replica_b_noise_stream_differs_from_a():
+    """torch keeps only the low 32 bits of a CPU seed: b's generator must not replay a's stream."""
+    import torch
+
+    from dithooks.sampling import replica_seed
+
+    for seed in (0, 3, 12345, 2**31 + 7):
+        a = torch.randn(8, generator=torch.Generator().manual_seed(seed))
+        b = torch.randn(8, generator=torch.Generator().manual_seed(replica_seed(seed)))
+        assert not torch.equal(a, b)
+        assert replica_seed(seed) == replica_seed(seed)  # deterministic
+    assert len({replica_seed(s) for s in range(1000)} & set(range(1000))) == 0
