@@ -756,7 +756,8 @@ def read_t_spec(store_path: str | Path, unit: str = "step", with_ci: bool = Fals
 
     ``unit="step"``: s* in sampling steps (fractional; the first s* steps were coupled);
     ``"timestep"``: the schedule's timestep there. ``with_ci``: ``{g: (t_spec, ci_low, ci_high)}``
-    (the CI in steps). The shared-noise control is not included.
+    (the CI in steps). The shared-noise control is not included. The run's step count is
+    ``attrs["dithooks"]["request"]["steps"]`` and its timesteps ``attrs["dithooks"]["timesteps"]``.
     """
     if unit not in ("step", "timestep"):
         raise DithooksError(f"unit must be 'step' or 'timestep', got {unit!r}")
