@@ -234,3 +234,10 @@ def test_interrupted_run_says_how_to_resume(tmp_path, tiny_model_dir, tiny_loade
     assert job.store.meta["status"] == "interrupted" and list(job.done()) == [True, False]
     s = Protocol2(None, out, mode="resume", loaded=tiny_loaded, figures=False).run()
     assert len(calls) == 3 and np.isfinite(s["per_layer"]["R"]).all()  # only the missing g ran again
+
+
+@pytest.mark.parametrize("bad", [dict(low_freq_radius=float("nan")), dict(low_freq_radius=-1.0), dict(pairs=1),
+                                 dict(g=(0.3, 0.3)), dict(at_step=(1, 2, 3)), dict(kappa=0.0), dict(lead="0,x")])
+def test_bad_requests_are_refused(bad):
+    with pytest.raises(DithooksError):
+        Protocol2Request(**{**dict(g=(0.0, 0.3), at_step=(1,)), **bad})

@@ -52,8 +52,8 @@ import torch
 
 from ..errors import DithooksError, StoreError
 from ..probes.api import Option, Output, ProbeError, parse_band
-from ..probes.builtin import DifferenceModes
-from ..probes.modes import band_energies, band_indices
+from ..probes.builtin import DifferenceModes, _value_dims
+from ..probes.modes import DifferenceModeBasis, band_energies, band_indices
 from ..store.metadata import now
 from .store import ResultsStore, json_clean
 
@@ -134,8 +134,6 @@ class Protocol2Modes(DifferenceModes):
         self.PE = torch.full((len(self.run.layers), self.M, self.K), float("nan"), dtype=torch.float64)
 
     def observe(self, name: str, value: torch.Tensor, ctx) -> None:
-        from ..probes.modes import DifferenceModeBasis
-
         X = self.pair_differences(value, ctx)
         basis = self.bases.get(ctx.layer)
         if basis is None:  # step 0: this layer's fixed basis [42–44]
@@ -145,7 +143,6 @@ class Protocol2Modes(DifferenceModes):
             except ValueError as e:
                 raise ProbeError(f"protocol2, layer {ctx.layer}: {e}") from None
             self.bases[ctx.layer] = basis
-            from ..probes.builtin import _value_dims
             self.value_dims = _value_dims(ctx, value)
         P = basis.project(X)  # (M, K): one projection serves the per-pair and the mean energies
         e = (P * P / basis.eigenvalues).to(torch.float64).cpu()
@@ -297,8 +294,8 @@ class Protocol2Request:
             object.__setattr__(self, "at_step", at)
         if self.bootstrap < 0:
             raise DithooksError(f"--bootstrap must be >= 0, got {self.bootstrap}")
-        if self.low_freq_radius < 0:
-            raise DithooksError(f"--low-freq-radius must be >= 0, got {self.low_freq_radius}")
+        if not math.isfinite(self.low_freq_radius) or self.low_freq_radius < 0:
+            raise DithooksError(f"--low-freq-radius must be a finite number >= 0, got {self.low_freq_radius}")
 
     @property
     def seeds(self) -> list[int]:

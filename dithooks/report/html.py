@@ -236,18 +236,18 @@ def _summary_convention(path: Path, meta: dict, prefix: str) -> str:
 
 
 def _nested_runs(path: Path) -> str:
+    from ..store.reader import open_store
+
     rows = []
-    for sub in sorted(p for p in path.rglob("zarr.json") if p.parent != path):
-        d = sub.parent
+    for marker in sorted(path.rglob("step_complete")):  # every capture store has this array
+        d = marker.parent
+        if d == path or not marker.is_dir():
+            continue
         try:
             meta = _open_meta(d)
+            comp = open_store(d).completeness()
         except StoreError:
             continue
-        if "step_complete" not in {p.name for p in d.iterdir()}:
-            continue
-        from ..store.reader import open_store
-
-        comp = open_store(d).completeness()
         dur = _duration(meta)
         rows.append({"run": d.relative_to(path).as_posix(), "status": comp.get("status"),
                      "steps complete": f"{comp['steps_complete']} of {comp['steps_total']}",
