@@ -287,8 +287,6 @@ ACCEPTED_BY_OTHERS = {
     ("locality windowed", "--guidance", "nan"): "owner: locality helper (cli/locality_cmd.py)",
     ("locality windowed", "--guidance", "inf"): "owner: locality helper (cli/locality_cmd.py)",
     ("locality windowed", "--guidance", "-inf"): "owner: locality helper (cli/locality_cmd.py)",
-    ("protocol2", "--low-freq-radius", "nan"): "owner: E (cli/protocol2_cmd.py)",
-    ("protocol2", "--low-freq-radius", "inf"): "owner: E (cli/protocol2_cmd.py)",
 }
 
 
@@ -541,8 +539,20 @@ def test_there_are_enough_cases():
     assert registered <= commands, f"commands without fuzz cases: {sorted(registered - commands)}"
 
 
+HAS_ALARM = hasattr(signal, "SIGALRM")
+
+
+def _arm(seconds: int) -> None:
+    if HAS_ALARM:
+        signal.alarm(seconds)
+
+
 @pytest.fixture(autouse=True)
 def _alarm():
+    if not HAS_ALARM:  # no SIGALRM (Windows): cases run unguarded
+        yield
+        return
+
     def stop(signum, frame):
         raise CaseTookTooLong(f"still running after {CASE_SECONDS} s: the bad input was accepted")
 
@@ -576,9 +586,9 @@ def test_bad_input_is_one_line_and_leaves_no_broken_store(case: Case, ws: Worksp
         if case.prep is not None:
             case.prep(cstore)
     before = _snapshot(cstore) if case.after == "intact" else None
-    signal.alarm(CASE_SECONDS)
+    _arm(CASE_SECONDS)
     r = invoke(args, env=case.env)
-    signal.alarm(0)
+    _arm(0)
     if case.report:  # e.g. verify finding damage: a report on stdout, not an error
         assert r.exit_code != 0 and "Traceback" not in r.output, r.output[-1500:]
         assert len(r.stderr.splitlines()) <= 1, r.stderr[-1500:]
@@ -598,9 +608,9 @@ def test_bad_input_is_one_line_and_leaves_no_broken_store(case: Case, ws: Worksp
         ls = invoke(["ls", out, "--json"])
         assert ls.exit_code == 0, ls.output[-600:]
         assert json.loads(ls.stdout)["metadata"]["status"] in ("failed", "interrupted")
-        signal.alarm(CASE_SECONDS)
+        _arm(CASE_SECONDS)
         r = invoke([ws.fmt(a, out, cstore) for a in case.resume_args])
-        signal.alarm(0)
+        _arm(0)
         assert r.exit_code == 0, f"--resume after the fault failed: {r.output[-800:]}"
         ls = invoke(["ls", out, "--json"])
         assert json.loads(ls.stdout)["completeness"]["complete"], ls.output[-600:]
