@@ -115,8 +115,16 @@ def ls(store: Path, verify: bool = False, as_json: bool = False) -> int:
         return rc
     smp = m.get("sampler", {})
     typer.echo(f"store     {store}")
-    if layout.kind != "capture":
+    if layout.kind != "capture":  # a results store of another command (its own layout)
         typer.echo(f"kind      {layout.kind}")
+        typer.echo(f"times     started {m.get('started')}, finished {m.get('finished')}")
+        typer.echo(f"status    {comp['status']}" + ("" if report.ok else f", damaged: {report.summary()}"))
+        if nonfinite:
+            typer.echo(f"NaN/inf   {_nonfinite_line(nonfinite, layout)}")
+        print_table([{"array": a.name, "dims": "(" + ", ".join(a.dims) + ")", "shape": "x".join(map(str, a.shape)),
+                      "dtype": a.dtype, "size": human_bytes(a.nbytes_logical),
+                      "on disk": human_bytes(a.nbytes_stored)} for a in arrays])
+        return rc
     typer.echo(f"model     {m.get('model_id')} ({m.get('model_class')}, {m.get('model_config', {}).get('num_layers')} blocks)")
     typer.echo(f"sampler   {smp.get('name')} {smp.get('steps')} steps, eta {smp.get('eta')}, guidance {smp.get('guidance')}")
     typer.echo(f"samples   labels {m.get('labels')} seeds {m.get('seeds')}")
@@ -134,10 +142,7 @@ def ls(store: Path, verify: bool = False, as_json: bool = False) -> int:
         typer.echo("probes    " + ", ".join(p["name"] for p in m["probes"]))
     typer.echo(f"dtype     stored {m.get('storage_dtype')}, computed {m.get('compute_dtype')}, compression {m.get('compression')}")
     typer.echo(f"times     started {m.get('started')}, finished {m.get('finished')}")
-    if layout.step_complete is not None:
-        typer.echo(f"status    {_status(layout, comp, report, decode, writer)}")
-    else:
-        typer.echo(f"status    {comp['status']}" + ("" if report.ok else f", damaged: {report.summary()}"))
+    typer.echo(f"status    {_status(layout, comp, report, decode, writer)}")
     if nonfinite:
         typer.echo(f"NaN/inf   {_nonfinite_line(nonfinite, layout)}")
     if m.get("error"):

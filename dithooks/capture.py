@@ -385,8 +385,11 @@ class CaptureSession:
     def _lock_existing(self, replacing: bool) -> StoreLock:
         path = self.path
         what = "overwrite" if replacing else "resume"
-        if path.is_symlink() or not path.is_dir():
+        if not path.is_dir():
             raise StoreError(f"{path} exists and is not a folder: refusing to {what} it")
+        if replacing and path.is_symlink():  # the rename into place would replace the link, not its folder
+            raise StoreError(f"{path} is a symbolic link: overwrite the folder it points to "
+                             f"({path.resolve()}) instead")
         if replacing:
             self._check_replaceable()  # before the lock: a folder we refuse is not touched at all
         lock = StoreLock(path, command=self._command_text()).acquire()

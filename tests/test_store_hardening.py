@@ -458,3 +458,17 @@ def test_count_nonfinite_matches_numpy_for_every_storage_dtype():
         assert got == {10 + i: int(c) for i, c in enumerate(want) if c}, dt
     assert count_nonfinite(to_numpy(x), torch.float32, Ellipsis) == {"all": int(want.sum())}
     assert count_nonfinite(np.zeros(3, np.uint8), torch.uint8, (0,)) == {}
+
+
+def test_a_store_behind_a_symlink_resumes_and_is_not_overwritten_through_it(tmp_path, tiny_loaded, tiny_model_dir,
+                                                                            small_store):
+    real = tmp_path / "disk" / "s.zarr"
+    real.parent.mkdir()
+    shutil.copytree(small_store, real)
+    link = tmp_path / "s.zarr"
+    link.symlink_to(real)
+    cfg = dict(sampler=SamplerSpec("ddim", 3))
+    assert capture(config(link, tiny_model_dir, mode="resume", **cfg), loaded=tiny_loaded).steps_run == 0
+    with pytest.raises(StoreError, match="symbolic link") as e:
+        capture(config(link, tiny_model_dir, mode="overwrite", **cfg), loaded=tiny_loaded)
+    assert "\n" not in str(e.value) and link.is_symlink() and verify_store(real).ok
