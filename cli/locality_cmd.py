@@ -186,6 +186,7 @@ def windowed(
     from dithooks.locality.store import store_mode
     from dithooks.locality.windowed import WindowedRequest, run_windowed
 
+    ro.check_finite(guidance, "--guidance", -1e4, 1e4)
     mode = store_mode(resume, overwrite)
     loaded, den = _setup(model, device, batch)
     judge = digits_judge(loaded, "the windowed probe")

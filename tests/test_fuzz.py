@@ -283,11 +283,7 @@ def _float_and_int_cases() -> list[Case]:
 
 
 # values another helper's command still accepts (and then runs with): xfail until fixed
-ACCEPTED_BY_OTHERS = {
-    ("locality windowed", "--guidance", "nan"): "owner: locality helper (cli/locality_cmd.py)",
-    ("locality windowed", "--guidance", "inf"): "owner: locality helper (cli/locality_cmd.py)",
-    ("locality windowed", "--guidance", "-inf"): "owner: locality helper (cli/locality_cmd.py)",
-}
+ACCEPTED_BY_OTHERS: dict = {}
 
 
 def _capture_cases() -> list[Case]:
