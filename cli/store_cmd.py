@@ -76,7 +76,9 @@ def _status(layout, comp: dict, report, decoded: bool, writer: dict | None) -> s
     if writer is not None:
         return f"running: {span}, being written by {describe_owner(writer)}"
     if comp["complete"]:
-        return "complete" if decoded else "complete (every chunk file present; --verify also reads them)"
+        bad = sum(v["values"] for v in nonfinite_summary(meta).values())
+        return (("complete" if decoded else "complete (every chunk file present; --verify also reads them)")
+                + (f"; {bad} NaN/inf values (below)" if bad else ""))
     return f"{comp['status']}: {span}; {how_to_continue(meta, path)}"
 
 

@@ -401,7 +401,7 @@ def test_killed_captures_resume_bit_for_bit_or_are_refused_in_one_line(tmp_path)
             assert one_line(rec["resume"]["stderr"]), (where, rec["resume"])
             assert rec["overwrite"]["rc"] == 0, (where, rec["overwrite"])
         assert rec["outcome"] != "unrecoverable", where
-        assert_bitwise_equal(res["reference"], rec["store"])
+        assert_bitwise_equal(res["reference"], rec["store"])  # (fails on files Zarr does not know, too)
         assert verify_store(rec["store"]).ok, where
         leftovers = [p.name for p in Path(rec["store"]).parent.iterdir() if "dithooks-" in p.name]
         assert not leftovers, (where, leftovers)

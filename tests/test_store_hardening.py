@@ -319,9 +319,11 @@ def test_stale_locks_are_reclaimed_and_live_or_foreign_ones_refused(tmp_path, ow
         if "elsewhere" in str(e.value):
             assert str(d / LOCK_NAME) in str(e.value)  # says which file to delete
         return
+    (d / f"{LOCK_NAME}.{'a' * 32}.tmp").write_text("{}")  # a locker killed before it linked its lock
     with StoreLock(d) as lock:
         assert read_lock(d)["token"] == lock.token and read_lock(d)["pid"] == os.getpid()
-    assert not (d / LOCK_NAME).exists()
+        assert os.listdir(d) == [LOCK_NAME]  # the holder swept the leftover
+    assert not os.listdir(d)
 
 
 def test_two_processes_racing_for_one_lock_never_both_win(tmp_path):

@@ -134,6 +134,7 @@ class StoreLock:
                 self.held = True
                 with _HELD_GUARD:
                     _HELD[str(self.path.resolve())] = self.token
+                self._sweep()
                 return self
             info = read_lock(self.folder)
             if info is None:
@@ -151,22 +152,39 @@ class StoreLock:
         try:
             with open(tmp, "x") as f:
                 json.dump(self.info, f)
-            try:
-                os.link(tmp, self.path)  # atomic: fails if a lock is there
-                return True
-            except FileExistsError:
-                return False
-            except OSError:  # file systems without hard links: exclusive create, then content
-                return self._try_create_exclusive()
         except FileNotFoundError:
             raise StoreError(f"cannot lock {self.folder}: the folder disappeared") from None
         except PermissionError as e:
             raise StoreError(f"cannot lock {self.folder}: {e.strerror}") from None
+        try:
+            os.link(tmp, self.path)  # atomic: fails if a lock is there
+            return True
+        except FileExistsError:
+            return False
+        except FileNotFoundError:  # the holder swept our private file away (_sweep): it is held
+            return False
+        except OSError:  # file systems without hard links: exclusive create, then content
+            return self._try_create_exclusive()
         finally:
             try:
                 os.unlink(tmp)
             except OSError:
                 pass
+
+    def _sweep(self) -> None:
+        """Delete the private files (``.dithooks.lock.<token>.tmp|.stale``) that killed lockers
+        left; only the holder does this, so none of them can still become the lock."""
+        prefix = LOCK_NAME + "."
+        try:
+            names = os.listdir(self.folder)
+        except OSError:
+            return
+        for name in names:
+            if name.startswith(prefix) and name.endswith((".tmp", ".stale")) and self.token not in name:
+                try:
+                    os.unlink(self.folder / name)
+                except OSError:
+                    pass
 
     def _try_create_exclusive(self) -> bool:
         try:

@@ -189,8 +189,8 @@ def inspect_store(path: str | Path, kinds: tuple[str, ...] | None = None) -> Sto
     root = path / "zarr.json"
     if not root.exists():
         if not entries:
-            raise DamagedStore(f"{path} is an empty folder, not a store (a capture killed while creating it "
-                               f"leaves this): {_remake(path)}")
+            raise DamagedStore(f"{path} is an empty folder, not a store; to write a store there, run the "
+                               f"command with --overwrite (--out {path})")
         if any((p / "zarr.json").exists() for p in entries if p.is_dir()):
             raise DamagedStore(f"{path} is a damaged store: its group metadata {root} is missing; {_remake(path)}")
         raise StoreError(f"{path} is not a dithooks store (no zarr.json)")
