@@ -132,3 +132,23 @@ def test_strong_guidance_stays_on_the_data_through_dithooks_sampler():
     with torch.no_grad():
         acc = (clf(x.clamp(-1, 1)).argmax(1) == torch.tensor(labels)).float().mean().item()
     assert acc >= 0.9, acc
+
+
+def test_digits64_is_the_8x8_token_model_and_samples_recognisable_digits():
+    """The second embedded model: same DiT with patch 1 (64 tokens), selectable by name."""
+    from dithooks.loading import load_model
+    from dithooks.sampling import Sampler, SamplerSpec
+
+    from dithooks.default_model import load_digits_classifier
+
+    loaded = load_model("digits64")
+    geo = loaded.adapter.geometry
+    assert (geo.num_layers, geo.patch_size, geo.num_tokens) == (28, 1, 64)
+    assert loaded.model_id == "dithooks/digits64-dit"
+    assert load_model("dithooks/digits64-dit").model_id == loaded.model_id
+    labels = list(range(10))
+    x = Sampler(loaded, SamplerSpec("ddim", 20)).run(labels, list(range(10)))
+    assert x.shape == (10, 1, 8, 8) and torch.isfinite(x).all()
+    with torch.no_grad():
+        acc = (load_digits_classifier()(x.clamp(-1, 1)).argmax(1) == torch.tensor(labels)).float().mean().item()
+    assert acc >= 0.7, acc  # unguided, 20 steps, 10 samples: a smoke bar, the card has the real one
