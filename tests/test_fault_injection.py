@@ -36,7 +36,6 @@ import traceback
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 SEED = 9
 PLAN = {"create": 12, "overwrite": 4, "resume": 4}
