@@ -484,8 +484,10 @@ class CaptureSession:
         def coord(name, values, dims, dtype=None):
             values = np.asarray(values, dtype=dtype)
             text = values.dtype.kind in "US"  # variable-length strings: the dtype Zarr v3 specifies
+            # uncompressed: a few bytes each, and readers then need no codec library at all
             a = group.create_array(name=name, shape=values.shape, dtype=str if text else values.dtype,
-                                   dimension_names=dims, fill_value="" if text else 0, config=ARRAY_CONFIG)
+                                   dimension_names=dims, fill_value="" if text else 0, config=ARRAY_CONFIG,
+                                   compressors=None)
             a[...] = values
 
         coord("step", np.arange(steps), ("step",), "int64")
@@ -501,7 +503,7 @@ class CaptureSession:
             coord("replica", np.array(["a", "b"]), ("replica",), str)
         # all False: its chunks are written only when a step is marked (a missing one is False)
         group.create_array(name="step_complete", shape=(steps,), chunks=(1,), dtype="bool",
-                           dimension_names=("step",), fill_value=False)
+                           dimension_names=("step",), fill_value=False, compressors=None)
         group.attrs[ATTR_KEY] = meta  # last: a skeleton with metadata is a whole one
         self._meta = meta
 
