@@ -103,7 +103,11 @@ def capture(
         save_image_grid(images, png, scale=max(1, 64 // size))
     summary = {"store": str(result.path), "steps_run": result.steps_run, "steps_total": result.steps_total,
                "resumed_from_step": result.resumed_from, "hook_points": len(result.hooks),
-               "bytes_written": result.bytes_written, "seconds": round(result.seconds, 3)}
+               "bytes_written": result.bytes_written, "seconds": round(result.seconds, 3),
+               "nonfinite": dict(result.nonfinite)}
+    if result.nonfinite:  # reported, never hidden: the store holds them and `dithooks ls` lists them
+        counts = ", ".join(f"{name} {n}" for name, n in sorted(result.nonfinite.items()))
+        typer.echo(f"warning: NaN/inf values were computed and stored: {counts}", err=True)
     if as_json:
         print_json(summary)
     else:

@@ -104,12 +104,35 @@ def replica_seed(seed: int) -> int:
     return int(np.random.SeedSequence([int(seed), 1]).generate_state(1)[0])
 
 
+def _ddim_float64_scheduler_class():
+    """diffusers' DDIM with its cumulative alphas held in float64, for eta > 0.
+
+    With eta > 0, DDIM's direction coefficient is sqrt(1 - ᾱ_prev - σ_t²), which is exactly
+    (1 - ᾱ_prev)(ᾱ_t/ᾱ_prev - ᾱ_t)/(1 - ᾱ_t) >= 0 but tiny when ᾱ_t ≈ 0 (the first step from pure
+    noise on a cosine schedule: ᾱ_999 = 2.4e-9, the coefficient's square ~2e-8). In float32 it
+    rounds below 0 and the square root gives NaN latents (seen: DDIM 5 steps, eta 1). With the
+    alphas in float64 every scalar of the step is float64 and the difference stays positive; the
+    step is otherwise diffusers' own, and the latents stay in their dtype (the scalars are 0-dim).
+    """
+    import torch
+    from diffusers import DDIMScheduler
+
+    class DDIMScheduler64(DDIMScheduler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.alphas_cumprod = self.alphas_cumprod.to(torch.float64)
+            self.final_alpha_cumprod = torch.as_tensor(self.final_alpha_cumprod, dtype=torch.float64)
+
+    return DDIMScheduler64
+
+
 def make_scheduler(spec: SamplerSpec, schedule: dict):
     from diffusers import DDIMScheduler, DDPMScheduler
 
     cfg = {k: v for k, v in schedule.items() if not k.startswith("_")}
     if spec.name == "ddim":
-        sched = DDIMScheduler.from_config(cfg)
+        # eta = 0 (deterministic DDIM) keeps diffusers' scheduler bit for bit
+        sched = (_ddim_float64_scheduler_class() if spec.eta > 0 else DDIMScheduler).from_config(cfg)
     else:
         # the variance of learned-sigma checkpoints is dropped (as DiTPipeline does): fixed_small
         cfg["variance_type"] = "fixed_small"
