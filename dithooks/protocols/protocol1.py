@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -36,7 +36,8 @@ import torch
 from ..errors import DithooksError, StoreError
 from .fits import MIN_RANGE, fit_curves
 from ..store.metadata import now
-from .store import ResultsStore, json_clean
+from .pairs import PairedRequest
+from .store import ResultsStore
 
 KIND = "protocol1"
 #: The couplings of the paper's Table 1.
@@ -107,7 +108,7 @@ def parse_s_star(text: str | Sequence[int], steps: int) -> tuple[int, ...]:
 
 
 @dataclass(frozen=True)
-class Protocol1Request:
+class Protocol1Request(PairedRequest):
     """What to run. ``s_star`` and ``g`` are grids (see the parsers); ``labels`` one class for all
     pairs or one per pair; pair m uses seed ``first_seed + m``. ``encoder``/``coarse_size`` None
     mean: chosen from the model's image size (``auto``; :func:`.pixels.default_coarse_size`)."""
@@ -148,23 +149,11 @@ class Protocol1Request:
         if self.coarse_size is not None and self.coarse_size < 1:
             raise DithooksError(f"coarse size must be at least 1, got {self.coarse_size}")
 
-    @property
-    def seeds(self) -> list[int]:
-        return [self.first_seed + m for m in range(self.pairs)]
-
-    @property
-    def pair_labels(self) -> list[int]:
-        return list(self.labels) * self.pairs if len(self.labels) == 1 else list(self.labels)
-
-    def as_dict(self) -> dict:
-        return json_clean(asdict(self))
+    TUPLE_FIELDS = ("g", "s_star", "labels")
 
     @classmethod
     def from_dict(cls, d: dict) -> "Protocol1Request":
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        for k in ("g", "s_star", "labels"):
-            if k in known and known[k] is not None:
-                known[k] = tuple(known[k])
+        known = cls.known_fields(d)
         if known.get("min_range") is None:
             known.pop("min_range", None)
         return cls(**known)

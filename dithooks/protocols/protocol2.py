@@ -43,7 +43,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -55,7 +55,8 @@ from ..probes.api import Option, Output, ProbeError, parse_band
 from ..probes.builtin import DifferenceModes, _value_dims
 from ..probes.modes import DifferenceModeBasis, band_energies, band_indices
 from ..store.metadata import now
-from .store import ResultsStore, json_clean
+from .pairs import PairedRequest
+from .store import ResultsStore
 
 KIND = "protocol2"
 #: request fields that must match for --resume (the others only change the summary)
@@ -243,7 +244,7 @@ def _band(spec: Any) -> Any:
 
 
 @dataclass(frozen=True)
-class Protocol2Request:
+class Protocol2Request(PairedRequest):
     """What to run (identity) and how to summarise it. Pair m uses seed ``first_seed + m``;
     ``labels`` one class for every pair or one per pair. ``at_step``: one step for every g, or one
     per g; ``from_protocol1``: a Protocol I store whose t_spec(g) gives the step instead (with both,
@@ -297,24 +298,11 @@ class Protocol2Request:
         if not math.isfinite(self.low_freq_radius) or self.low_freq_radius < 0:
             raise DithooksError(f"--low-freq-radius must be a finite number >= 0, got {self.low_freq_radius}")
 
-    @property
-    def seeds(self) -> list[int]:
-        return [self.first_seed + m for m in range(self.pairs)]
-
-    @property
-    def pair_labels(self) -> list[int]:
-        return list(self.labels) * self.pairs if len(self.labels) == 1 else list(self.labels)
-
-    def as_dict(self) -> dict:
-        return json_clean(asdict(self))
+    TUPLE_FIELDS = ("g", "labels", "at_step")
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "Protocol2Request":
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        for k in ("g", "labels", "at_step"):
-            if known.get(k) is not None:
-                known[k] = tuple(known[k])
-        return cls(**known)
+        return cls(**cls.known_fields(d))
 
 
 def merge_request(stored: Mapping, given: Mapping[str, Any]) -> Protocol2Request:
