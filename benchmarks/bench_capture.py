@@ -1,21 +1,29 @@
 """Capture overhead, memory against steps, and store write throughput.
 
-Side by side in one process (this machine is noisy; compare ratios, not absolute times):
-  plain      sampling with no hooks
-  dithooks   resid_post of every block streamed to a Zarr store (background writer)
-  torch.save raw register_forward_hook + torch.save of each tensor (a baseline)
-  in-memory  register_forward_hook appending clones to a list (a cache-everything baseline)
-Runs alternate (plain, dithooks, save, memory, plain, ...) and each is summarised by its median.
+Side by side in one process (this machine is noisy; compare ratios, not absolute times); every
+contender captures the output (resid_post) of every block at every step, fp16:
+  plain          sampling with no hooks
+  dithooks       resid_post of every block streamed to a Zarr store (background writer)
+  np.save/step   raw register_forward_hook on every block; each step's values stacked and written
+                 with numpy.save, one .npy file per step, into a temp dir
+  nnsight cache  nnsight ``tracer.cache`` of every block, kept in memory (one trace per model
+                 call, on a copy of the model); only if nnsight imports (``pip install .[bench]``)
+  torch.save     raw register_forward_hook + torch.save of each tensor
+  in-memory      register_forward_hook appending clones to a list
+Runs alternate (plain, dithooks, np.save, nnsight, ..., plain, ...); each is summarised by its
+median. Models: the embedded digits model (28 blocks, width 64, 16 tokens; 50 steps, 4 samples)
+and a randomly initialised S/2-like DiT (12 blocks, width 384, 256 tokens; 2 samples).
 
-    python benchmarks/bench_capture.py [--quick] [--json]
+    python benchmarks/bench_capture.py [--quick] [--threads 1|2] [--variants a,b] [--only timing] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -26,11 +34,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-
-def tiny_config():
-    return dict(num_attention_heads=4, attention_head_dim=16, in_channels=1, out_channels=1, num_layers=28,
-                sample_size=8, patch_size=2, num_embeds_ada_norm=10)
 
 
 def s2_config():
@@ -47,24 +50,91 @@ def build(cfg, root: Path, name: str) -> Path:
     return d
 
 
-def time_variants(model_dir: Path, steps: int, samples: int, repeats: int, root: Path) -> dict:
+VARIANTS = ("plain", "dithooks", "np.save/step", "nnsight cache", "torch.save", "in-memory")
+
+
+def nnsight_available() -> str | None:
+    """None when nnsight imports, else why not (it is an optional benchmark dependency)."""
+    try:
+        import nnsight  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+class _NNsightCached(torch.nn.Module):
+    """Stands in for the transformer: every call is one nnsight trace caching every block's output."""
+
+    def __init__(self, transformer: torch.nn.Module, store: list):
+        super().__init__()
+        from nnsight import NNsight
+
+        self.inner = transformer
+        self.envoy = NNsight(transformer)
+        self.blocks = [self.envoy.transformer_blocks[i] for i in range(len(transformer.transformer_blocks))]
+        self.store = store
+
+    def forward(self, x, timestep=None, class_labels=None):
+        with self.envoy.trace(x, timestep=timestep, class_labels=class_labels) as tracer:
+            cache = tracer.cache(modules=self.blocks, dtype=torch.float16)
+            out = self.envoy.output.save()
+        self.store.append(cache)
+        return out
+
+
+def time_variants(model_ref: str, steps: int, samples: int, repeats: int, root: Path,
+                  variants: tuple[str, ...] = VARIANTS) -> dict:
     from dithooks.capture import CaptureConfig, capture
     from dithooks.loading import load_model
     from dithooks.sampling import Sampler, SamplerSpec
 
-    loaded = load_model(str(model_dir))
+    loaded = load_model(model_ref)
     spec = SamplerSpec("ddim", steps)
     seeds, labels = list(range(samples)), [1] * samples
     blocks = loaded.adapter.blocks()
+    nn_cache: list = []
+    skipped = {}
+    if "nnsight cache" in variants and (why := nnsight_available()) is not None:
+        skipped["nnsight cache"] = f"nnsight does not import ({why})"
+    # nnsight wraps its own deep copy (same weights), so the other contenders run the bare model
+    nn_loaded = (dataclasses.replace(loaded, transformer=_NNsightCached(copy.deepcopy(loaded.transformer), nn_cache))
+                 if "nnsight cache" in variants and "nnsight cache" not in skipped else None)
 
     def plain():
         Sampler(loaded, spec).run(labels, seeds)
 
     def with_dithooks():
         out = root / "bench.zarr"
-        capture(CaptureConfig(out=str(out), model=str(model_dir), layers="all", hooks=("resid_post",), sampler=spec,
+        capture(CaptureConfig(out=str(out), model=model_ref, layers="all", hooks=("resid_post",), sampler=spec,
                               labels=tuple(labels), seeds=tuple(seeds), storage_dtype="fp16", mode="overwrite"),
                 loaded=loaded)
+
+    def np_save_step():
+        d = root / "npy"
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir()
+        buf, step = [], [0]
+        last = len(blocks) - 1
+
+        def make(i):
+            def hook(mod, args, out):
+                buf.append(out.detach().half())
+                if i == last:  # the step's last block: stack [layer, batch, token, channel] and write
+                    np.save(d / f"{step[0]:05d}.npy", torch.stack(buf).numpy())
+                    buf.clear()
+                    step[0] += 1
+            return hook
+
+        hs = [b.register_forward_hook(make(i)) for i, b in enumerate(blocks)]
+        try:
+            Sampler(loaded, spec).run(labels, seeds)
+        finally:
+            for h in hs:
+                h.remove()
+
+    def nnsight_cache():
+        nn_cache.clear()
+        Sampler(nn_loaded, spec).run(labels, seeds)
 
     def torch_save():
         d = root / "ts"
@@ -92,22 +162,44 @@ def time_variants(model_dir: Path, steps: int, samples: int, repeats: int, root:
             for h in hs:
                 h.remove()
 
-    variants = {"plain": plain, "dithooks": with_dithooks, "torch.save": torch_save, "in-memory": in_memory}
-    times = {k: [] for k in variants}
+    table = {"plain": plain, "dithooks": with_dithooks, "np.save/step": np_save_step, "nnsight cache": nnsight_cache,
+             "torch.save": torch_save, "in-memory": in_memory}
+    chosen = {k: table[k] for k in VARIANTS if (k == "plain" or k in variants) and k not in skipped}
+    times = {k: [] for k in chosen}
     plain()  # warm-up
     for _ in range(repeats):
-        for k, fn in variants.items():
+        for k, fn in chosen.items():
             t0 = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"seconds": med, "ratio_to_plain": {k: med[k] / med["plain"] for k in med}, "repeats": repeats}
+    check = cross_check(root, nn_cache, steps, len(blocks)) if "np.save/step" in chosen else None
+    return {"seconds": med, "ratio_to_plain": {k: med[k] / med["plain"] for k in med}, "repeats": repeats,
+            "threads": torch.get_num_threads(), "skipped": skipped, "check": check}
 
 
-def peak_rss_child(model_dir: Path, steps: int, out: Path) -> float:
+def cross_check(root: Path, nn_cache: list, steps: int, nblocks: int) -> str:
+    """The contenders stored the same thing: step count, and (if nnsight ran) equal last-step values."""
+    files = sorted((root / "npy").glob("*.npy"))
+    if len(files) != steps:
+        raise RuntimeError(f"np.save/step wrote {len(files)} files for {steps} steps")
+    last = np.load(files[-1])
+    if last.shape[0] != nblocks:
+        raise RuntimeError(f"np.save/step stacked {last.shape[0]} blocks, expected {nblocks}")
+    msg = f"np.save/step: {steps} files of {last.shape}"
+    if nn_cache:
+        if len(nn_cache) != steps:
+            raise RuntimeError(f"nnsight traced {len(nn_cache)} calls for {steps} steps")
+        c = nn_cache[-1]
+        nn_last = np.stack([c[k].output.numpy() for k in c.keys()])
+        diff = float(np.abs(nn_last.astype(np.float32) - last.astype(np.float32)).max())
+        msg += f"; nnsight last step max |diff| vs np.save = {diff:.3g}"
+    return msg
+
+
+def peak_rss_child(model_dir: Path | str, steps: int, out: Path) -> float:
     """Peak resident memory (MiB) of a fresh process capturing ``steps`` steps."""
     code = f"""
-import resource
 from dithooks.capture import CaptureConfig, capture
 from dithooks.sampling import SamplerSpec
 capture(CaptureConfig(out={str(out)!r}, model={str(model_dir)!r}, layers='all', hooks=('resid_post','attn.out','mlp.out'),
@@ -155,9 +247,14 @@ def report(title: str, value, as_json: bool) -> None:
         print(json.dumps({title: value}), flush=True)
         return
     if isinstance(value, dict) and "seconds" in value:
-        print(f"\n### {title} (median of {value['repeats']})\n\n| variant | seconds | ratio to plain |\n|---|---|---|")
+        print(f"\n### {title} (median of {value['repeats']}, torch threads {value.get('threads')})\n\n"
+              "| variant | seconds | ratio to plain |\n|---|---|---|")
         for name, sec in value["seconds"].items():
             print(f"| {name} | {sec:.3f} | {value['ratio_to_plain'][name]:.3f} |")
+        for name, why in value.get("skipped", {}).items():
+            print(f"\nskipped {name}: {why}")
+        if value.get("check"):
+            print(f"\ncheck: {value['check']}")
     else:
         print(f"\n### {title}\n\n" + "\n".join(f"- {a}: {b}" for a, b in value.items()))
     sys.stdout.flush()
@@ -167,22 +264,37 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer steps and repeats")
     ap.add_argument("--json", action="store_true", help="one JSON object per line, per section")
+    ap.add_argument("--threads", type=int, choices=(1, 2), default=None,
+                    help="torch threads (default: $BENCH_THREADS, else 2)")
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help=f"comma-separated contenders to time besides plain (default: all of {', '.join(VARIANTS)})")
+    ap.add_argument("--only", choices=("timing", "all"), default="all",
+                    help="timing: only the overhead tables (skip peak RSS and write throughput)")
     args = ap.parse_args()
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variant {unknown[0]!r}: choose from {', '.join(VARIANTS)}")
+    from dithooks.loading import DEFAULT_MODEL
+
+    torch.set_num_threads(args.threads or int(os.environ.get("BENCH_THREADS", "2")))
     root = Path(tempfile.mkdtemp(prefix="dithooks-bench-"))
     if not args.json:
-        print(f"torch threads: {torch.get_num_threads()}, torch {torch.__version__}")
+        print(f"torch threads: {torch.get_num_threads()}, torch {torch.__version__}, "
+              f"nnsight: {nnsight_available() or 'available'}")
     try:
-        tiny = build(tiny_config(), root, "tiny")
         s2 = build(s2_config(), root, "s2")
         reps = 3 if args.quick else 5
-        report("tiny (28 blocks, width 64, 16 tokens), 50 steps, 4 samples",
-               time_variants(tiny, 50, 4, reps, root), args.json)
+        report("embedded digits model (28 blocks, width 64, 16 tokens), 50 steps, 4 samples",
+               time_variants(DEFAULT_MODEL, 50, 4, reps, root, variants), args.json)
         n = 10 if args.quick else 20
         report(f"S/2-like (12 blocks, width 384, 256 tokens), {n} steps, 2 samples",
-               time_variants(s2, n, 2, reps, root), args.json)
-        report("peak RSS MiB vs steps (tiny, 3 hooks x 28 blocks, 4 samples, fp32 store)",
-               {f"{k} steps": round(peak_rss_child(tiny, k, root / f"rss{k}.zarr"), 1) for k in (10, 50, 200)},
+               time_variants(str(s2), n, 2, reps, root, variants), args.json)
+        if args.only == "timing":
+            return
+        report("peak RSS MiB vs steps (digits, 3 hooks x 28 blocks, 4 samples, fp32 store)",
+               {f"{k} steps": round(peak_rss_child(DEFAULT_MODEL, k, root / f"rss{k}.zarr"), 1)
+                for k in (10, 50, 200)},
                args.json)
         report("write MB/s (fp16 2x256x1152 slabs, 40 steps, fsync'd)",
                {k: round(v, 1) for k, v in write_throughput(root).items()}, args.json)
