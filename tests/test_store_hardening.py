@@ -25,6 +25,8 @@ from dithooks.store.lock import LOCK_NAME, StoreLock, hostname, read_lock
 from dithooks.store.metadata import how_to_continue
 from dithooks.store.verify import verify_store
 
+from .test_capture import Interrupt
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 runner = CliRunner()
 
@@ -39,14 +41,6 @@ def config(out, model_dir, **kw):
     base.update(kw)
     return CaptureConfig(**base)
 
-
-class Interrupt:
-    def __init__(self, step):
-        self.step = step
-
-    def __call__(self, v, ctx):
-        if ctx.step == self.step:
-            raise KeyboardInterrupt
 
 
 def interrupted(out, model_dir, loaded, step=3, **kw):
