@@ -64,6 +64,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .attention.functional import attention_pattern, logit_perturbations, softmax_jvp, softmax_jvp_matmul
 from .attention.processor import HookedAttnProcessor
 from .attention.window import window_mask
 from .gates import rho, validate_coupling, xi
@@ -109,12 +110,6 @@ def _check_block(block: nn.Module) -> None:
 def adaln1(block: nn.Module, h: torch.Tensor, cond: AdaLNConditioning) -> torch.Tensor:
     """``x = LayerNorm(h) (1 + scale_msa) + shift_msa``: what attention reads [13]."""
     return block.norm1.norm(h) * (1 + cond.scale_msa[:, None]) + cond.shift_msa[:, None]
-
-
-def mlp_branch(block: nn.Module, h_mid: torch.Tensor, cond: AdaLNConditioning) -> torch.Tensor:
-    """``a2 * FF(LayerNorm(h_mid) (1 + scale_mlp) + shift_mlp)``: the gated MLP branch [14]."""
-    y = block.norm3.forward(h_mid) * (1 + cond.scale_mlp[:, None]) + cond.shift_mlp[:, None]
-    return cond.gate_mlp[:, None] * block.ff.forward(y)
 
 
 # -- attention, linearised ---------------------------------------------------------------------
@@ -185,19 +180,10 @@ class AttentionDifference:
         return self.R + self.M
 
 
-def _softmax_jvp(A: torch.Tensor, dL: torch.Tensor) -> torch.Tensor:
-    """``dA_ij = A_ij (dL_ij - sum_k A_ik dL_ik)`` [87-88]."""
-    AdL = A * dL
-    return AdL - A * AdL.sum(-1, keepdim=True)
-
-
 def _pattern(q: torch.Tensor, k: torch.Tensor, window: int | None) -> torch.Tensor:
-    # scaling q (N x d) rather than the logits (N x N), as the explicit attention path does
-    logits = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))
+    """The (window-masked) pattern, as the processor's explicit path forms it."""
     mask = window_mask(q.shape[-2], window, q.device) if window is not None else None
-    if mask is not None:
-        logits = logits.masked_fill(~mask, float("-inf"))
-    return torch.softmax(logits, dim=-1)
+    return attention_pattern(q, k, mask)
 
 
 def linearise_attention(attn_module: nn.Module, x: torch.Tensor, dx: torch.Tensor,
@@ -213,11 +199,8 @@ def linearise_attention(attn_module: nn.Module, x: torch.Tensor, dx: torch.Tenso
     with torch.no_grad():
         (q, k, v), (dq, dk, dv) = qkv_jvp(attn_module, x, dx)
         A = _pattern(q, k, window)
-        s = q.shape[-1] ** -0.5
-        dqk = torch.matmul(dq, k.transpose(-1, -2)) * s
-        qdk = torch.matmul(q, dk.transpose(-1, -2)) * s
-        dL_intra, dL_inter = dqk + qdk, dqk - qdk
-        dA_intra, dA_inter = _softmax_jvp(A, dL_intra), _softmax_jvp(A, dL_inter)
+        dL_intra, dL_inter = logit_perturbations(q, k, dq, dk)
+        dA_intra, dA_inter = softmax_jvp(A, dL_intra), softmax_jvp(A, dL_inter)
         M_intra, M_inter = torch.matmul(dA_intra, v), torch.matmul(dA_inter, v)
         return AttentionDifference(
             A=A, dL_intra=dL_intra, dL_inter=dL_inter, dA_intra=dA_intra, dA_inter=dA_inter,
@@ -387,13 +370,9 @@ def block_tangents(block: nn.Module, h: torch.Tensor, delta: torch.Tensor, prima
         if O is None:
             O = torch.matmul(A, v)
 
-        def dA_v(dL):  # dA V with dA = A (dL - rowsum(A dL)), the softmax Jacobian [87-88]
-            AdL = A * dL
-            return torch.matmul(AdL, v).sub_(AdL.sum(-1, keepdim=True) * O)
-
         R = torch.matmul(A, dv)
-        M_intra = dA_v(dL_intra)
-        M_inter = dA_v(dL_inter) if g != 0.0 or "modulation_inter" in want else None
+        M_intra = softmax_jvp_matmul(A, dL_intra, v, O)  # dA V, the softmax Jacobian [87-88]
+        M_inter = softmax_jvp_matmul(A, dL_inter, v, O) if g != 0.0 or "modulation_inter" in want else None
         M = M_intra + g * M_inter if g != 0.0 else M_intra
         r, x_i = rho(g), xi(g)
 

@@ -51,6 +51,9 @@ import math
 
 import torch
 
+from dithooks.attention import functional as AF
+from dithooks.gates import rho as routing_gate, xi as modulation_gate  # one home: dithooks.gates
+
 from .attention_width import effective_width
 
 __all__ = [
@@ -101,16 +104,6 @@ def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return torch.where((num == 0) & (den == 0), torch.zeros_like(out), out)
 
 
-def routing_gate(g: float | torch.Tensor) -> float | torch.Tensor:
-    """Spatial routing gate ``ρ(g) = (1−g)/(1+g)`` [25]; 1 at g=0, 0 at g=1."""
-    return (1 - g) / (1 + g)
-
-
-def modulation_gate(g: float | torch.Tensor) -> float | torch.Tensor:
-    """Pattern modulation gate ``ξ(g) = 1/(1+g)`` [25]; 1 at g=0, 1/2 at g=1."""
-    return 1 / (1 + g)
-
-
 # --------------------------------------------------------------------------------------
 # pattern, logits, softmax Jacobian [16, 20–24, 87–88]
 # --------------------------------------------------------------------------------------
@@ -119,11 +112,9 @@ def modulation_gate(g: float | torch.Tensor) -> float | torch.Tensor:
 def attention_pattern(
     Q: torch.Tensor, K: torch.Tensor, *, scale: float | None = None, dtype: torch.dtype | None = None
 ) -> torch.Tensor:
-    """Row-softmax pattern ``A = softmax(Q Kᵀ · scale)`` [16]; scale defaults to ``1/√d_h``."""
-    Q, K = _cast(Q, dtype), _cast(K, dtype)
-    if scale is None:
-        scale = 1.0 / math.sqrt(Q.shape[-1])
-    return torch.softmax((Q @ K.transpose(-2, -1)) * scale, dim=-1)
+    """Row-softmax pattern ``A = softmax(Q Kᵀ · scale)`` [16]; scale defaults to ``1/√d_h``
+    (:func:`dithooks.attention.functional.attention_pattern`, computed in ``dtype``)."""
+    return AF.attention_pattern(Q, K, scale=scale, dtype=dtype)
 
 
 def logit_perturbations(
@@ -141,11 +132,7 @@ def logit_perturbations(
     ``δL_inter = (δQ Kᵀ − Q δKᵀ)·s`` (block ab; ba gets −δL_inter), ``s = 1/√d_h`` by default.
     """
     Q, K, dQ, dK = (_cast(t, dtype) for t in (Q, K, dQ, dK))
-    if scale is None:
-        scale = 1.0 / math.sqrt(Q.shape[-1])
-    from_q = (dQ @ K.transpose(-2, -1)) * scale
-    from_k = (Q @ dK.transpose(-2, -1)) * scale
-    return from_q + from_k, from_q - from_k
+    return AF.logit_perturbations(Q, K, dQ, dK, scale=scale)
 
 
 def combined_logit_perturbation(
@@ -160,22 +147,10 @@ def combined_logit_perturbation(
     return dL_intra + g * dL_inter
 
 
-def centred_logit_perturbation(A: torch.Tensor, dL: torch.Tensor) -> torch.Tensor:
-    """``c_ij = δL_ij − Σ_k A_ik δL_ik`` (the bracket of [87–88]).
-
-    Entries with ``A_ij = 0`` (masked or underflowed keys) are set to 0: they cannot move the
-    pattern to first order, and zeroing them keeps a masked ``−inf``/NaN logit from poisoning
-    the row (and restricts the spread Δ_i to the keys the row actually reads).
-    """
-    support = A > 0
-    dL = torch.where(support, dL, torch.zeros_like(dL))
-    c = dL - (A * dL).sum(dim=-1, keepdim=True)
-    return torch.where(support, c, torch.zeros_like(c))
-
-
-def softmax_jacobian_apply(A: torch.Tensor, dL: torch.Tensor) -> torch.Tensor:
-    """First-order pattern change ``δA = A ⊙ (δL − rowsum(A ⊙ δL))`` [87–88]; rows sum to 0 [89]."""
-    return A * centred_logit_perturbation(A, dL)
+#: ``c_ij = δL_ij − Σ_k A_ik δL_ik`` on the support of A (the bracket of [87–88]); 0 off it
+centred_logit_perturbation = AF.centred_logit_perturbation
+#: first-order pattern change ``δA = A ⊙ (δL − rowsum(A ⊙ δL))`` [87–88]; rows sum to 0 [89]
+softmax_jacobian_apply = AF.softmax_jvp
 
 
 # --------------------------------------------------------------------------------------

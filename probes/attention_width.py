@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from dithooks.attention import functional as AF
+
 __all__ = [
     "effective_width",
     "row_entropy",
@@ -32,8 +34,7 @@ def effective_width(A: torch.Tensor, *, dtype: torch.dtype | None = None) -> tor
     ``A``: ``[..., N, N]`` row-stochastic pattern. Returns ``[..., N]``. The minimum over rows
     is the ``N_min`` of the Appendix-B bound [99].
     """
-    A = _cast(A, dtype)
-    return 1.0 / (A * A).sum(dim=-1)
+    return AF.effective_width(_cast(A, dtype))
 
 
 def row_entropy(A: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -42,9 +43,7 @@ def row_entropy(A: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.T
     Zero entries contribute 0 (the limit of ``p log p``), so masked or saturated patterns
     give finite values. Returns ``[..., N]``; ``0 ≤ H_i ≤ log N``.
     """
-    A = _cast(A, dtype)
-    # xlogy(0, 0) = 0, which is exactly the limit we want for masked / underflowed keys.
-    return -torch.special.xlogy(A, A).sum(dim=-1)
+    return AF.row_entropy(_cast(A, dtype))  # entr(0) = 0: the limit for masked / underflowed keys
 
 
 def width_summary(values: torch.Tensor, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:

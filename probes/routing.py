@@ -41,15 +41,14 @@ basis lives in memory, so a capture with ``modes > 0`` cannot be resumed mid-way
 
 from __future__ import annotations
 
-import math
 from typing import Mapping
 
 import torch
 import torch.nn.functional as F
 
+from dithooks.attention.functional import attend, couple
 from dithooks.attention.processor import HookedAttnProcessor
 from dithooks.attention.window import window_mask
-from dithooks.gates import mixture_weights
 from dithooks.hooks import HookContext
 from dithooks.jvp import block_jvp
 
@@ -324,17 +323,7 @@ def coupled_half_difference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g
     """
     half = q.shape[0] // 2
     mask = window_mask(q.shape[-2], window, q.device) if window is not None else None
-    scale = 1.0 / math.sqrt(q.shape[-1])
-
-    def attend(Q, K, V):
-        logits = (Q @ K.transpose(-2, -1)) * scale
-        if mask is not None:
-            logits = logits.masked_fill(~mask, float("-inf"))
-        return torch.softmax(logits, dim=-1) @ V
-
     qa, qb, ka, kb, va, vb = q[:half], q[half:], k[:half], k[half:], v[:half], v[half:]
-    w_intra, w_inter = mixture_weights(g)
-    diff = attend(qa, ka, va) - attend(qb, kb, vb)
-    if g:
-        diff = w_intra * diff + w_inter * (attend(qa, kb, vb) - attend(qb, ka, va))
-    return diff / 2
+    diff = attend(qa, ka, va, mask) - attend(qb, kb, vb, mask)
+    inter = attend(qa, kb, vb, mask) - attend(qb, ka, va, mask) if g else None
+    return couple(diff, inter, g) / 2

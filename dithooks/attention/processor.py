@@ -37,8 +37,13 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..gates import mixture_weights, validate_coupling
+from ..gates import validate_coupling
+from .functional import (attend, combine_masks, couple, effective_width, row_entropy, scaled_logits,
+                         softmax_rows, swap_replica_halves, top_k_rows)
 from .window import validate_radius, window_mask
+
+__all__ = ["HookedAttnProcessor", "swap_replica_halves", "ALL_NAMES", "NAME_DIMS", "NAME_DOCS",
+           "WRITABLE_NAMES", "REDUCTION_NAMES", "INTER_NAMES", "PATTERN_NAMES", "QKV_NAMES"]
 
 Emit = Callable[[str, torch.Tensor], "torch.Tensor | None"]
 
@@ -90,12 +95,6 @@ NAME_DOCS: dict[str, str] = {
     "attn.topk_idx": "key indices of the top_k largest A_ij per row (int64, descending)",
     "attn.topk_val": "the top_k largest A_ij per row, descending",
 }
-
-
-def swap_replica_halves(x: torch.Tensor) -> torch.Tensor:
-    """``[a; b] -> [b; a]`` along dim 0: the partner of each batch row (replica-major layout)."""
-    half = x.shape[0] // 2
-    return torch.cat([x[half:], x[:half]], dim=0)
 
 
 class HookedAttnProcessor:
@@ -266,10 +265,7 @@ class HookedAttnProcessor:
         else:
             out_inter = F.scaled_dot_product_attention(q, k_p, v_p, attn_mask=mask_p, dropout_p=0.0,
                                                        is_causal=False)
-        if g == 0.0:
-            return out
-        w_intra, w_inter = mixture_weights(g)
-        return w_intra * out + w_inter * out_inter
+        return couple(out, out_inter, g)
 
     def _explicit(self, q, k, v, mask, active, inter: bool) -> torch.Tensor:
         """Softmax attention written out, emitting what is wanted; equals SDPA to float error.
@@ -281,47 +277,22 @@ class HookedAttnProcessor:
         logits_name, pattern_name = (("attn.logits_inter", "attn.pattern_inter") if inter
                                      else ("attn.logits", "attn.pattern"))
         reductions = frozenset() if inter else active & REDUCTION_NAMES
-        scale = q.shape[-1] ** -0.5
-        n_q = q.shape[-2]
         if logits_name in active or pattern_name in active:
-            logits = self._logits(q, k, mask, scale, 0, n_q)
+            logits = scaled_logits(q, k, mask)
             if logits_name in active:
                 logits = self._emit_writable(logits_name, logits)
-            pattern = self._softmax(logits, v.dtype)
+            pattern = softmax_rows(logits, v.dtype)
             if pattern_name in active:
                 pattern = self._emit_writable(pattern_name, pattern)
             if reductions:
                 self._emit_reductions([self._reduce_tile(pattern, 0, reductions)], reductions)
             return torch.matmul(pattern, v)
-        outs, tiles = [], []
-        for i0 in range(0, n_q, self.query_tile):
-            i1 = min(i0 + self.query_tile, n_q)
-            p = self._softmax(self._logits(q[:, :, i0:i1], k, mask, scale, i0, i1), v.dtype)
-            outs.append(torch.matmul(p, v))
-            if reductions:
-                tiles.append(self._reduce_tile(p, i0, reductions))
+        tiles: list[dict] = []
+        on_tile = (lambda i0, p: tiles.append(self._reduce_tile(p, i0, reductions))) if reductions else None
+        out = attend(q, k, v, mask, tile=self.query_tile, on_tile=on_tile)
         if reductions:
             self._emit_reductions(tiles, reductions)
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
-
-    @staticmethod
-    def _logits(q, k, mask, scale, i0, i1) -> torch.Tensor:
-        # scaling q (N x d) rather than the logits (N x N) saves a pass over the big tensor
-        logits = torch.matmul(q * scale, k.transpose(-1, -2))
-        if mask is None:
-            return logits
-        if mask.shape[-2] > 1:  # masks with a query axis are cut to the tile's rows
-            mask = mask[..., i0:i1, :]
-        if mask.dtype == torch.bool:
-            return logits.masked_fill(~mask, float("-inf"))
-        return logits + mask
-
-    @staticmethod
-    def _softmax(logits, dtype) -> torch.Tensor:
-        # low-precision logits are normalised in float32, as fused kernels accumulate
-        if logits.dtype in (torch.float16, torch.bfloat16):
-            return torch.softmax(logits, dim=-1, dtype=torch.float32).to(dtype)
-        return torch.softmax(logits, dim=-1).to(dtype)
+        return out
 
     # -- reductions -----------------------------------------------------------------------------
     def _reduce_tile(self, p: torch.Tensor, i0: int, names: frozenset[str]) -> dict[str, torch.Tensor]:
@@ -329,9 +300,9 @@ class HookedAttnProcessor:
         p = p.float()
         out: dict[str, torch.Tensor] = {}
         if "attn.n_eff" in names:
-            out["attn.n_eff"] = torch.linalg.vector_norm(p, dim=-1).pow(-2)  # 1/sum_j A_ij^2 [92]
+            out["attn.n_eff"] = effective_width(p)  # 1/sum_j A_ij^2 [92]
         if "attn.entropy" in names:
-            out["attn.entropy"] = torch.special.entr(p).sum(-1)
+            out["attn.entropy"] = row_entropy(p)
         if "attn.pattern_headmean" in names:
             out["attn.pattern_headmean"] = p.mean(1)
         if "attn.pattern_query" in names:
@@ -342,9 +313,7 @@ class HookedAttnProcessor:
             inside = (idx >= i0) & (idx < i0 + p.shape[2])
             out["attn.pattern_query"] = (inside.nonzero().flatten(), p[:, :, idx[inside] - i0])
         if names & {"attn.topk_idx", "attn.topk_val"}:
-            if self.top_k > p.shape[-1]:
-                raise ValueError(f"top_k={self.top_k} exceeds the number of keys {p.shape[-1]}")
-            val, idx = torch.topk(p, self.top_k, dim=-1)
+            val, idx = top_k_rows(p, self.top_k)
             out["attn.topk_idx"], out["attn.topk_val"] = idx, val
         return out
 
@@ -385,7 +354,4 @@ class HookedAttnProcessor:
         win = self._mask_cache[key]
         if win is None:  # the window covers the grid: the global model exactly
             return attention_mask
-        if attention_mask is None:
-            return win  # boolean, True = may attend: SDPA and the explicit path both take it
-        additive = torch.zeros(win.shape, dtype=attention_mask.dtype, device=win.device)
-        return attention_mask + additive.masked_fill(~win, float("-inf"))
+        return combine_masks(attention_mask, win)  # boolean alone: SDPA and the explicit path take it

@@ -64,3 +64,21 @@ def additive_window_mask(num_tokens: int, radius: int | None, dtype: torch.dtype
     if mask is None:
         return None
     return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, float("-inf"))
+
+
+def joint_window_mask(num_image: int, radius: int | None, num_text: int = 0, *, text_first: bool = False,
+                      device: torch.device | str | None = None) -> torch.Tensor | None:
+    """Boolean (L, L) mask of a joint sequence, ``L = num_text + num_image``: the Chebyshev window
+    on image->image pairs, every pair involving a text token allowed; ``None`` when global.
+
+    Order as in diffusers: SD3 ``[image; text]`` (``text_first=False``), Flux ``[text; image]``
+    (``text_first=True``). With ``num_text = 0`` it is :func:`window_mask`.
+    """
+    image = window_mask(num_image, radius, device)
+    if image is None or num_text == 0:
+        return image
+    total = num_text + num_image
+    mask = torch.ones(total, total, dtype=torch.bool, device=device)
+    lo = num_text if text_first else 0
+    mask[lo:lo + num_image, lo:lo + num_image] = image
+    return mask
