@@ -1,0 +1,455 @@
+"""Hooked JOINT attention (MMDiT: SD3, Flux): image and text tokens in one softmax.
+
+In an MMDiT block the image stream and the text (context) stream project their own q/k/v, the
+two are concatenated along the token axis and ONE softmax runs over the joint sequence
+(SD3: ``[image; text]``, Flux: ``[text; image]``). This module is the hooked version of that
+softmax, shared by the families:
+
+* :class:`JointAttention` - the family-independent core. It works on the joint sequence in
+  SDPA's layout ``(batch, head, S, head_channel)`` with ``S = N image + L text`` tokens in the
+  family's ``order`` and does emission, replica coupling and windows
+  (:meth:`JointAttention.attend_joint`). A family processor projects q/k/v exactly as its
+  diffusers processor does and calls the core only when :attr:`JointAttention.hooked` is True;
+  otherwise it runs diffusers' own code, so an unhooked layer is bit-for-bit diffusers' and
+  keeps the fused SDPA kernel.
+* :class:`HookedJointAttnProcessor` - SD3's processor (mirrors ``JointAttnProcessor2_0``;
+  also serves SD3.5's image-only ``attn2`` when called without ``encoder_hidden_states``).
+
+Hook points (local names, see :data:`NAME_DIMS` / :data:`NAME_DOCS`)::
+
+    attn.q/k/v                image tokens' q/k/v, after norm_q/norm_k and rotary (if any)
+    attn.context_q/k/v        text tokens' q/k/v, after norm_added_q/k and rotary (if any)
+    attn.logits               image->image scores q k^T/sqrt(d) (-inf outside a window)
+    attn.pattern              image->image block of the JOINT softmax (rows sum to < 1)
+    attn.pattern_image_text   image queries -> text keys block
+    attn.pattern_text_image   text queries -> image keys block
+    attn.pattern_joint        the whole (S x S) joint pattern, rows sum to 1
+    attn.logits_inter / attn.pattern_inter   coupled runs: image->partner-image scores and
+                              their own row softmax
+    attn.n_eff / attn.entropy  per image query, over its whole joint row (N + L keys)
+
+Coupling (g, THEORY §2 eq [19]) acts on image query rows only, with the batch replica-major
+``[a; b]``: ``O^a_img = 1/(1+g) Attn_joint(a)_img + g/(1+g) Attn(Q^a_img -> K^b_img, V^b_img)``;
+text rows keep their uncoupled joint output. At ``g == 0`` the inter call is skipped (exactly the
+uncoupled model). A Chebyshev window of radius r masks image->image pairs only (text<->image
+stays unmasked) and masks the inter block alike; r >= side-1 builds no mask (global bit for bit).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..gates import mixture_weights, validate_coupling
+from .window import validate_radius
+
+Emit = Callable[[str, torch.Tensor], "torch.Tensor | None"]
+ORDERS = ("image_first", "text_first")
+
+QKV_NAMES = frozenset({"attn.q", "attn.k", "attn.v"})
+CONTEXT_QKV_NAMES = frozenset({"attn.context_q", "attn.context_k", "attn.context_v"})
+BLOCK_NAMES = frozenset({"attn.pattern", "attn.pattern_image_text", "attn.pattern_text_image",
+                         "attn.pattern_joint"})
+MATRIX_NAMES = frozenset({"attn.logits"}) | BLOCK_NAMES
+INTER_NAMES = frozenset({"attn.logits_inter", "attn.pattern_inter"})
+REDUCTION_NAMES = frozenset({"attn.n_eff", "attn.entropy"})
+#: names that need the explicit softmax of the joint (intra) attention
+INTRA_PATTERN_NAMES = MATRIX_NAMES | REDUCTION_NAMES
+ALL_NAMES = QKV_NAMES | CONTEXT_QKV_NAMES | MATRIX_NAMES | INTER_NAMES | REDUCTION_NAMES
+#: names whose replacement (what ``emit`` returns) changes the layer's output
+WRITABLE_NAMES = QKV_NAMES | CONTEXT_QKV_NAMES | MATRIX_NAMES | INTER_NAMES
+
+NAME_DIMS: dict[str, tuple[str, ...]] = {
+    "attn.q": ("batch", "head", "token", "head_channel"),
+    "attn.k": ("batch", "head", "token", "head_channel"),
+    "attn.v": ("batch", "head", "token", "head_channel"),
+    "attn.context_q": ("batch", "head", "text_token", "head_channel"),
+    "attn.context_k": ("batch", "head", "text_token", "head_channel"),
+    "attn.context_v": ("batch", "head", "text_token", "head_channel"),
+    "attn.logits": ("batch", "head", "query", "key"),
+    "attn.pattern": ("batch", "head", "query", "key"),
+    "attn.pattern_image_text": ("batch", "head", "query", "text_key"),
+    "attn.pattern_text_image": ("batch", "head", "text_query", "key"),
+    "attn.pattern_joint": ("batch", "head", "joint_query", "joint_key"),
+    "attn.logits_inter": ("batch", "head", "query", "key"),
+    "attn.pattern_inter": ("batch", "head", "query", "key"),
+    "attn.n_eff": ("batch", "head", "query"),
+    "attn.entropy": ("batch", "head", "query"),
+}
+
+NAME_DOCS: dict[str, str] = {
+    "attn.q": "image tokens' queries per head (after norm_q and rotary embedding, if any)",
+    "attn.k": "image tokens' keys per head (after norm_k and rotary embedding, if any)",
+    "attn.v": "image tokens' values per head",
+    "attn.context_q": "text tokens' queries per head (after norm_added_q and rotary, if any)",
+    "attn.context_k": "text tokens' keys per head (after norm_added_k and rotary, if any)",
+    "attn.context_v": "text tokens' values per head",
+    "attn.logits": "image->image scores q k^T/sqrt(d_h), -inf outside a window",
+    "attn.pattern": "image->image block of the JOINT softmax; rows sum to less than 1 (the rest "
+                    "of each row goes to text keys: attn.pattern_image_text)",
+    "attn.pattern_image_text": "image queries -> text keys block of the joint softmax",
+    "attn.pattern_text_image": "text queries -> image keys block of the joint softmax",
+    "attn.pattern_joint": "the whole joint pattern over the sequence in the family's order "
+                          "(SD3 [image; text], Flux [text; image]); rows sum to 1",
+    "attn.logits_inter": "coupled runs only: image->partner-image scores (a-half rows: L^ab)",
+    "attn.pattern_inter": "coupled runs only: image->partner-image probabilities, their own row "
+                          "softmax over the partner's image keys",
+    "attn.n_eff": "effective attention width 1/sum_j A_ij^2 of each image query over its whole "
+                  "joint row (image and text keys), in [1, N + L]",
+    "attn.entropy": "entropy -sum_j A_ij ln A_ij (nats) of each image query's whole joint row",
+}
+
+
+def swap_replica_halves(x: torch.Tensor) -> torch.Tensor:
+    """``[a; b] -> [b; a]`` along dim 0: the partner of each batch row (replica-major layout)."""
+    half = x.shape[0] // 2
+    return torch.cat([x[half:], x[:half]], dim=0)
+
+
+def image_window_mask(num_tokens: int, radius: int | None, grid: tuple[int, int] | None = None,
+                      device=None) -> torch.Tensor | None:
+    """Boolean (N, N) Chebyshev mask on the image grid (True = may attend); None when global.
+
+    ``grid`` = (rows, cols) of the row-major image token grid; None = a square grid.
+    """
+    if radius is None:
+        return None
+    if grid is None:
+        side = math.isqrt(int(num_tokens))
+        if side * side != num_tokens:
+            raise ValueError(f"a Chebyshev window needs the image token grid; N={num_tokens} is not "
+                             f"a square (set the processor's grid)")
+        grid = (side, side)
+    rows, cols = int(grid[0]), int(grid[1])
+    if rows * cols != num_tokens:
+        raise ValueError(f"image grid {rows}x{cols} does not hold N={num_tokens} tokens")
+    if radius >= max(rows, cols) - 1:
+        return None  # covers the grid: no mask at all, the global model bit for bit
+    idx = torch.arange(num_tokens, device=device)
+    r, c = idx // cols, idx % cols
+    dist = torch.maximum((r[:, None] - r[None, :]).abs(), (c[:, None] - c[None, :]).abs())
+    return dist <= radius
+
+
+class JointAttention:
+    """Emission, replica coupling and Chebyshev windows for one joint-attention layer.
+
+    Args:
+        layer: block index (bookkeeping only; names given to ``emit`` are local).
+        emit: ``emit(local_name, tensor)`` returning the tensor to use (a replacement for
+            interventions; ``None`` or the same tensor keeps the value).
+        wanted: local names to compute and emit (subset of :data:`ALL_NAMES`).
+        coupling: g (None = uncoupled; 0 = coupled bookkeeping, uncoupled output).
+        window: Chebyshev radius on the image grid (None = global).
+        order: ``"image_first"`` (SD3: [image; text]) or ``"text_first"`` (Flux: [text; image]).
+        grid: (rows, cols) of the image token grid for windows; None = square.
+        query_tile: query rows per tile when only reductions are wanted.
+    """
+
+    def __init__(self, layer: int = 0, emit: Emit | None = None, wanted=frozenset(),
+                 coupling: float | None = None, window: int | None = None,
+                 order: str = "image_first", grid: tuple[int, int] | None = None,
+                 query_tile: int = 512, **_ignored):
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+        if int(query_tile) < 1:
+            raise ValueError(f"query_tile must be >= 1, got {query_tile}")
+        self.layer = int(layer)
+        self.emit = emit
+        self.order = order
+        self.grid = grid
+        self.query_tile = int(query_tile)
+        self.wanted = wanted
+        self.g = coupling
+        self.window = window
+
+    # -- settings (validated; the hook manager and the sampler change them between calls) ----
+    @property
+    def wanted(self) -> frozenset[str]:
+        return self._wanted
+
+    @wanted.setter
+    def wanted(self, names) -> None:
+        names = frozenset(names)
+        unknown = names - ALL_NAMES
+        if unknown:
+            raise ValueError(f"unknown joint-attention names {sorted(unknown)}; known: {sorted(ALL_NAMES)}")
+        self._wanted = names
+
+    @property
+    def g(self) -> float | None:
+        return self._g
+
+    @g.setter
+    def g(self, value: float | None) -> None:
+        self._g = None if value is None else validate_coupling(value)
+
+    @property
+    def window(self) -> int | None:
+        return self._window
+
+    @window.setter
+    def window(self, radius: int | None) -> None:
+        self._window = validate_radius(radius)
+        self._mask_cache: dict[tuple, torch.Tensor | None] = {}
+
+    def active_names(self) -> frozenset[str]:
+        return self._wanted if self.emit is not None else frozenset()
+
+    @property
+    def hooked(self) -> bool:
+        """True when a call must go through :meth:`attend_joint` (else run diffusers' own code)."""
+        return bool(self.active_names()) or self._g is not None or self._window is not None
+
+    # -- the core ----------------------------------------------------------------------------
+    def _slices(self, S: int, L: int) -> tuple[slice, slice]:
+        """(image, text) positions in the joint sequence of length S with L text tokens."""
+        if self.order == "image_first":
+            return slice(0, S - L), slice(S - L, S)
+        return slice(L, S), slice(0, L)
+
+    def _join(self, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+        if txt.shape[2] == 0:
+            return img
+        return torch.cat([img, txt], dim=2) if self.order == "image_first" else torch.cat([txt, img], dim=2)
+
+    def attend_joint(self, Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, text_tokens: int,
+                     rotary: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """Joint attention output (B, H, S, D) for joint Q, K, V (B, H, S, D) in ``order``.
+
+        ``text_tokens`` = L (0: image-only self-attention); ``rotary`` is applied to Q and K
+        first. Emits what is wanted; replacements are used.
+        """
+        S, L = Q.shape[2], int(text_tokens)
+        if not 0 <= L < S:
+            raise ValueError(f"text_tokens={L} must lie in [0, {S})")
+        img, txt = self._slices(S, L)
+        N = S - L
+        if rotary is not None:
+            Q, K = rotary(Q), rotary(K)
+        active = self.active_names()
+        Q = self._emit_split(Q, img, txt, "attn.q", "attn.context_q", active)
+        K = self._emit_split(K, img, txt, "attn.k", "attn.context_k", active)
+        V = self._emit_split(V, img, txt, "attn.v", "attn.context_v", active)
+
+        win = self._window_mask(N, Q.device)
+        mask = None
+        if win is not None:  # joint boolean mask: image->image windowed, text rows/cols open
+            mask = torch.ones(S, S, dtype=torch.bool, device=Q.device)
+            mask[img, img] = win
+
+        if active & INTRA_PATTERN_NAMES:
+            out = self._explicit(Q, K, V, mask, img, txt, active)
+        elif mask is None:
+            out = F.scaled_dot_product_attention(Q, K, V, dropout_p=0.0, is_causal=False)
+        else:
+            out = F.scaled_dot_product_attention(Q, K, V, attn_mask=mask, dropout_p=0.0, is_causal=False)
+
+        g = self._g
+        if g is None:
+            return out
+        if Q.shape[0] % 2:
+            raise ValueError(f"a coupled layer needs a replica-major batch [a; b] of even size, got {Q.shape[0]}")
+        inter_wanted = active & INTER_NAMES
+        if g == 0.0 and not inter_wanted:
+            return out  # exactly the uncoupled model: the inter call is skipped, not weighted by 0
+        q_i = Q[:, :, img]
+        k_p, v_p = swap_replica_halves(K[:, :, img]), swap_replica_halves(V[:, :, img])
+        if inter_wanted:
+            out_inter = self._explicit_inter(q_i, k_p, v_p, win, active)
+        else:
+            out_inter = F.scaled_dot_product_attention(q_i, k_p, v_p, attn_mask=win, dropout_p=0.0,
+                                                       is_causal=False)
+        if g == 0.0:
+            return out
+        w_intra, w_inter = mixture_weights(g)
+        mixed = w_intra * out[:, :, img] + w_inter * out_inter
+        return self._join(mixed, out[:, :, txt])
+
+    # -- explicit softmax ----------------------------------------------------------------------
+    def _explicit(self, Q, K, V, mask, img, txt, active) -> torch.Tensor:
+        """The joint softmax written out; equals SDPA to float error."""
+        scale = Q.shape[-1] ** -0.5
+        reductions = active & REDUCTION_NAMES
+        if not active & MATRIX_NAMES:  # reductions only: tile the query rows
+            outs, stats = [], []
+            for i0 in range(0, Q.shape[2], self.query_tile):
+                i1 = min(i0 + self.query_tile, Q.shape[2])
+                logits = self._masked(torch.matmul(Q[:, :, i0:i1] * scale, K.transpose(-1, -2)),
+                                      None if mask is None else mask[i0:i1])
+                p = self._softmax(logits, V.dtype)
+                outs.append(torch.matmul(p, V))
+                stats.append(self._row_stats(p, reductions))
+            self._emit_reductions(stats, reductions, img)
+            return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        logits = self._masked(torch.matmul(Q * scale, K.transpose(-1, -2)), mask)
+        if "attn.logits" in active:
+            logits = self._emit_block(logits, "attn.logits", img, img)
+        p = self._softmax(logits, V.dtype)
+        if "attn.pattern_joint" in active:
+            p = self._emit_writable("attn.pattern_joint", p)
+        for name, rows, cols in (("attn.pattern", img, img), ("attn.pattern_image_text", img, txt),
+                                 ("attn.pattern_text_image", txt, img)):
+            if name in active:
+                p = self._emit_block(p, name, rows, cols)
+        if reductions:
+            self._emit_reductions([self._row_stats(p, reductions)], reductions, img)
+        return torch.matmul(p, V)
+
+    def _explicit_inter(self, q, k, v, win, active) -> torch.Tensor:
+        logits = self._masked(torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2)), win)
+        if "attn.logits_inter" in active:
+            logits = self._emit_writable("attn.logits_inter", logits)
+        p = self._softmax(logits, v.dtype)
+        if "attn.pattern_inter" in active:
+            p = self._emit_writable("attn.pattern_inter", p)
+        return torch.matmul(p, v)
+
+    @staticmethod
+    def _masked(logits, mask):
+        return logits if mask is None else logits.masked_fill(~mask, float("-inf"))
+
+    @staticmethod
+    def _softmax(logits, dtype) -> torch.Tensor:
+        # low-precision logits are normalised in float32, as fused kernels accumulate
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            return torch.softmax(logits, dim=-1, dtype=torch.float32).to(dtype)
+        return torch.softmax(logits, dim=-1).to(dtype)
+
+    @staticmethod
+    def _row_stats(p: torch.Tensor, names) -> dict[str, torch.Tensor]:
+        p = p.float()
+        out = {}
+        if "attn.n_eff" in names:
+            out["attn.n_eff"] = torch.linalg.vector_norm(p, dim=-1).pow(-2)
+        if "attn.entropy" in names:
+            out["attn.entropy"] = torch.special.entr(p).sum(-1)
+        return out
+
+    def _emit_reductions(self, stats: list[dict], names, img: slice) -> None:
+        for name in sorted(names):
+            parts = [s[name] for s in stats]
+            value = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+            self.emit(name, value[:, :, img])  # derived statistic: a replacement has no effect
+
+    # -- emission helpers ------------------------------------------------------------------------
+    def _emit_writable(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        new = self.emit(name, value)
+        if new is None or new is value:
+            return value
+        if not isinstance(new, torch.Tensor) or new.shape != value.shape:
+            got = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
+            raise ValueError(f"replacement for {name} has shape {got}, expected {tuple(value.shape)}")
+        return new.to(dtype=value.dtype, device=value.device)
+
+    def _emit_block(self, m: torch.Tensor, name: str, rows: slice, cols: slice) -> torch.Tensor:
+        """Emit the (rows, cols) block of a (B, H, S, S) matrix; write a replacement back."""
+        block = m[:, :, rows, cols]
+        new = self._emit_writable(name, block)
+        if new is block:
+            return m
+        m = m.clone()
+        m[:, :, rows, cols] = new
+        return m
+
+    def _emit_split(self, X, img, txt, name_img, name_txt, active) -> torch.Tensor:
+        """Emit the image and text parts of a joint (B, H, S, D) tensor; rejoin replacements."""
+        if not active & {name_img, name_txt}:
+            return X
+        xi, xt = X[:, :, img], X[:, :, txt]
+        ni = self._emit_writable(name_img, xi) if name_img in active else xi
+        nt = self._emit_writable(name_txt, xt) if name_txt in active and xt.shape[2] else xt
+        if ni is xi and nt is xt:
+            return X
+        return self._join(ni, nt)
+
+    def _window_mask(self, n: int, device) -> torch.Tensor | None:
+        if self._window is None:
+            return None
+        key = (n, self.grid, device)
+        if key not in self._mask_cache:
+            self._mask_cache[key] = image_window_mask(n, self._window, self.grid, device)
+        return self._mask_cache[key]
+
+
+class HookedJointAttnProcessor(JointAttention):
+    """SD3's joint-attention processor with hook points, coupling and windows.
+
+    Unhooked (:attr:`hooked` False) it calls diffusers' ``JointAttnProcessor2_0`` itself (bit for
+    bit, fused SDPA). Hooked, it mirrors that processor line for line and replaces only the
+    ``scaled_dot_product_attention`` call with :meth:`JointAttention.attend_joint`.
+    """
+
+    def __init__(self, layer: int = 0, emit: Emit | None = None, wanted=frozenset(),
+                 coupling: float | None = None, window: int | None = None, **kwargs):
+        from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+        kwargs.setdefault("order", "image_first")
+        super().__init__(layer, emit, wanted, coupling, window, **kwargs)
+        self._plain = JointAttnProcessor2_0()
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, *args, **kwargs):
+        if not self.hooked:
+            return self._plain(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        if attention_mask is not None:
+            raise NotImplementedError("the hooked joint processor does not take an attention mask "
+                                      "(JointAttnProcessor2_0 ignores it too)")
+        residual = hidden_states
+        batch_size = hidden_states.shape[0]
+
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(hidden_states)
+        value = attn.to_v(hidden_states)
+        inner_dim = key.shape[-1]
+        head_dim = inner_dim // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        text_tokens = 0
+        if encoder_hidden_states is not None:
+            c_query = attn.add_q_proj(encoder_hidden_states)
+            c_key = attn.add_k_proj(encoder_hidden_states)
+            c_value = attn.add_v_proj(encoder_hidden_states)
+            c_query = c_query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            c_key = c_key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            c_value = c_value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            if attn.norm_added_q is not None:
+                c_query = attn.norm_added_q(c_query)
+            if attn.norm_added_k is not None:
+                c_key = attn.norm_added_k(c_key)
+            query = torch.cat([query, c_query], dim=2)
+            key = torch.cat([key, c_key], dim=2)
+            value = torch.cat([value, c_value], dim=2)
+            text_tokens = encoder_hidden_states.shape[1]
+
+        # hooked: the one deviation from JointAttnProcessor2_0
+        hidden_states = self.attend_joint(query, key, value, text_tokens)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+
+        if encoder_hidden_states is not None:
+            hidden_states, encoder_hidden_states = (
+                hidden_states[:, : residual.shape[1]],
+                hidden_states[:, residual.shape[1]:],
+            )
+            if not attn.context_pre_only:
+                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if encoder_hidden_states is not None:
+            return hidden_states, encoder_hidden_states
+        return hidden_states
+
+
+__all__ = ["ALL_NAMES", "HookedJointAttnProcessor", "JointAttention", "NAME_DIMS", "NAME_DOCS",
+           "ORDERS", "WRITABLE_NAMES", "image_window_mask", "swap_replica_halves"]
