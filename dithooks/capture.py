@@ -45,7 +45,7 @@ from .hookpoints import layer_template, store_array_name
 from .hooks import HookContext, HookManager
 from .layers import parse_layers
 from .loading import LoadedModel, load_model
-from .probes.runner import ProbeRunner
+from .probe_runner import ProbeRunner
 from .jvp_hooks import JVPSettings, check_direction, jvp_batch_axes
 from .sampling import ReplicaSpec, Sampler, SamplerSpec, TrajectoryState
 from .store.codecs import COMPRESSIONS, storage_dtype

@@ -33,15 +33,15 @@ import numpy as np
 from ..errors import DithooksError, StoreError
 from ..hookpoints import layer_template, store_array_name, unknown_name_message
 from .codecs import decode
+from .layout import COORDS, RNG_STATE, STEP_COMPLETE
 from .metadata import ATTR_KEY, completeness
 from .zarrio import ArrayMeta, ArrayReader, Block, ChunkMissing, CorruptStoreError, blocks, out_shape, read_json
 
-COORDS = ("step", "timestep", "layer", "sample", "label", "seed", "cfg", "latent_step", "replica")
 # dims selected by coordinate value (block index, name) rather than by position
 VALUE_DIMS = ("layer", "cfg", "replica")
 # arrays whose missing chunks are by design (read as their fill value, no completeness checks)
-SPARSE = ("rng_state",)
-UNCHECKED = COORDS + ("step_complete",) + SPARSE
+SPARSE = (RNG_STATE,)
+UNCHECKED = COORDS + (STEP_COMPLETE,) + SPARSE
 
 __all__ = ["ArrayInfo", "CaptureStore", "CorruptStoreError", "IncompleteDataWarning", "IncompleteStepsError",
            "MissingChunkError", "Selection", "SelectionError", "ValueRange", "open_store", "parse_index"]

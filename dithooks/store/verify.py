@@ -32,10 +32,10 @@ import numpy as np
 
 from ..errors import StoreError
 from .files import FIGURES, PARTIAL, is_temp_name
+from .layout import COORDS, STEP_COMPLETE, row_role
 from .lock import LOCK_NAME
 from .metadata import ATTR_KEY
-
-COORDS = ("step", "timestep", "layer", "sample", "label", "seed", "cfg", "latent_step", "replica")
+from .zarrio import ArrayMeta as ZarrArrayMeta
 _FIXED_CODECS = {"bytes", "crc32c", "transpose"}
 _EMPTY = 2**64 - 1
 
@@ -45,22 +45,65 @@ class DamagedStore(StoreError):
 
 
 @dataclass(frozen=True)
-class ArrayMeta:
-    """What one array's ``zarr.json`` says about where its chunks are and how big they are."""
+class ChunkFiles:
+    """Where one array's chunk (shard) files are and how big they must be.
 
-    name: str
-    shape: tuple[int, ...]
-    dims: tuple[str, ...]
-    dtype: str
-    grid: tuple[int, ...]              # chunk (shard) shape of files
-    inner: tuple[int, ...] | None      # chunk shape inside a shard, for sharded arrays
+    Built on :class:`zarrio.ArrayMeta` (the one parser of ``zarr.json``); this adds what the
+    checks need: the exact size of a chunk nothing compresses, and the size of a shard index.
+    """
+
+    meta: ZarrArrayMeta
     raw_bytes: int | None              # exact size of one (inner) chunk when nothing compresses it
     index_bytes: int                   # size of a shard's index (0 when not sharded)
-    index_at_end: bool
-    index_crc: bool
-    separator: str
-    v2_keys: bool
-    attrs: dict
+
+    @classmethod
+    def of(cls, meta: ZarrArrayMeta) -> "ChunkFiles":
+        m = meta.raw
+        itemsize = meta.dtype.itemsize if meta.dtype is not None else None
+        codecs = list(m.get("codecs") or [])
+        if meta.sharded:
+            conf = codecs[0].get("configuration") or {}
+            index_codecs = [c.get("name") for c in conf.get("index_codecs") or [{"name": "bytes"}, {"name": "crc32c"}]]
+            n_inner = int(np.prod(meta.per_shard))
+            index_bytes = 16 * n_inner + 4 * index_codecs.count("crc32c")
+            raw = _fixed_size(conf.get("codecs") or [], meta.inner, itemsize)
+        else:
+            index_bytes, raw = 0, _fixed_size(codecs, meta.outer, itemsize)
+        return cls(meta, raw, index_bytes)
+
+    @property
+    def name(self) -> str:
+        return self.meta.name
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.meta.shape
+
+    @property
+    def dims(self) -> tuple[str, ...]:
+        return self.meta.dims
+
+    @property
+    def grid(self) -> tuple[int, ...]:
+        """Chunk (shard) shape of files."""
+        return self.meta.outer
+
+    @property
+    def inner(self) -> tuple[int, ...] | None:
+        """Chunk shape inside a shard, for sharded arrays."""
+        return self.meta.inner if self.meta.sharded else None
+
+    @property
+    def index_at_end(self) -> bool:
+        return self.meta.index_at_end
+
+    @property
+    def index_crc(self) -> bool:
+        return self.meta.index_crc
+
+    @property
+    def attrs(self) -> dict:
+        return self.meta.attrs
 
     @property
     def counts(self) -> tuple[int, ...]:
@@ -68,14 +111,10 @@ class ArrayMeta:
 
     @property
     def inner_per_file(self) -> int:
-        if self.inner is None:
-            return 1
-        return int(np.prod([math.ceil(g / i) for g, i in zip(self.grid, self.inner)]))
+        return int(np.prod(self.meta.per_shard)) if self.meta.sharded else 1
 
     def key(self, idx: tuple[int, ...]) -> str:
-        if self.v2_keys:
-            return self.separator.join(map(str, idx)) if idx else "0"
-        return "c" + (self.separator + self.separator.join(map(str, idx)) if idx else "")
+        return self.meta.key(tuple(idx))
 
     def files_of_row(self, row: int) -> list[tuple[int, ...]]:
         """Chunk-grid indices of the files that hold row ``row`` of the first dim."""
@@ -89,43 +128,15 @@ class ArrayMeta:
         return tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(idx, self.grid, self.shape))
 
 
+# the name older code used for the per-array view of a store
+ArrayMeta = ChunkFiles
+
+
 def _fixed_size(codecs: list, chunk: tuple[int, ...], itemsize: int | None) -> int | None:
     names = [c.get("name") for c in codecs]
     if itemsize is None or any(n not in _FIXED_CODECS for n in names):
         return None
     return int(np.prod(chunk)) * itemsize + 4 * names.count("crc32c")
-
-
-def parse_array_meta(name: str, meta: dict) -> ArrayMeta:
-    shape = tuple(int(n) for n in meta["shape"])
-    grid = tuple(int(n) for n in meta["chunk_grid"]["configuration"]["chunk_shape"])
-    dtype = meta["data_type"]
-    dtype = dtype if isinstance(dtype, str) else str(dtype.get("name"))
-    try:
-        itemsize = np.dtype(dtype).itemsize if dtype not in ("string", "bytes") else None
-    except TypeError:
-        itemsize = None
-    codecs = list(meta.get("codecs") or [])
-    inner = None
-    index_bytes, at_end, crc = 0, True, False
-    if codecs and codecs[0].get("name") == "sharding_indexed":
-        conf = codecs[0]["configuration"]
-        inner = tuple(int(n) for n in conf["chunk_shape"])
-        index_codecs = [c.get("name") for c in conf.get("index_codecs") or [{"name": "bytes"}, {"name": "crc32c"}]]
-        crc = "crc32c" in index_codecs
-        n_inner = int(np.prod([math.ceil(g / i) for g, i in zip(grid, inner)]))
-        index_bytes = 16 * n_inner + 4 * index_codecs.count("crc32c")
-        at_end = conf.get("index_location", "end") == "end"
-        raw = _fixed_size(conf.get("codecs") or [], inner, itemsize)
-    else:
-        raw = _fixed_size(codecs, grid, itemsize)
-    enc = meta.get("chunk_key_encoding") or {"name": "default"}
-    v2 = enc.get("name") == "v2"
-    sep = (enc.get("configuration") or {}).get("separator", "." if v2 else "/")
-    dims = tuple(str(d) if d is not None else f"dim_{i}" for i, d in enumerate(meta.get("dimension_names") or
-                                                                             [None] * len(shape)))
-    return ArrayMeta(name, shape, dims, dtype, grid, inner, raw, index_bytes, at_end, crc, sep, v2,
-                     dict(meta.get("attributes") or {}))
 
 
 @dataclass
@@ -152,7 +163,7 @@ class StoreLayout:
     path: Path
     meta: dict
     kind: str
-    arrays: dict[str, ArrayMeta]
+    arrays: dict[str, ChunkFiles]
     step_complete: np.ndarray | None
     format_version: int
 
@@ -211,7 +222,7 @@ def inspect_store(path: str | Path, kinds: tuple[str, ...] | None = None) -> Sto
     kind = str(meta.get("kind", "capture"))
     if kinds is not None and kind not in kinds:
         raise StoreError(f"{path} is a {kind} store, not a {' or '.join(kinds)} store")
-    arrays: dict[str, ArrayMeta] = {}
+    arrays: dict[str, ChunkFiles] = {}
     for d in sorted(arrays_dirs):
         f = d / "zarr.json"
         if not f.exists() and all(PARTIAL.match(p.name) for p in d.iterdir()):
@@ -222,17 +233,20 @@ def inspect_store(path: str | Path, kinds: tuple[str, ...] | None = None) -> Sto
             m = _read_json(f)
             if m.get("node_type") != "array":
                 continue
-            arrays[d.name] = parse_array_meta(d.name, m)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            arrays[d.name] = ChunkFiles.of(ZarrArrayMeta.load(path, d.name))
+        except StoreError as e:  # zarrio's one-line reason names the file already
+            raise DamagedStore(f"{path} is damaged: the metadata of array {d.name} ({f}) is unreadable "
+                               f"({_short(e)}); {_remake(path)}") from None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
             raise DamagedStore(f"{path} is damaged: the metadata of array {d.name} ({f}) is unreadable "
                                f"({_short(e)}); {_remake(path)}") from None
     done = None
     if kind == "capture":
-        if "step_complete" not in arrays:
+        if STEP_COMPLETE not in arrays:
             half = "half-made" if not any(n not in COORDS for n in arrays) else "damaged"
             raise DamagedStore(f"{path} is a {half} store: it has no step_complete array, so what is on disk "
                                f"is unknown; {_remake(path)}")
-        done = _read_step_complete(path, arrays["step_complete"])
+        done = _read_step_complete(path, arrays[STEP_COMPLETE])
     try:
         version = int(meta.get("format_version", 1))
     except (TypeError, ValueError):
@@ -245,7 +259,7 @@ def _short(e: BaseException) -> str:
     return s if len(s) <= 80 else s[:77] + "..."
 
 
-def _read_step_complete(path: Path, a: ArrayMeta) -> np.ndarray:
+def _read_step_complete(path: Path, a: ChunkFiles) -> np.ndarray:
     import zarr
 
     try:
@@ -302,7 +316,7 @@ def _crc32c(data: bytes) -> int | None:
     return int(google_crc32c.value(data))
 
 
-def check_file(a: ArrayMeta, file: Path, strict: bool) -> str | None:
+def check_file(a: ChunkFiles, file: Path, strict: bool) -> str | None:
     """What is wrong with one chunk/shard file without decoding it (None: looks whole)."""
     try:
         size = file.stat().st_size
@@ -344,23 +358,22 @@ def check_file(a: ArrayMeta, file: Path, strict: bool) -> str | None:
     return None
 
 
-def _rows_needed(layout: StoreLayout, a: ArrayMeta) -> tuple[str, list[tuple[int, int]]]:
-    """How ``a``'s rows map onto steps: (role, [(row, step)]) of the rows that must be whole."""
+def _rows_needed(layout: StoreLayout, a: ChunkFiles) -> tuple[str, list[tuple[int, int]]]:
+    """How ``a``'s rows map onto steps: (role, [(row, step)]) of the rows that must be whole
+    (roles: :func:`layout.row_role`)."""
     done = layout.step_complete if layout.step_complete is not None else np.zeros(0, bool)
     marked = np.flatnonzero(done).tolist()
     every = bool(done.size) and bool(done.all())
-    if a.name == "step_complete":
-        return "flags", []
-    if a.name in COORDS or not a.dims:
-        return "coordinate", []
-    first = a.dims[0]
-    if first == "step" and a.shape[0] == done.size:
-        return "step", [(s, s) for s in marked]
-    if first == "latent_step" and a.shape[0] == done.size + 1:
-        if a.name == "rng_state":  # rows only where a generator moved; row 0 always
-            return "rng", [(0, 0)] if marked and marked[0] == 0 else []
+    role = row_role(a.name, a.dims, a.shape[0] if a.shape else 0, int(done.size))
+    if role in ("flags", "coordinate"):
+        return role, []
+    if role == "step":
+        return role, [(s, s) for s in marked]
+    if role == "rng":  # rows only where a generator moved; row 0 always
+        return role, [(0, 0)] if marked and marked[0] == 0 else []
+    if role == "latent":
         rows = [(0, 0)] if marked and marked[0] == 0 else []
-        return "latent", rows + [(s + 1, s) for s in marked]
+        return role, rows + [(s + 1, s) for s in marked]
     return "whole", [] if not every else [(-1, 0)]
 
 
