@@ -43,8 +43,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..gates import mixture_weights, validate_coupling
-from .window import validate_radius
+from ..gates import validate_coupling
+from .functional import (attend, couple, effective_width, row_entropy, scaled_logits, softmax_rows,
+                         swap_replica_halves)
+from .window import joint_window_mask, validate_radius, window_mask
 
 Emit = Callable[[str, torch.Tensor], "torch.Tensor | None"]
 ORDERS = ("image_first", "text_first")
@@ -103,35 +105,9 @@ NAME_DOCS: dict[str, str] = {
 }
 
 
-def swap_replica_halves(x: torch.Tensor) -> torch.Tensor:
-    """``[a; b] -> [b; a]`` along dim 0: the partner of each batch row (replica-major layout)."""
-    half = x.shape[0] // 2
-    return torch.cat([x[half:], x[:half]], dim=0)
-
-
-def image_window_mask(num_tokens: int, radius: int | None, grid: tuple[int, int] | None = None,
-                      device=None) -> torch.Tensor | None:
-    """Boolean (N, N) Chebyshev mask on the image grid (True = may attend); None when global.
-
-    ``grid`` = (rows, cols) of the row-major image token grid; None = a square grid.
-    """
-    if radius is None:
-        return None
-    if grid is None:
-        side = math.isqrt(int(num_tokens))
-        if side * side != num_tokens:
-            raise ValueError(f"a Chebyshev window needs the image token grid; N={num_tokens} is not "
-                             f"a square (set the processor's grid)")
-        grid = (side, side)
-    rows, cols = int(grid[0]), int(grid[1])
-    if rows * cols != num_tokens:
-        raise ValueError(f"image grid {rows}x{cols} does not hold N={num_tokens} tokens")
-    if radius >= max(rows, cols) - 1:
-        return None  # covers the grid: no mask at all, the global model bit for bit
-    idx = torch.arange(num_tokens, device=device)
-    r, c = idx // cols, idx % cols
-    dist = torch.maximum((r[:, None] - r[None, :]).abs(), (c[:, None] - c[None, :]).abs())
-    return dist <= radius
+def image_window_mask(num_tokens: int, radius: int | None, device=None) -> torch.Tensor | None:
+    """Boolean (N, N) Chebyshev mask on the square image grid (True = may attend); None when global."""
+    return window_mask(num_tokens, radius, device)
 
 
 class JointAttention:
@@ -143,16 +119,14 @@ class JointAttention:
             interventions; ``None`` or the same tensor keeps the value).
         wanted: local names to compute and emit (subset of :data:`ALL_NAMES`).
         coupling: g (None = uncoupled; 0 = coupled bookkeeping, uncoupled output).
-        window: Chebyshev radius on the image grid (None = global).
+        window: Chebyshev radius on the (square, row-major) image token grid (None = global).
         order: ``"image_first"`` (SD3: [image; text]) or ``"text_first"`` (Flux: [text; image]).
-        grid: (rows, cols) of the image token grid for windows; None = square.
         query_tile: query rows per tile when only reductions are wanted.
     """
 
     def __init__(self, layer: int = 0, emit: Emit | None = None, wanted=frozenset(),
                  coupling: float | None = None, window: int | None = None,
-                 order: str = "image_first", grid: tuple[int, int] | None = None,
-                 query_tile: int = 512, **_ignored):
+                 order: str = "image_first", query_tile: int = 512, **_ignored):
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
         if int(query_tile) < 1:
@@ -160,7 +134,6 @@ class JointAttention:
         self.layer = int(layer)
         self.emit = emit
         self.order = order
-        self.grid = grid
         self.query_tile = int(query_tile)
         self.wanted = wanted
         self.g = coupling
@@ -235,12 +208,7 @@ class JointAttention:
         K = self._emit_split(K, img, txt, "attn.k", "attn.context_k", active)
         V = self._emit_split(V, img, txt, "attn.v", "attn.context_v", active)
 
-        win = self._window_mask(N, Q.device)
-        mask = None
-        if win is not None:  # joint boolean mask: image->image windowed, text rows/cols open
-            mask = torch.ones(S, S, dtype=torch.bool, device=Q.device)
-            mask[img, img] = win
-
+        mask = self._window_mask(N, L, Q.device)  # image->image windowed, text rows/cols open
         if active & INTRA_PATTERN_NAMES:
             out = self._explicit(Q, K, V, mask, img, txt, active)
         elif mask is None:
@@ -256,6 +224,7 @@ class JointAttention:
         inter_wanted = active & INTER_NAMES
         if g == 0.0 and not inter_wanted:
             return out  # exactly the uncoupled model: the inter call is skipped, not weighted by 0
+        win = None if mask is None else mask[img, img]
         q_i = Q[:, :, img]
         k_p, v_p = swap_replica_halves(K[:, :, img]), swap_replica_halves(V[:, :, img])
         if inter_wanted:
@@ -265,30 +234,22 @@ class JointAttention:
                                                        is_causal=False)
         if g == 0.0:
             return out
-        w_intra, w_inter = mixture_weights(g)
-        mixed = w_intra * out[:, :, img] + w_inter * out_inter
-        return self._join(mixed, out[:, :, txt])
+        return self._join(couple(out[:, :, img], out_inter, g), out[:, :, txt])
 
     # -- explicit softmax ----------------------------------------------------------------------
     def _explicit(self, Q, K, V, mask, img, txt, active) -> torch.Tensor:
-        """The joint softmax written out; equals SDPA to float error."""
-        scale = Q.shape[-1] ** -0.5
+        """The joint softmax written out (functional.py); equals SDPA to float error."""
         reductions = active & REDUCTION_NAMES
-        if not active & MATRIX_NAMES:  # reductions only: tile the query rows
-            outs, stats = [], []
-            for i0 in range(0, Q.shape[2], self.query_tile):
-                i1 = min(i0 + self.query_tile, Q.shape[2])
-                logits = self._masked(torch.matmul(Q[:, :, i0:i1] * scale, K.transpose(-1, -2)),
-                                      None if mask is None else mask[i0:i1])
-                p = self._softmax(logits, V.dtype)
-                outs.append(torch.matmul(p, V))
-                stats.append(self._row_stats(p, reductions))
+        if not active & MATRIX_NAMES:  # reductions only: query tiles, never the whole S x S
+            stats: list[dict] = []
+            out = attend(Q, K, V, mask, tile=self.query_tile,
+                         on_tile=lambda i0, p: stats.append(self._row_stats(p, reductions)))
             self._emit_reductions(stats, reductions, img)
-            return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
-        logits = self._masked(torch.matmul(Q * scale, K.transpose(-1, -2)), mask)
+            return out
+        logits = scaled_logits(Q, K, mask)
         if "attn.logits" in active:
             logits = self._emit_block(logits, "attn.logits", img, img)
-        p = self._softmax(logits, V.dtype)
+        p = softmax_rows(logits, V.dtype)
         if "attn.pattern_joint" in active:
             p = self._emit_writable("attn.pattern_joint", p)
         for name, rows, cols in (("attn.pattern", img, img), ("attn.pattern_image_text", img, txt),
@@ -300,33 +261,22 @@ class JointAttention:
         return torch.matmul(p, V)
 
     def _explicit_inter(self, q, k, v, win, active) -> torch.Tensor:
-        logits = self._masked(torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2)), win)
+        logits = scaled_logits(q, k, win)
         if "attn.logits_inter" in active:
             logits = self._emit_writable("attn.logits_inter", logits)
-        p = self._softmax(logits, v.dtype)
+        p = softmax_rows(logits, v.dtype)
         if "attn.pattern_inter" in active:
             p = self._emit_writable("attn.pattern_inter", p)
         return torch.matmul(p, v)
-
-    @staticmethod
-    def _masked(logits, mask):
-        return logits if mask is None else logits.masked_fill(~mask, float("-inf"))
-
-    @staticmethod
-    def _softmax(logits, dtype) -> torch.Tensor:
-        # low-precision logits are normalised in float32, as fused kernels accumulate
-        if logits.dtype in (torch.float16, torch.bfloat16):
-            return torch.softmax(logits, dim=-1, dtype=torch.float32).to(dtype)
-        return torch.softmax(logits, dim=-1).to(dtype)
 
     @staticmethod
     def _row_stats(p: torch.Tensor, names) -> dict[str, torch.Tensor]:
         p = p.float()
         out = {}
         if "attn.n_eff" in names:
-            out["attn.n_eff"] = torch.linalg.vector_norm(p, dim=-1).pow(-2)
+            out["attn.n_eff"] = effective_width(p)
         if "attn.entropy" in names:
-            out["attn.entropy"] = torch.special.entr(p).sum(-1)
+            out["attn.entropy"] = row_entropy(p)
         return out
 
     def _emit_reductions(self, stats: list[dict], names, img: slice) -> None:
@@ -366,12 +316,13 @@ class JointAttention:
             return X
         return self._join(ni, nt)
 
-    def _window_mask(self, n: int, device) -> torch.Tensor | None:
+    def _window_mask(self, n_image: int, n_text: int, device) -> torch.Tensor | None:
         if self._window is None:
             return None
-        key = (n, self.grid, device)
+        key = (n_image, n_text, device)
         if key not in self._mask_cache:
-            self._mask_cache[key] = image_window_mask(n, self._window, self.grid, device)
+            self._mask_cache[key] = joint_window_mask(n_image, self._window, n_text,
+                                                      text_first=self.order == "text_first", device=device)
         return self._mask_cache[key]
 
 
