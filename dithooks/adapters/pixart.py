@@ -1,0 +1,232 @@
+"""Adapter for diffusers' ``PixArtTransformer2DModel`` (PixArt-α: adaLN-single, cross-attention to text).
+
+Block ``i`` is ``transformer_blocks[i]``, a ``BasicTransformerBlock`` with
+``norm_type="ada_norm_single"``. The model computes, once per call (diffusers 0.3x-0.42)::
+
+    h0          = pos_embed(x)                                   # embed.out
+    t6, t_emb   = adaln_single(timestep)                         # t6 = linear(silu(t_emb)): (B, 6D)
+    c           = caption_projection(prompt_embeds)              # context_embed.out: (B, L, D)
+
+and every block (``timestep`` argument = ``t6``; its own ``scale_shift_table`` (6, D))::
+
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp =
+                  (scale_shift_table[None] + t6.reshape(B, 6, D)).chunk(6, dim=1)   # inline, no module
+    x       = norm1(h) * (1 + scale_msa) + shift_msa              # attn.in      (attn1's input)
+    h_mid   = h + gate_msa * attn1(x)                             # attn.out = attn1(x), before the gate
+    h_cross = h_mid + attn2(h_mid, c, mask)                       # no norm, no gate before/after
+    y       = norm2(h_cross) * (1 + scale_mlp) + shift_mlp        # mlp.in       (ff's input)
+    h_post  = h_cross + gate_mlp * ff(y)                          # mlp.out = ff(y), before the gate
+
+How each hook point is read (all passive: PyTorch hooks on modules that already compute the
+value; reading never changes the arithmetic, tested bit for bit):
+
+* ``resid_pre``: first argument of the block; ``resid_post``: its output.
+* ``attn.in`` / ``attn.out``: argument / output of ``attn1``. ``mlp.in`` / ``mlp.out``: of ``ff``.
+* ``resid_mid`` (= h_mid) and ``cross_attn.in``: the first argument of ``attn2`` - PixArt feeds
+  the residual stream to cross-attention without a norm, so these are one tensor with two
+  meanings. Trick for writing ``resid_mid``: the block re-uses its own h_mid in ``h_mid +
+  attn2(...)``, so the replacement's difference is carried into ``attn2``'s output (as DiT's
+  ``resid_mid`` is carried into the block's). Writing ``cross_attn.in`` changes only what the
+  cross-attention queries read.
+* ``cross_attn.out``: the output of ``attn2.to_out.0`` (the output projection), which *is*
+  ``attn2``'s output bit for bit (``to_out.1`` is dropout, identity in eval;
+  ``rescale_output_factor`` is 1; no residual connection). Read there, not on ``attn2`` itself,
+  so a ``resid_mid`` replacement's carried difference does not show up in it.
+* ``resid_cross`` (= h_cross, PixArt's extra residual point between cross-attention and MLP):
+  the first argument of ``norm2``; a replacement is carried into the block's output.
+* ``adaln.<chunk>``: no module computes them (the sum with the block's ``scale_shift_table`` is
+  inline in ``BasicTransformerBlock.forward``). Trick: a pre-hook on the block reads its
+  ``timestep`` argument ``t6`` and adds the block's own ``scale_shift_table`` exactly as the block
+  does - the same single float addition on the same operands, so the value equals the block's
+  bit for bit (tested). A replacement is written back into ``t6`` as ``new - table[j]``, which
+  the block adds to ``table[j]`` again: the block then uses ``new`` to one rounding.
+* ``embed.out``: ``pos_embed``'s output; ``context_embed.out``: ``caption_projection``'s output
+  (the text tokens every block's cross-attention reads as keys and values);
+  ``time_embed.out``: ``adaln_single.emb``'s output (``t_emb``, also the final layer's input).
+* ``final.out``: the model's output ``(B, 2C, H, W)`` with learned sigma: epsilon in the first
+  ``in_channels`` channels, the variance interpolation behind them.
+
+Processor points (``attn.q/k/v/logits/pattern/...``) come from the hooked processor on the
+SELF-attention ``attn1`` only: that is where replica coupling and Chebyshev windows apply (image
+tokens on the ``grid x grid`` patch grid). Cross-attention ``attn2`` keeps the model's own
+processor always: its queries are image tokens but its keys are text tokens, so neither a token
+window nor replica coupling (which swaps image keys between replicas) has a meaning there; its
+contribution is observable as ``cross_attn.in/out``.
+
+JVPs: the DiT routing / modulation / MLP split (``dithooks.jvp``) assumes an adaLN-Zero block
+``h + a1 Attn(adaLN1 h) + a2 MLP(adaLN2 .)``; PixArt's block has a third, ungated branch (the
+cross-attention, itself a function of ``h_mid``), so those parts are not defined here; only the
+whole block's JVP (``full``) is, where the generic JVP is available.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .base import Geometry, ModelAdapter, model_output, replace_model_output
+from .registry import register
+from .spec import RESID, TEXT_RESID, VECTOR, PointSpec, post, pre
+
+ADALN_CHUNKS = ("shift_msa", "scale_msa", "gate_msa", "shift_mlp", "scale_mlp", "gate_mlp")
+#: PixArt-α's T5 prompt length (pipeline ``max_sequence_length``); the config does not record it
+DEFAULT_TEXT_TOKENS = 120
+#: ``timestep`` is the 5th positional parameter of ``BasicTransformerBlock.forward``
+_TIMESTEP_POS = 4
+
+
+# -- adaLN-single: the block's table plus the shared timestep projection ----------------------------
+def _block_t6(args: tuple, kwargs: dict) -> torch.Tensor:
+    if "timestep" in kwargs:
+        return kwargs["timestep"]
+    if len(args) > _TIMESTEP_POS:
+        return args[_TIMESTEP_POS]
+    raise KeyError("the block was called without its timestep argument")
+
+
+def _adaln_reader(block: nn.Module, j: int):
+    def read(args, kwargs, output):
+        t6 = _block_t6(args, kwargs)
+        # exactly the block's own expression (one elementwise add), then chunk j: (B, D)
+        mods = block.scale_shift_table[None] + t6.reshape(t6.shape[0], 6, -1)
+        return mods[:, j]
+    return read
+
+
+def _adaln_writer(block: nn.Module, j: int):
+    def write(args, kwargs, output, new):
+        t6 = _block_t6(args, kwargs)
+        parts = t6.reshape(t6.shape[0], 6, -1).clone()  # t6 is shared by all blocks: never in place
+        table = block.scale_shift_table[j].to(parts.dtype)
+        parts[:, j] = new.to(parts.dtype) - table
+        t6_new = parts.reshape(t6.shape)
+        if "timestep" in kwargs or len(args) <= _TIMESTEP_POS:
+            return args, {**kwargs, "timestep": t6_new}
+        args = tuple(args)
+        return args[:_TIMESTEP_POS] + (t6_new,) + args[_TIMESTEP_POS + 1:], kwargs
+    return write
+
+
+def block_table(block: nn.Module) -> tuple[PointSpec, ...]:
+    """The hook points of one PixArt block, paths relative to the block."""
+    rows = [pre("resid_pre", "", RESID, "residual stream entering the block (h)")]
+    for j, chunk in enumerate(ADALN_CHUNKS):
+        what, branch = chunk.split("_")
+        rows.append(PointSpec(
+            f"adaln.{chunk}", "", "pre", VECTOR,
+            f"adaLN-single {what} for the {branch.upper()} branch: the block's scale_shift_table[{j}] "
+            f"plus chunk {j} of adaln_single's timestep projection",
+            _adaln_reader(block, j), _adaln_writer(block, j)))
+    rows += [
+        pre("attn.in", "attn1", RESID,
+            "norm1(h)*(1+scale_msa)+shift_msa: the input of self-attention"),
+        post("attn.out", "attn1", RESID,
+             "self-attention output after W_O, before the gate_msa multiplication"),
+    ]
+    if block.attn2 is not None:
+        rows += [
+            pre("resid_mid", "attn2", RESID,
+                "residual stream after self-attention, before cross-attention (h + gate_msa*attn.out)",
+                carry_to="attn2"),
+            pre("cross_attn.in", "attn2", RESID,
+                "what cross-attention's queries read: resid_mid itself (PixArt applies no norm "
+                "before cross-attention); a replacement changes only the queries' input"),
+            post("cross_attn.out", "attn2.to_out.0", RESID,
+                 "what cross-attention to the text adds to the residual stream (no gate): "
+                 "W_O softmax(Q K_text^T/sqrt(d)) V_text + b_O"),
+            pre("resid_cross", "norm2", RESID,
+                "residual stream after cross-attention, before the MLP (resid_mid + cross_attn.out)",
+                carry_to=""),
+        ]
+    else:  # no cross-attention: the MLP follows self-attention directly
+        rows.append(pre("resid_mid", "norm2", RESID,
+                        "residual stream after self-attention, before the MLP", carry_to=""))
+    rows += [
+        pre("mlp.in", "ff", RESID, "norm2(resid_cross)*(1+scale_mlp)+shift_mlp: the input of the MLP"),
+        post("mlp.out", "ff", RESID, "MLP output before the gate_mlp multiplication"),
+        post("resid_post", "", RESID, "residual stream leaving the block"),
+    ]
+    return tuple(rows)
+
+
+def model_table(model: nn.Module) -> tuple[PointSpec, ...]:
+    """Model-level hook points, paths relative to the model."""
+    rows = [post("embed.out", "pos_embed", RESID,
+                 "patch embedding plus positional embedding: the residual stream entering block 0"),
+            post("time_embed.out", "adaln_single.emb", VECTOR,
+                 "timestep embedding t_emb; adaln_single.linear(silu(t_emb)) is added to each "
+                 "block's scale_shift_table, t_emb itself to the final layer's")]
+    if getattr(model, "caption_projection", None) is not None:
+        rows.append(post("context_embed.out", "caption_projection", TEXT_RESID,
+                         "caption_projection(prompt_embeds): the text tokens cross-attention reads "
+                         "as keys and values in every block"))
+    return tuple(rows)
+
+
+PIXART_FINAL: tuple[PointSpec, ...] = (
+    PointSpec("final.out", "", "post", ("batch", "out_channel", "height", "width"),
+              "model output in latent layout: epsilon, then the learned-sigma channels",
+              model_output, replace_model_output),
+)
+
+
+@register
+class PixArtAdapter(ModelAdapter):
+    """PixArt-α (``PixArtTransformer2DModel``); see the module docstring for each hook point."""
+
+    model_classes = ("PixArtTransformer2DModel",)
+    family = "pixart"
+    block_lists = ("transformer_blocks",)
+    #: the attention extension replaces self-attention only; cross-attention keeps its processor
+    attention_paths = ("attn1",)
+    final_table = PIXART_FINAL
+    conditioning = "text"
+    default_sampler = "ddim"
+    prediction = "epsilon"
+
+    def __init__(self, model: nn.Module, text_tokens: int = DEFAULT_TEXT_TOKENS):
+        self.text_tokens = int(text_tokens)
+        super().__init__(model)
+
+    # -- hook points ------------------------------------------------------------------------------
+    @property
+    def model_table(self) -> tuple[PointSpec, ...]:
+        return model_table(self.model)
+
+    def block_table(self, layer: int) -> tuple[PointSpec, ...]:
+        # built per block: the adaLN readers hold the block's own scale_shift_table
+        return block_table(self.blocks()[layer])
+
+    @property
+    def jvp_support(self) -> frozenset[str]:
+        return frozenset({"full"})
+
+    # -- geometry ---------------------------------------------------------------------------------
+    @property
+    def geometry(self) -> Geometry:
+        c = self.model.config
+        return Geometry(
+            num_layers=c.num_layers,
+            width=c.num_attention_heads * c.attention_head_dim,
+            num_heads=c.num_attention_heads,
+            head_dim=c.attention_head_dim,
+            in_channels=c.in_channels,
+            out_channels=c.out_channels or c.in_channels,
+            sample_size=c.sample_size,
+            patch_size=c.patch_size,
+            num_classes=None,
+            text_tokens=self.text_tokens,
+            text_width=c.caption_channels or c.cross_attention_dim or 0,
+        )
+
+    # -- sampling -----------------------------------------------------------------------------------
+    def added_cond_kwargs(self, batch: int, device, dtype) -> dict[str, Any]:
+        """PixArt's micro-conditions: image resolution and aspect ratio, for 1024-px checkpoints."""
+        if not getattr(self.model, "use_additional_conditions", False):
+            return {"resolution": None, "aspect_ratio": None}
+        side = self.model.config.sample_size * 8  # latent side x the VAE's factor 8, as the pipeline
+        res = torch.tensor([[side, side]], dtype=dtype, device=device).expand(batch, 2)
+        ar = torch.ones((batch, 1), dtype=dtype, device=device)
+        return {"resolution": res, "aspect_ratio": ar}
