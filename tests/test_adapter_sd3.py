@@ -1,0 +1,262 @@
+"""SD3 (MMDiT) adapter: hook points, passivity, joint attention through the hook manager,
+coupling/windows, flow sampling with CFG, save/load - each against an independent computation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dithooks.adapters.sd3 import SD3Adapter
+from dithooks.conditioning import Conditioning
+from dithooks.errors import DithooksError
+from dithooks.hooks import HookManager
+from dithooks.sampling import Sampler, SamplerSpec
+
+from .conformance import family_sd3 as fam
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    return fam.make_tiny(tmp_path_factory.mktemp("sd3"))
+
+
+def model_inputs(M=2, seed=0, t=700.0):
+    cond = fam.conditioning(M, seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    return dict(hidden_states=torch.randn(M, 4, 8, 8, generator=g), encoder_hidden_states=cond.prompt_embeds,
+                pooled_projections=cond.pooled_prompt_embeds, timestep=torch.full((M,), t))
+
+
+def forward(model, x):
+    with torch.no_grad():
+        return model(**x).sample
+
+
+def read_all(hm, names, x):
+    got = {}
+    def keep(v, ctx):
+        got[ctx.name] = v.detach().clone()
+    with hm.hooks(read={n: keep for n in names}):
+        out = forward(hm.model, x)
+    return got, out
+
+
+def test_loaded_through_load_model(loaded):
+    a = loaded.adapter
+    assert isinstance(a, SD3Adapter) and a.family == "sd3" and a.prediction == "flow"
+    assert a.default_sampler == "flow" and a.conditioning == "text"
+    geo = a.geometry
+    assert (geo.num_layers, geo.width, geo.num_heads, geo.head_dim) == (2, 32, 2, 16)
+    assert (geo.grid_height, geo.grid_width, geo.num_tokens, geo.text_tokens) == (4, 4, 16, fam.TEXT_TOKENS)
+    assert geo.latent_shape == (4, 8, 8) and geo.num_classes is None
+    assert loaded.scheduler_config["shift"] == 3.0
+    assert list(a.attention_modules(1)) == ["transformer_blocks.1.attn"]
+
+
+def test_every_point_fires_with_documented_dims(loaded):
+    a = loaded.adapter
+    hm = HookManager(loaded.transformer, a)
+    names = [n for n in a.hook_points() if not n.endswith("_inter") and ".jvp." not in n]
+    got, _ = read_all(hm, names, model_inputs())
+    sizes = {**a.dim_sizes(), "batch": 2}
+    assert sorted(got) == sorted(names)
+    for n in names:
+        dims = a.point(n).dims
+        assert tuple(got[n].shape) == tuple(sizes[d] for d in dims), (n, dims, got[n].shape)
+    # the last block is context_pre_only: its text stream ends at the joint attention
+    assert "blocks.1.context.resid_post" not in a.hook_points()
+    assert "blocks.1.context.adaln.scale_msa" in a.hook_points() and "blocks.1.context.adaln.gate_msa" not in a.hook_points()
+    assert "blocks.0.context.resid_post" in a.hook_points()
+
+
+def test_reading_is_passive(loaded):
+    a, model = loaded.adapter, loaded.transformer
+    hm = HookManager(model, a)
+    x = model_inputs()
+    ref = forward(model, x)
+    module_points = [n for n, p in a.hook_points().items() if p.kind in ("pre", "post")]
+    qkv = [n for n in a.hook_points() if n.split(".")[-1] in ("q", "k", "v", "context_q", "context_k", "context_v")]
+    _, out = read_all(hm, module_points + qkv, x)
+    assert torch.equal(out, ref)  # module hooks and q/k/v (still SDPA): bit for bit
+    _, out = read_all(hm, [n for n in a.hook_points() if ".jvp." not in n and not n.endswith("_inter")], x)
+    assert torch.allclose(out, ref, atol=1e-5)  # patterns leave SDPA for the written-out softmax
+    assert torch.equal(forward(model, x), ref)  # and everything is restored afterwards
+    assert all(type(m.processor).__name__ == "JointAttnProcessor2_0" for m in model.modules() if hasattr(m, "processor"))
+
+
+def _ln(x):
+    return F.layer_norm(x, x.shape[-1:], eps=1e-6)
+
+
+def test_stream_values_match_the_block_formula(loaded):
+    """Each read value recomputed from other read values with the MMDiT block's equations."""
+    a, model = loaded.adapter, loaded.transformer
+    got, _ = read_all(HookManager(model, a), [n for n in a.hook_points() if ".jvp." not in n and "attn." not in n
+                                                 or n.endswith(("attn.in", "attn.out"))], model_inputs())
+    temb = got["cond_embed.out"]
+    for i in range(2):
+        b, blk = f"blocks.{i}.", model.transformer_blocks[i]
+        ad = F.linear(F.silu(temb), blk.norm1.linear.weight, blk.norm1.linear.bias).chunk(6, 1)
+        for j, c in enumerate(("shift_msa", "scale_msa", "gate_msa", "shift_mlp", "scale_mlp", "gate_mlp")):
+            assert torch.allclose(got[b + "adaln." + c], ad[j], atol=1e-6)
+        h = got[b + "resid_pre"]
+        g = lambda n: got[b + n][:, None]
+        assert torch.allclose(got[b + "attn.in"], _ln(h) * (1 + g("adaln.scale_msa")) + g("adaln.shift_msa"), atol=1e-5)
+        assert torch.allclose(got[b + "resid_mid"], h + g("adaln.gate_msa") * got[b + "attn.out"], atol=1e-6)
+        mid = got[b + "resid_mid"]
+        assert torch.allclose(got[b + "mlp.in"], _ln(mid) * (1 + g("adaln.scale_mlp")) + g("adaln.shift_mlp"), atol=1e-5)
+        assert torch.allclose(got[b + "resid_post"], mid + g("adaln.gate_mlp") * got[b + "mlp.out"], atol=1e-6)
+        c = got[b + "context.resid_pre"]
+        if i == 0:
+            assert torch.equal(c, got["context_embed.out"])
+            assert torch.equal(got["blocks.1.context.resid_pre"], got[b + "context.resid_post"])
+            cm = c + g("context.adaln.gate_msa") * got[b + "context.attn.out"]
+            assert torch.allclose(got[b + "context.resid_mid"], cm, atol=1e-6)
+            assert torch.allclose(got[b + "context.resid_post"],
+                                  cm + g("context.adaln.gate_mlp") * got[b + "context.mlp.out"], atol=1e-6)
+        else:  # AdaLayerNormContinuous: (scale, shift)
+            sc = F.linear(F.silu(temb), blk.norm1_context.linear.weight, blk.norm1_context.linear.bias).chunk(2, 1)
+            assert torch.allclose(got[b + "context.adaln.scale_msa"], sc[0], atol=1e-6)
+            assert torch.allclose(got[b + "context.attn.in"],
+                                  _ln(c) * (1 + g("context.adaln.scale_msa")) + g("context.adaln.shift_msa"), atol=1e-5)
+    assert torch.equal(got["blocks.0.resid_pre"], got["embed.out"])
+    assert torch.equal(got["blocks.1.resid_pre"], got["blocks.0.resid_post"])
+
+
+def test_patterns_equal_softmax_of_emitted_qk(loaded):
+    a, model = loaded.adapter, loaded.transformer
+    names = [f"blocks.1.attn.{n}" for n in ("q", "k", "context_q", "context_k", "pattern", "pattern_joint",
+                                            "pattern_image_text", "pattern_text_image", "n_eff")]
+    got, _ = read_all(HookManager(model, a), names, model_inputs())
+    b = "blocks.1.attn."
+    Q = torch.cat([got[b + "q"], got[b + "context_q"]], 2).double()
+    K = torch.cat([got[b + "k"], got[b + "context_k"]], 2).double()
+    P = torch.softmax(Q @ K.transpose(-1, -2) / 16 ** 0.5, -1)
+    assert torch.allclose(got[b + "pattern_joint"].double(), P, atol=1e-6)
+    assert torch.allclose(got[b + "pattern"].double(), P[:, :, :16, :16], atol=1e-6)
+    assert torch.allclose(got[b + "pattern_image_text"].double(), P[:, :, :16, 16:], atol=1e-6)
+    assert torch.allclose(got[b + "pattern_text_image"].double(), P[:, :, 16:, :16], atol=1e-6)
+    assert torch.allclose(got[b + "n_eff"].double(), 1 / (P[:, :, :16] ** 2).sum(-1), rtol=1e-5)
+
+
+def test_interventions(loaded):
+    a, model = loaded.adapter, loaded.transformer
+    hm = HookManager(model, a)
+    x = model_inputs()
+    got = {}
+    with hm.hooks(read={"blocks.0.resid_*": lambda v, ctx: got.__setitem__(ctx.name, v.clone())},
+                  replace={"blocks.0.attn.out": lambda v, ctx: torch.zeros_like(v)}):
+        forward(model, x)
+    assert torch.equal(got["blocks.0.resid_mid"], got["blocks.0.resid_pre"])
+    # replacing the text stream leaving block 0 changes the image output downstream
+    ref = forward(model, x)
+    with hm.hooks(replace={"blocks.0.context.resid_post": lambda v, ctx: torch.zeros_like(v)}):
+        out = forward(model, x)
+    assert not torch.allclose(out, ref)
+    with pytest.raises(DithooksError, match="read-only"):
+        hm.add_intervention("blocks.0.resid_mid", lambda v, ctx: v)
+    # a replaced image->image pattern block is used: zero pattern -> attention sees text only
+    with hm.hooks(replace={"blocks.1.attn.pattern": lambda v, ctx: torch.zeros_like(v)},
+                  read={"blocks.1.attn.pattern_joint": lambda v, ctx: got.__setitem__("pj", v.clone())}):
+        forward(model, x)
+    assert got["pj"][:, :, :16, :16].abs().sum() > 0  # the joint pattern is emitted before the block replacement
+
+
+def test_coupling_and_windows_through_the_manager(loaded):
+    a, model = loaded.adapter, loaded.transformer
+    hm = HookManager(model, a)
+    att = hm.extension("attention")
+    xa, xb = model_inputs(2, seed=0), model_inputs(2, seed=1)
+    both = {k: torch.cat([xa[k], xb[k]]) for k in xa}
+    ref = forward(model, both)
+    for g, r in ((0.0, None), (None, 3), (0.0, 7)):
+        att.set_coupling(g)
+        att.set_window(r)
+        assert type(model.transformer_blocks[0].attn.processor).__name__ == "HookedJointAttnProcessor"
+        assert torch.equal(forward(model, both), ref)  # g = 0 / r >= side - 1: exactly the plain model
+    att.set_coupling(None)
+    att.set_window(None)
+    # g = 0 is two independent runs
+    assert torch.allclose(ref[:2], forward(model, xa), atol=1e-6) and torch.allclose(ref[2:], forward(model, xb), atol=1e-6)
+    # g > 0 couples the halves symmetrically: swapping the replicas swaps the outputs
+    att.set_coupling(0.5)
+    coupled = forward(model, both)
+    swapped = forward(model, {k: torch.cat([v[2:], v[:2]]) for k, v in both.items()})
+    att.set_coupling(None)
+    assert not torch.allclose(coupled, ref, atol=1e-4)
+    assert torch.allclose(coupled, torch.cat([swapped[2:], swapped[:2]]), atol=1e-6)
+    # a small window changes the output; both put the model's own processors back
+    att.set_window(0)
+    assert not torch.allclose(forward(model, xa), ref[:2], atol=1e-4)
+    att.set_window(None)
+    assert type(model.transformer_blocks[0].attn.processor).__name__ == "JointAttnProcessor2_0"
+
+
+def test_flow_sampling_with_cfg_matches_a_hand_written_loop(loaded):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    cond = fam.conditioning(2, seed=3)
+    cond = Conditioning(prompt_embeds=cond.prompt_embeds, pooled_prompt_embeds=cond.pooled_prompt_embeds,
+                        negative_prompt_embeds=-cond.prompt_embeds[:1])
+    spec = SamplerSpec("flow", steps=3, guidance=4.0)
+    seeds = [5, 6]
+    x = Sampler(loaded, spec).run(cond, seeds)
+
+    # independent: sigmas of SD3's shifted schedule, x <- x + (sigma_next - sigma) v, by hand
+    model = loaded.transformer
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    sched.set_timesteps(3)
+    sig = sched.sigmas.double()
+    shift = lambda s: 3 * s / (1 + 2 * s)  # SD3's time shift, applied to diffusers' linear grid
+    s_lin = torch.linspace(1.0, shift(torch.tensor(1e-3, dtype=torch.float64)).item(), 3, dtype=torch.float64)
+    assert torch.allclose(sig[:3], shift(s_lin), atol=1e-6) and sig[3] == 0
+    assert torch.allclose(sched.timesteps.double(), 1000 * sig[:3], atol=1e-3)  # t = sigma * 1000
+    z = torch.stack([torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    neg = (-cond.prompt_embeds[:1]).expand(2, -1, -1)
+    with torch.no_grad():
+        for i in range(3):
+            t = torch.full((4,), float(sched.timesteps[i]))
+            v = model(torch.cat([z, z]), torch.cat([cond.prompt_embeds, neg]),
+                      torch.cat([cond.pooled_prompt_embeds, torch.zeros_like(cond.pooled_prompt_embeds)]), t).sample
+            v = v[2:] + 4.0 * (v[:2] - v[2:])
+            z = z + (sig[i + 1] - sig[i]).float() * v
+    assert torch.allclose(x, z, atol=1e-5)
+    assert x.shape == (2, 4, 8, 8) and torch.isfinite(x).all()
+
+
+def test_sampling_with_hooks_sees_steps_and_sigma_timesteps(loaded):
+    hm = HookManager(loaded.transformer, loaded.adapter)
+    seen = []
+    with hm.hooks(read={"blocks.0.attn.pattern": lambda v, ctx: seen.append((ctx.step, ctx.timestep, tuple(v.shape)))}):
+        Sampler(loaded, SamplerSpec("flow", steps=2, guidance=2.0), hm).run(fam.conditioning(1), [0])
+    assert [s for s, _, _ in seen] == [0, 1] and seen[0][1] == pytest.approx(1000.0) and seen[0][2] == (2, 2, 16, 16)
+    assert 0 < seen[1][1] < 1000
+
+
+def test_bad_conditioning_is_one_line(loaded):
+    s = Sampler(loaded, SamplerSpec("flow", steps=1))
+    with pytest.raises(DithooksError, match="text"):
+        s.run([1], [0])
+    with pytest.raises(DithooksError, match="joint_attention_dim"):
+        s.run(Conditioning(prompt_embeds=torch.zeros(1, 6, 7), pooled_prompt_embeds=torch.zeros(1, 16)), [0])
+    with pytest.raises(DithooksError, match="pooled"):
+        s.run(Conditioning(prompt_embeds=torch.zeros(1, 6, 32)), [0])
+    with pytest.raises(DithooksError, match="pooled_projection_dim"):
+        s.run(Conditioning(prompt_embeds=torch.zeros(1, 6, 32), pooled_prompt_embeds=torch.zeros(1, 3)), [0])
+    with pytest.raises(DithooksError):
+        Sampler(loaded, SamplerSpec("ddim", steps=2))
+
+
+def test_save_load_round_trip(tmp_path, loaded):
+    """A saved tiny SD3 loads back with the same weights and outputs, bit for bit."""
+    from dithooks.loading import load_model
+
+    original = fam.make_transformer(seed=0)
+    again = load_model(str(fam.save_tiny(tmp_path / "again")))
+    x = model_inputs()
+    assert torch.equal(forward(original, x), forward(again.transformer, x))
+    assert torch.equal(forward(loaded.transformer, x), forward(again.transformer, x))
+    assert again.adapter.geometry.text_tokens == 333  # the SD3 pipeline's default until told otherwise
