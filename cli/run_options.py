@@ -58,36 +58,8 @@ JvpDirection = Annotated[str, typer.Option("--jvp-direction", help="Direction of
 JvpGates = Annotated[bool, typer.Option("--jvp-gates/--no-jvp-gates", help="Apply rho(g), xi(g) to the routing/modulation parts.")]
 
 
-#: Most items a list option (--seeds, --class, --query-tokens, ...) may expand to.
-MAX_LIST_ITEMS = 100_000
-
-
-def parse_int_list(spec: str, what: str, *, lo: int | None = None, hi: int | None = None) -> list[int]:
-    """``0-7``, ``0,3,5``, ``4`` -> list of ints, each within ``[lo, hi]`` when given."""
-    out: list[int] = []
-    for part in spec.split(","):
-        part = part.strip()
-        try:
-            if "-" in part[1:]:
-                a, b = part[0] + part[1:].split("-", 1)[0], part[1:].split("-", 1)[1]
-                first, last = int(a), int(b)
-                if last < first:
-                    raise DithooksError(f"empty range {part!r} in {what} {spec!r}: write it low-high")
-                if last - first + 1 + len(out) > MAX_LIST_ITEMS:
-                    raise DithooksError(f"{what} {spec!r} selects more than {MAX_LIST_ITEMS} items")
-                out.extend(range(first, last + 1))
-            elif part:
-                out.append(int(part))
-        except ValueError:
-            raise DithooksError(f"malformed {what} {spec!r}: use e.g. 3, 0-7 or 0,2,5") from None
-    if not out:
-        raise DithooksError(f"empty {what} {spec!r}")
-    bad = [v for v in out if (lo is not None and v < lo) or (hi is not None and v > hi)]
-    if bad:
-        allowed = f"use {lo}-{hi}" if lo is not None and hi is not None else f"must be at least {lo}" \
-            if lo is not None else f"must be at most {hi}"
-        raise DithooksError(f"{what} {spec!r}: {bad[0]} is out of range ({allowed})")
-    return out
+# list options ("0-7", "0,4,9") share one parser with the whole package
+from dithooks.lists import MAX_LIST_ITEMS, parse_int_list  # noqa: E402,F401
 
 
 def check_finite(value: float | None, option: str, lo: float | None = None, hi: float | None = None) -> None:

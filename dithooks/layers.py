@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import re
-
 from .errors import LayerSelectionError
+from .lists import Span, expand_spans, parse_spans
 
-_RANGE = re.compile(r"^(\d+)?\s*-\s*(\d+)?$")
+_EXAMPLE = "'all', '0-27', '0,5,27' or '20-'"
 
 
 def parse_layers(spec: str | int | list[int] | tuple[int, ...] | None, num_layers: int) -> list[int]:
     """Return the sorted, de-duplicated block indices that ``spec`` selects.
 
-    Accepted forms: ``all`` (or ``None``; an empty string is refused), one index ``5``, an inclusive range ``0-27``,
-    open ranges ``20-`` and ``-3``, negative indices ``-1`` (the last block), and any
-    comma-separated mix of these. Anything else, or an index outside ``0..num_layers-1``,
+    Accepted forms (the list syntax of :mod:`dithooks.lists`): ``all`` (or ``None``; an empty
+    string is refused), one index ``5``, an inclusive range ``0-27``, the open range ``20-``
+    (to the last block), negative indices ``-1`` (the last block; ``-3--1``: the last three), and
+    any comma-separated mix of these. Anything else, or an index outside ``0..num_layers-1``,
     raises :class:`LayerSelectionError` naming the model's valid range.
     """
     valid = f"this model has blocks 0-{num_layers - 1}" if num_layers > 0 else "this model has no blocks"
@@ -27,29 +27,18 @@ def parse_layers(spec: str | int | list[int] | tuple[int, ...] | None, num_layer
     text = str(spec).strip().lower()
     if text in ("all", "*", ":"):
         return list(range(num_layers))
-    if not text:
-        raise LayerSelectionError(f"empty layer selection {spec!r}: use 'all', '0-27', '0,5,27' or '20-'; {valid}")
-    chosen: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            raise LayerSelectionError(f"malformed layer selection {spec!r}: empty item; {valid}")
-        if re.fullmatch(r"-?\d+", part):
-            i = int(part)
-            chosen.append(i + num_layers if i < 0 else i)
-            continue
-        m = _RANGE.match(part)
-        if not m or (m.group(1) is None and m.group(2) is None):
-            raise LayerSelectionError(
-                f"malformed layer selection {spec!r}: use e.g. 'all', '0-27', '0,5,27', '20-'; {valid}"
-            )
-        lo = int(m.group(1)) if m.group(1) is not None else 0
-        hi = int(m.group(2)) if m.group(2) is not None else num_layers - 1
-        if lo > hi:
-            raise LayerSelectionError(f"empty layer range {part!r} in {spec!r}; {valid}")
-        if hi >= num_layers:
-            raise LayerSelectionError(f"layer {hi} in {spec!r} is out of range: {valid}")
-        chosen.extend(range(lo, hi + 1))
+
+    def error(message: str) -> LayerSelectionError:
+        return LayerSelectionError(f"{message}; {valid}")
+
+    spans = parse_spans(text, "layer selection", open_ended=True, example=_EXAMPLE, error=error)
+    # an index past either end is refused before anything expands; negative ones count from the end
+    for s in spans:
+        for i in (s.first, s.last):
+            if i is not None and not -num_layers <= i < num_layers:
+                raise LayerSelectionError(f"layer {i} in {spec!r} is out of range: {valid}")
+    spans = [Span(s.first % num_layers, None if s.last is None else s.last % num_layers) for s in spans]
+    chosen = expand_spans(spans, "layer selection", str(spec), upper=num_layers - 1, error=error)
     return _check(chosen, num_layers, valid, str(spec))
 
 

@@ -28,8 +28,19 @@ HEADMEAN = "attn.pattern_headmean"
 
 
 def parse_indices(text: str) -> tuple[int, ...]:
-    """``"0,5,17"`` → ``(0, 5, 17)``; ``""`` → ``()`` (the CLI text of the ``queries`` option)."""
-    return tuple(int(x) for x in text.strip().strip("[]()").split(",") if x.strip())
+    """``"0,5,17"`` or ``"0-3,9"`` → indices; ``""`` → ``()`` (the CLI text of the ``queries`` option).
+
+    The list syntax is :func:`dithooks.lists.parse_int_list`'s; a ValueError names the problem."""
+    from dithooks.errors import DithooksError
+    from dithooks.lists import parse_int_list
+
+    text = text.strip().strip("[]()")
+    if not text.strip():
+        return ()
+    try:
+        return tuple(parse_int_list(text, "query indices"))
+    except DithooksError as e:
+        raise ValueError(str(e)) from None
 
 
 @register_probe("attention_width")

@@ -90,19 +90,13 @@ def parse_radii(spec: str | Sequence[int] | None, layout: TokenLayout) -> list[i
 
 
 def parse_ints(spec: str, what: str) -> list[int]:
-    """``"3"``, ``"0-7"``, ``"0,2,5"`` -> ints (non-negative); a one-line error otherwise."""
-    out: list[int] = []
-    for part in str(spec).split(","):
-        part = part.strip()
-        try:
-            if "-" in part[1:]:
-                lo, hi = part.split("-", 1)
-                out.extend(range(int(lo), int(hi) + 1))
-            elif part:
-                out.append(int(part))
-        except ValueError:
-            raise DithooksError(f"malformed {what} {spec!r}: use e.g. 3, 0-7 or 0,2,5") from None
-    if not out or min(out) < 0:
+    """``"3"``, ``"0-7"``, ``"0,2,5"`` -> ints (non-negative); a one-line error otherwise.
+
+    The syntax is :func:`dithooks.lists.parse_int_list`'s; this only adds the sign check."""
+    from ..lists import parse_int_list
+
+    out = parse_int_list(spec, what)
+    if min(out) < 0:
         raise DithooksError(f"{what} {spec!r}: give non-negative integers, e.g. 3, 0-7 or 0,2,5")
     return out
 

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from ..errors import DithooksError, StoreError
+from ..lists import parse_float_list, parse_int_list
 from .fits import MIN_RANGE, fit_curves
 from ..store.metadata import now
 from .pairs import PairedRequest
@@ -58,10 +59,7 @@ class Protocol1Interrupted(DithooksError):
 def parse_g_grid(text: str | Sequence[float]) -> tuple[float, ...]:
     """``"0,0.1,0.3"`` -> (0.0, 0.1, 0.3): distinct couplings in [0, 1], sorted."""
     if isinstance(text, str):
-        try:
-            vals = [float(v) for v in text.split(",") if v.strip()]
-        except ValueError:
-            raise DithooksError(f"malformed coupling grid {text!r}: use e.g. 0,0.1,0.3") from None
+        vals = parse_float_list(text, "coupling grid", example="0,0.1,0.3")
     else:
         vals = [float(v) for v in text]
     if not vals:
@@ -87,7 +85,7 @@ def parse_s_star(text: str | Sequence[int], steps: int) -> tuple[int, ...]:
                 step = parts[2] if len(parts) == 3 else 1
                 vals = list(range(a, b + 1, step))
             elif "," in t:
-                vals = [int(v) for v in t.split(",") if v.strip()]
+                vals = parse_int_list(t, "s* grid", example="a list 0,5,10, a range 0:100:10 or a count 11")
             else:
                 n = int(t)
                 if n < 2:

@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from ..errors import DithooksError, StoreError
+from ..lists import parse_float_list
 from ..probes.api import Option, Output, ProbeError, parse_band
 from ..probes.builtin import DifferenceModes, _value_dims
 from ..probes.modes import DifferenceModeBasis, band_energies, band_indices
@@ -214,10 +215,7 @@ def random_baseline(N: int, d: int, n_low: int, band_size: int, draws: int = RAN
 # -- the request -----------------------------------------------------------------------------------
 def parse_g_list(text: str | Sequence[float]) -> tuple[float, ...]:
     if isinstance(text, str):
-        try:
-            vals = [float(x) for x in text.replace(" ", "").split(",") if x]
-        except ValueError:
-            raise DithooksError(f"malformed g list {text!r}: use e.g. 0,0.3,1") from None
+        vals = parse_float_list(text, "g list", example="0,0.3,1")
     else:
         vals = [float(x) for x in text]
     if not vals:
