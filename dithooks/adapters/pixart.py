@@ -22,12 +22,14 @@ value; reading never changes the arithmetic, tested bit for bit):
 
 * ``resid_pre``: first argument of the block; ``resid_post``: its output.
 * ``attn.in`` / ``attn.out``: argument / output of ``attn1``. ``mlp.in`` / ``mlp.out``: of ``ff``.
-* ``resid_mid`` (= h_mid) and ``cross_attn.in``: the first argument of ``attn2`` - PixArt feeds
-  the residual stream to cross-attention without a norm, so these are one tensor with two
-  meanings. Trick for writing ``resid_mid``: the block re-uses its own h_mid in ``h_mid +
-  attn2(...)``, so the replacement's difference is carried into ``attn2``'s output (as DiT's
-  ``resid_mid`` is carried into the block's). Writing ``cross_attn.in`` changes only what the
-  cross-attention queries read.
+* ``resid_mid`` (= h_mid): the first argument of ``attn2`` - PixArt feeds the residual stream
+  to cross-attention without a norm. Trick for writing it: the block re-uses its own h_mid in
+  ``h_mid + attn2(...)``, so the replacement's difference is carried into ``attn2``'s output (as
+  DiT's ``resid_mid`` is carried into the block's).
+* ``cross_attn.in``: the input of ``attn2.to_q``, which the processor calls on ``attn2``'s
+  first argument as it is - the same tensor as ``resid_mid``, read one call later, so writing it
+  changes only what the cross-attention queries read (and a ``resid_mid`` replacement shows in
+  it); keys and values come from the text (``context_embed.out``).
 * ``cross_attn.out``: the output of ``attn2.to_out.0`` (the output projection), which *is*
   ``attn2``'s output bit for bit (``to_out.1`` is dropout, identity in eval;
   ``rescale_output_factor`` is 1; no residual connection). Read there, not on ``attn2`` itself,
@@ -130,7 +132,7 @@ def block_table(block: nn.Module) -> tuple[PointSpec, ...]:
             pre("resid_mid", "attn2", RESID,
                 "residual stream after self-attention, before cross-attention (h + gate_msa*attn.out)",
                 carry_to="attn2"),
-            pre("cross_attn.in", "attn2", RESID,
+            pre("cross_attn.in", "attn2.to_q", RESID,
                 "what cross-attention's queries read: resid_mid itself (PixArt applies no norm "
                 "before cross-attention); a replacement changes only the queries' input"),
             post("cross_attn.out", "attn2.to_out.0", RESID,

@@ -1,0 +1,331 @@
+"""PixArt-α adapter: hook points, passivity, adaLN-single chunks, cross-attention, patterns,
+coupling and windows on self-attention, save/load round trip (a tiny random-init model)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dithooks.adapters import adapter_for
+from dithooks.adapters.pixart import ADALN_CHUNKS, PixArtAdapter
+from dithooks.hooks import HookManager
+
+from .conformance.family_pixart import CONFIG, TEXT_TOKENS, make_tiny, make_transformer, prompt_embeds
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+B = 3
+D, HEADS, HEAD_DIM = 32, 2, 16
+N = 16  # 8x8 latents in 2x2 patches
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp("pixart"))
+
+
+@pytest.fixture(scope="module")
+def model(loaded):
+    return loaded.transformer
+
+
+def inputs(batch=B, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, 8, 8, generator=g)
+    t = torch.tensor([10, 500, 999, 250, 750, 0][:batch])
+    emb, mask = prompt_embeds(batch, seed)
+    return x, t, emb, mask
+
+
+def run(model, x, t, emb, mask):
+    with torch.no_grad():
+        return model(x, encoder_hidden_states=emb, timestep=t, encoder_attention_mask=mask).sample
+
+
+def record(hm, names, replace=None, inp=None):
+    seen = {}
+    keep = lambda v, ctx: seen.__setitem__(ctx.name, v.clone())  # noqa: E731
+    with hm.hooks(read={n: keep for n in names}, replace=replace or {}):
+        out = run(hm.model, *(inp or inputs()))
+    return seen, out
+
+
+def module_names(adapter):
+    return [n for n, p in adapter.hook_points().items() if p.kind in ("pre", "post")]
+
+
+# -- structure ------------------------------------------------------------------------------------
+def test_load_round_trip_picks_the_pixart_adapter(loaded, tmp_path):
+    assert isinstance(loaded.adapter, PixArtAdapter) and loaded.adapter.family == "pixart"
+    assert loaded.source == "local directory"
+    fresh = make_transformer()  # the same seed: the weights that were saved
+    saved = dict(fresh.named_parameters())
+    for name, p in loaded.transformer.named_parameters():
+        assert torch.equal(p, saved[name]), name
+    assert torch.equal(run(loaded.transformer, *inputs()), run(fresh, *inputs()))
+    assert loaded.scheduler_config["beta_schedule"] == "linear"
+    geo = loaded.adapter.geometry
+    assert (geo.num_layers, geo.width, geo.num_heads, geo.head_dim) == (2, D, HEADS, HEAD_DIM)
+    assert (geo.grid_height, geo.grid_width, geo.num_tokens) == (4, 4, N)
+    assert geo.learned_sigma and geo.latent_channels == 4 and geo.num_classes is None
+    assert geo.text_tokens == TEXT_TOKENS and geo.text_width == CONFIG["caption_channels"]
+    assert loaded.adapter.conditioning == "text" and loaded.adapter.prediction == "epsilon"
+
+
+def test_only_self_attention_is_a_processor_slot(loaded):
+    ad = loaded.adapter
+    assert list(ad.attention_modules(1)) == ["transformer_blocks.1.attn1"]
+    pts = ad.hook_points()
+    assert pts["blocks.1.attn.pattern"].module_path == "transformer_blocks.1.attn1"
+    assert pts["blocks.1.cross_attn.out"].module_path == "transformer_blocks.1.attn2.to_out.0"
+    # the DiT-only JVP parts are not offered: the block has a third (cross-attention) branch
+    assert not any(n.startswith("blocks.0.jvp.") and n.rsplit(".", 1)[-1] in ("routing", "modulation", "mlp")
+                   for n in pts)
+
+
+def test_every_hook_point_fires_with_its_dims(loaded):
+    hm = HookManager(loaded.transformer, loaded.adapter)
+    hm.attention.configure(top_k=3, query_tokens=[0, 5])
+    hm.attention.set_coupling(0.0)  # a replica-major batch, so that the inter-replica blocks exist too
+    names = [n for n, p in loaded.adapter.hook_points().items() if p.kind in ("pre", "post", "processor")]
+    try:
+        seen, _ = record(hm, names, inp=pair_inputs())
+    finally:
+        hm.attention.set_coupling(None)
+    assert set(seen) == set(names)
+    sizes = {**loaded.adapter.dim_sizes(top_k=3), "batch": 4}
+    for name in names:
+        dims = loaded.adapter.point(name).dims
+        if name.endswith("pattern_query"):  # its query axis runs over the 2 query_tokens
+            dims = tuple("rows" if d == "query" else d for d in dims)
+            sizes["rows"] = 2
+        assert tuple(seen[name].shape) == tuple(sizes[d] for d in dims), name
+    # the self-attention pattern is image -> image (16 keys), not image -> text (8)
+    assert seen["blocks.0.attn.pattern"].shape == (4, HEADS, N, N)
+    assert seen["context_embed.out"].shape == (4, TEXT_TOKENS, D)
+
+
+def test_reading_every_module_point_is_bit_for_bit_passive(loaded):
+    model = loaded.transformer
+    ref = run(model, *inputs())
+    hm = HookManager(model, loaded.adapter)
+    names = module_names(loaded.adapter) + [n for n in loaded.adapter.hook_points()
+                                            if n.endswith(("attn.q", "attn.k", "attn.v"))]
+    seen, out = record(hm, names)
+    assert torch.equal(out, ref)
+    assert len(seen) == len(names)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    for blk in model.transformer_blocks:
+        assert type(blk.attn1.processor).__name__ == "AttnProcessor2_0"
+        assert type(blk.attn2.processor).__name__ == "AttnProcessor2_0"
+
+
+# -- what each point is, recomputed ----------------------------------------------------------------
+def test_block_identities_hold_bit_for_bit(loaded):
+    """Each point is the block's own tensor: the block's arithmetic redone on them is exact."""
+    model = loaded.transformer
+    seen, out = record(HookManager(model, loaded.adapter), module_names(loaded.adapter))
+    assert torch.equal(seen["final.out"], out)
+    assert torch.equal(seen["embed.out"], seen["blocks.0.resid_pre"])
+    for i, blk in enumerate(model.transformer_blocks):
+        v = {k.split(".", 2)[2]: val for k, val in seen.items() if k.startswith(f"blocks.{i}.")}
+        a = {c: v[f"adaln.{c}"][:, None] for c in ADALN_CHUNKS}
+        assert torch.equal(v["attn.in"], blk.norm1(v["resid_pre"]) * (1 + a["scale_msa"]) + a["shift_msa"])
+        assert torch.equal(v["resid_mid"], a["gate_msa"] * v["attn.out"] + v["resid_pre"])
+        assert torch.equal(v["cross_attn.in"], v["resid_mid"])
+        assert torch.equal(v["resid_cross"], v["cross_attn.out"] + v["resid_mid"])
+        assert torch.equal(v["mlp.in"], blk.norm2(v["resid_cross"]) * (1 + a["scale_mlp"]) + a["shift_mlp"])
+        assert torch.equal(v["resid_post"], a["gate_mlp"] * v["mlp.out"] + v["resid_cross"])
+        if i + 1 < len(model.transformer_blocks):
+            assert torch.equal(v["resid_post"], seen[f"blocks.{i + 1}.resid_pre"])
+
+
+def test_adaln_chunks_equal_a_direct_recomputation(loaded):
+    model = loaded.transformer
+    x, t, emb, mask = inputs()
+    seen, _ = record(HookManager(model, loaded.adapter), ["time_embed.out", "blocks.*.adaln.*"])
+    with torch.no_grad():
+        t6, t_emb = model.adaln_single(t, {"resolution": None, "aspect_ratio": None}, batch_size=B,
+                                       hidden_dtype=torch.float32)
+        assert torch.equal(seen["time_embed.out"], t_emb)
+        torch.testing.assert_close(t6, model.adaln_single.linear(F.silu(t_emb)), rtol=0, atol=0)
+    for i, blk in enumerate(model.transformer_blocks):
+        for j, c in enumerate(ADALN_CHUNKS):
+            expected = blk.scale_shift_table[j][None] + t6[:, j * D:(j + 1) * D]
+            assert torch.equal(seen[f"blocks.{i}.adaln.{c}"], expected), (i, c)
+
+
+def test_cross_attention_output_is_masked_attention_to_the_text(loaded):
+    """cross_attn.out = W_O softmax(Q K^T/sqrt(d) + mask) V with K, V from the projected caption."""
+    model = loaded.transformer
+    x, t, emb, mask = inputs()
+    assert (mask == 0).any()
+    seen, _ = record(HookManager(model, loaded.adapter),
+                     ["context_embed.out", "blocks.1.cross_attn.in", "blocks.1.cross_attn.out"])
+    attn2 = model.transformer_blocks[1].attn2
+    with torch.no_grad():
+        c = model.caption_projection(emb)
+        assert torch.equal(seen["context_embed.out"], c)
+
+        def heads(z):
+            return z.view(B, -1, HEADS, HEAD_DIM).transpose(1, 2)
+
+        q, k, v = heads(attn2.to_q(seen["blocks.1.cross_attn.in"])), heads(attn2.to_k(c)), heads(attn2.to_v(c))
+        logits = q @ k.transpose(-1, -2) / HEAD_DIM ** 0.5 + ((1 - mask) * -10000.0)[:, None, None, :]
+        o = (logits.softmax(-1) @ v).transpose(1, 2).reshape(B, N, D)
+        expected = attn2.to_out[0](o)
+    torch.testing.assert_close(seen["blocks.1.cross_attn.out"], expected, atol=1e-5, rtol=1e-5)
+    # and the padding matters: without the mask the result differs
+    o_nomask = ((q @ k.transpose(-1, -2) / HEAD_DIM ** 0.5).softmax(-1) @ v).transpose(1, 2).reshape(B, N, D)
+    assert (attn2.to_out[0](o_nomask) - expected).abs().max() > 1e-4
+
+
+def test_cross_attn_out_is_attn2s_output_bit_for_bit(loaded):
+    model = loaded.transformer
+    raw = []
+    h = model.transformer_blocks[0].attn2.register_forward_hook(lambda m, a, o: raw.append(o.clone()))
+    try:
+        seen, _ = record(HookManager(model, loaded.adapter), ["blocks.0.cross_attn.out"])
+    finally:
+        h.remove()
+    assert torch.equal(seen["blocks.0.cross_attn.out"], raw[0])
+
+
+# -- interventions ------------------------------------------------------------------------------------
+def test_zero_gate_removes_the_self_attention_branch(loaded):
+    hm = HookManager(loaded.transformer, loaded.adapter)
+    ref = run(loaded.transformer, *inputs())
+    seen, out = record(hm, ["blocks.1.resid_pre", "blocks.1.resid_mid"],
+                       replace={"blocks.1.adaln.gate_msa": lambda v, c: torch.zeros_like(v)})
+    assert torch.equal(seen["blocks.1.resid_mid"], seen["blocks.1.resid_pre"])  # table + (0 - table) = 0
+    assert (out - ref).abs().max() > 1e-4
+    assert torch.equal(run(loaded.transformer, *inputs()), ref)  # nothing left behind
+
+
+def test_adaln_replacement_is_what_the_block_uses(loaded):
+    hm = HookManager(loaded.transformer, loaded.adapter)
+    blk = loaded.transformer.transformer_blocks[0]
+    new = torch.linspace(-1, 1, D).expand(B, D)
+    seen, _ = record(hm, ["blocks.0.resid_pre", "blocks.0.attn.in", "blocks.0.adaln.shift_msa",
+                          "blocks.1.adaln.scale_msa"],
+                     replace={"blocks.0.adaln.scale_msa": lambda v, c: new})
+    expected = blk.norm1(seen["blocks.0.resid_pre"]) * (1 + new[:, None]) + seen["blocks.0.adaln.shift_msa"][:, None]
+    torch.testing.assert_close(seen["blocks.0.attn.in"], expected, atol=1e-6, rtol=0)
+    ref, _ = record(hm, ["blocks.1.adaln.scale_msa"])  # the shared t6 was not changed in place
+    assert torch.equal(seen["blocks.1.adaln.scale_msa"], ref["blocks.1.adaln.scale_msa"])
+
+
+def test_resid_mid_replacement_reaches_the_residual_and_cross_attention(loaded):
+    model = loaded.transformer
+    hm = HookManager(model, loaded.adapter)
+    new = torch.randn(B, N, D, generator=torch.Generator().manual_seed(7))
+    seen, _ = record(hm, ["blocks.0.cross_attn.in", "blocks.0.cross_attn.out", "blocks.0.resid_cross"],
+                     replace={"blocks.0.resid_mid": lambda v, c: new})
+    x, t, emb, mask = inputs()
+    attn2 = model.transformer_blocks[0].attn2
+    with torch.no_grad():
+        direct = attn2(new, encoder_hidden_states=model.caption_projection(emb),
+                       attention_mask=((1 - mask) * -10000.0)[:, None])
+    assert torch.equal(seen["blocks.0.cross_attn.in"], new)
+    torch.testing.assert_close(seen["blocks.0.cross_attn.out"], direct, atol=1e-6, rtol=0)  # no carry in it
+    torch.testing.assert_close(seen["blocks.0.resid_cross"], new + direct, atol=1e-5, rtol=0)
+
+
+def test_cross_attn_in_replacement_changes_only_the_queries(loaded):
+    hm = HookManager(loaded.transformer, loaded.adapter)
+    base, _ = record(hm, ["blocks.0.resid_mid"])
+    seen, _ = record(hm, ["blocks.0.resid_mid", "blocks.0.cross_attn.out", "blocks.0.resid_cross"],
+                     replace={"blocks.0.cross_attn.in": lambda v, c: torch.zeros_like(v)})
+    assert torch.equal(seen["blocks.0.resid_mid"], base["blocks.0.resid_mid"])
+    assert torch.equal(seen["blocks.0.resid_cross"], seen["blocks.0.cross_attn.out"] + base["blocks.0.resid_mid"])
+    # zero queries: uniform attention over the unmasked text tokens, the same for every image token
+    out = seen["blocks.0.cross_attn.out"]
+    torch.testing.assert_close(out, out[:, :1].expand_as(out), atol=1e-6, rtol=0)
+
+
+# -- self-attention processor: patterns, coupling, windows ----------------------------------------
+def test_pattern_is_the_softmax_of_the_emitted_q_k(loaded):
+    model = loaded.transformer
+    ref = run(model, *inputs())
+    hm = HookManager(model, loaded.adapter)
+    names = [f"blocks.{i}.attn.{k}" for i in range(2) for k in ("q", "k", "pattern", "logits", "n_eff")]
+    seen, out = record(hm, names)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for i in range(2):
+        q, k, A = (seen[f"blocks.{i}.attn.{n}"] for n in ("q", "k", "pattern"))
+        expected = torch.softmax(q @ k.transpose(-1, -2) / HEAD_DIM ** 0.5, dim=-1)
+        torch.testing.assert_close(A, expected, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(seen[f"blocks.{i}.attn.logits"], q @ k.transpose(-1, -2) / HEAD_DIM ** 0.5,
+                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(seen[f"blocks.{i}.attn.n_eff"], 1 / (A ** 2).sum(-1), atol=1e-4, rtol=1e-5)
+    assert all(type(b.attn1.processor).__name__ == "AttnProcessor2_0" for b in model.transformer_blocks)
+
+
+def pair_inputs(seed=3):
+    """A replica-major batch [a0, a1; b0, b1] sharing timesteps and prompts per pair."""
+    x, t, emb, mask = inputs(2, seed)
+    xb = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 1))
+    return torch.cat([x, xb]), torch.cat([t, t]), torch.cat([emb, emb]), torch.cat([mask, mask])
+
+
+def test_coupling_at_g0_is_two_independent_runs(loaded):
+    model = loaded.transformer
+    x, t, emb, mask = pair_inputs()
+    plain = run(model, x, t, emb, mask)
+    hm = HookManager(model, loaded.adapter)
+    hm.attention.set_coupling(0.0)
+    try:
+        assert all(type(b.attn1.processor).__name__ == "HookedAttnProcessor" for b in model.transformer_blocks)
+        assert all(type(b.attn2.processor).__name__ == "AttnProcessor2_0" for b in model.transformer_blocks)
+        out = run(model, x, t, emb, mask)
+        hm.attention.set_coupling(0.6)
+        coupled = run(model, x, t, emb, mask)
+    finally:
+        hm.attention.set_coupling(None)
+    assert torch.equal(out, plain)
+    for half in (slice(0, 2), slice(2, 4)):  # each replica alone: equal to batch-size GEMM blocking
+        torch.testing.assert_close(out[half], run(model, x[half], t[half], emb[half], mask[half]),
+                                   atol=2e-6, rtol=0)
+    assert (coupled - plain).abs().max() > 1e-4
+    assert all(type(b.attn1.processor).__name__ == "AttnProcessor2_0" for b in model.transformer_blocks)
+
+
+def test_identical_replicas_are_a_fixed_point_of_coupling(loaded):
+    model = loaded.transformer
+    x, t, emb, mask = pair_inputs()
+    x = torch.cat([x[:2], x[:2]])
+    plain = run(model, x, t, emb, mask)
+    hm = HookManager(model, loaded.adapter)
+    hm.attention.set_coupling(0.8)
+    try:
+        out = run(model, x, t, emb, mask)
+    finally:
+        hm.attention.set_coupling(None)
+    torch.testing.assert_close(out, plain, atol=1e-5, rtol=0)
+
+
+def test_window_covering_the_grid_is_global_and_smaller_windows_are_local(loaded):
+    model = loaded.transformer
+    ref = run(model, *inputs())
+    hm = HookManager(model, loaded.adapter)
+    try:
+        for r in (3, 7):  # side - 1 = 3
+            hm.attention.set_window(r)
+            assert torch.equal(run(model, *inputs()), ref)
+        hm.attention.set_window(1)
+        seen, local = record(hm, ["blocks.0.attn.pattern"])
+    finally:
+        hm.attention.set_window(None)
+    assert (local - ref).abs().max() > 1e-5
+    A = seen["blocks.0.attn.pattern"]
+    rows, cols = torch.arange(N) // 4, torch.arange(N) % 4
+    far = torch.maximum((rows[:, None] - rows[None]).abs(), (cols[:, None] - cols[None]).abs()) > 1
+    assert torch.all(A[..., far] == 0) and torch.all(A[..., ~far] > 0)
+    torch.testing.assert_close(A.sum(-1), torch.ones(B, HEADS, N))
+
+
+def test_adapter_for_a_model_built_in_memory():
+    ad = adapter_for(make_transformer())
+    assert isinstance(ad, PixArtAdapter)
+    assert ad.geometry.text_tokens == 120  # PixArt-α's T5 length until told otherwise
