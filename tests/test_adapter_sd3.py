@@ -260,3 +260,41 @@ def test_save_load_round_trip(tmp_path, loaded):
     assert torch.equal(forward(original, x), forward(again.transformer, x))
     assert torch.equal(forward(loaded.transformer, x), forward(again.transformer, x))
     assert again.adapter.geometry.text_tokens == 333  # the SD3 pipeline's default until told otherwise
+
+
+def test_sd35_dual_attention_and_qk_norm():
+    """SD3.5 blocks: SD35AdaLayerNormZeroX (9 chunks), the image-only attn2, RMS q/k norms."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(1)
+    model = SD3Transformer2DModel(**{**fam.CONFIG, "dual_attention_layers": (0,), "qk_norm": "rms_norm"}).eval()
+    a = SD3Adapter(model, text_tokens=fam.TEXT_TOKENS)
+    hm = HookManager(model, a)
+    x = model_inputs()
+    ref = forward(model, x)
+    names = [n for n in a.hook_points() if ".jvp." not in n and not n.endswith("_inter")]
+    assert "blocks.0.attn2.out" in names and "blocks.0.adaln.gate_msa2" in names and "blocks.1.attn2.in" not in names
+    got, out = read_all(hm, names, x)
+    assert sorted(got) == sorted(names) and torch.allclose(out, ref, atol=1e-5)
+    sizes = {**a.dim_sizes(), "batch": 2}
+    for n in names:
+        assert tuple(got[n].shape) == tuple(sizes[d] for d in a.point(n).dims), n
+    blk = model.transformer_blocks[0]
+    ad = F.linear(F.silu(got["cond_embed.out"]), blk.norm1.linear.weight, blk.norm1.linear.bias).chunk(9, 1)
+    assert torch.allclose(got["blocks.0.adaln.gate_msa2"], ad[8], atol=1e-6)
+    g = lambda n: got["blocks.0." + n][:, None]
+    mid = got["blocks.0.resid_pre"] + g("adaln.gate_msa") * got["blocks.0.attn.out"] + g("adaln.gate_msa2") * got["blocks.0.attn2.out"]
+    assert torch.allclose(got["blocks.0.resid_mid"], mid, atol=1e-6)
+    # q/k are emitted after the RMS norms: the pattern is their softmax
+    b = "blocks.0.attn."
+    Q = torch.cat([got[b + "q"], got[b + "context_q"]], 2)
+    K = torch.cat([got[b + "k"], got[b + "context_k"]], 2)
+    q_raw = blk.attn.to_q(got["blocks.0.attn.in"]).view(2, -1, 2, 16).transpose(1, 2)
+    assert torch.allclose(got[b + "q"], blk.attn.norm_q(q_raw), atol=1e-6) and not torch.allclose(got[b + "q"], q_raw)
+    assert torch.allclose(torch.softmax(Q @ K.transpose(-1, -2) / 4.0, -1), got[b + "pattern_joint"], atol=1e-6)
+    att = hm.extension("attention")
+    att.set_coupling(0.0)
+    att.set_window(3)
+    assert torch.equal(forward(model, x), ref)
+    att.set_coupling(None)
+    att.set_window(None)
