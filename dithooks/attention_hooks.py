@@ -12,10 +12,12 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from .attention.install import attention_modules
-from .attention.processor import ALL_NAMES, NAME_DIMS, NAME_DOCS, WRITABLE_NAMES, HookedAttnProcessor
+import numbers
+
+from .attention.install import install_processors, restore_processors
+from .attention.processor import ALL_NAMES, NAME_DIMS, NAME_DOCS, WRITABLE_NAMES
 from .errors import DithooksError
-from .hookpoints import HookPoint
+from .hookpoints import HookPoint, block_name, split_name
 
 
 def _no_write(*_):  # processor points are written by the processor itself (see emit)
@@ -23,10 +25,11 @@ def _no_write(*_):  # processor points are written by the processor itself (see 
 
 
 def attention_points(layer: int, module_path: str) -> dict[str, HookPoint]:
-    """The processor hook points of block ``layer``."""
+    """The DiT processor hook points of block ``layer`` (adapters build theirs from
+    ``processor_names``; kept for callers of the old helper)."""
     pts = {}
     for local in sorted(ALL_NAMES):
-        name = f"blocks.{layer}.{local}"
+        name = block_name(layer, local)
         pts[name] = HookPoint(name, "blocks.{i}." + local, module_path, "processor", NAME_DIMS[local],
                               NAME_DOCS[local], layer, write=_no_write if local in WRITABLE_NAMES else None)
     return pts
@@ -53,6 +56,39 @@ class AttentionHooks:
         self._manager = manager
 
     # -- settings ------------------------------------------------------------------------------
+    def configure(self, *, query_tile: int | None = None, query_tokens: Sequence[int] | None = None,
+                  top_k: int | None = None, num_tokens: int | None = None) -> None:
+        """Set the processor options (validated; one-line :class:`DithooksError` on bad input).
+
+        ``num_tokens`` (default: the adapter's geometry) bounds ``query_tokens`` and ``top_k``.
+        Installed processors are rebuilt with the new options on the next sync."""
+        if num_tokens is None and self._manager is not None:
+            try:
+                num_tokens = self._manager.adapter.geometry.num_tokens
+            except NotImplementedError:
+                num_tokens = None
+        if query_tile is not None:
+            if isinstance(query_tile, bool) or not isinstance(query_tile, numbers.Integral) or query_tile < 1:
+                raise DithooksError(f"query tile must be at least 1, got {query_tile}")
+            self.query_tile = int(query_tile)
+        if top_k is not None:
+            if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1 or (
+                    num_tokens is not None and top_k > num_tokens):
+                top = f"1-{num_tokens}" if num_tokens is not None else ">= 1"
+                raise DithooksError(f"top-k must lie in {top} (the number of tokens), got {top_k}")
+        self.top_k = None if top_k is None else int(top_k)
+        if query_tokens:
+            bad = [q for q in query_tokens if isinstance(q, bool) or not isinstance(q, numbers.Integral)
+                   or q < 0 or (num_tokens is not None and q >= num_tokens)]
+            if bad:
+                top = f"0-{num_tokens - 1}" if num_tokens is not None else ">= 0"
+                raise DithooksError(f"query token {bad[0]} is out of range: this model has tokens {top}")
+        self.query_tokens = [int(q) for q in query_tokens] if query_tokens else None
+        if self._manager is not None:  # rebuild installed processors with the new options
+            for layer in list(self._processors):
+                self._uninstall(self._manager, layer)
+            self.sync(self._manager)
+
     def set_coupling(self, g: float | None, layers: Sequence[int] | None = None) -> None:
         """Couple replica halves of the batch with strength g (None = uncoupled)."""
         self.coupling, self.coupling_layers = g, None if layers is None else set(layers)
@@ -77,12 +113,13 @@ class AttentionHooks:
     # -- the extension protocol ------------------------------------------------------------------
     def sync(self, manager) -> None:
         self._manager = manager
-        n = manager.adapter.num_layers
+        adapter = manager.adapter
+        n = adapter.num_layers
         wanted: dict[int, set[str]] = {}
         for h in manager.attached():
-            p = manager.adapter.point(h.name)
+            p = adapter.point(h.name)
             if p.kind == "processor":
-                wanted.setdefault(p.layer, set()).add(h.name.split(".", 2)[2])
+                wanted.setdefault(p.layer, set()).add(split_name(h.name)[1])
         for layer in range(n):
             g, r = self.layer_settings(layer)
             names = frozenset(wanted.get(layer, ()))
@@ -91,12 +128,13 @@ class AttentionHooks:
                 continue
             proc = self._processors.get(layer)
             if proc is None:
-                proc = HookedAttnProcessor(layer, emit=self._emitter(manager, layer), wanted=frozenset(),
-                                           coupling=g, window=r, query_tile=self.query_tile,
-                                           query_tokens=self.query_tokens, top_k=self.top_k)
-                for path, module in attention_modules(manager.model, layer).items():
-                    self._saved.setdefault(path, module.processor)
-                    module.set_processor(proc)
+                try:
+                    proc = adapter.make_processor(layer, self._emitter(manager, layer), coupling=g, window=r,
+                                                  query_tile=self.query_tile, query_tokens=self.query_tokens,
+                                                  top_k=self.top_k)
+                except ValueError as e:
+                    raise DithooksError(f"block {layer}: {e}") from None
+                self._saved.update(install_processors(adapter, [layer], lambda _layer, p=proc: p))
                 self._processors[layer] = proc
             try:
                 proc.wanted, proc.g, proc.window = names, g, r
@@ -106,14 +144,17 @@ class AttentionHooks:
     def _uninstall(self, manager, layer: int) -> None:
         if self._processors.pop(layer, None) is None:
             return
-        for path in attention_modules(manager.model, layer):
-            if path in self._saved:
-                manager.model.get_submodule(path).set_processor(self._saved.pop(path))
+        paths = manager.adapter.attention_modules(layer)
+        restore_processors(manager.model, {p: self._saved.pop(p) for p in paths if p in self._saved})
+
+    def processor(self, layer: int):
+        """The hooked processor installed on block ``layer`` now, or None."""
+        return self._processors.get(layer)
 
     @staticmethod
     def _emitter(manager, layer: int):
         def emit(local: str, value):
-            point = manager.adapter.point(f"blocks.{layer}.{local}")
+            point = manager.adapter.point(block_name(layer, local))
             new, _ = manager.run_hooks(point, value)
             return new
         return emit

@@ -17,6 +17,10 @@ one naming scheme for every model::
     blocks.{i}.resid_post            residual stream leaving block i
     blocks.{i}.jvp.{...}             linearised block responses (JVPs)
     final.out                        the model's output (epsilon [, variance])
+
+Families add their own local names (text stream ``context.*``, cross-attention ``cross_attn.*``,
+joint patterns); each adapter's table (``dithooks/adapters``) is where a name gets its module,
+dims and doc. :func:`split_name` / :func:`block_name` take names apart and build them.
 """
 
 from __future__ import annotations
@@ -68,6 +72,23 @@ def layer_template(name: str) -> tuple[str, int | None]:
     if len(parts) > 2 and parts[0] == "blocks" and parts[1].isdigit():
         return "blocks.{i}." + ".".join(parts[2:]), int(parts[1])
     return name, None
+
+
+def split_name(name: str) -> tuple[int | None, str]:
+    """``blocks.3.attn.q`` -> (3, ``attn.q``); model-level ``final.out`` -> (None, ``final.out``).
+
+    The one place that knows how a hook point name is built; use it instead of slicing names
+    with ``split(".", k)``. :func:`block_name` is its inverse.
+    """
+    parts = name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blocks" and parts[1].isdigit():
+        return int(parts[1]), parts[2]
+    return None, name
+
+
+def block_name(layer: int | None, local: str) -> str:
+    """Inverse of :func:`split_name`: ``(3, "attn.q")`` -> ``blocks.3.attn.q``."""
+    return local if layer is None else f"blocks.{int(layer)}.{local}"
 
 
 def store_array_name(name: str) -> str:

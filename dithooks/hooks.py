@@ -59,6 +59,29 @@ class HookContext:
 HookFn = Callable[[torch.Tensor, HookContext], Any]
 
 
+def _attention_extension():
+    from .attention_hooks import AttentionHooks
+    return AttentionHooks
+
+
+def _jvp_extension():
+    from .jvp_hooks import JVPHooks
+    return JVPHooks
+
+
+#: hook-point kind -> (extension name, factory returning the class built as cls(manager)); a
+#: manager builds the extensions whose kinds its adapter's points use
+EXTENSION_TYPES: dict[str, tuple[str, Callable[[], Any]]] = {
+    "processor": ("attention", _attention_extension),
+    "jvp": ("jvp", _jvp_extension),
+}
+
+
+def register_extension_type(kind: str, name: str, factory: Callable[[], Any]) -> None:
+    """Make managers build ``factory()(manager)`` as extension ``name`` for points of ``kind``."""
+    EXTENSION_TYPES[kind] = (name, factory)
+
+
 @dataclass(frozen=True)
 class AttachedHook:
     id: int
@@ -86,16 +109,14 @@ class HookManager:
         self._carry: dict[str, torch.Tensor] = {}
         # extensions (attention processors, JVPs) register here: kind -> object with sync(manager)
         self._extensions: dict[str, Any] = {}
+        self._named: dict[str, Any] = {}  # extension name ("attention", "jvp") -> object
         self._by_name: dict[str, list[AttachedHook]] = {}
         self._by_module: dict[tuple[str, str], list[HookPoint]] = {}
-        if any(p.kind == "processor" for p in self.adapter.hook_points().values()):
-            from .attention_hooks import AttentionHooks
-            self.attention = AttentionHooks(self)
-            self.register_extension("processor", self.attention)
-        if any(p.kind == "jvp" for p in self.adapter.hook_points().values()):
-            from .jvp_hooks import JVPHooks
-            self.jvp = JVPHooks(self)
-            self.register_extension("jvp", self.jvp)
+        self._suspended = 0
+        kinds = {p.kind for p in self.adapter.hook_points().values()}
+        for kind, (name, factory) in EXTENSION_TYPES.items():
+            if kind in kinds:
+                self.register_extension(kind, factory()(self), name=name)
 
     # -- public API --------------------------------------------------------------------------
     def hook_points(self) -> dict[str, HookPoint]:
@@ -146,9 +167,47 @@ class HookManager:
     def __exit__(self, *exc) -> None:
         self.remove_all()
 
-    def register_extension(self, kind: str, extension: Any) -> None:
-        """Let a component own hook points of ``kind`` (e.g. ``processor``, ``jvp``)."""
+    def register_extension(self, kind: str, extension: Any, name: str | None = None) -> None:
+        """Let a component own hook points of ``kind`` (e.g. ``processor``, ``jvp``); ``name`` makes
+        it reachable through :meth:`extension` (default: the kind)."""
         self._extensions[kind] = extension
+        self._named[name or kind] = extension
+
+    def extension(self, name: str, required: bool = False) -> Any:
+        """The extension called ``name`` (``"attention"``, ``"jvp"``), or None when this model has
+        none; ``required=True`` raises a one-line :class:`DithooksError` instead of returning None."""
+        ext = self._named.get(name)
+        if ext is None and required:
+            what = {"attention": "attention processors (coupling, windows, attention internals)",
+                    "jvp": "JVP hook points (blocks.{i}.jvp.*)"}.get(name, f"the {name!r} extension")
+            raise DithooksError(f"{type(self.model).__name__} ({self.adapter.family}) has no {what}")
+        return ext
+
+    @property
+    def attention(self):
+        """The attention extension (compatibility; AttributeError when absent, so ``hasattr`` works)."""
+        ext = self._named.get("attention")
+        if ext is None:
+            raise AttributeError(f"{type(self.model).__name__} exposes no attention processors")
+        return ext
+
+    @property
+    def jvp(self):
+        """The JVP extension (compatibility; AttributeError when absent, so ``hasattr`` works)."""
+        ext = self._named.get("jvp")
+        if ext is None:
+            raise AttributeError(f"{type(self.model).__name__} has no JVP hook points")
+        return ext
+
+    @contextlib.contextmanager
+    def suspended(self) -> Iterator[None]:
+        """Within the block, no attached function runs and every hook passes values through
+        (for extensions that call a block again, e.g. a JVP through the block's own modules)."""
+        self._suspended += 1
+        try:
+            yield
+        finally:
+            self._suspended -= 1
 
     # -- internals ---------------------------------------------------------------------------
     def _add(self, names: str | list[str], fn: HookFn, mode: str) -> list[AttachedHook]:
@@ -229,6 +288,8 @@ class HookManager:
 
         ``batch_axes`` overrides the sampler's layout for values whose batch differs from the
         model's (a replica-difference JVP has no ``replica`` axis); ``info`` becomes ``ctx.info``."""
+        if self._suspended:
+            return value, False
         ctx = self.context(point, batch_axes, info)
         changed = False
         for h in self.hooks_for(point.name):
@@ -253,6 +314,8 @@ class HookManager:
 
     def _make_pre(self, path: str):
         def pre_hook(module, args, kwargs):
+            if self._suspended:
+                return None
             changed_any = False
             for point in self._points_on(path, "pre"):
                 old = point.read(args, kwargs, None)
@@ -267,6 +330,8 @@ class HookManager:
 
     def _make_post(self, path: str):
         def post_hook(module, args, kwargs, output):
+            if self._suspended:
+                return None
             changed_any = False
             if path in self._carry:
                 # a value this module re-used internally was replaced: bring its output in line

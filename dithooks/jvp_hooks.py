@@ -87,10 +87,13 @@ LOCAL_NAMES = tuple(f"jvp.{p}" for p in ALL_PARTS) + tuple(f"jvp.{n}" for n in H
 DIRECTIONS = ("auto", "replica", "random")
 
 
-def jvp_points(layer: int, module_path: str) -> dict[str, HookPoint]:
-    """The JVP hook points of block ``layer`` (read-only)."""
+def jvp_points(layer: int, module_path: str, parts=None) -> dict[str, HookPoint]:
+    """The JVP hook points of block ``layer`` (read-only) for the supported ``parts``
+    (None = every part and the head terms: DiT). Head terms come with the ``attn`` part only."""
     pts = {}
-    table = {**{p: (RESID, d) for p, d in PART_DOCS.items()}, **HEAD_POINTS, **OTHER_POINTS}
+    parts = set(ALL_PARTS if parts is None else parts)
+    table = {**{p: (RESID, d) for p, d in PART_DOCS.items() if p in parts},
+             **(HEAD_POINTS if "attn" in parts else {}), **OTHER_POINTS}
     for local, (dims, doc) in table.items():
         name = f"blocks.{layer}.jvp.{local}"
         pts[name] = HookPoint(name, "blocks.{i}.jvp." + local, module_path, "jvp", dims, doc, layer)

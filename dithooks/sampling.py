@@ -1,7 +1,11 @@
-"""Class-conditional DiT sampling on diffusers schedulers, with every step indexed.
+"""Sampling any registered family on diffusers schedulers, with every step indexed.
 
-The loop mirrors diffusers' ``DiTPipeline`` (classifier-free guidance on the epsilon channels,
-learned-variance channels dropped before the scheduler step) but exposes what a probe needs:
+The loop mirrors diffusers' pipelines (``DiTPipeline``: classifier-free guidance on the epsilon
+channels, learned-variance channels dropped before the scheduler step; SD3/Flux: flow matching
+with ``FlowMatchEulerDiscreteScheduler``, ``SamplerSpec(name="flow")``) but asks the model
+adapter for everything family-specific: ``adapter.denoise(x, t, rows)`` is one model call,
+:class:`~dithooks.conditioning.Conditioning` rows say what it is conditioned on. Guidance is
+``uncond + w (cond - uncond)`` for epsilon and velocity predictions alike. It exposes what a probe needs:
 the step index and timestep of each model call, the batch layout (cfg branch, sample), and a
 :class:`TrajectoryState` after every step so that an interrupted run resumes exactly.
 
@@ -18,11 +22,12 @@ from typing import Callable, Sequence
 
 import torch
 
+from .conditioning import Conditioning
 from .errors import DithooksError
 from .hooks import HookManager
 from .loading import LoadedModel
 
-SAMPLERS = ("ddim", "ddpm")
+SAMPLERS = ("ddim", "ddpm", "flow")
 
 
 @dataclass(frozen=True)
@@ -126,10 +131,22 @@ def _ddim_float64_scheduler_class():
     return DDIMScheduler64
 
 
-def make_scheduler(spec: SamplerSpec, schedule: dict):
+_FLOW_KEYS = ("num_train_timesteps", "shift", "use_dynamic_shifting", "base_shift", "max_shift",
+              "base_image_seq_len", "max_image_seq_len", "invert_sigmas", "shift_terminal",
+              "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "time_shift_type",
+              "stochastic_sampling")
+
+
+def make_scheduler(spec: SamplerSpec, schedule: dict, adapter=None):
     from diffusers import DDIMScheduler, DDPMScheduler
 
     cfg = {k: v for k, v in schedule.items() if not k.startswith("_")}
+    if spec.name == "flow":
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        sched = FlowMatchEulerDiscreteScheduler.from_config({k: v for k, v in cfg.items() if k in _FLOW_KEYS})
+        set_flow_timesteps(sched, spec.steps, adapter)
+        return sched
     if spec.name == "ddim":
         # eta = 0 (deterministic DDIM) keeps diffusers' scheduler bit for bit
         sched = (_ddim_float64_scheduler_class() if spec.eta > 0 else DDIMScheduler).from_config(cfg)
@@ -146,6 +163,13 @@ def make_scheduler(spec: SamplerSpec, schedule: dict):
     if len(sched.timesteps) != spec.steps:
         raise DithooksError(f"the scheduler made {len(sched.timesteps)} timesteps for {spec.steps} steps")
     return sched
+
+
+def set_flow_timesteps(sched, steps: int, adapter=None) -> None:
+    """``set_timesteps`` for flow matching (resets the scheduler's step index too); the adapter
+    adds what its family's pipeline passes (``mu`` for dynamic shifting)."""
+    kwargs = adapter.scheduler_kwargs(sched, steps) if adapter is not None else {}
+    sched.set_timesteps(steps, **kwargs)
 
 
 @dataclass
@@ -167,8 +191,7 @@ class TrajectoryState:
 
 def initial_state(loaded: LoadedModel, seeds: Sequence[int], init_sigma: float = 1.0) -> TrajectoryState:
     """x_T drawn per sample from its own generator seeded by ``seeds[i]``."""
-    geo = loaded.adapter.geometry
-    shape = (geo.in_channels, geo.sample_size, geo.sample_size)
+    shape = loaded.adapter.geometry.latent_shape
     gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
     x = torch.stack([torch.randn(shape, generator=g) for g in gens]) * init_sigma
     return TrajectoryState(0, x, [g.get_state() for g in gens])
@@ -183,8 +206,7 @@ def initial_replica_state(loaded: LoadedModel, seeds: Sequence[int], replicas: R
     """
     from .replicas import antisymmetric_pair
 
-    geo = loaded.adapter.geometry
-    shape = (len(seeds), geo.in_channels, geo.sample_size, geo.sample_size)
+    shape = (len(seeds), *loaded.adapter.geometry.latent_shape)
     gens_a = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
     x_a, x_b = antisymmetric_pair(shape, replicas.kappa, gens_a)
     gens_b = [torch.Generator(device="cpu").manual_seed(replica_seed(s)) for s in seeds]
@@ -202,28 +224,36 @@ def _copy_generator(g: torch.Generator) -> torch.Generator:
 
 
 class Sampler:
-    """Runs the reverse process for a batch of (label, seed) samples."""
+    """Runs the reverse process for a batch of samples (class labels or a :class:`Conditioning`)."""
 
     def __init__(self, loaded: LoadedModel, spec: SamplerSpec, hooks: HookManager | None = None,
                  device: str | torch.device = "cpu", replicas: ReplicaSpec | None = None):
         self.loaded = loaded
         self.spec = spec
         self.replicas = replicas
+        self.adapter = loaded.adapter
         if replicas is not None and hooks is None:  # coupling lives in the hook manager's processors
             hooks = HookManager(loaded.transformer, loaded.adapter)
-        if replicas is not None and not hasattr(hooks, "attention"):
+        if replicas is not None and hooks.extension("attention") is None:
             raise DithooksError(f"replica coupling needs attention processors, which "
                                 f"{type(loaded.transformer).__name__} does not expose")
         self.hooks = hooks
         self.device = torch.device(device)
-        self.scheduler = make_scheduler(spec, loaded.scheduler_config)
-        geo = loaded.adapter.geometry
-        if spec.cfg and geo.num_classes is None:
+        prediction = getattr(self.adapter, "prediction", "epsilon")
+        if (spec.name == "flow") != (prediction == "flow"):
+            want = "flow" if prediction == "flow" else "ddim or ddpm"
+            raise DithooksError(f"sampler {spec.name!r} does not fit a model that predicts {prediction}: use {want}")
+        self.scheduler = make_scheduler(spec, loaded.scheduler_config, self.adapter)
+        geo = self.adapter.geometry
+        if spec.cfg and getattr(self.adapter, "conditioning", "class") == "class" and geo.num_classes is None:
             raise DithooksError("guidance needs a class-conditional model (num_embeds_ada_norm unset)")
         self.geometry = geo
 
     @property
-    def timesteps(self) -> list[int]:
+    def timesteps(self) -> list:
+        """Scheduler timesteps (ints for DDIM/DDPM, floats in [0, 1000] for flow matching)."""
+        if self.spec.name == "flow":
+            return [float(t) for t in self.scheduler.timesteps]
         return [int(t) for t in self.scheduler.timesteps]
 
     def batch_axes(self, num_samples: int) -> tuple[tuple[str, int], ...]:
@@ -246,17 +276,40 @@ class Sampler:
         if bad:
             raise DithooksError(f"class label {bad[0]} is out of range: this model has classes 0-{n - 1}")
 
+    def conditioning(self, labels_or_cond, num_seeds: int) -> Conditioning:
+        """``labels`` (a sequence of class labels) or a :class:`Conditioning`, checked against
+        the model and the number of seeds."""
+        if isinstance(labels_or_cond, Conditioning):
+            cond = labels_or_cond
+            if len(cond) == 1 and num_seeds > 1:  # one conditioning for every seed
+                cond = cond.select([0] * num_seeds)
+            if len(cond) != num_seeds:
+                raise DithooksError(f"conditioning for {len(cond)} samples with {num_seeds} seeds: "
+                                    "give one per sample")
+        else:
+            labels = list(labels_or_cond)
+            if len(labels) != num_seeds:
+                raise DithooksError(f"{len(labels)} labels for {num_seeds} seeds: give one label per sample")
+            self.check_labels(labels)
+            cond = self.adapter.make_conditioning(labels)
+        self.adapter.check_conditioning(cond, self.spec.cfg)
+        return cond
+
+    def _timestep(self, t):
+        return float(t) if self.spec.name == "flow" else int(t)
+
     @torch.no_grad()
-    def run(self, labels: Sequence[int], seeds: Sequence[int], *, state: TrajectoryState | None = None,
+    def run(self, labels: Sequence[int] | Conditioning, seeds: Sequence[int], *, state: TrajectoryState | None = None,
             on_step: StepCallback | None = None, progress: Callable | None = None) -> torch.Tensor:
         """Sample; ``state`` resumes a run; ``on_step(s, state_after_s)`` follows every step.
 
-        With replicas, ``seeds``/``labels`` name the pairs and the result is [x_a; x_b].
+        ``labels``: class labels (one per seed) or a :class:`Conditioning`. With replicas,
+        ``seeds``/``labels`` name the pairs and the result is [x_a; x_b].
         """
-        if len(labels) != len(seeds):
-            raise DithooksError(f"{len(labels)} labels for {len(seeds)} seeds: give one label per sample")
-        self.check_labels(labels)
-        init_sigma = float(self.scheduler.init_noise_sigma)
+        cond = self.conditioning(labels, len(seeds))
+        if self.spec.name == "flow":  # the flow scheduler counts its steps: start afresh (or resume)
+            set_flow_timesteps(self.scheduler, self.spec.steps, self.adapter)
+        init_sigma = float(getattr(self.scheduler, "init_noise_sigma", 1.0))
         if state is None:
             state = (initial_state(self.loaded, seeds, init_sigma) if self.replicas is None
                      else initial_replica_state(self.loaded, seeds, self.replicas, init_sigma))
@@ -264,53 +317,52 @@ class Sampler:
         gens = state.generators()
         M, R = len(seeds), 1 if self.replicas is None else 2
         ncfg = 2 if self.spec.cfg else 1
-        y = torch.tensor([int(v) for v in labels], device=self.device)
-        y = torch.stack([y] + ([torch.full_like(y, self.geometry.null_class)] if self.spec.cfg else []))
-        y = y.unsqueeze(0).expand(R, ncfg, M).reshape(-1)  # (replica, cfg, sample) order
+        rows = cond.rows(self.spec.cfg, R, device=self.device)  # (replica, cfg, sample) order
         if self.hooks is not None:
             self.hooks.state.batch_axes = self.batch_axes(M)
-        model = self.loaded.transformer
-        dtype = next(model.parameters()).dtype
-        C = self.geometry.in_channels
+        attention = self.hooks.extension("attention") if self.replicas is not None else None
         steps = range(state.step, self.spec.steps)
         try:
             for s in (progress(steps) if progress else steps):
                 t = self.scheduler.timesteps[s]
                 if self.hooks is not None:
-                    self.hooks.state.step, self.hooks.state.timestep = s, int(t)
-                if self.replicas is not None:
+                    self.hooks.state.step, self.hooks.state.timestep = s, self._timestep(t)
+                if attention is not None:
                     g = self.replicas.coupling_at(s)
                     # g = 0 is exactly the uncoupled model: give the blocks their own processors back
-                    self.hooks.attention.set_coupling(g if g > 0 else None, self.replicas.layers)
+                    attention.set_coupling(g if g > 0 else None, self.replicas.layers)
                 xin = x.view(R, 1, M, *x.shape[1:]).expand(R, ncfg, M, *x.shape[1:]).reshape(-1, *x.shape[1:])
-                xin = self.scheduler.scale_model_input(xin, t)
-                tt = torch.full((xin.shape[0],), int(t), device=self.device, dtype=torch.long)
-                out = model(xin.to(dtype), timestep=tt, class_labels=y).sample.float()
-                eps = out[:, :C]  # learned-sigma models (out_channels = 2C) put the variance behind
+                if hasattr(self.scheduler, "scale_model_input"):
+                    xin = self.scheduler.scale_model_input(xin, t)
+                # the prediction (epsilon or velocity), variance channels dropped
+                eps = self.adapter.denoise(xin, t, rows)
                 eps = eps.reshape(R, ncfg, M, *eps.shape[1:])
                 if self.spec.cfg:
                     eps = eps[:, 1] + self.spec.guidance * (eps[:, 0] - eps[:, 1])
                 else:
                     eps = eps[:, 0]
                 eps = eps.reshape(R * M, *eps.shape[2:])
-                step_gens = gens
-                if (self.replicas is not None and self.replicas.share_noise_until is not None
-                        and s < self.replicas.share_noise_until):
-                    # b draws exactly a's noise from a copy of a's generator; b's own stream is
-                    # left untouched for the independent steps after s*
-                    step_gens = gens[:M] + [_copy_generator(g) for g in gens[:M]]
-                kwargs = {"eta": self.spec.eta} if self.spec.name == "ddim" else {}
-                if self.spec.name == "ddim" and self.scheduler.config.clip_sample:
-                    # with clip_sample, DDIM clips x0 but would keep the unclipped epsilon; guided
-                    # epsilons overshoot and the trajectory ends in noise (w=3: 5% recognisable
-                    # digits vs 100% with this). Recompute epsilon from the clipped x0.
-                    kwargs["use_clipped_model_output"] = True
-                x = self.scheduler.step(eps, t, x, generator=step_gens, **kwargs).prev_sample
+                if self.spec.name == "flow":
+                    x = self.scheduler.step(eps, t, x).prev_sample
+                else:
+                    step_gens = gens
+                    if (self.replicas is not None and self.replicas.share_noise_until is not None
+                            and s < self.replicas.share_noise_until):
+                        # b draws exactly a's noise from a copy of a's generator; b's own stream is
+                        # left untouched for the independent steps after s*
+                        step_gens = gens[:M] + [_copy_generator(g) for g in gens[:M]]
+                    kwargs = {"eta": self.spec.eta} if self.spec.name == "ddim" else {}
+                    if self.spec.name == "ddim" and self.scheduler.config.clip_sample:
+                        # with clip_sample, DDIM clips x0 but would keep the unclipped epsilon; guided
+                        # epsilons overshoot and the trajectory ends in noise (w=3: 5% recognisable
+                        # digits vs 100% with this). Recompute epsilon from the clipped x0.
+                        kwargs["use_clipped_model_output"] = True
+                    x = self.scheduler.step(eps, t, x, generator=step_gens, **kwargs).prev_sample
                 if on_step is not None:
                     on_step(s, TrajectoryState(s + 1, x.detach().cpu(), [g.get_state() for g in gens]))
         finally:
             if self.hooks is not None:
                 self.hooks.state.step = self.hooks.state.timestep = None
-                if self.replicas is not None:
-                    self.hooks.attention.set_coupling(None)
+                if attention is not None:
+                    attention.set_coupling(None)
         return x

@@ -1,8 +1,10 @@
-"""Install attention processors on chosen blocks and put the originals back.
+"""Install attention processors on chosen blocks and put the originals back: the one home for
+swapping processors (the attention extension, the JVP reference, probes and tests use it).
 
-DiT has no ``set_attn_processor`` (no AttentionMixin, see DIFFUSERS_NOTES), so processors are set
-module by module with ``Attention.set_processor``. The attention modules of block ``i`` are found
-inside ``model.transformer_blocks[i]`` (for DiT: ``attn1``; ``attn2`` is ``None``).
+Which modules of block ``i`` take a processor is the adapter's business
+(:meth:`~dithooks.adapters.base.ModelAdapter.attention_modules`; DiT: ``attn1``). Processors
+are set module by module with ``set_processor`` (DiT has no ``set_attn_processor``, see
+DIFFUSERS_NOTES). Every function takes a model (its adapter is looked up) or an adapter.
 """
 
 from __future__ import annotations
@@ -10,26 +12,34 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Callable, Iterable, Iterator
 
-from diffusers.models.attention_processor import Attention
 from torch import nn
 
 #: module path -> the processor it had before installation
 SavedProcessors = dict[str, Any]
 
 
-def attention_modules(model: nn.Module, layer: int) -> dict[str, Attention]:
-    """``{module path: Attention}`` for block ``layer``, in module order."""
-    blocks = getattr(model, "transformer_blocks", None)
-    if blocks is None:
-        raise TypeError(f"{type(model).__name__} has no transformer_blocks")
-    if not 0 <= layer < len(blocks):
-        raise IndexError(f"layer {layer} out of range: the model has {len(blocks)} blocks")
-    prefix = f"transformer_blocks.{layer}"
-    found = {f"{prefix}.{name}": m for name, m in blocks[layer].named_modules()
-             if isinstance(m, Attention)}
-    if not found:
-        raise ValueError(f"block {layer} has no diffusers Attention module")
-    return found
+def _adapter(model_or_adapter):
+    from ..adapters import ModelAdapter, adapter_for
+
+    if isinstance(model_or_adapter, ModelAdapter):
+        return model_or_adapter
+    return adapter_for(model_or_adapter)
+
+
+def _model(model_or_adapter) -> nn.Module:
+    from ..adapters import ModelAdapter
+
+    return model_or_adapter.model if isinstance(model_or_adapter, ModelAdapter) else model_or_adapter
+
+
+def attention_modules(model: nn.Module, layer: int) -> dict[str, nn.Module]:
+    """``{module path: Attention}`` for block ``layer``, in module order (``model`` may be an adapter)."""
+    adapter = _adapter(model)
+    if not adapter.block_lists or not adapter.num_layers:
+        raise TypeError(f"{type(_model(model)).__name__} has no transformer blocks")
+    if not 0 <= layer < adapter.num_layers:
+        raise IndexError(f"layer {layer} out of range: the model has {adapter.num_layers} blocks")
+    return adapter.attention_modules(layer)
 
 
 def install_processors(model: nn.Module, layers: Iterable[int],
@@ -50,8 +60,9 @@ def install_processors(model: nn.Module, layers: Iterable[int],
 
 def restore_processors(model: nn.Module, saved: SavedProcessors) -> None:
     """Put back the processors recorded by :func:`install_processors`."""
+    root = _model(model)
     for path, processor in saved.items():
-        model.get_submodule(path).set_processor(processor)
+        root.get_submodule(path).set_processor(processor)
 
 
 @contextlib.contextmanager
@@ -63,3 +74,15 @@ def installed_processors(model: nn.Module, layers: Iterable[int],
         yield saved
     finally:
         restore_processors(model, saved)
+
+
+@contextlib.contextmanager
+def temporary_processor(module: nn.Module, processor) -> Iterator[None]:
+    """Set ``processor`` on one attention ``module`` for a ``with`` block, then put back its own
+    (for code that holds a module rather than a model and a layer: the JVP reference)."""
+    saved = module.processor
+    module.set_processor(processor)
+    try:
+        yield
+    finally:
+        module.set_processor(saved)
