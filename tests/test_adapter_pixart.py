@@ -329,3 +329,52 @@ def test_adapter_for_a_model_built_in_memory():
     ad = adapter_for(make_transformer())
     assert isinstance(ad, PixArtAdapter)
     assert ad.geometry.text_tokens == 120  # PixArt-α's T5 length until told otherwise
+
+
+# -- sampling --------------------------------------------------------------------------------------
+def test_three_guided_ddim_steps_through_the_sampler_match_a_hand_written_loop(loaded):
+    from diffusers import DDIMScheduler
+
+    from dithooks.conditioning import Conditioning
+    from dithooks.sampling import Sampler, SamplerSpec
+
+    emb, mask = prompt_embeds(2, seed=4)
+    neg = torch.randn(1, TEXT_TOKENS, CONFIG["caption_channels"], generator=torch.Generator().manual_seed(9))
+    cond = Conditioning(prompt_embeds=emb, negative_prompt_embeds=neg, extras={"prompt_attention_mask": mask})
+    seeds, w = [11, 12], 4.5
+    hm = HookManager(loaded.transformer, loaded.adapter)
+    steps_seen = []
+    with hm.hooks(read={"blocks.1.cross_attn.out": lambda v, ctx: steps_seen.append((ctx.step, ctx.batch_axes))}):
+        x = Sampler(loaded, SamplerSpec("ddim", steps=3, guidance=w), hooks=hm).run(cond, seeds)
+    assert [s for s, _ in steps_seen] == [0, 1, 2]
+    assert steps_seen[0][1] == (("cfg", 2), ("sample", 2))
+
+    # the same loop by hand: PixArtAlphaPipeline's arithmetic on the model directly
+    sched = DDIMScheduler.from_config(loaded.scheduler_config)
+    sched.set_timesteps(3)
+    lat = torch.stack([torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    model = loaded.transformer
+    with torch.no_grad():
+        for t in sched.timesteps:
+            out = model(torch.cat([lat, lat]), encoder_hidden_states=torch.cat([emb, neg.expand(2, -1, -1)]),
+                        encoder_attention_mask=torch.cat([mask, mask]), timestep=t.expand(4)).sample
+            eps_c, eps_u = out[:, :4].chunk(2)  # learned sigma: epsilon is the first 4 channels
+            lat = sched.step(eps_u + w * (eps_c - eps_u), t, lat).prev_sample
+    torch.testing.assert_close(x, lat, atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(x).all() and x.shape == (2, 4, 8, 8)
+
+
+def test_text_conditioning_is_checked_in_one_line(loaded):
+    from dithooks.conditioning import Conditioning
+    from dithooks.errors import DithooksError
+    from dithooks.sampling import Sampler, SamplerSpec
+
+    sampler = Sampler(loaded, SamplerSpec("ddim", steps=2, guidance=2.0))
+    with pytest.raises(DithooksError, match="conditioned on text"):
+        sampler.run([1, 2], [0, 1])
+    with pytest.raises(DithooksError, match="channels"):
+        sampler.run(Conditioning(prompt_embeds=torch.zeros(2, 5, 7)), [0, 1])
+    with pytest.raises(DithooksError, match="prompt_attention_mask"):
+        sampler.run(Conditioning(prompt_embeds=torch.zeros(2, 5, 32),
+                                 extras={"prompt_attention_mask": torch.ones(2, 4)}), [0, 1])
+    loaded.adapter.text_tokens = TEXT_TOKENS

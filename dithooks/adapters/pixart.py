@@ -63,11 +63,12 @@ whole block's JVP (``full``) is, where the generic JVP is available.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
+from ..errors import DithooksError
 from .base import Geometry, ModelAdapter, model_output, replace_model_output
 from .registry import register
 from .spec import RESID, TEXT_RESID, VECTOR, PointSpec, post, pre
@@ -75,6 +76,9 @@ from .spec import RESID, TEXT_RESID, VECTOR, PointSpec, post, pre
 ADALN_CHUNKS = ("shift_msa", "scale_msa", "gate_msa", "shift_mlp", "scale_mlp", "gate_mlp")
 #: PixArt-α's T5 prompt length (pipeline ``max_sequence_length``); the config does not record it
 DEFAULT_TEXT_TOKENS = 120
+#: the conditioning extra holding the text attention mask (1 = token, 0 = padding), as the pipeline's
+#: ``prompt_attention_mask``
+MASK = "prompt_attention_mask"
 #: ``timestep`` is the 5th positional parameter of ``BasicTransformerBlock.forward``
 _TIMESTEP_POS = 4
 
@@ -224,6 +228,42 @@ class PixArtAdapter(ModelAdapter):
         )
 
     # -- sampling -----------------------------------------------------------------------------------
+    def check_conditioning(self, cond, cfg: bool) -> None:
+        """Prompt embeddings (M, L, caption_channels) [+ a (M, L) 1/0 mask in
+        ``extras["prompt_attention_mask"]``]; the text length L becomes ``geometry.text_tokens``."""
+        super().check_conditioning(cond, cfg)
+        want = self.model.config.caption_channels or self.model.config.cross_attention_dim
+        emb = cond.prompt_embeds
+        if want is not None and emb.shape[-1] != want:
+            raise DithooksError(f"prompt embeddings have {emb.shape[-1]} channels; this PixArt model takes "
+                                f"{want} (caption_channels: T5-XXL's 4096 for PixArt-α)")
+        for what, extras in (("", cond.extras), ("negative ", cond.negative_extras)):
+            unknown = sorted(set(extras) - {MASK})
+            if unknown:
+                raise DithooksError(f"PixArt takes no conditioning {what}extra {unknown[0]!r} (only {MASK!r})")
+            mask = extras.get(MASK)
+            if mask is not None and tuple(mask.shape) != tuple(emb.shape[:2]):
+                raise DithooksError(f"{what}{MASK} has shape {tuple(mask.shape)}; the prompt embeddings "
+                                    f"need (samples, tokens) = {tuple(emb.shape[:2])}")
+        neg = cond.negative_prompt_embeds
+        if neg is not None and tuple(neg.shape) != tuple(emb.shape):
+            raise DithooksError(f"negative prompt embeddings have shape {tuple(neg.shape)}, the prompt "
+                                f"embeddings {tuple(emb.shape)}: pad both to the same length")
+        self.text_tokens = int(emb.shape[1])
+
+    def model_kwargs(self, rows: Mapping[str, Any]) -> dict[str, Any]:
+        """``encoder_hidden_states`` (the T5 embeddings; the model projects them with
+        ``caption_projection``), ``encoder_attention_mask`` (1 keep / 0 padding) and the
+        micro-conditions of 1024-px checkpoints."""
+        emb = rows["prompt_embeds"]
+        dtype = self.model_dtype()
+        kwargs = {"encoder_hidden_states": emb.to(dtype),
+                  "added_cond_kwargs": self.added_cond_kwargs(emb.shape[0], emb.device, dtype)}
+        mask = rows.get(MASK)
+        if mask is not None:
+            kwargs["encoder_attention_mask"] = mask.to(device=emb.device, dtype=dtype)
+        return kwargs
+
     def added_cond_kwargs(self, batch: int, device, dtype) -> dict[str, Any]:
         """PixArt's micro-conditions: image resolution and aspect ratio, for 1024-px checkpoints."""
         if not getattr(self.model, "use_additional_conditions", False):

@@ -64,4 +64,4 @@ def conditioning(M: int, seed: int = 0):
     from dithooks.conditioning import Conditioning
 
     emb, mask = prompt_embeds(M, seed)
-    return Conditioning(prompt_embeds=emb, prompt_attention_mask=mask)
+    return Conditioning(prompt_embeds=emb, extras={"prompt_attention_mask": mask})
