@@ -156,8 +156,18 @@ def test_interventions(loaded):
     with hm.hooks(replace={"blocks.0.context.resid_post": lambda v, ctx: torch.zeros_like(v)}):
         out = forward(model, x)
     assert not torch.allclose(out, ref)
-    with pytest.raises(DithooksError, match="read-only"):
-        hm.add_intervention("blocks.0.resid_mid", lambda v, ctx: v)
+    # a replaced resid_mid is carried into the block's output tuple (image: item 1, text: item 0)
+    for stream in ("", "context."):
+        got = {}
+        keep = lambda v, ctx: got.__setitem__(ctx.name, v.clone())
+        with hm.hooks(replace={f"blocks.0.{stream}resid_mid": lambda v, ctx: 0.5 * v},
+                      read={f"blocks.0.{stream}{n}": keep for n in ("resid_pre", "attn.out", "mlp.out", "resid_post")}):
+            forward(model, x)
+        gate = lambda c: got_ad[f"blocks.0.{stream}adaln.{c}"][:, None]
+        got_ad, _ = read_all(hm, [f"blocks.0.{stream}adaln.gate_msa", f"blocks.0.{stream}adaln.gate_mlp"], x)
+        b = f"blocks.0.{stream}"
+        mid = 0.5 * (got[b + "resid_pre"] + gate("gate_msa") * got[b + "attn.out"])
+        assert torch.allclose(got[b + "resid_post"], mid + gate("gate_mlp") * got[b + "mlp.out"], atol=1e-5)
     # a replaced image->image pattern block is used: zero pattern -> attention sees text only
     with hm.hooks(replace={"blocks.1.attn.pattern": lambda v, ctx: torch.zeros_like(v)},
                   read={"blocks.1.attn.pattern_joint": lambda v, ctx: got.__setitem__("pj", v.clone())}):

@@ -21,9 +21,10 @@ Hook points: the image stream under the shared names (``resid_pre``, ``adaln.*``
 ``attn.out``, ``resid_mid``, ``mlp.in``, ``mlp.out``, ``resid_post``), the text stream under
 ``context.*``, the joint-attention processor's points (:mod:`dithooks.attention.joint_processor`)
 and the model-level ``embed.out``, ``context_embed.out``, ``cond_embed.out``, ``final.out``.
-Every point is read with a PyTorch hook on the module that computes it (bit for bit). The
-``resid_mid`` values are read-only (the block re-uses them after the hooked call and returns a
-tuple, so a replacement could not be carried to its output).
+Every point is read with a PyTorch hook on the module that computes it (bit for bit). A
+replaced ``resid_mid`` (read at ``norm2``'s input) is carried to the block's output tuple
+(element 1 for the image stream, 0 for ``context.resid_mid``), since the block re-uses the
+value after the hooked call.
 
 Sampling: flow matching (``FlowMatchEulerDiscreteScheduler``, ``shift`` from the scheduler
 config); the model's ``timestep`` is the scheduler's timestep ``t = sigma * 1000`` as the SD3
@@ -76,7 +77,7 @@ def _image_points(chunks: tuple[str, ...], dual: bool) -> tuple[PointSpec, ...]:
                 post("attn2.out", "attn2", RESID, "SD3.5 dual block: image-only attention output, before gate_msa2")]
     pts += [
         pre("resid_mid", "norm2", RESID, "image residual stream after attention, before the MLP "
-            "(h + gate_msa*attn.out [+ gate_msa2*attn2.out]); read-only", writable=False),
+            "(h + gate_msa*attn.out [+ gate_msa2*attn2.out])", carry_to="", carry_item=1),
         pre("mlp.in", "ff", RESID, "LayerNorm(resid_mid)*(1+scale_mlp)+shift_mlp: the input of the image MLP"),
         post("mlp.out", "ff", RESID, "image MLP output before the gate_mlp multiplication"),
         post("resid_post", "", RESID, "image residual stream leaving the block", item=1),
@@ -101,8 +102,8 @@ def _context_points(last: bool) -> tuple[PointSpec, ...]:
             post("context.attn.out", "attn", TEXT_RESID,
                  "joint attention's text output after to_add_out, before c_gate_msa", item=1),
             pre("context.resid_mid", "norm2_context", TEXT_RESID,
-                "text stream after attention, before its MLP (c + c_gate_msa*context.attn.out); read-only",
-                writable=False),
+                "text stream after attention, before its MLP (c + c_gate_msa*context.attn.out)",
+                carry_to="", carry_item=0),
             pre("context.mlp.in", "ff_context", TEXT_RESID, "LayerNorm(context.resid_mid)*(1+c_scale_mlp)+c_shift_mlp"),
             post("context.mlp.out", "ff_context", TEXT_RESID, "text MLP output before the c_gate_mlp multiplication"),
             post("context.resid_post", "", TEXT_RESID, "text stream leaving the block", item=0),
