@@ -362,6 +362,26 @@ class FluxAdapter(ModelAdapter):
         """Flux-dev: guidance is a model input (no CFG batch); schnell: none."""
         return bool(self.model.config.guidance_embeds)
 
+    def check_conditioning(self, cond, cfg: bool) -> None:
+        """Prompt and pooled embeddings of the model's widths; embedded guidance only on models
+        that take it (dev); CFG on a dev model only with negative prompts (true CFG)."""
+        super().check_conditioning(cond, cfg)
+        c = self.model.config
+        if cond.pooled_prompt_embeds is None:
+            raise DithooksError("flux models need pooled_prompt_embeds (the CLIP pooled vector) beside prompt_embeds")
+        if cond.prompt_embeds.shape[-1] != c.joint_attention_dim:
+            raise DithooksError(f"prompt_embeds have {cond.prompt_embeds.shape[-1]} channels; this model takes "
+                                f"{c.joint_attention_dim} (joint_attention_dim)")
+        if cond.pooled_prompt_embeds.shape[-1] != c.pooled_projection_dim:
+            raise DithooksError(f"pooled_prompt_embeds have {cond.pooled_prompt_embeds.shape[-1]} channels; this "
+                                f"model takes {c.pooled_projection_dim} (pooled_projection_dim)")
+        if cond.guidance is not None and not self.embedded_guidance:
+            raise DithooksError("this Flux model has no guidance embedding (guidance_embeds false, e.g. schnell): "
+                                "drop the embedded guidance, or use the sampler's guidance (true CFG)")
+        if cfg and self.embedded_guidance and cond.negative_prompt_embeds is None:
+            raise DithooksError("Flux-dev takes guidance as a model input: set the conditioning's guidance "
+                                "(e.g. 3.5) and keep the sampler's guidance at 1; true CFG needs negative_prompt_embeds")
+
     def timestep_input(self, t, batch: int, device) -> torch.Tensor:
         """FluxPipeline passes ``t / 1000`` (the model multiplies by 1000 again), in the model dtype."""
         t = torch.as_tensor(t, dtype=torch.float32, device=device).reshape(-1)
