@@ -158,10 +158,11 @@ def centred_logit_perturbation(A: torch.Tensor, dL: torch.Tensor) -> torch.Tenso
     Keys with ``A_ij = 0`` (masked or underflowed) cannot move the pattern to first order;
     zeroing them keeps a masked ``-inf``/NaN logit perturbation from poisoning the row.
     """
-    support = A > 0
-    dL = torch.where(support, dL, torch.zeros_like(dL))
-    c = dL - (A * dL).sum(dim=-1, keepdim=True)
-    return torch.where(support, c, torch.zeros_like(c))
+    off = A <= 0
+    if not bool(off.any()):  # every key is read (an unmasked softmax): nothing to cut out
+        return dL - (A * dL).sum(dim=-1, keepdim=True)
+    dL = dL.masked_fill(off, 0.0)
+    return (dL - (A * dL).sum(dim=-1, keepdim=True)).masked_fill_(off, 0.0)
 
 
 def softmax_jvp(A: torch.Tensor, dL: torch.Tensor) -> torch.Tensor:
