@@ -60,6 +60,8 @@ class HookPoint:
     # Module whose output must absorb (new - old) when this value is replaced, for values that
     # are re-used after the hooked call (the residual stream between attention and MLP).
     carry_to: str | None = None
+    # element of carry_to's tuple output that absorbs the change (SD3/Flux blocks return tuples)
+    carry_item: int | None = None
 
     @property
     def writable(self) -> bool:

@@ -105,8 +105,9 @@ class HookManager:
         self._ids = itertools.count(1)
         # (module path, kind) -> torch handle; one dispatcher per module and kind
         self._torch_handles: dict[tuple[str, str], Any] = {}
-        # module path -> pending (new - old) to add to that module's output (see HookPoint.carry_to)
-        self._carry: dict[str, torch.Tensor] = {}
+        # (module path, tuple item or None) -> pending (new - old) to add to that module's output
+        # (see HookPoint.carry_to / carry_item)
+        self._carry: dict[tuple[str, int | None], torch.Tensor] = {}
         # extensions (attention processors, JVPs) register here: kind -> object with sync(manager)
         self._extensions: dict[str, Any] = {}
         self._named: dict[str, Any] = {}  # extension name ("attention", "jvp") -> object
@@ -324,7 +325,8 @@ class HookManager:
                     args, kwargs = point.write(args, kwargs, None, new)
                     changed_any = True
                     if point.carry_to is not None:
-                        self._carry[point.carry_to] = self._carry.get(point.carry_to, 0) + (new - old)
+                        key = (point.carry_to, point.carry_item)
+                        self._carry[key] = self._carry.get(key, 0) + (new - old)
             return (args, kwargs) if changed_any else None
         return pre_hook
 
@@ -333,10 +335,15 @@ class HookManager:
             if self._suspended:
                 return None
             changed_any = False
-            if path in self._carry:
+            for key in [k for k in self._carry if k[0] == path]:
                 # a value this module re-used internally was replaced: bring its output in line
-                delta = self._carry.pop(path)
-                output = output + delta
+                delta = self._carry.pop(key)
+                if key[1] is None:
+                    output = output + delta
+                else:
+                    output = list(output)
+                    output[key[1]] = output[key[1]] + delta
+                    output = tuple(output)
                 changed_any = True
             for point in self._points_on(path, "post"):
                 value = point.read(args, kwargs, output)

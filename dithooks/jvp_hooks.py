@@ -39,6 +39,8 @@ a callable
 
 from __future__ import annotations
 
+import dataclasses
+import numbers
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -46,7 +48,7 @@ import torch
 from torch import nn
 
 from .errors import DithooksError
-from .hookpoints import HookPoint
+from .hookpoints import HookPoint, block_name, split_name
 from .jvp import (ALL_PARTS, AdaLNConditioning, BlockPrimal, _check_block, block_jvp, block_tangents,
                   gelu_linear_layers)
 
@@ -129,6 +131,20 @@ def check_direction(direction: Any) -> None:
                             "or give a tensor / {layer: tensor} / callable")
 
 
+def check_settings(settings: JVPSettings) -> None:
+    """One-line errors for settings that cannot be used."""
+    check_direction(settings.direction)
+    if settings.g is not None:
+        from .gates import validate_coupling
+        try:
+            validate_coupling(settings.g)
+        except (TypeError, ValueError) as e:
+            raise DithooksError(f"JVP coupling: {e}") from None
+    seed = settings.seed
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise DithooksError(f"JVP seed must be a whole number, got {seed!r}")
+
+
 class _Tap:
     """Passive forward hooks inside one block that keep what the tangent pass reuses.
 
@@ -200,6 +216,15 @@ class _Job:
 _KNOWN_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor", "HookedAttnProcessor")
 
 
+def _is_adaln_zero_block(block: nn.Module) -> bool:
+    """Whether the DiT paths (fused tangents, ride-along) know this block."""
+    try:
+        _check_block(block)
+    except NotImplementedError:
+        return False
+    return True
+
+
 def _can_ride_along(block: nn.Module) -> bool:
     """Whether the block is the adaLN-Zero DiT block the ride-along tangent knows."""
     try:
@@ -220,17 +245,25 @@ class JVPHooks:
         self._handles: dict[int, list[Any]] = {}
         self._taps: dict[int, _Tap] = {}
         self._jobs: dict[int, _Job] = {}
+        self._generic: set[int] = set()  # layers linearised by torch.func.jvp (not adaLN-Zero DiT blocks)
         #: how many block calls took each path since the last sync: {"ride_along": n, "separate": n}
         self.calls = {"ride_along": 0, "separate": 0}
 
     def configure(self, **changes: Any) -> None:
         """Change :class:`JVPSettings` fields (direction, g, apply_gates, seed, ride_along)."""
-        for k, v in changes.items():
+        for k in changes:
             if not hasattr(self.settings, k):
                 raise DithooksError(f"unknown JVP setting {k!r}")
-            if k == "direction":
-                check_direction(v)
+        check_settings(dataclasses.replace(self.settings, **changes))
+        for k, v in changes.items():  # in place: whoever holds the settings sees the change
             setattr(self.settings, k, v)
+
+    def use_settings(self, settings: JVPSettings) -> None:
+        """Replace the settings by ``settings`` (validated like :meth:`configure`)."""
+        if not isinstance(settings, JVPSettings):
+            raise DithooksError(f"JVP settings must be a JVPSettings, got {type(settings).__name__}")
+        check_settings(settings)
+        self.settings = settings
 
     # -- the extension protocol ---------------------------------------------------------------
     def sync(self, manager) -> None:
@@ -240,7 +273,7 @@ class JVPHooks:
         for h in manager.attached():
             p = manager.adapter.point(h.name)
             if p.kind == "jvp":
-                wanted.setdefault(p.layer, set()).add(h.name.split(".", 3)[3])
+                wanted.setdefault(p.layer, set()).add(split_name(h.name)[1][len("jvp."):])
             elif h.mode == "replace":
                 inside.update(self._layers_inside(manager, p))
         # re-register every time so this pre-hook runs after the manager's own ones on the block
@@ -253,6 +286,7 @@ class JVPHooks:
         self._handles, self._taps, self._jobs = {}, {}, {}
         self.calls = {"ride_along": 0, "separate": 0}
         blocks = manager.adapter.blocks()
+        self._generic = {layer for layer in wanted if not _is_adaln_zero_block(blocks[layer])}
         for layer, names in wanted.items():
             block, names = blocks[layer], frozenset(names)
             self._handles[layer] = [
@@ -270,14 +304,66 @@ class JVPHooks:
             return {p.layer}
         out = set()
         for layer in range(manager.adapter.num_layers):
-            path = manager.adapter.point(f"blocks.{layer}.jvp.full").module_path
+            path = manager.adapter.block_path(layer)
             if p.module_path.startswith(path + "."):
                 out.add(layer)
         return out
 
     # -- computing ------------------------------------------------------------------------------
+    def _generic_jvp(self, layer: int, block: nn.Module, args: tuple, kwargs: dict, names: frozenset[str]) -> None:
+        """``blocks.{i}.jvp.full`` of any family: ``torch.func.jvp`` of h -> resid_post(block with
+        resid_pre replaced by h), through the block's own modules (hook functions suspended), every
+        other input of the call (text stream, conditioning, rotary embeddings) held at its value.
+
+        Replica directions run the pair for real: the primal is ``[p; p]`` (p the symmetric state),
+        the tangent ``[delta; -delta]``, with the block's attention coupled at the JVP's g, and the
+        value is half the difference of the tangent's halves (the difference-mode JVP the DiT path
+        computes analytically)."""
+        from contextlib import nullcontext
+
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        from .attention.install import installed_processors
+
+        m = self._manager
+        adapter = m.adapter
+        pre_point = adapter.point(block_name(layer, "resid_pre"))
+        post_point = adapter.point(block_name(layer, "resid_post"))
+        h = pre_point.read(args, kwargs, None)
+        point, delta, axes, rows = self._direction(layer, h, m.state.batch_axes)
+        g_live, window = self._layer_attention(layer)
+        g = g_live if self.settings.g is None else float(self.settings.g)
+        paired = rows != slice(None)
+        if g != 0.0 and not paired:
+            raise DithooksError(f"block {layer}: a JVP at coupling g = {g} needs replica pairs "
+                                "(direction 'replica')")
+        values: dict[str, torch.Tensor] = {"point": point, "direction": delta}
+        if "full" in names:
+            x0 = torch.cat([point, point]) if paired else point
+            dx = torch.cat([delta, -delta]) if paired else delta
+            ext = m.extension("attention")
+            swap = g != g_live or (window is not None) or (ext is not None and ext.processor(layer) is not None)
+            # a fresh processor without emit: the block's coupling/window, nothing emitted
+            make = (lambda _l: adapter.make_processor(layer, None, coupling=g if g != 0.0 else None, window=window))
+            procs = installed_processors(adapter, [layer], make) if swap else nullcontext()
+
+            def f(x):
+                a, kw = pre_point.write(args, kwargs, None, x)
+                return post_point.read(a, kw, block.forward(*a, **kw))
+
+            with torch.no_grad(), m.suspended(), procs, sdpa_kernel(SDPBackend.MATH):
+                _, tangent = torch.func.jvp(f, (x0,), (dx,))
+            if paired:
+                half = tangent.shape[0] // 2
+                tangent = (tangent[:half] - tangent[half:]) / 2
+            values["full"] = tangent
+        self.calls["separate"] += 1
+        info = {"g": g, "window": window, "apply_gates": self.settings.apply_gates, "block": block}
+        for local in names:
+            m.run_hooks(adapter.point(block_name(layer, "jvp." + local)), values[local], batch_axes=axes, info=info)
+
     def _layer_attention(self, layer: int) -> tuple[float, int | None]:
-        att = getattr(self._manager, "attention", None)
+        att = self._manager.extension("attention")
         if att is None:
             return 0.0, None
         g, r = att.layer_settings(layer)
@@ -306,7 +392,7 @@ class JVPHooks:
                                     f"{sorted(d)})")
             d = d[layer]
         if callable(d) and not isinstance(d, torch.Tensor):
-            ctx = self._manager.context(self._manager.adapter.point(f"blocks.{layer}.jvp.direction"))
+            ctx = self._manager.context(self._manager.adapter.point(block_name(layer, "jvp.direction")))
             d = d(h, ctx)
         delta = torch.as_tensor(d).to(h.device, h.dtype)
         try:
@@ -334,6 +420,9 @@ class JVPHooks:
     def _make_hook(self, layer: int, names: frozenset[str]):
         def pre_hook(block, args, kwargs):
             m = self._manager
+            if layer in self._generic:
+                self._generic_jvp(layer, block, args, kwargs, names)
+                return None
             h = args[0] if args else kwargs["hidden_states"]
             t, y = kwargs.get("timestep"), kwargs.get("class_labels")
             if t is None:
@@ -390,7 +479,7 @@ class JVPHooks:
         info = {"g": job.g, "window": job.window, "apply_gates": self.settings.apply_gates, "block": block,
                 "timestep": job.t, "class_labels": job.y}
         for local in names:
-            m.run_hooks(m.adapter.point(f"blocks.{layer}.jvp.{local}"), values[local], batch_axes=job.axes,
+            m.run_hooks(m.adapter.point(block_name(layer, "jvp." + local)), values[local], batch_axes=job.axes,
                         info=info)
 
 

@@ -242,3 +242,29 @@ def test_what_cannot_ride_along_takes_the_separate_path(tiny_loaded):
     assert calls[True] == {"ride_along": 2, "separate": 2}  # block 2 still rides along
     assert torch.equal(outs[True], outs[False])
     _assert_same_values(got)
+
+
+@pytest.mark.parametrize("replica", [False, True])
+def test_generic_jvp_full_matches_the_dit_path(tiny_loaded, monkeypatch, replica):
+    """The family-generic ``jvp.full`` (torch.func.jvp of h -> resid_post through the block's own
+    modules) agrees with the DiT fused path, random directions and coupled replica pairs alike,
+    and stays passive."""
+    import dithooks.jvp_hooks as jh
+
+    rep = ReplicaSpec(kappa=0.5, g=0.3, layers=(1,)) if replica else None
+    spec = SamplerSpec("ddim", 2, guidance=1.5)
+    names = ["blocks.1.jvp.full", "blocks.1.jvp.point", "blocks.1.jvp.direction"]
+
+    def run():
+        hm = HookManager(tiny_loaded.transformer, tiny_loaded.adapter)
+        return _collect(hm, names, lambda: Sampler(tiny_loaded, spec, hm, replicas=rep).run([1, 2], [0, 1]))
+
+    dit, out_dit = run()
+    monkeypatch.setattr(jh, "_is_adaln_zero_block", lambda block: False)
+    gen, out_gen = run()
+    assert torch.equal(out_dit, out_gen)  # passive either way
+    for s in range(2):
+        assert gen["blocks.1.jvp.full"][s][1] == dit["blocks.1.jvp.full"][s][1]  # same batch layout
+        torch.testing.assert_close(gen["blocks.1.jvp.point"][s][2], dit["blocks.1.jvp.point"][s][2], rtol=0, atol=0)
+        torch.testing.assert_close(gen["blocks.1.jvp.full"][s][2], dit["blocks.1.jvp.full"][s][2],
+                                   rtol=1e-4, atol=1e-5)

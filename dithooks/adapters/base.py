@@ -282,7 +282,7 @@ class ModelAdapter:
         template = "blocks.{i}." + spec.local if layer is not None else spec.local
         carry = None if spec.carry_to is None else join(prefix, spec.carry_to)
         return HookPoint(name, template, join(prefix, spec.path), spec.kind, spec.dims, spec.doc, layer,
-                         spec.read, spec.write, carry)
+                         spec.read, spec.write, carry, spec.carry_item if carry is not None else None)
 
     def _processor_points(self, layer: int, prefix: str) -> dict[str, HookPoint]:
         try:

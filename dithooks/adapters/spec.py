@@ -41,7 +41,8 @@ class PointSpec:
     ``path``: module path relative to the block (``""`` = the block itself) or, for model-level
     rows, relative to the model. ``kind``: ``pre`` (an argument of that module's call) or
     ``post`` (its output). ``carry_to``: relative path of the module whose output absorbs
-    ``new - old`` when this value is replaced (values re-used after the hooked call).
+    ``new - old`` when this value is replaced (values re-used after the hooked call);
+    ``carry_item``: which element of that module's tuple output absorbs it (None: the output).
     """
 
     local: str
@@ -52,6 +53,7 @@ class PointSpec:
     read: Reader = field(compare=False, repr=False)
     write: Writer | None = field(default=None, compare=False, repr=False)
     carry_to: str | None = None
+    carry_item: int | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -128,13 +130,14 @@ def chunk_writer(j: int, n: int, dim: int = 1) -> Writer:
 
 # -- row constructors ----------------------------------------------------------------------------
 def pre(local: str, path: str, dims: tuple[str, ...], doc: str, *, arg: str | None = None,
-        position: int | None = None, writable: bool = True, carry_to: str | None = None) -> PointSpec:
+        position: int | None = None, writable: bool = True, carry_to: str | None = None,
+        carry_item: int | None = None) -> PointSpec:
     """An argument going into ``path``: the first one, or keyword ``arg``."""
     if arg is None:
         read, write = first_tensor_arg, replace_first_arg
     else:
         read, write = kwarg_reader(arg, position), kwarg_writer(arg, position)
-    return PointSpec(local, path, "pre", tuple(dims), doc, read, write if writable else None, carry_to)
+    return PointSpec(local, path, "pre", tuple(dims), doc, read, write if writable else None, carry_to, carry_item)
 
 
 def post(local: str, path: str, dims: tuple[str, ...], doc: str, *, item: int | None = None,
