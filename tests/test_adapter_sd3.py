@@ -308,3 +308,63 @@ def test_sd35_dual_attention_and_qk_norm():
     assert torch.equal(forward(model, x), ref)
     att.set_coupling(None)
     att.set_window(None)
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_jvp_full_matches_finite_differences(loaded, layer):
+    """blocks.{i}.jvp.full (image stream, text stream held fixed) against a float64 central difference."""
+    import copy
+
+    a, model = loaded.adapter, loaded.transformer
+    assert f"blocks.{layer}.jvp.full" in a.hook_points() and f"blocks.{layer}.jvp.routing" not in a.hook_points()
+    hm = HookManager(model, a)
+    x = model_inputs()
+    d = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(9))
+    hm.extension("jvp").configure(direction=d)
+    b = f"blocks.{layer}."
+    got, out = read_all(hm, [b + "jvp.full", b + "resid_pre", b + "context.resid_pre", "cond_embed.out"], x)
+    assert torch.equal(out, forward(model, x))  # the JVP leaves the forward alone
+    blk = copy.deepcopy(model.transformer_blocks[layer]).double()
+    kw = dict(encoder_hidden_states=got[b + "context.resid_pre"].double(), temb=got["cond_embed.out"].double())
+    eps, h = 1e-5, got[b + "resid_pre"].double()
+    with torch.no_grad():
+        fd = (blk(hidden_states=h + eps * d, **kw)[1] - blk(hidden_states=h - eps * d, **kw)[1]) / (2 * eps)
+    assert torch.allclose(got[b + "jvp.full"].double(), fd, rtol=1e-4, atol=1e-5)
+    assert fd.abs().max() > 0.1
+
+
+def test_jvp_full_replica_difference_under_coupling(loaded):
+    """Direction 'replica' at g = 0.4: half the difference of the coupled pair's tangents,
+    against a float64 central difference of the coupled block run on the pair."""
+    import copy
+
+    from dithooks.attention.joint_processor import HookedJointAttnProcessor
+
+    a, model = loaded.adapter, loaded.transformer
+    hm = HookManager(model, a)
+    hm.state.batch_axes = (("replica", 2), ("sample", 1))
+    hm.extension("attention").set_coupling(0.4)
+    hm.extension("jvp").configure(direction="replica")
+    x = {k: torch.cat([v[:1], v[:1]]) if k != "hidden_states" else v for k, v in model_inputs().items()}
+    try:
+        got, _ = read_all(hm, ["blocks.0.jvp.full", "blocks.0.resid_pre", "blocks.0.context.resid_pre", "cond_embed.out"], x)
+    finally:
+        hm.extension("attention").set_coupling(None)
+    blk = copy.deepcopy(model.transformer_blocks[0]).double()
+    blk.attn.set_processor(HookedJointAttnProcessor(0, coupling=0.4))
+    h = got["blocks.0.resid_pre"].double()
+    p, d = (h[:1] + h[1:]) / 2, (h[:1] - h[1:]) / 2
+    kw = dict(encoder_hidden_states=got["blocks.0.context.resid_pre"].double(), temb=got["cond_embed.out"].double())
+    eps = 1e-5
+    with torch.no_grad():
+        plus = blk(hidden_states=torch.cat([p + eps * d, p - eps * d]), **kw)[1]
+        minus = blk(hidden_states=torch.cat([p - eps * d, p + eps * d]), **kw)[1]
+    T = (plus - minus) / (2 * eps)
+    expect = (T[:1] - T[1:]) / 2
+    assert got["blocks.0.jvp.full"].shape == (1, 16, 32)
+    assert torch.allclose(got["blocks.0.jvp.full"].double(), expect, rtol=1e-4, atol=1e-5)
+    blk.attn.set_processor(HookedJointAttnProcessor(0))  # uncoupled: a different answer
+    with torch.no_grad():
+        T0 = (blk(hidden_states=torch.cat([p + eps * d, p - eps * d]), **kw)[1]
+              - blk(hidden_states=torch.cat([p - eps * d, p + eps * d]), **kw)[1]) / (2 * eps)
+    assert (expect - (T0[:1] - T0[1:]) / 2).abs().max() > 1e-3

@@ -169,6 +169,16 @@ class SD3Adapter(ModelAdapter):
 
         return {local: (NAME_DIMS[local], NAME_DOCS[local], local in WRITABLE_NAMES) for local in sorted(ALL_NAMES)}
 
+    # -- JVPs ----------------------------------------------------------------------------------
+    @property
+    def jvp_support(self) -> frozenset[str]:
+        """``full`` only: the generic JVP (torch.func.jvp of the block from resid_pre to
+        resid_post, the text stream and temb held fixed). The routing/modulation split of THEORY
+        §3 is DiT's single-stream adaLN-Zero algebra; in the joint block the image rows' softmax
+        also runs over text keys whose values move with the text stream, which this JVP holds
+        fixed, so the split is not offered."""
+        return frozenset({"full"})
+
     # -- geometry ------------------------------------------------------------------------------
     @property
     def geometry(self) -> Geometry:
