@@ -37,7 +37,6 @@ stays unmasked) and masks the inter block alike; r >= side-1 builds no mask (glo
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
