@@ -378,3 +378,55 @@ def test_text_conditioning_is_checked_in_one_line(loaded):
         sampler.run(Conditioning(prompt_embeds=torch.zeros(2, 5, 32),
                                  extras={"prompt_attention_mask": torch.ones(2, 4)}), [0, 1])
     loaded.adapter.text_tokens = TEXT_TOKENS
+
+
+def test_capture_stores_what_the_hooks_see_and_query_reads_it(loaded, tmp_path):
+    import json
+
+    import numpy as np
+
+    from dithooks.capture import CaptureConfig, capture
+    from dithooks.sampling import Sampler, SamplerSpec
+    from dithooks.store.reader import open_store
+
+    from .conformance.family_pixart import conditioning
+
+    cond, spec = conditioning(2, seed=5), SamplerSpec("ddim", 2, guidance=3.0)
+    plain = Sampler(loaded, spec).run(cond, [0, 1])
+    hm = HookManager(loaded.transformer, loaded.adapter)
+    ref = {}
+    keep = lambda v, c: ref.__setitem__((c.name, c.step), v.clone())  # noqa: E731
+    # the same hooks as the capture: reading patterns moves attn1 off fused SDPA (float error)
+    with hm.hooks(read={"blocks.1.cross_attn.out": keep, "context_embed.out": keep,
+                        "blocks.*.attn.pattern": lambda v, c: None}):
+        hooked = Sampler(loaded, spec, hm).run(cond, [0, 1])
+    torch.testing.assert_close(hooked, plain, atol=1e-5, rtol=1e-5)
+    hooks = ("resid_post", "cross_attn.out", "context_embed.out", "attn.pattern", "adaln.gate_msa")
+    res = capture(CaptureConfig(out=str(tmp_path / "s.zarr"), hooks=hooks, sampler=spec, seeds=(0, 1),
+                                conditioning=cond, storage_dtype="fp32"), loaded)
+    assert res.steps_run == 2
+    store = open_store(tmp_path / "s.zarr")
+    assert store.completeness()["complete"]
+    got = store.select("blocks.cross_attn.out")
+    assert got.dims == ("step", "layer", "cfg", "sample", "token", "channel")
+    ctx = store.select("context_embed.out")
+    assert ctx.dims == ("step", "cfg", "sample", "text_token", "channel") and ctx.values.shape[-2] == TEXT_TOKENS
+    for s in range(2):  # batch rows are (cond samples, null samples)
+        np.testing.assert_array_equal(got.values[s, 1].reshape(4, N, D), ref[("blocks.1.cross_attn.out", s)].numpy())
+        np.testing.assert_array_equal(ctx.values[s].reshape(4, TEXT_TOKENS, D), ref[("context_embed.out", s)].numpy())
+    pattern = store.select("blocks.attn.pattern").values
+    np.testing.assert_allclose(pattern.sum(-1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(store.select("latents").values[-1], hooked.numpy())
+    from typer.testing import CliRunner
+
+    from dithooks.cli.main import app
+
+    q = CliRunner().invoke(app, ["query", str(tmp_path / "s.zarr"), "blocks.adaln.gate_msa", "--step", "-1",
+                                 "--layer", "1", "--cfg", "cond", "--json"])
+    assert q.exit_code == 0, q.output
+    records = json.loads(q.output)["records"]
+    gate = store.select("blocks.adaln.gate_msa").values[-1, 1, 0]  # (sample, channel)
+    assert [r["sample"] for r in records] == [0, 1]
+    np.testing.assert_allclose([r["norm"] for r in records], np.linalg.norm(gate, axis=-1), rtol=1e-6)
+    listed = CliRunner().invoke(app, ["ls", str(tmp_path / "s.zarr")])
+    assert listed.exit_code == 0 and "context_embed.out" in listed.output and "PixArt" in listed.output
