@@ -71,7 +71,7 @@ def _report(store_path: Path, as_json: bool, seconds: float, figures: bool = Tru
 
 
 def _interrupts():
-    from .main import _sigterm_as_interrupt
+    from .running import sigterm_as_interrupt as _sigterm_as_interrupt
 
     _sigterm_as_interrupt()
 

@@ -1,6 +1,6 @@
 """``dithooks probe NAME`` (capture with a probe) and ``dithooks probes`` (list the built-ins).
 
-``cli/main.py`` adds them with ``from .probe_cmd import register; register(app)``.
+``cli/main.py`` adds them with ``register(app)``; the sampling options are ``run_options``'.
 """
 
 from __future__ import annotations
@@ -12,55 +12,33 @@ import typer
 
 from . import run_options as ro
 from .output import human_bytes, print_csv, print_json, print_table, user_errors
+from .running import run_with_progress
 
 
+@ro.sampling_command(
+    "name option out model layers hooks steps sampler eta guidance classes seeds pairs kappa coupling couple_until "
+    "share_noise_until couple_layers window window_layers jvp_direction dtype device resume overwrite "
+    "allow_weight_mismatch quiet as_json",
+    out=Path("probe.zarr"), seeds="0-1")
 def probe(
+    run: ro.SamplingOptions,
     name: str = typer.Argument(..., help="A built-in probe (`dithooks probes`) or your own: package.module:ClassName "
                                "(importable, e.g. via PYTHONPATH) or path/to/file.py:ClassName."),
     option: List[str] = typer.Option([], "--option", "-O", help="Probe option key=value; repeat for more."),
-    out: ro.Out = Path("probe.zarr"),
-    model: ro.Model = None,
-    layers: ro.Layers = "all",
     hooks: str = typer.Option("", "--hooks", help="Also store these hook points raw (capture's --hooks); default: none, only probe outputs and latents."),
-    steps: ro.Steps = 50,
-    sampler: ro.SamplerName = "ddim",
-    eta: ro.Eta = 0.0,
-    guidance: ro.Guidance = 1.0,
-    classes: ro.Classes = "0",
-    seeds: ro.Seeds = "0-1",
-    pairs: ro.Pairs = False,
-    kappa: ro.Kappa = None,
-    coupling: ro.Coupling = None,
-    couple_until: ro.CoupleUntil = None,
-    share_noise_until: ro.ShareNoiseUntil = None,
-    couple_layers: ro.CoupleLayers = "all",
-    window: ro.Window = None,
-    window_layers: ro.WindowLayers = "all",
-    jvp_direction: ro.JvpDirection = "auto",
-    dtype: ro.StorageDtype = "fp16",
-    device: ro.Device = "cpu",
-    resume: ro.Resume = False,
-    overwrite: ro.Overwrite = False,
-    allow_weight_mismatch: ro.AllowWeightMismatch = False,
-    quiet: ro.Quiet = False,
-    as_json: ro.Json = False,
 ):
     """Sample with a probe attached and store its outputs (probe.NAME.*) in a Zarr store."""
     from dithooks.probes.api import make_probe, parse_option_texts
 
     the_probe = make_probe(name, parse_option_texts(option))
-    request = ro.sampling_request(
-        out=out, model=model, layers=layers, hooks=hooks, steps=steps, sampler=sampler, eta=eta, guidance=guidance,
-        classes=classes, seeds=seeds, dtype=dtype, device=device, resume=resume, overwrite=overwrite, pairs=pairs,
-        kappa=kappa, coupling=coupling, couple_until=couple_until, share_noise_until=share_noise_until,
-        couple_layers=couple_layers, window=window, window_layers=window_layers, jvp_direction=jvp_direction,
-        probes=(the_probe,))
-    result, arrays = run_probe(the_probe, request, quiet=quiet or as_json, allow_weight_mismatch=allow_weight_mismatch)
+    request = run.request(hooks=hooks, probes=(the_probe,))
+    result, arrays = run_probe(the_probe, request, quiet=run.quiet or run.as_json,
+                               allow_weight_mismatch=run.allow_weight_mismatch)
     summary = {"store": str(result.path), "probe": the_probe.describe(), "steps_run": result.steps_run,
                "steps_total": result.steps_total, "resumed_from_step": result.resumed_from,
                "seconds": round(result.seconds, 3),
                "arrays": [{"name": a.name, "dims": list(a.dims), "shape": list(a.shape)} for a in arrays]}
-    if as_json:
+    if run.as_json:
         print_json(summary)
         return
     typer.echo(f"wrote {result.path}: probe {the_probe.label()}, {result.steps_run} steps "
@@ -71,21 +49,10 @@ def probe(
 
 def run_probe(the_probe, request: dict, quiet: bool, allow_weight_mismatch: bool = False):
     """Run a capture with ``the_probe``; returns the result and the probe's stored arrays."""
-    from tqdm.auto import tqdm
-
     from dithooks.store.reader import open_store
 
-    from .main import _sigterm_as_interrupt, announce_plan
-
     session = ro.make_session(request, allow_weight_mismatch=allow_weight_mismatch)
-    _sigterm_as_interrupt()
-    steps = request["sampler"].steps
-
-    def progress(it):  # called once sampling starts: the store is open, so the plan is news
-        announce_plan(session, quiet=quiet)
-        return tqdm(it, total=steps, initial=it.start, desc=the_probe.label(), unit="step", disable=quiet)
-
-    result = ro.run_session(session, progress)
+    result = run_with_progress(session, request["sampler"].steps, the_probe.label(), quiet=quiet)
     store = open_store(request["out"])
     prefix = f"probe.{the_probe.label()}."
     return result, [store.array_info(n) for n in store.array_names() if n.startswith(prefix)]
@@ -119,32 +86,16 @@ def probes(as_json: bool = typer.Option(False, "--json", help="Print as JSON."))
             typer.echo(f"    --option {k}={o['default']}  {o['help']}")
 
 
+@ro.sampling_command(
+    "out from_store model layers steps sampler eta guidance classes seeds kappa coupling couple_until couple_layers "
+    "window window_layers modes per_head plot device resume overwrite allow_weight_mismatch quiet as_json as_csv",
+    out=Path("routing.zarr"), seeds="0-3", pairs=True, jvp_direction="replica")
 def routing(
-    out: ro.Out = Path("routing.zarr"),
+    run: ro.SamplingOptions,
     from_store: Optional[Path] = typer.Option(None, "--from", help="Summarise this existing routing store instead of sampling."),
-    model: ro.Model = None,
-    layers: ro.Layers = "all",
-    steps: ro.Steps = 50,
-    sampler: ro.SamplerName = "ddim",
-    eta: ro.Eta = 0.0,
-    guidance: ro.Guidance = 1.0,
-    classes: ro.Classes = "0",
-    seeds: ro.Seeds = "0-3",
-    kappa: ro.Kappa = None,
-    coupling: ro.Coupling = None,
-    couple_until: ro.CoupleUntil = None,
-    couple_layers: ro.CoupleLayers = "all",
-    window: ro.Window = None,
-    window_layers: ro.WindowLayers = "all",
     modes: int = typer.Option(0, "--modes", help="Also measure per-mode gains chi_k, pi_k, f_k along K difference modes (K block JVPs per pair, layer and step)."),
     per_head: bool = typer.Option(False, "--per-head", help="One row per layer and head."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Save a heatmap (layer x step) of log10 ||R||/||M|| here (.png or .svg)."),
-    device: ro.Device = "cpu",
-    resume: ro.Resume = False,
-    overwrite: ro.Overwrite = False,
-    allow_weight_mismatch: ro.AllowWeightMismatch = False,
-    quiet: ro.Quiet = False,
-    as_json: ro.Json = False,
     as_csv: bool = typer.Option(False, "--csv", help="Print the table as CSV."),
 ):
     """Routing-dominance ratios ||R||/||M|| per layer (Appendix B): sample replica pairs, measure, tabulate."""
@@ -154,6 +105,7 @@ def routing(
 
     from dithooks.errors import DithooksError
 
+    as_json = run.as_json
     if as_json and as_csv:
         raise DithooksError("--json and --csv exclude each other")
     ro.check_output_file(plot, "--plot", (".png", ".svg", ".pdf"))
@@ -161,19 +113,16 @@ def routing(
         if modes < 0:
             raise DithooksError(f"--modes must be >= 0, got {modes}")
         the_probe = make_probe("routing", {"modes": modes})
-        request = ro.sampling_request(
-            out=out, model=model, layers=layers, hooks="", steps=steps, sampler=sampler, eta=eta, guidance=guidance,
-            classes=classes, seeds=seeds, device=device, resume=resume, overwrite=overwrite, pairs=True, kappa=kappa,
-            coupling=coupling, couple_until=couple_until, couple_layers=couple_layers, window=window,
-            window_layers=window_layers, jvp_direction="replica", probes=(the_probe,))
+        request = run.request(probes=(the_probe,))
         pairs = len(request["seeds"])
         if modes > pairs:
             raise DithooksError(f"--modes {modes} is more than the {pairs} replica pair(s) (--seeds) can span: "
                                 f"use at most {pairs}")
-        run_probe(the_probe, request, quiet=quiet or as_json or as_csv, allow_weight_mismatch=allow_weight_mismatch)
-    elif resume or overwrite:
+        run_probe(the_probe, request, quiet=run.quiet or as_json or as_csv,
+                  allow_weight_mismatch=run.allow_weight_mismatch)
+    elif run.resume or run.overwrite:
         raise DithooksError("--from re-summarises a store without sampling: --resume and --overwrite do not apply")
-    store = open_store(from_store if from_store is not None else out)
+    store = open_store(from_store if from_store is not None else run.out)
     rows = routing_table(store, per_head=per_head)
     summary = routing_summary(store)
     if plot is not None:

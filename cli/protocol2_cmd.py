@@ -52,7 +52,7 @@ def protocol2(
     from dithooks.errors import DithooksError
     from dithooks.protocols.protocol2 import Protocol2, Protocol2Request
 
-    from .main import _sigterm_as_interrupt
+    from .running import sigterm_as_interrupt as _sigterm_as_interrupt
 
     if resume and overwrite:
         raise DithooksError("--resume and --overwrite exclude each other")

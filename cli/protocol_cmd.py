@@ -54,7 +54,7 @@ def protocol1(
                                               load_summary, merge_resume_request)
     from dithooks.protocols.store import ResultsStore
 
-    from .main import _sigterm_as_interrupt
+    from .running import sigterm_as_interrupt as _sigterm_as_interrupt
     from .run_options import parse_int_list
 
     if from_store is not None:

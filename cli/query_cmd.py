@@ -9,11 +9,12 @@ from __future__ import annotations
 import sys
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import typer
 
-from .output import print_table
+from .output import print_table, user_errors
 
 
 def run_query(store: Path, hook: str, *, step=None, layer=None, sample=None, cfg=None, replica=None,
@@ -93,3 +94,28 @@ def print_rows(store, red, reduce: str, limit: int, as_json: bool, as_csv: bool,
         if total > limit:
             typer.echo(f"... {total - limit} more rows (--limit, --json or --csv for all)")
     out.flush()
+
+
+def query(
+    store: Path = typer.Argument(..., help="A capture store."),
+    hook: str = typer.Argument(..., help="Hook point (blocks.3.resid_post), or array (blocks.resid_post) for all layers."),
+    step: Optional[str] = typer.Option(None, "--step", help="Step positions: 5, -1 (last), 0:10, ::2, 0,5,9, 3-7, 40- (to the end)."),
+    layer: Optional[str] = typer.Option(None, "--layer", help="Block indices: 3, -1 (last captured), 0-27, 20- (20 to the last captured), 0,5."),
+    sample: Optional[str] = typer.Option(None, "--sample", help="Samples: 0, 0:4, 0-3."),
+    cfg: Optional[str] = typer.Option(None, "--cfg", help="cond or uncond (guided stores)."),
+    replica: Optional[str] = typer.Option(None, "--replica", help="a or b (replica-pair stores)."),
+    reduce: str = typer.Option("norm", "--reduce", "-r", help="norm, mean, std, rms, absmax or none."),
+    over: Optional[str] = typer.Option(None, "--over", help="Dims to reduce (default: all value dims, e.g. token,channel)."),
+    as_json: bool = typer.Option(False, "--json", help="Print records as JSON (NaN as null)."),
+    as_csv: bool = typer.Option(False, "--csv", help="Print records as CSV."),
+    limit: int = typer.Option(200, "--limit", help="Most rows to print as a table (JSON/CSV print all)."),
+    allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help="Read steps not marked complete and missing or damaged chunks as NaN (with a warning) instead of refusing."),
+):
+    """Slice one hook point by step/layer/sample and reduce it to a table (streamed chunk by chunk)."""
+    run_query(store, hook, step=step, layer=layer, sample=sample, cfg=cfg, replica=replica, reduce=reduce,
+              over=over, as_json=as_json, as_csv=as_csv, limit=limit, allow_incomplete=allow_incomplete)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``query`` to the ``dithooks`` app."""
+    app.command("query")(user_errors(query))

@@ -1,15 +1,23 @@
-"""Options shared by every command that samples (capture, probe, routing), and what they build.
+"""Options shared by the commands, declared once, and what the sampling ones build.
 
-Each option is declared once here as an ``Annotated`` type; commands list the ones they take
-(with their own defaults) and hand the values to :func:`sampling_request`, which turns them into
-the keyword arguments of :class:`dithooks.capture.CaptureConfig`.
+Each option is declared once here as an ``Annotated`` type (name, short name, help). The options
+every sampling command shares (capture, probe, routing) are the fields of :class:`SamplingOptions`;
+a command takes them with :func:`sampling_command`, naming the ones it offers (and where they
+appear in its ``--help``) and its own defaults, and receives one :class:`SamplingOptions` value.
+:meth:`SamplingOptions.request` validates them (once, in :func:`sampling_request`) and turns them
+into the keyword arguments of :class:`dithooks.capture.CaptureConfig`. Commands with their own
+request types (protocol1, protocol2, locality) use the ``Annotated`` types for the options whose
+meaning is the same (``--model``, ``--device``, ``--resume``, ...).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import math
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Callable, Optional, get_type_hints
 
 import typer
 
@@ -56,6 +64,100 @@ QueryTile = Annotated[int, typer.Option("--query-tile", help="Query rows per til
 # JVPs
 JvpDirection = Annotated[str, typer.Option("--jvp-direction", help="Direction of blocks.{i}.jvp.*: auto (replica difference with pairs, else random), replica, random, or a .npy file of shape (tokens, channels).")]
 JvpGates = Annotated[bool, typer.Option("--jvp-gates/--no-jvp-gates", help="Apply rho(g), xi(g) to the routing/modulation parts.")]
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingOptions:
+    """The values of the options the sampling commands share; the defaults are capture's (a command
+    that does not offer an option gets its default, or the value it fixes in :func:`sampling_command`)."""
+
+    out: Out = Path("capture.zarr")
+    model: Model = None
+    layers: Layers = "all"
+    steps: Steps = 50
+    sampler: SamplerName = "ddim"
+    eta: Eta = 0.0
+    guidance: Guidance = 1.0
+    classes: Classes = "0"
+    seeds: Seeds = "0"
+    pairs: Pairs = False
+    kappa: Kappa = None
+    coupling: Coupling = None
+    couple_until: CoupleUntil = None
+    share_noise_until: ShareNoiseUntil = None
+    couple_layers: CoupleLayers = "all"
+    window: Window = None
+    window_layers: WindowLayers = "all"
+    top_k: TopK = None
+    query_tokens: QueryTokens = None
+    query_tile: QueryTile = 512
+    jvp_direction: JvpDirection = "auto"
+    jvp_gates: JvpGates = True
+    dtype: StorageDtype = "fp16"
+    compute_dtype: ComputeDtype = "fp32"
+    device: Device = "cpu"
+    resume: Resume = False
+    overwrite: Overwrite = False
+    allow_weight_mismatch: AllowWeightMismatch = False
+    quiet: Quiet = False
+    as_json: Json = False
+
+    #: fields that steer the command, not the capture
+    COMMAND_ONLY = ("allow_weight_mismatch", "quiet", "as_json")
+
+    def request(self, *, hooks: str = "", compression: str = "none", probes: tuple = ()) -> dict[str, Any]:
+        """Validated keyword arguments of :class:`~dithooks.capture.CaptureConfig`."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in self.COMMAND_ONLY}
+        return sampling_request(hooks=hooks, compression=compression, probes=probes, **values)
+
+    def session(self, request: dict[str, Any]):
+        """The capture session of ``request`` (the model loaded as --allow-weight-mismatch says)."""
+        return make_session(request, allow_weight_mismatch=self.allow_weight_mismatch)
+
+
+def sampling_command(layout: str, **defaults: Any) -> Callable[[Callable], Callable]:
+    """Declare a sampling command from the shared options and its own parameters.
+
+    ``layout`` names, in ``--help`` order, the :class:`SamplingOptions` fields the command offers
+    and its own parameters (those after the first); ``defaults`` sets the command's defaults of
+    offered options and the fixed values of options it does not offer (``pairs=True``). The
+    decorated function receives the :class:`SamplingOptions` first, then its own parameters::
+
+        @sampling_command("out model layers hooks steps quiet", out=Path("x.zarr"), seeds="0-3")
+        def mine(run: SamplingOptions, hooks: str = typer.Option("", "--hooks")): ...
+    """
+    hints = get_type_hints(SamplingOptions, include_extras=True)
+    shared = {f.name: f for f in dataclasses.fields(SamplingOptions)}
+    unknown = set(defaults) - set(shared)
+    if unknown:
+        raise TypeError(f"sampling_command: no shared options {sorted(unknown)}")
+
+    def decorate(fn: Callable) -> Callable:
+        own = dict(list(inspect.signature(fn, eval_str=True).parameters.items())[1:])
+        params, offered = [], []
+        for name in layout.split():
+            if name in own:
+                params.append(own.pop(name).replace(kind=inspect.Parameter.KEYWORD_ONLY))
+            elif name in shared:
+                offered.append(name)
+                params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=hints[name],
+                                                default=defaults.get(name, shared[name].default)))
+            else:
+                raise TypeError(f"{fn.__name__}: {name!r} is neither a shared option nor a parameter")
+        if own:
+            raise TypeError(f"{fn.__name__}: parameters {sorted(own)} are missing from its layout")
+        fixed = {k: v for k, v in defaults.items() if k not in offered}
+
+        @functools.wraps(fn)
+        def command(**kwargs):
+            run = SamplingOptions(**fixed, **{k: kwargs.pop(k) for k in offered})
+            return fn(run, **kwargs)
+
+        command.__signature__ = inspect.Signature(params)
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        return command
+
+    return decorate
 
 
 # list options ("0-7", "0,4,9") share one parser with the whole package

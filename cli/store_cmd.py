@@ -1,6 +1,7 @@
 """``dithooks ls`` and ``dithooks verify``: what a store holds, and whether all of it is on disk.
 
-``cli/main.py`` declares both commands and calls :func:`ls` and :func:`verify` here.
+:func:`ls` and :func:`verify` do the work; ``ls_`` and ``verify_`` are the commands, added to the app by
+:func:`register`.
 """
 
 from __future__ import annotations
@@ -187,3 +188,33 @@ def verify(store: Path, quick: bool = False, as_json: bool = False) -> int:
     else:
         typer.echo("replace it by running the command that made it with --overwrite")
     return rc
+
+
+def ls_(
+    store: Path = typer.Argument(..., help="A capture store."),
+    verify: bool = typer.Option(False, "--verify", help="Also read every chunk of every complete step (as `dithooks verify`); exit 1 if one is missing or damaged."),
+    as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
+):
+    """What a store holds: arrays, dims, shapes, sizes, metadata, completeness, NaN/inf counts."""
+    rc = ls(store, verify=verify, as_json=as_json)
+    if rc:
+        raise typer.Exit(rc)
+
+
+def verify_(
+    store: Path = typer.Argument(..., help="A store."),
+    quick: bool = typer.Option(False, "--quick", help="Only check that chunk files exist and are whole; do not decode them."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+):
+    """Check that every chunk of every complete step exists and decodes; list those that do not (exit 1)."""
+    rc = verify(store, quick=quick, as_json=as_json)
+    if rc:
+        raise typer.Exit(rc)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``ls`` and ``verify`` to the ``dithooks`` app."""
+    from .output import user_errors
+
+    app.command("ls")(user_errors(ls_))
+    app.command("verify")(user_errors(verify_))

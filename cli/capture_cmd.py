@@ -1,0 +1,67 @@
+"""``dithooks capture``: sample with hooks attached and stream the hooked values into a Zarr store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from . import run_options as ro
+from .output import human_bytes, print_json, user_errors
+from .running import run_with_progress
+
+HOOKS_HELP = ("Hook points, comma-separated: short names (resid_post, attn.out, adaln.gate_msa, attn.n_eff, "
+              "jvp.routing) apply to every selected layer; full names (final.out, blocks.3.mlp.out) and globs too. "
+              "See `dithooks hooks`.")
+
+
+@ro.sampling_command(
+    "out model layers hooks steps sampler eta guidance classes seeds pairs kappa coupling couple_until "
+    "share_noise_until couple_layers window window_layers top_k query_tokens query_tile jvp_direction jvp_gates "
+    "dtype compute_dtype compression device resume overwrite allow_weight_mismatch png quiet as_json",
+    out=Path("capture.zarr"))
+def capture(
+    run: ro.SamplingOptions,
+    hooks: str = typer.Option("resid_post", "--hooks", help=HOOKS_HELP),
+    compression: str = typer.Option("none", "--compression", help="none, zstd or lz4."),
+    png: Optional[Path] = typer.Option(None, "--png", help="Also save a PNG grid of the decoded samples here."),
+):
+    """Sample with hooks attached and stream the hooked values into a Zarr store."""
+    ro.check_output_file(png, "--png", (".png",))
+    session = run.session(run.request(hooks=hooks, compression=compression))
+    result = run_with_progress(session, run.steps, "capture", quiet=run.quiet or run.as_json)
+    if png is not None:
+        _save_png(session, run.out, run.steps, png)
+    summary = {"store": str(result.path), "steps_run": result.steps_run, "steps_total": result.steps_total,
+               "resumed_from_step": result.resumed_from, "hook_points": len(result.hooks),
+               "bytes_written": result.bytes_written, "seconds": round(result.seconds, 3),
+               "nonfinite": dict(result.nonfinite)}
+    if result.nonfinite:  # reported, never hidden: the store holds them and `dithooks ls` lists them
+        counts = ", ".join(f"{name} {n}" for name, n in sorted(result.nonfinite.items()))
+        typer.echo(f"warning: NaN/inf values were computed and stored: {counts}", err=True)
+    if run.as_json:
+        print_json(summary)
+    else:
+        typer.echo(f"wrote {result.path}: {result.steps_run} steps ({result.steps_total} total), "
+                   f"{len(result.hooks)} hook points, {human_bytes(result.bytes_written)} "
+                   f"in {result.seconds:.1f} s")
+
+
+def _save_png(session, out: Path, steps: int, png: Path) -> None:
+    import numpy as np
+    import torch
+
+    from dithooks.images import save_image_grid
+    from dithooks.store.reader import open_store
+
+    final = np.asarray(open_store(out).select("latents", latent_step=steps).values[0])
+    final = torch.from_numpy(final.reshape((-1,) + final.shape[-3:]))  # replica pairs: a's then b's
+    images = session.loaded.decode(final.to(next(session.loaded.transformer.parameters()).device))
+    size = images.shape[-1]
+    save_image_grid(images, png, scale=max(1, 64 // size))
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``capture`` to the ``dithooks`` app."""
+    app.command("capture")(user_errors(capture))
