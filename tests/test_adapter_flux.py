@@ -12,6 +12,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dithooks.adapters import adapter_for
 from dithooks.adapters.flux import FluxAdapter, image_ids, pack_latents, text_ids, unpack_latents
@@ -407,3 +408,71 @@ def test_single_block_points_outside_a_model_call_are_refused(loaded):
     call = FluxCall()
     with pytest.raises(DithooksError, match="outside a model call"):
         call.split(21)
+
+
+# -- JVP ---------------------------------------------------------------------------------------------
+def _block_fn(loaded, i, seen, coupling=None):
+    """h -> image resid_post of block i in float64, other inputs as recorded: a deep copy of the
+    block, differentiated directly (independent of the JVP extension). Finite differences would
+    not do: diffusers' apply_rotary_emb computes in float32 even for float64 inputs."""
+    import copy
+
+    from dithooks.attention.flux_processor import HookedFluxAttnProcessor
+
+    model = loaded.transformer
+    blk = copy.deepcopy(model.transformer_blocks[0] if i == 0 else model.single_transformer_blocks[0]).double()
+    if coupling is not None:
+        blk.attn.set_processor(HookedFluxAttnProcessor(i, coupling=coupling, call=loaded.adapter.call))
+    ids = torch.cat([text_ids(L), image_ids(8, 8)]).double()
+    rot = tuple(r.double() for r in model.pos_embed(ids))
+    c, temb = seen[f"blocks.{i}.context.resid_pre"].double(), seen["time_embed.out"].double()
+
+    def f(h):
+        return blk(hidden_states=h, encoder_hidden_states=c, temb=temb, image_rotary_emb=rot)[1]
+    return f
+
+
+def test_jvp_full_matches_a_direct_jvp_of_the_block(loaded):
+    a = loaded.adapter
+    assert {n for n in a.hook_points() if ".jvp." in n} >= {"blocks.0.jvp.full", "blocks.1.jvp.full"}
+    names = ["blocks.*.jvp.full", "blocks.*.jvp.direction", "blocks.*.resid_pre", "blocks.*.context.resid_pre",
+             "time_embed.out"]
+    ref, _ = _run(loaded)
+    out, s = _run(loaded, names)
+    assert torch.equal(out, ref)  # the JVP is computed beside the forward: passive
+    for i in (0, 1):
+        f = _block_fn(loaded, i, s)
+        h, d = s[f"blocks.{i}.resid_pre"].double(), s[f"blocks.{i}.jvp.direction"].double()
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+            _, ref_t = torch.func.jvp(f, (h,), (d,))
+        assert ref_t.abs().max() > 1e-2
+        torch.testing.assert_close(s[f"blocks.{i}.jvp.full"].double(), ref_t, rtol=1e-4, atol=1e-6)
+
+
+def test_jvp_full_replica_difference_at_coupling(loaded):
+    """Replica direction at g = 0.5: half the difference of the tangent of the coupled pair
+    ([p; p] along [d; -d]), the single block's processor splitting text/image from the call record."""
+    a = loaded.adapter
+    hm = HookManager(loaded.transformer, a)
+    x, rows = _inputs(B=2, seed=5)
+    s = {}
+    with torch.no_grad():
+        hm.add_hook(["blocks.*.jvp.full", "blocks.*.jvp.point", "blocks.*.jvp.direction", "blocks.*.context.resid_pre",
+                     "time_embed.out"], lambda v, ctx: s.__setitem__(ctx.name, v.clone()))
+        hm.state.batch_axes = (("replica", 2), ("sample", 1))
+        hm.jvp.configure(direction="replica", g=0.5)
+        try:
+            a.denoise(x, 500.0, rows)
+        finally:
+            hm.remove_all()
+            hm.jvp.configure(direction="auto", g=None)
+            hm.state.batch_axes = ()
+    for i in (0, 1):
+        f = _block_fn(loaded, i, s, coupling=0.5)
+        p, d = s[f"blocks.{i}.jvp.point"].double(), s[f"blocks.{i}.jvp.direction"].double()
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+            _, tan = torch.func.jvp(f, (torch.cat([p, p]),), (torch.cat([d, -d]),))
+            _, tan0 = torch.func.jvp(_block_fn(loaded, i, s), (torch.cat([p, p]),), (torch.cat([d, -d]),))
+        ref_t = (tan[:1] - tan[1:]) / 2
+        assert (ref_t - (tan0[:1] - tan0[1:]) / 2).abs().max() > 1e-4  # the coupling matters here
+        torch.testing.assert_close(s[f"blocks.{i}.jvp.full"].double(), ref_t, rtol=1e-4, atol=1e-6)

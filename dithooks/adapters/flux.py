@@ -354,7 +354,12 @@ class FluxAdapter(ModelAdapter):
 
     @property
     def jvp_support(self) -> frozenset[str]:
-        return frozenset()
+        """``jvp.full`` only (the core's generic ``torch.func.jvp`` of h -> resid_post of the image
+        stream, the text stream, temb and rotary held fixed). The DiT part split (attn/mlp/routing/
+        modulation) assumes one stream and a sequential adaLN-Zero block: Flux double blocks carry a
+        text stream through the joint softmax and single blocks run attention and MLP in parallel
+        on one joint sequence, so those parts are not offered."""
+        return frozenset({"full"})
 
     # -- sampling -------------------------------------------------------------------------------
     @property
