@@ -368,3 +368,20 @@ def test_jvp_full_replica_difference_under_coupling(loaded):
         T0 = (blk(hidden_states=torch.cat([p + eps * d, p - eps * d]), **kw)[1]
               - blk(hidden_states=torch.cat([p - eps * d, p + eps * d]), **kw)[1]) / (2 * eps)
     assert (expect - (T0[:1] - T0[1:]) / 2).abs().max() > 1e-3
+
+
+def test_every_module_point_is_writable_in_place(loaded):
+    """An identity replacement keeps the output bit for bit; a perturbed one changes it (every point
+    feeds the image output, the last block's text-stream ones through the joint keys/values).
+    The perturbation is not affine per token: LayerNorm would undo 1.5 v + 0.1 exactly."""
+    a, model = loaded.adapter, loaded.transformer
+    hm = HookManager(model, a)
+    x = model_inputs()
+    ref = forward(model, x)
+    names = [n for n, p in a.hook_points().items() if p.kind in ("pre", "post")]
+    assert all(a.point(n).writable for n in names)
+    for n in names:
+        with hm.hooks(replace={n: lambda v, ctx: v.clone()}):
+            assert torch.equal(forward(model, x), ref), n
+        with hm.hooks(replace={n: lambda v, ctx: v + 0.3 * torch.cos(torch.arange(v.numel()).reshape(v.shape))}):
+            assert not torch.allclose(forward(model, x), ref, atol=1e-4), n
