@@ -430,3 +430,34 @@ def test_capture_stores_what_the_hooks_see_and_query_reads_it(loaded, tmp_path):
     np.testing.assert_allclose([r["norm"] for r in records], np.linalg.norm(gate, axis=-1), rtol=1e-6)
     listed = CliRunner().invoke(app, ["ls", str(tmp_path / "s.zarr")])
     assert listed.exit_code == 0 and "context_embed.out" in listed.output and "PixArt" in listed.output
+
+
+# -- JVP ----------------------------------------------------------------------------------------------
+def test_full_block_jvp_equals_finite_differences_of_the_block(loaded):
+    """jvp.full (generic torch.func.jvp of resid_pre -> resid_post, text and timestep held fixed)
+    against a central difference of a float64 copy of the block fed the same call's arguments."""
+    import copy
+
+    model = loaded.transformer
+    blk = model.transformer_blocks[1]
+    delta = torch.randn(B, N, D, generator=torch.Generator().manual_seed(8))
+    calls = []
+    handle = blk.register_forward_pre_hook(lambda m, a, kw: calls.append((a, dict(kw))), with_kwargs=True)
+    hm = HookManager(model, loaded.adapter)
+    hm.extension("jvp").configure(direction=delta)
+    try:
+        seen, out = record(hm, ["blocks.1.jvp.full", "blocks.1.jvp.point", "blocks.1.resid_pre"])
+    finally:
+        handle.remove()
+    assert torch.equal(out, run(model, *inputs()))  # the JVP is computed beside the forward
+    assert torch.equal(seen["blocks.1.jvp.point"], seen["blocks.1.resid_pre"])
+    (args, kwargs), = calls
+    b64 = copy.deepcopy(blk).double()
+    kw64 = {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in kwargs.items()}
+    h, d, eps = args[0].double(), delta.double(), 1e-4
+    with torch.no_grad():
+        fd = (b64(h + eps * d, *args[1:], **kw64) - b64(h - eps * d, *args[1:], **kw64)) / (2 * eps)
+    jvp = seen["blocks.1.jvp.full"]
+    assert jvp.shape == (B, N, D)
+    torch.testing.assert_close(jvp.double(), fd, atol=2e-5, rtol=1e-4)
+    assert (jvp.double() - d).abs().max() > 1e-3  # more than the identity path
