@@ -16,6 +16,7 @@ import torch
 from .errors import DithooksError, HookNameError
 from .hooks import HookContext
 from .probe_api import Output, Probe, ProbeError, RunInfo, make_probe
+from .store.layout import probe_attrs
 from .store.writer import ArraySpec
 
 Put = Callable[[ArraySpec, Any, torch.Tensor], None]
@@ -65,6 +66,7 @@ class ProbeRunner:
         self._specs: dict[str, ArraySpec] = {}
         self._dims: dict[str, int] = {}
         self._steps = 0
+        self._sample_coords: tuple[str, ...] = ("label", "seed")
 
     def __bool__(self) -> bool:
         return bool(self.probes)
@@ -83,9 +85,13 @@ class ProbeRunner:
 
     # -- during the run -----------------------------------------------------------------------
     def start(self, *, steps: int, layers: Sequence[int], batch_axes, labels, seeds, timesteps,
-              first_step: int, dim_sizes: dict[str, int], num_tokens: int | None = None) -> None:
-        """Reset every probe; ``dim_sizes``: sizes of the store's coordinate dims (step, layer, ...)."""
+              first_step: int, dim_sizes: dict[str, int], num_tokens: int | None = None,
+              sample_coords: Sequence[str] = ("label", "seed")) -> None:
+        """Reset every probe; ``dim_sizes``: sizes of the store's coordinate dims (step, layer, ...);
+        ``sample_coords``: the store's coordinates along ``sample`` (``prompt`` for text models).
+        ``labels``: each sample's class, or its prompt row for text-conditioned models."""
         self._steps = steps
+        self._sample_coords = tuple(sample_coords)
         self._dims = dict(dim_sizes)
         self._specs = {}
         for p in self.probes:
@@ -145,10 +151,7 @@ class ProbeRunner:
                                  "(rename the dim)")
             self._dims[d] = n
         all_dims = lead + dims
-        coords = [c for c, d in (("timestep", "step"), ("label", "sample"), ("seed", "sample")) if d in all_dims]
-        attrs: tuple[tuple[str, Any], ...] = (("probe", probe.label()), ("description", out.description))
-        if coords:
-            attrs = (("coordinates", " ".join(coords)),) + attrs
+        attrs = probe_attrs(all_dims, probe.label(), out.description, self._sample_coords)
         if per_step:
             chunks = (1,) + tuple(t.shape)
         else:  # one chunk per layer (mode maps can be large), else one chunk

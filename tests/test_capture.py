@@ -179,7 +179,7 @@ def test_full_disk_fails_cleanly_and_resumes(tmp_path, tiny_loaded, tiny_model_d
         return real(self, spec)
 
     monkeypatch.setattr(StoreWriter, "array", failing_array)
-    monkeypatch.setattr("dithooks.capture.BATCH_STEPS", 1)  # one write per step, as a large model does
+    monkeypatch.setattr("dithooks.capture.recorder.BATCH_STEPS", 1)  # one write per step, as a large model does
     with pytest.raises(StoreError, match=r"disk is full.*--resume"):
         capture(config(out, tiny_model_dir), loaded=tiny_loaded)
     s = open_store(out)
@@ -242,7 +242,7 @@ def test_deterministic_sampler_writes_rng_state_once_and_still_resumes(tmp_path,
 @pytest.mark.parametrize("budget, writes", [(8 * 2**20, 1), (1, 5)])
 def test_small_steps_are_written_in_batches_within_a_memory_budget(tmp_path, tiny_loaded, tiny_model_dir,
                                                                    monkeypatch, budget, writes):
-    monkeypatch.setattr("dithooks.capture.BATCH_BYTES", budget)
+    monkeypatch.setattr("dithooks.capture.recorder.BATCH_BYTES", budget)
     seen = []
     real = StoreWriter.put
 
@@ -255,6 +255,6 @@ def test_small_steps_are_written_in_batches_within_a_memory_budget(tmp_path, tin
     capture(config(out, tiny_model_dir), loaded=tiny_loaded)
     assert sum(name == "blocks.resid_post" for name, _ in seen) == writes
     ref = tmp_path / "ref.zarr"
-    monkeypatch.setattr("dithooks.capture.BATCH_STEPS", 1)
+    monkeypatch.setattr("dithooks.capture.recorder.BATCH_STEPS", 1)
     capture(config(ref, tiny_model_dir), loaded=tiny_loaded)
     assert_stores_equal(ref, out)

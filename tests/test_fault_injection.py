@@ -219,7 +219,8 @@ def drive(root: Path, seed: int = SEED, plan: dict | None = None, every: bool = 
     import torch
 
     torch.set_num_threads(1)
-    import dithooks.capture as capture_mod
+    import dithooks.capture.recorder as recorder_mod
+    import dithooks.capture.session as capture_mod
     from dithooks.loading import load_model
 
     plan = plan or PLAN
@@ -232,7 +233,7 @@ def drive(root: Path, seed: int = SEED, plan: dict | None = None, every: bool = 
         return cache[key]
 
     capture_mod.load_model = cached_load
-    capture_mod.BATCH_STEPS = 1
+    recorder_mod.BATCH_STEPS = 1
     warm = root / "warm"
     warm.mkdir()
     assert _call_app(ARGS + ["--out", str(warm / "w.zarr")], warm / "w")["rc"] == 0  # imports, model

@@ -425,7 +425,7 @@ class Failing(Probe):
 
 def test_a_failing_probe_keeps_finished_steps_and_never_marks_the_store_complete(tmp_path, tiny_loaded,
                                                                                  tiny_model_dir, monkeypatch):
-    monkeypatch.setattr("dithooks.capture.BATCH_STEPS", 16)  # every step buffered until the end
+    monkeypatch.setattr("dithooks.capture.recorder.BATCH_STEPS", 16)  # every step buffered until the end
     out = tmp_path / "s.zarr"
     with pytest.raises(Exception, match="probe bug"):  # a ProbeError (one line) or the raw error
         capture(config(out, tiny_model_dir, probes=(type("AtThree", (Failing,), {"at": 3})(),)), loaded=tiny_loaded)

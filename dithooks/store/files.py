@@ -26,6 +26,8 @@ FIGURES = "figures"
 PARTIAL = re.compile(r"^.+\.[0-9a-f]{32}\.partial$")  # zarr's atomic-write temporaries
 _LOCK_TMP = re.compile(re.escape(LOCK_NAME) + r"\.[0-9a-f]{32}\.(tmp|stale)$")
 _CHUNK = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+# a chunk file directly in an array folder: "c" (0-d arrays) or "c.3.0.1" (key separator ".")
+_DOT_CHUNK = re.compile(r"^c(\.[0-9]+)*$")
 _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.dithooks-(?P<kind>new|old)-(?P<host>[A-Za-z0-9_-]+)-(?P<pid>[0-9]+)$")
 
 
@@ -109,6 +111,8 @@ def foreign_entries(folder: str | Path, rel: str = "") -> list[str]:
                         continue
                     if q.name == "c" and q.is_dir() and not q.is_symlink():
                         out += _chunks_foreign(q, f"{r}/c")
+                    elif q.is_file() and not q.is_symlink() and _DOT_CHUNK.match(q.name):
+                        continue
                     else:
                         out.append(f"{r}/{q.name}" + ("/" if q.is_dir() else ""))
             else:
@@ -121,7 +125,7 @@ def foreign_entries(folder: str | Path, rel: str = "") -> list[str]:
 def _zarr_array_remains(folder: Path) -> bool:
     """An array folder whose ``zarr.json`` is gone: only chunks (``c/``) and partial files left."""
     names = [p.name for p in folder.iterdir()]
-    return bool(names) and all(n == "c" or PARTIAL.match(n) for n in names)
+    return bool(names) and all(n == "c" or _DOT_CHUNK.match(n) or PARTIAL.match(n) for n in names)
 
 
 def describe_foreign(entries: list[str], limit: int = 3) -> str:

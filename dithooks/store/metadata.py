@@ -16,8 +16,10 @@ FORMAT_VERSION = 2
 ATTR_KEY = "dithooks"
 
 # Fields of the request that must match for --resume to continue a store.
+# Text-conditioned stores add "prompts" and "prompt_embeds" (its sha256); older stores lack them
+# (None on both sides for class-conditional requests).
 RESUME_KEYS = ("model_id", "model_config", "sampler", "seeds", "labels", "hooks", "layers",
-               "storage_dtype", "compute_dtype", "extras")
+               "storage_dtype", "compute_dtype", "extras", "prompts", "prompt_embeds")
 
 
 def now() -> str:

@@ -1,0 +1,112 @@
+"""Recording a capture's steps: hooked values into per-step slabs, steps buffered and written a
+few at a time, then marked complete (the order :mod:`dithooks.store.steps` keeps)."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from ..hookpoints import layer_template, store_array_name
+from ..hooks import HookContext
+from ..store.layout import hook_array_spec
+from ..store.steps import StepLog
+from ..store.writer import ArraySpec
+
+# steps buffered per store write (small models): at most BATCH_STEPS steps and BATCH_BYTES
+BATCH_STEPS = 16
+BATCH_BYTES = 8 * 2**20
+
+
+class StepRecorder:
+    """Turns hooked values into store writes for one run.
+
+    ``record`` (a read hook) copies a value into this step's slab; ``end_step`` (after each
+    sampling step) queues the probes' outputs, buffers the step and writes the buffer every few
+    steps and after the last; ``flush_pending`` writes what is buffered (also after an
+    interruption: finished steps are kept).
+    """
+
+    def __init__(self, log: StepLog, *, steps: int, layers: Sequence[int], store_dtype: torch.dtype,
+                 sample_coords: Sequence[str], probes: Any = None):
+        self.log = log
+        self.writer = log.writer
+        self.steps = steps
+        self.layers = list(layers)
+        self.store_dtype = store_dtype
+        self.sample_coords = tuple(sample_coords)
+        self.probes = probes
+        self._layer_pos = {layer: i for i, layer in enumerate(self.layers)}
+        self._specs: dict[str, ArraySpec] = {}
+        self._slabs: dict[str, torch.Tensor] = {}
+        # finished steps not yet written: (step, {array: values}, state); see flush_pending
+        self._pending: list[tuple[int, dict[str, torch.Tensor], Any]] = []
+        self._batch: int | None = None
+
+    # -- hooks -------------------------------------------------------------------------------
+    def _spec(self, name: str, ctx: HookContext, value: torch.Tensor) -> ArraySpec:
+        arr = store_array_name(name)
+        spec = self._specs.get(arr)
+        if spec is not None:
+            return spec
+        value_dims = tuple(ctx.point.dims[1:])
+        if value_dims and value_dims[-1] == "...":
+            value_dims = tuple(f"dim_{i}" for i in range(value.dim() - 1))
+        spec = hook_array_spec(arr, hook=layer_template(name)[0], doc=ctx.point.doc, steps=self.steps,
+                               num_layers=None if ctx.layer is None else len(self.layers),
+                               batch_axes=ctx.batch_axes, value_dims=value_dims,
+                               value_shape=tuple(value.shape[1:]), dtype=self.store_dtype,
+                               sample=self.sample_coords)
+        self._specs[arr] = spec
+        return spec
+
+    def record(self, value: torch.Tensor, ctx: HookContext) -> None:
+        spec = self._spec(ctx.name, ctx, value)
+        batch_shape = tuple(n for _, n in ctx.batch_axes)
+        data = value.detach().to("cpu", dtype=self.store_dtype, copy=True)
+        data = data.reshape(batch_shape + tuple(value.shape[1:]))
+        if ctx.layer is None:
+            self._slabs[spec.name] = data
+            return
+        slab = self._slabs.get(spec.name)
+        if slab is None:  # this step's values of every captured layer, written at step end
+            slab = self._slabs[spec.name] = torch.empty((len(self.layers),) + tuple(data.shape), dtype=data.dtype)
+        slab[self._layer_pos[ctx.layer]] = data
+
+    # -- steps -------------------------------------------------------------------------------
+    def _batch_size(self, step_values: dict[str, torch.Tensor], state: Any) -> int:
+        """Steps written per store write: every write costs ~10 ms of interpreter time however
+        small, so small models batch up to BATCH_STEPS steps within BATCH_BYTES of memory."""
+        step_bytes = sum(v.numel() * v.element_size() for v in step_values.values())
+        step_bytes += state.latents.numel() * state.latents.element_size()
+        return int(max(1, min(BATCH_STEPS, BATCH_BYTES // max(1, step_bytes))))
+
+    def stored_dims(self) -> dict[str, int]:
+        return {d: n for spec in self._specs.values() for d, n in zip(spec.dims, spec.shape)}
+
+    def end_step(self, step: int, state: Any) -> None:
+        """After step ``step``: queue its probe outputs, buffer its hooked values and state; write
+        the buffer (then mark those steps complete) every few steps and after the last."""
+        values, self._slabs = self._slabs, {}
+        if self.probes:
+            self.probes.emit_step(step, self.writer.put, self.stored_dims())
+            if step == self.steps - 1:  # once-only outputs, before the last mark
+                self.probes.emit_finish(self.writer.put, self.stored_dims())
+        if self._batch is None:
+            self._batch = self._batch_size(values, state)
+        self._pending.append((step, values, state))
+        if len(self._pending) >= self._batch or step == self.steps - 1:
+            self.flush_pending()
+
+    def flush_pending(self) -> None:
+        """Write the buffered steps (consecutive, each complete) and then mark them complete."""
+        if not self._pending:
+            return
+        s0, n = self._pending[0][0], len(self._pending)
+        rows = slice(s0, s0 + n)
+        for name in self._pending[0][1]:
+            stacked = torch.stack([values[name] for _, values, _ in self._pending])
+            self.writer.put(self._specs[name], (rows,), stacked)
+        self.log.write_states([state for _, _, state in self._pending])
+        self.log.mark_complete(rows)
+        self._pending = []

@@ -1,0 +1,75 @@
+"""A new capture store's skeleton: its metadata, coordinates and ``step_complete`` (all False).
+
+What each coordinate means is described in :mod:`.layout`; :func:`write_skeleton` writes them
+into a folder in one go, metadata last, so a skeleton with metadata is a whole one (the store's
+lifecycle, :mod:`.lifecycle`, builds it under a temporary name and renames it into place).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .layout import STEP_COMPLETE
+from .metadata import ATTR_KEY
+
+
+@dataclass(frozen=True)
+class Coordinates:
+    """The values of a capture store's coordinate arrays."""
+
+    steps: int
+    timesteps: Sequence[int]
+    layers: Sequence[int]
+    seeds: Sequence[int]
+    labels: Sequence[int] | None = None     # class-conditional: one class per sample
+    prompts: Sequence[int] | None = None    # text-conditioned: one embeddings row per sample
+    cfg: bool = False                       # guidance on: a cfg dim ("cond", "uncond")
+    replicas: bool = False                  # replica pairs: a replica dim ("a", "b")
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.seeds)
+
+
+def write_skeleton(folder: Path, meta: dict[str, Any], coords: Coordinates) -> Any:
+    """Create the Zarr group in ``folder`` (emptying it) with ``coords`` and ``step_complete``;
+    ``meta`` goes into the group attributes last. Returns the group."""
+    import zarr
+
+    from .writer import ARRAY_CONFIG
+
+    group = zarr.open_group(str(folder), mode="w", zarr_format=3)
+
+    def coord(name, values, dims, dtype=None):
+        values = np.asarray(values, dtype=dtype)
+        text = values.dtype.kind in "US"  # variable-length strings: the dtype Zarr v3 specifies
+        # uncompressed: a few bytes each, and readers then need no codec library at all
+        a = group.create_array(name=name, shape=values.shape, dtype=str if text else values.dtype,
+                               dimension_names=dims, fill_value="" if text else 0, config=ARRAY_CONFIG,
+                               compressors=None)
+        a[...] = values
+
+    steps, n = coords.steps, coords.num_samples
+    coord("step", np.arange(steps), ("step",), "int64")
+    coord("timestep", list(coords.timesteps), ("step",), "int64")
+    coord("layer", list(coords.layers), ("layer",), "int64")
+    coord("sample", np.arange(n), ("sample",), "int64")
+    if coords.labels is not None:
+        coord("label", list(coords.labels), ("sample",), "int64")
+    if coords.prompts is not None:
+        coord("prompt", list(coords.prompts), ("sample",), "int64")
+    coord("seed", list(coords.seeds), ("sample",), "int64")
+    coord("latent_step", np.arange(steps + 1), ("latent_step",), "int64")
+    if coords.cfg:
+        coord("cfg", np.array(["cond", "uncond"]), ("cfg",), str)
+    if coords.replicas:
+        coord("replica", np.array(["a", "b"]), ("replica",), str)
+    # all False: its chunks are written only when a step is marked (a missing one is False)
+    group.create_array(name=STEP_COMPLETE, shape=(steps,), chunks=(1,), dtype="bool",
+                       dimension_names=("step",), fill_value=False, compressors=None)
+    group.attrs[ATTR_KEY] = meta  # last: a skeleton with metadata is a whole one
+    return group

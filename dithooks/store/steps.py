@@ -1,0 +1,107 @@
+"""Step bookkeeping of a capture store: the trajectory rows (``latents``, ``rng_state``), the
+``step_complete`` marks and the non-finite counts in the metadata, written in this order for
+each batch of steps so that a step is marked only after everything of it is on disk.
+
+All writes go through the store's :class:`~dithooks.store.writer.StoreWriter` (``put`` for data,
+``call`` for work that must run after the data queued before it).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+import numpy as np
+
+from .layout import STEP_COMPLETE, latents_spec, rng_spec, rows_kept_by_resume
+from .metadata import ATTR_KEY
+
+
+class StepLog:
+    """Writes the per-step bookkeeping of one run into ``group`` through ``writer``.
+
+    ``meta``: the store's metadata dict (updated in place when the non-finite counts change);
+    ``nonfinite``: array -> {row: count}, shared with the writer, which fills it.
+    """
+
+    def __init__(self, group: Any, writer: Any, meta: dict[str, Any], *, steps: int, num_samples: int,
+                 replicas: bool, sample_coords: Sequence[str], nonfinite: dict[str, dict[Any, int]],
+                 last_rng: Any = None):
+        self.group, self.writer, self.meta = group, writer, meta
+        self.steps, self.n, self.replicas = steps, num_samples, replicas
+        self.sample_coords = tuple(sample_coords)
+        self.nonfinite = nonfinite
+        self._written = json.dumps(nonfinite_json(nonfinite), sort_keys=True)
+        self._last_rng = last_rng  # as stored: the next rng row is skipped if unchanged
+
+    def write_states(self, states: Sequence[Any]) -> None:
+        """Latents and RNG states of consecutive steps (sampling.TrajectoryState); latent_step k is
+        x before step k (k = 0 is x_T; k = steps is the result)."""
+        import torch
+
+        n = self.n
+        lats, rngs = [], []
+        for state in states:
+            lat, rng = state.latents, torch.stack(state.rng_states)
+            if self.replicas:  # the sampler's [a-half; b-half] rows -> (replica, sample)
+                lat, rng = lat.reshape((2, n) + tuple(lat.shape[1:])), rng.reshape(2, n, -1)
+            lats.append(lat)
+            rngs.append(rng)
+        k0 = states[0].step
+        spec = latents_spec(self.steps, tuple(lats[0].shape), self.replicas, self.sample_coords)
+        self.writer.put(spec, (slice(k0, k0 + len(states)),), torch.stack(lats))
+        # deterministic samplers (DDIM, eta = 0) never draw: a row is written only when a state
+        # moved (resume reads the last row written, resume.rng_state_at)
+        for state, rng in zip(states, rngs):
+            if self._last_rng is not None and torch.equal(rng, self._last_rng):
+                continue
+            self._last_rng = rng
+            self.writer.put(rng_spec(self.steps, tuple(rng.shape), self.replicas), (state.step,), rng)
+
+    def mark_complete(self, rows: slice) -> None:
+        """After the data of ``rows`` (queued before): their non-finite counts, then their marks."""
+        done = self.group[STEP_COMPLETE]
+        self.writer.call(self._record_nonfinite)  # counts of a step precede its mark
+        self.writer.call(lambda: done.__setitem__(rows, True))
+
+    def nonfinite_table(self) -> dict[str, dict[str, int]]:
+        return nonfinite_json(self.nonfinite)
+
+    def _record_nonfinite(self) -> None:
+        """Store the non-finite counts in the metadata when they changed (rarely: NaNs are news)."""
+        table = nonfinite_json(self.nonfinite)
+        text = json.dumps(table, sort_keys=True)
+        if text == self._written:
+            return
+        self.meta["nonfinite"] = table
+        self.group.attrs[ATTR_KEY] = self.meta
+        self._written = text
+
+
+def nonfinite_json(nonfinite: dict[str, dict[Any, int]]) -> dict[str, dict[str, int]]:
+    """array -> {row: count} as stored in the metadata (rows as text, sorted)."""
+    return {a: {str(k): int(v) for k, v in sorted(rows.items(), key=lambda kv: str(kv[0]))}
+            for a, rows in sorted(nonfinite.items()) if rows}
+
+
+def nonfinite_from_meta(table: dict | None) -> dict[str, dict[Any, int]]:
+    """The metadata's counts back as array -> {row (int, or "all"): count}."""
+    return {a: {(k if k == "all" else int(k)): int(v) for k, v in rows.items()}
+            for a, rows in (table or {}).items()}
+
+
+def nonfinite_totals(nonfinite: dict[str, dict[Any, int]]) -> dict[str, int]:
+    return {a: sum(rows.values()) for a, rows in nonfinite.items() if rows}
+
+
+def nonfinite_before(table: dict, arrays: dict[str, Any], start: int) -> dict:
+    """The non-finite counts of rows a resume from ``start`` keeps (the rest is rewritten);
+    ``arrays``: name -> anything with ``dims`` (the store's layout)."""
+    out = {}
+    for name, rows in table.items():
+        a = arrays.get(name)
+        limit = rows_kept_by_resume(a.dims if a is not None else (), start)
+        kept = {k: v for k, v in rows.items() if k != "all" and int(k) < limit}
+        if kept:
+            out[name] = kept
+    return out
