@@ -385,3 +385,43 @@ def test_every_module_point_is_writable_in_place(loaded):
             assert torch.equal(forward(model, x), ref), n
         with hm.hooks(replace={n: lambda v, ctx: v + 0.3 * torch.cos(torch.arange(v.numel()).reshape(v.shape))}):
             assert not torch.allclose(forward(model, x), ref, atol=1e-4), n
+
+
+def test_capture_stores_what_the_hooks_see(loaded, tmp_path):
+    """A 2-step flow capture with CFG: stored values equal the hooks' (fp32 storage, the same hooks
+    attached), text axes sized by the adapter, joint-pattern blocks, the final latents; `dithooks ls`
+    reads the store."""
+    import numpy as np
+    from typer.testing import CliRunner
+
+    from dithooks.capture import CaptureConfig, capture
+    from dithooks.cli.main import app
+    from dithooks.store.reader import open_store
+
+    cond, spec = fam.conditioning(2, seed=4), SamplerSpec("flow", 2, guidance=3.0)
+    hooks = ("context.attn.in", "attn.pattern_image_text", "attn.n_eff", "resid_post")
+    hm = HookManager(loaded.transformer, loaded.adapter)
+    ref = {}
+    keep = lambda v, c: ref.__setitem__((c.name, c.step), v.clone())  # noqa: E731
+    with hm.hooks(read={f"blocks.*.{h}": keep for h in hooks}):
+        hooked = Sampler(loaded, spec, hm).run(cond, [0, 1])
+    res = capture(CaptureConfig(out=str(tmp_path / "s.zarr"), hooks=hooks, sampler=spec, seeds=(0, 1),
+                                conditioning=cond, storage_dtype="fp32"), loaded)
+    assert res.steps_run == 2
+    store = open_store(tmp_path / "s.zarr")
+    assert store.completeness()["complete"]
+    ctx = store.select("blocks.context.attn.in")
+    assert ctx.dims == ("step", "layer", "cfg", "sample", "text_token", "channel")
+    pit = store.select("blocks.attn.pattern_image_text")
+    assert pit.dims[-3:] == ("head", "query", "text_key") and pit.values.shape[-1] == fam.TEXT_TOKENS
+    for s in range(2):  # batch rows are (cond samples, null samples)
+        for layer in range(2):
+            np.testing.assert_array_equal(ctx.values[s, layer].reshape(4, fam.TEXT_TOKENS, 32),
+                                          ref[(f"blocks.{layer}.context.attn.in", s)].numpy())
+            np.testing.assert_array_equal(pit.values[s, layer].reshape(4, 2, 16, fam.TEXT_TOKENS),
+                                          ref[(f"blocks.{layer}.attn.pattern_image_text", s)].numpy())
+            np.testing.assert_array_equal(store.select("blocks.attn.n_eff").values[s, layer].reshape(4, 2, 16),
+                                          ref[(f"blocks.{layer}.attn.n_eff", s)].numpy())
+    np.testing.assert_array_equal(store.select("latents").values[-1], hooked.numpy())
+    out = CliRunner().invoke(app, ["ls", str(tmp_path / "s.zarr")])
+    assert out.exit_code == 0 and "blocks.context.attn.in" in out.output and "text_token" in out.output
