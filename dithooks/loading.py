@@ -2,9 +2,17 @@
 
 A hub id (``facebook/DiT-XL-2-256``) is looked up in the local Hugging Face cache first and only
 then fetched (unless ``HF_HUB_OFFLINE=1``). A directory is either a pipeline saved with
-``save_pretrained`` (``model_index.json`` with ``transformer/``, optional ``vae/`` and
-``scheduler/``) or a bare transformer (``config.json`` + weights, optional
+``save_pretrained`` (``model_index.json`` with ``transformer/``, optional ``vae/``,
+``scheduler/`` and text encoders) or a bare transformer (``config.json`` + weights, optional
 ``scheduler_config.json`` beside it).
+
+Any registered family loads this way (``DiTTransformer2DModel``, ``PixArtTransformer2DModel``,
+``SD3Transformer2DModel``, ``FluxTransformer2DModel``: the class named in the transformer's
+config picks the adapter). The schedule defaults to what the family samples with: DiT's linear
+DDPM schedule for epsilon models, FlowMatchEulerDiscreteScheduler's defaults for flow models;
+a scheduler config in the directory overrides it. When the pipeline directory ships text
+encoders, :meth:`LoadedModel.encode_prompts` turns prompts into a
+:class:`~dithooks.conditioning.Conditioning` through the pipeline's own ``encode_prompt``.
 """
 
 from __future__ import annotations
@@ -43,23 +51,69 @@ class LoadedModel:
     scheduler_config: dict[str, Any] = field(default_factory=dict)
     vae: nn.Module | None = None
     vae_scale: float = 1.0
+    vae_shift: float = 0.0
+    #: the pipeline directory (model_index.json) when loaded from one
+    pipeline_dir: Path | None = None
+    #: pipeline components beside the transformer (``text_encoder``, ``tokenizer_2``, ...)
+    components: tuple[str, ...] = ()
+    _pipeline: Any = field(default=None, repr=False)
+
+    @property
+    def family(self) -> str:
+        return self.adapter.family
+
+    @property
+    def has_text_encoders(self) -> bool:
+        return any(c.startswith("text_encoder") for c in self.components)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents to images in [0, 1]: through the VAE when there is one, else pixels directly."""
         if self.vae is None:
             return ((latents.float().clamp(-1, 1) + 1) / 2)
         with torch.no_grad():
-            img = self.vae.decode(latents.to(next(self.vae.parameters()).dtype) / self.vae_scale).sample
+            z = latents.to(next(self.vae.parameters()).dtype) / self.vae_scale + self.vae_shift
+            img = self.vae.decode(z).sample
         return ((img.float().clamp(-1, 1) + 1) / 2)
+
+    def pipeline(self):
+        """The diffusers pipeline of :attr:`pipeline_dir` sharing this transformer (loaded once)."""
+        if self._pipeline is None:
+            if self.pipeline_dir is None:
+                raise DithooksError(f"{self.model_id} is a bare transformer: no pipeline (text encoders) to use")
+            import diffusers
+
+            try:
+                self._pipeline = diffusers.DiffusionPipeline.from_pretrained(
+                    str(self.pipeline_dir), transformer=self.transformer,
+                    torch_dtype=next(self.transformer.parameters()).dtype)
+            except Exception as e:
+                raise ModelNotFoundError(f"could not load the pipeline in {self.pipeline_dir}: {_first_line(e)}") from None
+        return self._pipeline
+
+    def encode_prompts(self, prompts, negative_prompts=None):
+        """Prompts to a :class:`~dithooks.conditioning.Conditioning` through the pipeline's text
+        encoders (the adapter's ``encode_prompts(pipeline, prompts, negative_prompts)``)."""
+        if self.adapter.conditioning != "text":
+            raise DithooksError(f"{self.family} models are not conditioned on text")
+        if not self.has_text_encoders:
+            raise DithooksError(f"{self.model_id} ships no text encoders: give precomputed prompt embeddings "
+                                "(a .pt/.safetensors file with prompt_embeds)")
+        encode = getattr(self.adapter, "encode_prompts", None)
+        if encode is None:
+            raise DithooksError(f"the {self.family} adapter cannot encode prompts")
+        return encode(self.pipeline(), list(prompts), None if negative_prompts is None else list(negative_prompts))
 
 
 def load_model(spec: str | None = None, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
-               with_vae: bool = True, allow_weight_mismatch: bool = False) -> LoadedModel:
+               with_vae: bool = True, allow_weight_mismatch: bool = False,
+               adapter_options: dict[str, Any] | None = None) -> LoadedModel:
     """Load ``spec`` (None = the embedded default model) for inference on ``device``.
 
     Weights that the config does not use, or parameters the weights do not provide (a config
     that says 12 blocks beside weights of 28), raise :class:`ModelNotFoundError` unless
     ``allow_weight_mismatch`` is set; an unusable ``device`` is refused before anything loads.
+    ``adapter_options`` set attributes of the adapter that the config does not fix (Flux: the
+    latent ``sample_size`` and ``text_tokens``); an unknown one is refused.
     """
     check_device(device)
     embedded = {None: "digits", "": "digits", "default": "digits",
@@ -81,6 +135,10 @@ def load_model(spec: str | None = None, *, device: str = "cpu", dtype: torch.dty
             loaded = _load_dir(_hub_snapshot(spec), spec, "hub cache", with_vae, allow_weight_mismatch)
         else:
             raise ModelNotFoundError(f"no model directory at {spec!r} (and it is not a hub id like org/name)")
+    for key, value in (adapter_options or {}).items():
+        if key.startswith("_") or not hasattr(loaded.adapter, key) or callable(getattr(loaded.adapter, key)):
+            raise DithooksError(f"the {loaded.adapter.family} adapter has no option {key!r}")
+        setattr(loaded.adapter, key, value)
     loaded.transformer.to(device=device, dtype=dtype).eval()
     loaded.transformer.requires_grad_(False)
     if loaded.vae is not None:
@@ -189,9 +247,13 @@ def _load_dir(path: Path, model_id: str, source: str, with_vae: bool,
     # diffusers' advice about `accelerate` and dtype casting is noise for a CLI user
     diffusers.utils.logging.set_verbosity_error()
 
+    components: tuple[str, ...] = ()
     if (path / "model_index.json").exists():
         tdir, subfolder = path, "transformer"
         sched_file = path / "scheduler" / "scheduler_config.json"
+        index = _read_json(path / "model_index.json")
+        components = tuple(k for k, v in index.items() if not k.startswith("_") and isinstance(v, list)
+                           and v[0] is not None and (path / k).is_dir())
     elif (path / "config.json").exists():
         tdir, subfolder = path, None
         sched_file = path / "scheduler_config.json"
@@ -207,18 +269,31 @@ def _load_dir(path: Path, model_id: str, source: str, with_vae: bool,
         raise ModelNotFoundError(f"{cfg_file} names model class {class_name!r}, unknown to diffusers "
                                  f"{diffusers.__version__}")
     transformer = _from_pretrained(cls, tdir, subfolder, "transformer", allow_weight_mismatch)
-    sched = dict(DIT_SCHEDULE)
-    if sched_file.exists():
-        sched.update({k: v for k, v in _read_json(sched_file).items() if not k.startswith("_")})
-    vae, scale = None, 1.0
-    if with_vae and (path / "vae" / "config.json").exists():
-        _read_json(path / "vae" / "config.json")
-        vae = _from_pretrained(diffusers.AutoencoderKL, path, "vae", "VAE", allow_weight_mismatch)
-        scale = float(getattr(vae.config, "scaling_factor", 0.18215) or 0.18215)
     try:
         adapter = adapter_for(transformer)
     except DithooksError:
         raise
     except Exception as e:  # an adapter that cannot read this config's geometry
         raise ModelNotFoundError(f"cannot use the {class_name} in {path}: {_first_line(e)}") from None
-    return LoadedModel(transformer, adapter, model_id, source, sched, vae, scale)
+    sched = default_schedule(adapter)
+    if sched_file.exists():
+        sched.update({k: v for k, v in _read_json(sched_file).items() if not k.startswith("_")})
+    vae, scale, shift = None, 1.0, 0.0
+    if with_vae and (path / "vae" / "config.json").exists():
+        vcfg = _read_json(path / "vae" / "config.json")
+        vcls = getattr(diffusers, str(vcfg.get("_class_name", "AutoencoderKL")), None)
+        if not (isinstance(vcls, type) and hasattr(vcls, "from_pretrained")):
+            vcls = diffusers.AutoencoderKL
+        vae = _from_pretrained(vcls, path, "vae", "VAE", allow_weight_mismatch)
+        scale = float(getattr(vae.config, "scaling_factor", 0.18215) or 0.18215)
+        shift = float(getattr(vae.config, "shift_factor", 0.0) or 0.0)
+    return LoadedModel(transformer, adapter, model_id, source, sched, vae, scale, shift,
+                       path if components else None, components)
+
+
+def default_schedule(adapter: ModelAdapter) -> dict[str, Any]:
+    """The training schedule assumed when a checkpoint ships no scheduler config: DiT's for
+    epsilon models, FlowMatchEulerDiscreteScheduler's defaults for flow models."""
+    if getattr(adapter, "prediction", "epsilon") == "flow":
+        return {"num_train_timesteps": 1000, "shift": 1.0}
+    return dict(DIT_SCHEDULE)

@@ -227,8 +227,12 @@ class Sampler:
     """Runs the reverse process for a batch of samples (class labels or a :class:`Conditioning`)."""
 
     def __init__(self, loaded: LoadedModel, spec: SamplerSpec, hooks: HookManager | None = None,
-                 device: str | torch.device = "cpu", replicas: ReplicaSpec | None = None):
+                 device: str | torch.device = "cpu", replicas: ReplicaSpec | None = None,
+                 clipped_model_output: bool | None = None):
+        """``clipped_model_output``: DDIM's ``use_clipped_model_output`` (None: on when the
+        schedule clips x0, see the step loop)."""
         self.loaded = loaded
+        self.clipped_model_output = clipped_model_output
         self.spec = spec
         self.replicas = replicas
         self.adapter = loaded.adapter
@@ -352,11 +356,15 @@ class Sampler:
                         # left untouched for the independent steps after s*
                         step_gens = gens[:M] + [_copy_generator(g) for g in gens[:M]]
                     kwargs = {"eta": self.spec.eta} if self.spec.name == "ddim" else {}
-                    if self.spec.name == "ddim" and self.scheduler.config.clip_sample:
+                    if self.spec.name == "ddim":
                         # with clip_sample, DDIM clips x0 but would keep the unclipped epsilon; guided
                         # epsilons overshoot and the trajectory ends in noise (w=3: 5% recognisable
                         # digits vs 100% with this). Recompute epsilon from the clipped x0.
-                        kwargs["use_clipped_model_output"] = True
+                        clipped = self.clipped_model_output
+                        if clipped is None:
+                            clipped = bool(self.scheduler.config.clip_sample) or None
+                        if clipped is not None:
+                            kwargs["use_clipped_model_output"] = clipped
                     x = self.scheduler.step(eps, t, x, generator=step_gens, **kwargs).prev_sample
                 if on_step is not None:
                     on_step(s, TrajectoryState(s + 1, x.detach().cpu(), [g.get_state() for g in gens]))

@@ -7,9 +7,8 @@ import time
 
 import torch
 
-from .config import DDIM_NUM_STEPS, IMAGE_SIZE, IN_CHANNELS, NULL_CLASS, NUM_CLASSES
+from .config import DDIM_NUM_STEPS, DDIM_TIMESTEP_SPACING, IMAGE_SIZE, IN_CHANNELS, NUM_CLASSES
 from .data import digits_split
-from .model import ddim_scheduler_from
 
 
 @torch.no_grad()
@@ -23,11 +22,13 @@ def ddim_sample(
     generator: torch.Generator | None = None,
     clipped_eps: bool = True,
 ) -> torch.Tensor:
-    """DDIM (eta = 0) samples ``(N, 1, 8, 8)`` in [-1, 1] for ``labels``.
+    """DDIM (eta = 0) samples ``(N, 1, 8, 8)`` in [-1, 1] for ``labels``, through
+    :class:`dithooks.sampling.Sampler` (the one sampler of the package).
 
     ``guidance_scale`` None means unguided (conditional model only). Otherwise classifier-free
     guidance ``eps = eps_null + w * (eps_cond - eps_null)``, with the conditional and the
-    null-label branch evaluated in one batch.
+    null-label branch evaluated in one batch. The initial noise of all ``N`` samples is drawn
+    from ``generator`` in one call (as this function always has), not per sample.
 
     ``clipped_eps`` passes ``use_clipped_model_output`` to ``DDIMScheduler.step``: the schedule
     clips the predicted x0 to [-1, 1], and this re-derives eps from the clipped x0 (as GLIDE
@@ -35,21 +36,18 @@ def ddim_sample(
     ~1.9 at w=3) drags the trajectory off the data manifold and w=3 samples end up as noise
     that the classifier gets right ~5% of the time; with it w=3 is as recognisable as w=1.
     """
-    scheduler = ddim_scheduler_from(scheduler_config)
-    scheduler.set_timesteps(num_steps)
+    from ..adapters import adapter_for
+    from ..loading import LoadedModel
+    from ..sampling import Sampler, SamplerSpec, TrajectoryState
+
     n = len(labels)
     x = torch.randn((n, IN_CHANNELS, IMAGE_SIZE, IMAGE_SIZE), generator=generator)
-    guided = guidance_scale is not None
-    class_labels = torch.cat([labels, torch.full_like(labels, NULL_CLASS)]) if guided else labels
-    for t in scheduler.timesteps:
-        x_in = torch.cat([x, x]) if guided else x
-        t_batch = torch.full((len(x_in),), int(t), dtype=torch.int64)
-        eps = model(x_in, timestep=t_batch, class_labels=class_labels).sample
-        if guided:
-            eps_cond, eps_null = eps.chunk(2)
-            eps = eps_null + guidance_scale * (eps_cond - eps_null)
-        x = scheduler.step(eps, t, x, eta=0.0, use_clipped_model_output=clipped_eps).prev_sample
-    return x
+    schedule = {**dict(scheduler_config), "timestep_spacing": DDIM_TIMESTEP_SPACING}
+    loaded = LoadedModel(model, adapter_for(model), "digits", "in memory", schedule)
+    spec = SamplerSpec("ddim", num_steps, eta=0.0, guidance=1.0 if guidance_scale is None else guidance_scale)
+    # (w = 1 runs the conditional branch alone: equal to the guided formula up to rounding)
+    sampler = Sampler(loaded, spec, clipped_model_output=clipped_eps)
+    return sampler.run([int(v) for v in labels], list(range(n)), state=TrajectoryState(0, x, []))
 
 
 def balanced_labels(per_class: int) -> torch.Tensor:
