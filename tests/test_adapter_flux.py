@@ -75,6 +75,7 @@ def test_adapter_blocks_geometry_and_registration(loaded):
     pts = a.hook_points()
     assert "blocks.0.resid_mid" in pts and "blocks.1.resid_mid" not in pts
     assert "blocks.1.parallel.out" in pts and "blocks.0.parallel.out" not in pts
+    assert "blocks.1.attn.out" not in pts and "blocks.1.mlp.out" not in pts and "blocks.1.attn.z" in pts
     assert not pts["blocks.0.resid_mid"].writable
 
 
@@ -125,7 +126,8 @@ def test_q_k_are_rotated_and_patterns_are_the_joint_softmax(loaded):
              "blocks.*.attn.v", "blocks.*.attn.context_q", "blocks.*.attn.context_k", "blocks.*.attn.context_v",
              "blocks.*.attn.pattern", "blocks.*.attn.pattern_joint", "blocks.*.attn.pattern_image_text",
              "blocks.*.attn.pattern_text_image", "blocks.*.attn.logits", "blocks.*.attn.n_eff",
-             "blocks.*.attn.entropy", "blocks.*.attn.out", "blocks.*.context.attn.out"]
+             "blocks.*.attn.entropy", "blocks.*.attn.out", "blocks.*.context.attn.out", "blocks.*.attn.z",
+             "blocks.*.context.attn.z"]
     _, s = _run(loaded, names)
     model = loaded.transformer
     pos = np.concatenate([np.zeros((L, 3)), image_ids(8, 8).numpy()]).astype(np.float64)
@@ -154,15 +156,16 @@ def test_q_k_are_rotated_and_patterns_are_the_joint_softmax(loaded):
                                    -(rows * np.log(rows)).sum(-1), rtol=1e-4, atol=1e-6)
         assert (s[f"blocks.{i}.attn.pattern"].sum(-1) < 1).all()  # the rest of each row goes to text
         # the attention output from the pattern: double blocks project it, single blocks do not
-        O = (P @ V).transpose(0, 2, 1, 3).reshape(2, L + N, H * D)
+        O = (P @ V).transpose(0, 2, 1, 3)  # (B, S, H, D)
         if i == 0:
+            O = O.reshape(2, L + N, H * D)
             Wo, bo = attn.to_out[0].weight.double().numpy(), attn.to_out[0].bias.double().numpy()
             Wc, bc = attn.to_add_out.weight.double().numpy(), attn.to_add_out.bias.double().numpy()
-            img, txt = O[:, L:] @ Wo.T + bo, O[:, :L] @ Wc.T + bc
+            img, txt, out = O[:, L:] @ Wo.T + bo, O[:, :L] @ Wc.T + bc, "out"
         else:
-            img, txt = O[:, L:], O[:, :L]
-        np.testing.assert_allclose(s[f"blocks.{i}.attn.out"].numpy(), img, rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(s[f"blocks.{i}.context.attn.out"].numpy(), txt, rtol=1e-4, atol=1e-5)
+            img, txt, out = O[:, L:], O[:, :L], "z"  # single blocks: per head, no W_O
+        np.testing.assert_allclose(s[f"blocks.{i}.attn.{out}"].numpy(), img, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(s[f"blocks.{i}.context.attn.{out}"].numpy(), txt, rtol=1e-4, atol=1e-5)
 
 
 def test_block_arithmetic_from_the_hook_points(loaded):
@@ -190,11 +193,11 @@ def test_block_arithmetic_from_the_hook_points(loaded):
     sb = model.single_transformer_blocks[0]
     joint = torch.cat([s["blocks.1.context.resid_pre"], s["blocks.1.resid_pre"]], 1)
     xn, gate = sb.norm(joint, emb=temb)
-    for name, full in (("attn.in", xn), ("mlp.in", xn), ("mlp.out", sb.act_mlp(sb.proj_mlp(xn)))):
+    for name, full in (("attn.in", xn), ("mlp.in", xn), ("mlp.act", sb.act_mlp(sb.proj_mlp(xn)))):
         torch.testing.assert_close(s[f"blocks.1.{name}"], full[:, L:])
         torch.testing.assert_close(s[f"blocks.1.context.{name}"], full[:, :L])
-    par = sb.proj_out(torch.cat([torch.cat([s["blocks.1.context.attn.out"], s["blocks.1.attn.out"]], 1),
-                                 torch.cat([s["blocks.1.context.mlp.out"], s["blocks.1.mlp.out"]], 1)], 2))
+    z = torch.cat([s["blocks.1.context.attn.z"], s["blocks.1.attn.z"]], 1).flatten(2)
+    par = sb.proj_out(torch.cat([z, torch.cat([s["blocks.1.context.mlp.act"], s["blocks.1.mlp.act"]], 1)], 2))
     torch.testing.assert_close(s["blocks.1.parallel.out"], par[:, L:])
     torch.testing.assert_close(s["blocks.1.adaln.gate_msa"], gate)
     torch.testing.assert_close(s["blocks.1.resid_post"], (joint + gate[:, None] * par)[:, L:])

@@ -43,6 +43,7 @@ from .spec import RESID, TEXT_RESID, VECTOR, PointSpec, post, pre
 ADALN_CHUNKS = ("shift_msa", "scale_msa", "gate_msa", "shift_mlp", "scale_mlp", "gate_mlp")
 SINGLE_ADALN_CHUNKS = ("shift_msa", "scale_msa", "gate_msa")
 MLP_RESID = ("batch", "token", "mlp_channel")
+HEADS = ("batch", "token", "head", "head_channel")
 TEXT_MLP_RESID = ("batch", "text_token", "mlp_channel")
 
 #: latent side (VAE latents, before 2x2 packing) assumed when nothing else is known: 1024 px / 8
@@ -115,6 +116,21 @@ def _sliced(spec: PointSpec, call: FluxCall, part: str, dims: tuple[str, ...], l
         return base_write(args, kwargs, output, full)
 
     return PointSpec(local, spec.path, spec.kind, dims, doc, read,
+                     write if base_write is not None else None)
+
+
+def _per_head(spec: PointSpec, dims: str, doc: str, head_dim: int) -> PointSpec:
+    """``spec``'s (batch, tokens, heads*head_dim) value viewed as (batch, tokens, head, head_dim)."""
+    base_read, base_write = spec.read, spec.write
+
+    def read(args, kwargs, output):
+        x = base_read(args, kwargs, output)
+        return x.unflatten(-1, (-1, head_dim))
+
+    def write(args, kwargs, output, new):
+        return base_write(args, kwargs, output, new.flatten(-2))
+
+    return PointSpec(spec.local, spec.path, spec.kind, tuple(dims.split()), doc, read,
                      write if base_write is not None else None)
 
 
@@ -210,11 +226,14 @@ def double_block_table() -> tuple[PointSpec, ...]:
     return tuple(rows)
 
 
-def single_block_table(call: FluxCall) -> tuple[PointSpec, ...]:
+def single_block_table(call: FluxCall, head_dim: int) -> tuple[PointSpec, ...]:
     """``FluxSingleTransformerBlock``: slices of the joint ``[text; image]`` sequence.
 
-    There is no ``resid_mid`` (attention and MLP read the same normalised input in parallel) and
-    no ``W_O`` of its own; ``parallel.out`` is ``proj_out`` of both branches, before the gate.
+    There is no ``resid_mid`` (attention and MLP read the same normalised input in parallel), no
+    ``W_O`` and no MLP output projection of their own, so no ``attn.out``/``mlp.out``: what is
+    there is ``attn.z`` (per-head attention output), ``mlp.act`` (the MLP's hidden activation)
+    and ``parallel.out`` (``proj_out`` of both branches, before the gate). Names shared with
+    double blocks keep their dims, so stores can stack them over layers.
     """
     def image(spec, dims, doc):
         return _sliced(spec, call, "image", dims, spec.local, doc)
@@ -224,8 +243,8 @@ def single_block_table(call: FluxCall) -> tuple[PointSpec, ...]:
 
     x_attn = pre("attn.in", "attn", RESID, "", arg="hidden_states", position=0)
     x_mlp = pre("mlp.in", "proj_mlp", RESID, "")
-    a_out = post("attn.out", "attn", RESID, "")
-    m_out = post("mlp.out", "act_mlp", MLP_RESID, "")
+    z = post("attn.z", "attn", HEADS, "")
+    act = post("mlp.act", "act_mlp", MLP_RESID, "")
     p_out = post("parallel.out", "proj_out", RESID, "")
     rows = [
         pre("resid_pre", "", RESID, "image tokens entering the block", arg="hidden_states", position=0),
@@ -238,16 +257,19 @@ def single_block_table(call: FluxCall) -> tuple[PointSpec, ...]:
         image(x_attn, RESID, "LayerNorm(s)*(1+scale_msa)+shift_msa at the image tokens: the input of "
               "attention (the same tensor feeds the MLP; replacing it here changes attention only)"),
         text(x_attn, TEXT_RESID, "the normalised input of attention at the text tokens"),
-        image(a_out, RESID, "attention output at the image tokens (heads concatenated; single blocks have no "
-              "W_O of their own: proj_out mixes it with the MLP)"),
-        text(a_out, TEXT_RESID, "attention output at the text tokens (heads concatenated)"),
+        _per_head(image(z, RESID, ""), "batch token head head_channel",
+                  "attention output per head at the image tokens, before any output projection "
+                  "(TransformerLens' hook_z; single blocks have no W_O of their own: proj_out mixes the "
+                  "heads with the MLP)", head_dim),
+        _per_head(text(z, TEXT_RESID, ""), "batch text_token head head_channel",
+                  "attention output per head at the text tokens, before any output projection", head_dim),
         image(x_mlp, RESID, "the normalised input of the MLP at the image tokens (the same values as "
               "attn.in; replacing it here changes the MLP only)"),
         text(x_mlp, TEXT_RESID, "the normalised input of the MLP at the text tokens"),
-        image(m_out, MLP_RESID, "MLP hidden activation gelu(proj_mlp(x)) at the image tokens (mlp_channel = "
+        image(act, MLP_RESID, "MLP hidden activation gelu(proj_mlp(x)) at the image tokens (mlp_channel = "
               "mlp_ratio * width; its output projection is part of proj_out)"),
-        text(m_out, TEXT_MLP_RESID, "MLP hidden activation at the text tokens"),
-        image(p_out, RESID, "proj_out(cat[attn.out, mlp.out]) at the image tokens: both branches after "
+        text(act, TEXT_MLP_RESID, "MLP hidden activation at the text tokens"),
+        image(p_out, RESID, "proj_out(cat[attn.z, mlp.act]) at the image tokens: both branches after "
               "their output projection, before the gate"),
         text(p_out, TEXT_RESID, "proj_out of both branches at the text tokens, before the gate"),
         post("resid_post", "", RESID, "image tokens leaving the block", item=1),
@@ -298,7 +320,7 @@ class FluxAdapter(ModelAdapter):
     def __init__(self, model: nn.Module):
         self.call = flux_call(model)
         self.block_tables = {"FluxTransformerBlock": double_block_table(),
-                             "FluxSingleTransformerBlock": single_block_table(self.call)}
+                             "FluxSingleTransformerBlock": single_block_table(self.call, model.config.attention_head_dim)}
         cfg = model.config
         self.sample_size = int(cfg.get("sample_size", None) or DEFAULT_SAMPLE_SIZE)
         self.text_tokens = int(cfg.get("max_sequence_length", None) or DEFAULT_TEXT_TOKENS)
