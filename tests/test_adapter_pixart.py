@@ -461,3 +461,31 @@ def test_full_block_jvp_equals_finite_differences_of_the_block(loaded):
     assert jvp.shape == (B, N, D)
     torch.testing.assert_close(jvp.double(), fd, atol=2e-5, rtol=1e-4)
     assert (jvp.double() - d).abs().max() > 1e-3  # more than the identity path
+
+
+def test_micro_conditions_of_1024px_checkpoints():
+    """use_additional_conditions models get the pipeline's resolution / aspect-ratio rows."""
+    from dithooks.conditioning import Conditioning
+
+    torch.manual_seed(0)
+    from diffusers import PixArtTransformer2DModel
+
+    # the size embeddings take a third of the width each: width 48 (1152 in PixArt-α)
+    model = PixArtTransformer2DModel(**{**CONFIG, "attention_head_dim": 24, "cross_attention_dim": 48,
+                                        "use_additional_conditions": True}).eval()
+    ad = adapter_for(model)
+    emb, mask = prompt_embeds(2)
+    cond = Conditioning(prompt_embeds=emb, extras={"prompt_attention_mask": mask})
+    ad.check_conditioning(cond, cfg=False)
+    rows = cond.rows(cfg=False)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        got = ad.denoise(x, torch.tensor(300), rows)
+        ref = model(x, encoder_hidden_states=emb, encoder_attention_mask=mask, timestep=torch.tensor([300, 300]),
+                    added_cond_kwargs={"resolution": torch.tensor([[64.0, 64.0]] * 2),
+                                       "aspect_ratio": torch.tensor([[1.0]] * 2)}).sample[:, :4]
+        other = model(x, encoder_hidden_states=emb, encoder_attention_mask=mask, timestep=torch.tensor([300, 300]),
+                      added_cond_kwargs={"resolution": torch.tensor([[32.0, 64.0]] * 2),
+                                         "aspect_ratio": torch.tensor([[2.0]] * 2)}).sample[:, :4]
+    assert torch.equal(got, ref)
+    assert (other - ref).abs().max() > 1e-6
