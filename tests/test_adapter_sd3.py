@@ -425,3 +425,12 @@ def test_capture_stores_what_the_hooks_see(loaded, tmp_path):
     np.testing.assert_array_equal(store.select("latents").values[-1], hooked.numpy())
     out = CliRunner().invoke(app, ["ls", str(tmp_path / "s.zarr")])
     assert out.exit_code == 0 and "blocks.context.attn.in" in out.output and "text_token" in out.output
+
+
+def test_encode_prompts_refuses_in_one_line(tmp_path):
+    """The encoder path is optional: without transformers or a pipeline folder, a one-line error."""
+    from dithooks.adapters.sd3 import encode_prompts
+
+    with pytest.raises(DithooksError) as e:
+        encode_prompts(str(tmp_path / "nowhere"), ["a cat"])
+    assert "\n" not in str(e.value) and str(e.value).split(":")[-1].strip()

@@ -232,16 +232,23 @@ def encode_prompts(pipeline_dir: str, prompts: list[str], negative: list[str] | 
     """Prompt embeddings from an SD3 pipeline folder that ships its text encoders
     (``StableDiffusion3Pipeline.encode_prompt``), as a :class:`~dithooks.conditioning.Conditioning`.
 
-    Untested in this repository's suite (no encoders can be downloaded there)."""
-    from diffusers import StableDiffusion3Pipeline
+    Untested in this repository's suite: it needs ``transformers`` (not a dependency of
+    dithooks) and the pipeline's text encoders, which cannot be downloaded there."""
+    import importlib.util
 
     from ..conditioning import Conditioning
+
+    if importlib.util.find_spec("transformers") is None:
+        raise DithooksError("encoding prompts needs the `transformers` package (pip install transformers); "
+                            "or give precomputed prompt embeddings")
+    from diffusers import StableDiffusion3Pipeline
 
     try:
         pipe = StableDiffusion3Pipeline.from_pretrained(pipeline_dir, transformer=None, vae=None)
     except Exception as e:
+        lines = [ln for ln in str(e).splitlines() if ln.strip()]
         raise DithooksError(f"cannot load an SD3 pipeline with text encoders from {pipeline_dir}: "
-                            f"{str(e).splitlines()[0][:160] if str(e) else type(e).__name__}") from None
+                            f"{lines[0][:160] if lines else type(e).__name__}") from None
     pe, npe, ppe, nppe = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device=device,
                                             do_classifier_free_guidance=negative is not None,
                                             negative_prompt=negative, max_sequence_length=max_sequence_length)
