@@ -23,6 +23,14 @@
     python benchmarks/bench_attention_jvp.py --whole-run --threads 1
     python benchmarks/bench_attention_jvp.py --whole-run --threads 2 --models digits,S
 
+(4) ``--routing``: the ``routing`` probe's per-call report on top of the JVP. For one block (the
+    configs of (1)), the per-head terms the probe reads (``jvp.heads.*`` at g = 0.3) are handed to
+    ``routing_dominance_report`` as the probe does, at ``precision`` fp64 (default) and fp32; reported
+    in units of the block forward, wall and CPU time. Target: <= 1.5 block forwards on top of the JVP.
+    Run it with an older checkout first on ``PYTHONPATH`` for the "before" numbers.
+
+    python benchmarks/bench_attention_jvp.py --routing --threads 1
+
 Cases are timed interleaved (one repeat of each in turn) and medians reported, so background
 load on a shared machine biases every case alike.
 """
@@ -167,6 +175,52 @@ def bench_explicit(cfg: Config, repeats: int) -> dict:
     return out
 
 
+# -- (4) the routing probe's report on top of the JVP ----------------------------------------------
+def bench_routing_report(cfg: Config, repeats: int, g: float = 0.3) -> dict:
+    from dithooks.jvp import HEAD_TERMS
+    from dithooks.probes.attention_terms import routing_dominance_report
+
+    block = dit_block(cfg)
+    h, delta, t, y = block_inputs(cfg)
+    with torch.no_grad():
+        terms = block_jvp(block, h, delta, timestep=t, class_labels=y, parts=("full",), heads=HEAD_TERMS, g=g)
+    args = [terms[n] for n in ("heads.pattern", "heads.dlogits_intra", "heads.dlogits_inter", "heads.v", "heads.dv")]
+
+    def forward():
+        with torch.no_grad():
+            block(h, timestep=t, class_labels=y)
+
+    def report(dtype):
+        def fn():
+            rep = routing_dominance_report(*args, g, dtype=dtype)
+            {k: v.cpu() for k, v in rep.items()}  # what the probe keeps
+        return fn
+
+    cases = {"forward": forward,
+             "jvp (per-head terms)": lambda: block_jvp(block, h, delta, timestep=t, class_labels=y, parts=(),
+                                                       heads=HEAD_TERMS, g=g),
+             "report fp64": report(torch.float64), "report fp32": report(torch.float32)}
+    cpu: dict[str, float] = {}
+    times = time_interleaved(cases, repeats, cpu=cpu)
+    return {"config": cfg.name, "width": cfg.width, "heads": cfg.heads, "tokens": cfg.tokens, "batch": cfg.batch,
+            "ms": {k: 1e3 * v for k, v in times.items()}, "cpu_ms": {k: 1e3 * v for k, v in cpu.items()},
+            "ratio": {k: v / times["forward"] for k, v in times.items()},
+            "cpu_ratio": {k: v / cpu["forward"] for k, v in cpu.items()}}
+
+
+def routing_markdown(rows: list[dict]) -> str:
+    cases = [c for c in rows[0]["ms"] if c != "forward"]
+    lines = ["### (4) routing probe: report per block call, in block forwards (median ms)", "",
+             "| config | width | heads | tokens | B | forward ms | " + " | ".join(cases) + " |",
+             "|---" * (6 + len(cases)) + "|"]
+    for r in rows:
+        for kind, ms, ratio in (("wall", "ms", "ratio"), ("CPU", "cpu_ms", "cpu_ratio")):
+            cells = [f"{r[ratio][c]:.2f} ({r[ms][c]:.1f})" for c in cases]
+            lines.append(f"| {r['config']} ({kind}) | {r['width']} | {r['heads']} | {r['tokens']} | {r['batch']} | "
+                         f"{r[ms]['forward']:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # -- (3) the JVP in a whole run ----------------------------------------------------------------
 DIT_DEFAULTS = dict(in_channels=4, out_channels=8, sample_size=32, patch_size=2, num_embeds_ada_norm=1000)
 WHOLE_RUN_MODELS = {
@@ -298,10 +352,22 @@ def main(argv=None) -> None:
     ap.add_argument("--whole-run", action="store_true", help="only (3): the JVP in a whole sampling run")
     ap.add_argument("--models", default="digits,S,XL", help="(3): models, comma-separated (digits,S,XL)")
     ap.add_argument("--device", default="cpu", help="(3): cpu or cuda")
+    ap.add_argument("--routing", action="store_true", help="only (4): the routing probe's report per block call")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
+    if args.routing:
+        repeats = args.repeats or (3 if args.quick else 7)
+        rows = [bench_routing_report(c, repeats) for c in CONFIGS]
+        print(routing_markdown(rows))
+        meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "repeats": repeats,
+                "machine": platform.processor() or platform.machine(), "seconds": round(time.perf_counter() - t0, 1)}
+        print(f"\n{meta}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"meta": meta, "routing": rows}, f, indent=2)
+        return
     if args.whole_run:
         names = [m.strip() for m in args.models.split(",") if m.strip()]
         unknown = set(names) - set(WHOLE_RUN_MODELS)
