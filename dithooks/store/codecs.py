@@ -70,6 +70,18 @@ def decode(values: np.ndarray, attrs: dict) -> np.ndarray:
     return values
 
 
+def compressor_config(name: str) -> dict | None:
+    """The compressor of ``--compression NAME`` as :func:`zarrio.array_metadata` takes it (the
+    same codec :func:`compressors` gives zarr-python)."""
+    if name == "none":
+        return None
+    if name == "zstd":
+        return {"name": "zstd", "level": 1}
+    if name == "lz4":
+        return {"name": "blosc", "cname": "lz4", "clevel": 5, "shuffle": "bitshuffle"}
+    raise DithooksError(f"unknown compression {name!r}; choose one of {', '.join(COMPRESSIONS)}")
+
+
 def compressors(name: str):
     import zarr
 

@@ -12,13 +12,24 @@ never written reads as NaN, never as zeros (bfloat16, stored as raw bits, uses t
 every chunk is written even when it equals the fill value, and carries a CRC32C checksum, so
 ``dithooks verify`` can tell a missing or damaged chunk from data. The writer counts the
 non-finite values it writes per array and row (:attr:`StoreWriter.nonfinite`).
+
+How it writes (format unchanged, readable by zarr-python and xarray): on a local store, arrays
+are created by writing their ``zarr.json`` and whole chunks / shards are encoded and written by
+:class:`zarrio.ChunkEncoder`, one atomic file write (temporary ``*.partial`` file, then a rename)
+per chunk or shard, the interpreter lock released during the write. zarr-python is used only
+for what that does not cover: writes that do not cover whole chunks, layouts it did not make,
+stores that are not folders. zarr-python's own path costs the sampling thread far more: its event
+loop and thread pool compete for the interpreter lock, and it reads a shard back before replacing
+it (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -26,7 +37,8 @@ import torch
 import zarr
 
 from ..errors import StoreError
-from .codecs import compressors, to_numpy, zarr_dtype
+from .codecs import compressor_config, compressors, to_numpy, zarr_dtype
+from .zarrio import ArrayMeta, ChunkEncoder, array_metadata, write_json_atomic
 
 
 @dataclass(frozen=True)
@@ -82,6 +94,12 @@ def count_nonfinite(data: np.ndarray, dtype: torch.dtype, index: Any) -> dict[An
 
 
 class StoreWriter:
+    # False: every write through zarr-python (the path before direct writes; for benchmarks)
+    direct = True
+    # chunk key separator of the arrays it creates: "." keeps an array's chunk files in its
+    # folder (c.3.0.0.0.0), "/" nests a folder per index (c/3/0/0/0/0: 4 mkdirs per step)
+    separator = "."
+
     def __init__(self, group: zarr.Group, *, compression: str = "none",
                  max_pending_bytes: int = 256 * 2**20, nonfinite: dict | None = None):
         self.group = group
@@ -112,6 +130,13 @@ class StoreWriter:
             self.peak_pending_bytes = max(self.peak_pending_bytes, self._pending)
         self._queue.put(("write", spec, index, value, nbytes))
 
+    def set(self, name: str, index: Any, value: Any) -> None:
+        """Queue ``array[index] = value`` for an array that already exists in the store (e.g. the
+        ``step_complete`` marks: ``set("step_complete", slice(3, 5), True)``); ``value`` is small
+        (no memory accounting) and broadcast to the selection."""
+        self._raise_if_failed()
+        self._queue.put(("set", name, index, value, 0))
+
     def call(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the writer thread after everything queued before it."""
         self._raise_if_failed()
@@ -139,29 +164,66 @@ class StoreWriter:
             raise WriterFailed(describe_write_error(self._error)) from self._error
 
     # -- writer thread -----------------------------------------------------------------------
-    def array(self, spec: ArraySpec) -> zarr.Array:
+    def array(self, spec: ArraySpec) -> "ArrayTarget":
+        """The array ``spec`` names, created (metadata only) if it does not exist yet."""
         arr = self._arrays.get(spec.name)
         if arr is not None:
             return arr
+        root = store_root(self.group) if self.direct else None
+        if root is None:  # not a folder (a memory store, ...): zarr-python does everything
+            arr = ZarrTarget(self._zarr_array(spec))
+        else:
+            meta_file = root / spec.name / "zarr.json"
+            if not meta_file.exists():
+                (root / spec.name).mkdir(parents=True, exist_ok=True)
+                write_json_atomic(str(meta_file), self.metadata(spec))
+            meta = ArrayMeta.load(root, spec.name)
+            if tuple(meta.shape) != tuple(spec.shape):
+                raise StoreError(f"array {spec.name} in the store has shape {tuple(meta.shape)}, "
+                                 f"this capture makes {tuple(spec.shape)}")
+            arr = DirectTarget(meta, lambda: self._zarr_array(spec))
+        self._arrays[spec.name] = arr
+        return arr
+
+    def existing(self, name: str) -> "ArrayTarget":
+        """An array of the store by name (it must exist)."""
+        arr = self._arrays.get(name)
+        if arr is not None:
+            return arr
+        root = store_root(self.group) if self.direct else None
+        if root is None:
+            arr = ZarrTarget(self.group[name].with_config(ARRAY_CONFIG))
+        else:
+            arr = DirectTarget(ArrayMeta.load(root, name), lambda: self.group[name].with_config(ARRAY_CONFIG))
+        self._arrays[name] = arr
+        return arr
+
+    def metadata(self, spec: ArraySpec) -> dict:
+        """The ``zarr.json`` of a new array (what zarr-python's ``create_array`` writes for it)."""
+        attrs = dict(spec.attrs)
+        if spec.dtype == torch.bfloat16:
+            attrs["dithooks_dtype"] = "bfloat16"
+        return array_metadata(spec.shape, spec.chunks, zarr_dtype(spec.dtype), fill_value(spec.dtype),
+                              shards=spec.shards, dims=spec.dims, attrs=attrs,
+                              compressor=compressor_config(self.compression), separator=self.separator)
+
+    def _zarr_array(self, spec: ArraySpec) -> zarr.Array:
         if spec.name in self.group:
             arr = self.group[spec.name]
             if tuple(arr.shape) != tuple(spec.shape):
                 raise StoreError(f"array {spec.name} in the store has shape {tuple(arr.shape)}, "
                                  f"this capture makes {tuple(spec.shape)}")
-            arr = arr.with_config(ARRAY_CONFIG)
-        else:
-            attrs = dict(spec.attrs)
-            if spec.dtype == torch.bfloat16:
-                attrs["dithooks_dtype"] = "bfloat16"
-            compressor = compressors(self.compression)
-            arr = self.group.create_array(
-                name=spec.name, shape=spec.shape, chunks=spec.chunks, shards=spec.shards,
-                dtype=zarr_dtype(spec.dtype),
-                dimension_names=spec.dims,
-                compressors=([compressor] if compressor is not None else []) + [zarr.codecs.Crc32cCodec()],
-                fill_value=fill_value(spec.dtype), attributes=attrs, config=ARRAY_CONFIG)
-        self._arrays[spec.name] = arr
-        return arr
+            return arr.with_config(ARRAY_CONFIG)
+        attrs = dict(spec.attrs)
+        if spec.dtype == torch.bfloat16:
+            attrs["dithooks_dtype"] = "bfloat16"
+        compressor = compressors(self.compression)
+        return self.group.create_array(
+            name=spec.name, shape=spec.shape, chunks=spec.chunks, shards=spec.shards,
+            dtype=zarr_dtype(spec.dtype),
+            dimension_names=spec.dims,
+            compressors=([compressor] if compressor is not None else []) + [zarr.codecs.Crc32cCodec()],
+            fill_value=fill_value(spec.dtype), attributes=attrs, config=ARRAY_CONFIG)
 
     def _run(self) -> None:
         while True:
@@ -173,11 +235,13 @@ class StoreWriter:
                 if self._error is None:
                     if kind == "write":
                         data = to_numpy(c)
-                        self.array(a)[b] = data
+                        self.array(a).write(b, data)
                         self.bytes_written += data.nbytes
                         bad = count_nonfinite(data, a.dtype, b)
                         if bad:
                             self.nonfinite.setdefault(a.name, {}).update(bad)
+                    elif kind == "set":
+                        self.existing(a).write(b, np.asarray(c))
                     else:
                         a()
             except BaseException as e:  # kept and raised on the sampling thread
@@ -190,6 +254,87 @@ class StoreWriter:
                 elif self._error is not None:
                     with self._cond:
                         self._cond.notify_all()
+
+
+def store_root(group: zarr.Group) -> Path | None:
+    """The folder of a group on a local store, else None."""
+    store = getattr(group, "store", None)
+    root = getattr(store, "root", None)
+    if root is None or not isinstance(store, zarr.storage.LocalStore):
+        return None
+    return Path(root) / group.path if group.path else Path(root)
+
+
+def region_of(index: Any, shape: tuple[int, ...]) -> tuple[tuple[tuple[int, int], ...], tuple[int, ...]] | None:
+    """``array[index]`` as per-dim [start, stop) and the shape of that block (ints kept as size-1
+    dims); None for anything but ints and slices of step 1 (then zarr-python does the write)."""
+    if not isinstance(index, tuple):
+        index = (index,)
+    if len(index) == 1 and index[0] is Ellipsis:
+        index = ()
+    if len(index) > len(shape):
+        return None
+    region = []
+    for ix, n in zip(index, shape):
+        if isinstance(ix, (int, np.integer)) and not isinstance(ix, bool):
+            i = int(ix) + (n if ix < 0 else 0)
+            if not 0 <= i < n:
+                return None
+            region.append((i, i + 1))
+        elif isinstance(ix, slice) and ix.step in (None, 1):
+            a, b, _ = ix.indices(n)
+            region.append((a, max(a, b)))
+        else:
+            return None
+    region += [(0, n) for n in shape[len(index):]]
+    return tuple(region), tuple(b - a for a, b in region)
+
+
+class ArrayTarget:
+    """Where :class:`StoreWriter` writes one array (:meth:`StoreWriter.array`)."""
+
+    def write(self, index: Any, data: np.ndarray) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class ZarrTarget(ArrayTarget):
+    def __init__(self, arr: zarr.Array):
+        self.zarr = arr
+
+    def write(self, index: Any, data: np.ndarray) -> None:
+        self.zarr[index] = data
+
+
+class DirectTarget(ArrayTarget):
+    """Whole chunks and shards written by :class:`zarrio.ChunkEncoder`; anything else (a write
+    that covers part of a chunk, a layout the encoder does not write) through zarr-python."""
+
+    def __init__(self, meta: ArrayMeta, open_zarr: Callable[[], zarr.Array]):
+        self.meta = meta
+        self.encoder = ChunkEncoder(meta) if ChunkEncoder.supports(meta) else None
+        self._open_zarr = open_zarr
+        self._zarr: zarr.Array | None = None
+        self.direct_writes = 0
+        self.zarr_writes = 0
+
+    def write(self, index: Any, data: np.ndarray) -> None:
+        if self.encoder is not None:
+            got = region_of(index, self.meta.shape)
+            if got is not None and self.encoder.aligned(got[0]):
+                region, block = got
+                data = np.asarray(data)
+                if data.shape != block:
+                    if int(np.prod(data.shape)) == int(np.prod(block)):
+                        data = data.reshape(block)
+                    else:
+                        data = np.broadcast_to(data, block)
+                self.encoder.write(region, data)
+                self.direct_writes += 1
+                return
+        if self._zarr is None:
+            self._zarr = self._open_zarr()
+        self._zarr[index] = data
+        self.zarr_writes += 1
 
 
 def describe_write_error(e: BaseException) -> str:

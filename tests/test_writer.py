@@ -1,0 +1,189 @@
+"""The store writer's direct chunk/shard writes (zarrio.ChunkEncoder) against zarr-python, and
+host staging (store/staging.py). Independent references: zarr-python writing the same values
+(metadata and files compared), zarr-python and xarray reading what the writer wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from dithooks.store.staging import HostStaging
+from dithooks.store.writer import ArraySpec, DirectTarget, StoreWriter, region_of
+from dithooks.store.zarrio import ArrayMeta, ArrayReader, blocks, out_shape, write_atomic
+
+
+def _write(path: Path, specs_values, *, direct: bool, separator: str = "/", compression: str = "none"):
+    g = zarr.open_group(str(path), mode="w", zarr_format=3)
+    w = StoreWriter(g, compression=compression)
+    w.direct, w.separator = direct, separator
+    for spec, index, value in specs_values:
+        w.put(spec, index, value)
+    w.flush()
+    w.close()
+    return w
+
+
+def _cases():
+    torch.manual_seed(0)
+    shard = ArraySpec("blocks.x", ("step", "layer", "sample", "token"), (3, 4, 2, 5), (1, 2, 2, 5), torch.float16,
+                      (("hook", "blocks.{i}.x"),), (1, 4, 2, 5))
+    plain = ArraySpec("latents", ("latent_step", "sample", "c"), (4, 2, 3), (1, 2, 3), torch.float32)
+    bf = ArraySpec("b", ("bstep", "k"), (2, 6), (1, 6), torch.bfloat16)
+    u8 = ArraySpec("rng", ("rstep", "byte"), (3, 7), (1, 7), torch.uint8)
+    return [(shard, (slice(0, 3),), torch.randn(3, 4, 2, 5).half()),
+            (plain, (slice(1, 3),), torch.randn(2, 2, 3)),
+            (plain, (0,), torch.randn(2, 3)),
+            (bf, (slice(0, 2),), torch.randn(2, 6).bfloat16()),
+            (u8, (1,), torch.randint(0, 255, (7,), dtype=torch.uint8))]
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd", "lz4"])
+def test_direct_writes_equal_zarr_python_files_and_metadata(tmp_path, compression):
+    cases = _cases()
+    _write(tmp_path / "z.zarr", cases, direct=False, compression=compression)
+    w = _write(tmp_path / "d.zarr", cases, direct=True, compression=compression)
+    assert all(isinstance(t, DirectTarget) and t.encoder is not None and t.zarr_writes == 0
+               for t in w._arrays.values())
+    names = sorted(p.relative_to(tmp_path / "z.zarr") for p in (tmp_path / "z.zarr").rglob("*") if p.is_file())
+    assert names == sorted(p.relative_to(tmp_path / "d.zarr") for p in (tmp_path / "d.zarr").rglob("*") if p.is_file())
+    for rel in names:
+        a, b = (tmp_path / "z.zarr" / rel).read_bytes(), (tmp_path / "d.zarr" / rel).read_bytes()
+        if rel.name == "zarr.json":
+            assert json.loads(a) == json.loads(b), rel
+        else:  # chunk and shard files: the same bytes (order of inner chunks, index, CRC32C)
+            assert a == b, rel
+
+
+def test_flat_keys_read_back_through_zarr_xarray_and_dithooks(tmp_path):
+    cases = _cases()
+    _write(tmp_path / "d.zarr", cases, direct=True, separator=".")
+    assert sorted(os.listdir(tmp_path / "d.zarr" / "blocks.x")) == ["c.0.0.0.0", "c.1.0.0.0", "c.2.0.0.0", "zarr.json"]
+    g = zarr.open_group(str(tmp_path / "d.zarr"), mode="r")
+    shard, v = cases[0][0], cases[0][2]
+    np.testing.assert_array_equal(np.asarray(g["blocks.x"][...]), v.numpy())
+    lat = np.asarray(g["latents"][...])
+    np.testing.assert_array_equal(lat[1:3], cases[1][2].numpy())
+    np.testing.assert_array_equal(lat[0], cases[2][2].numpy())
+    assert np.isnan(lat[3]).all()  # never written: the fill value NaN
+    np.testing.assert_array_equal(np.asarray(g["b"][...]), cases[3][2].view(torch.int16).numpy().view(np.uint16))
+    np.testing.assert_array_equal(np.asarray(g["rng"][1]), cases[4][2].numpy())
+    xr = pytest.importorskip("xarray")
+    ds = xr.open_zarr(str(tmp_path / "d.zarr"), consolidated=False)
+    assert ds["blocks.x"].dims == shard.dims
+    np.testing.assert_array_equal(ds["blocks.x"].values, v.numpy())
+    # dithooks' own chunk reader: one inner chunk, by key c.1.0.0.0
+    meta = ArrayMeta.load(tmp_path / "d.zarr", "blocks.x")
+    reader = ArrayReader(meta)
+    sel = (slice(1, 2, 1), slice(2, 4, 1), slice(0, 2, 1), slice(0, 5, 1))
+    out = np.empty(out_shape(sel), dtype=np.float16)
+    for b in blocks(meta, sel):
+        out[b.out] = reader.read_block(b)
+    np.testing.assert_array_equal(out, v.numpy()[1:2, 2:4])
+
+
+def test_writes_that_cover_part_of_a_chunk_go_through_zarr(tmp_path):
+    spec = ArraySpec("a", ("step", "x"), (4, 6), (2, 6), torch.float32)
+    g = zarr.open_group(str(tmp_path / "s.zarr"), mode="w", zarr_format=3)
+    w = StoreWriter(g)
+    w.put(spec, (slice(0, 2),), torch.ones(2, 6))      # one whole chunk: direct
+    w.put(spec, (3,), torch.full((6,), 3.0))           # half a chunk: zarr-python
+    w.flush()
+    w.close()
+    t = w._arrays["a"]
+    assert (t.direct_writes, t.zarr_writes) == (1, 1)
+    a = np.asarray(zarr.open_array(str(tmp_path / "s.zarr" / "a"), mode="r")[...])
+    np.testing.assert_array_equal(a[:2], 1.0)
+    assert np.isnan(a[2]).all() and (a[3] == 3.0).all()
+
+
+def test_set_marks_an_existing_array(tmp_path):
+    g = zarr.open_group(str(tmp_path / "s.zarr"), mode="w", zarr_format=3)
+    g.create_array(name="step_complete", shape=(5,), chunks=(1,), dtype="bool", fill_value=False, compressors=None)
+    w = StoreWriter(g)
+    w.set("step_complete", slice(1, 3), True)
+    w.set("step_complete", 4, True)
+    w.flush()
+    w.close()
+    assert w._arrays["step_complete"].direct_writes == 2
+    got = np.asarray(zarr.open_array(str(tmp_path / "s.zarr" / "step_complete"), mode="r")[...])
+    assert got.tolist() == [False, True, True, False, True]
+
+
+def test_region_of():
+    assert region_of((slice(1, 3),), (5, 4)) == (((1, 3), (0, 4)), (2, 4))
+    assert region_of((-1, slice(None)), (5, 4)) == (((4, 5), (0, 4)), (1, 4))
+    assert region_of(..., (2,)) == (((0, 2),), (2,))
+    assert region_of((slice(0, 4, 2),), (5,)) is None
+    assert region_of((np.array([1, 2]),), (5,)) is None
+
+
+def test_atomic_write_leaves_old_file_or_new_never_a_mix(tmp_path, monkeypatch):
+    f = tmp_path / "c.0"
+    write_atomic(str(f), [b"old"])
+
+    def boom(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError):
+        write_atomic(str(f), [np.arange(10, dtype=np.float32), b"crc!"])
+    monkeypatch.undo()
+    assert f.read_bytes() == b"old" and sorted(os.listdir(tmp_path)) == ["c.0"]  # temp file removed
+    assert write_atomic(str(f), [np.arange(3, dtype=np.int64), b"ab"]) == 26
+    assert f.read_bytes() == np.arange(3, dtype=np.int64).tobytes() + b"ab"
+
+
+def test_write_error_is_raised_on_the_sampling_thread(tmp_path, monkeypatch):
+    import errno
+
+    from dithooks.store import zarrio
+    from dithooks.store.writer import WriterFailed
+
+    def full(path, pieces):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(zarrio, "write_atomic", full)
+    g = zarr.open_group(str(tmp_path / "s.zarr"), mode="w", zarr_format=3)
+    w = StoreWriter(g)
+    w.put(ArraySpec("a", ("step", "x"), (2, 3), (1, 3), torch.float32), (0,), torch.ones(3))
+    with pytest.raises(WriterFailed, match="disk is full"):
+        w.flush()
+    w.close()
+
+
+def test_staging_copies_convert_like_to_and_reuse_slabs():
+    st = HostStaging()
+    x = torch.randn(3, 4, 5)
+    slab = st.take((2, 3, 4, 5), torch.float16)
+    st.copy(slab[1], x)
+    st.copy(slab[0], x * 2)
+    st.end_step()
+    assert torch.equal(slab[1], x.to(torch.float16)) and torch.equal(slab[0], (x * 2).to(torch.float16))
+    assert st.syncs == 0 and not slab.is_pinned()  # CPU values: nothing to wait for, nothing pinned
+    st.recycle([slab])
+    assert st.take((2, 3, 4, 5), torch.float16) is slab and st.allocated == 1
+    bf = st.take((3, 4, 5), torch.bfloat16)
+    st.copy(bf, x.reshape(3, 20))  # reshaped into the slab's shape
+    assert torch.equal(bf, x.to(torch.bfloat16))
+    st.recycle([st.take((1,), torch.float32) for _ in range(6)])
+    assert len(st._free[((1,), torch.float32)]) == st.keep  # bounded free list
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_staging_from_cuda_is_pinned_and_synchronised_once_per_step():
+    st = HostStaging()
+    xs = [torch.randn(2, 8, 16, device="cuda") for _ in range(4)]
+    slab = st.take((4, 2, 8, 16), torch.float16, source=xs[0])
+    assert slab.is_pinned()
+    for i, x in enumerate(xs):
+        st.copy(slab[i], x)
+    st.end_step()
+    assert st.syncs == 1
+    for i, x in enumerate(xs):
+        assert torch.equal(slab[i], x.half().cpu())
