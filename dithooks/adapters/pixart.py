@@ -55,10 +55,16 @@ processor always: its queries are image tokens but its keys are text tokens, so 
 window nor replica coupling (which swaps image keys between replicas) has a meaning there; its
 contribution is observable as ``cross_attn.in/out``.
 
-JVPs: the DiT routing / modulation / MLP split (``dithooks.jvp``) assumes an adaLN-Zero block
-``h + a1 Attn(adaLN1 h) + a2 MLP(adaLN2 .)``; PixArt's block has a third, ungated branch (the
-cross-attention, itself a function of ``h_mid``), so those parts are not defined here; only the
-whole block's JVP (``full``) is, where the generic JVP is available.
+JVPs: ``jvp_support = {"full"}``, the core's generic JVP of resid_pre -> resid_post (timestep
+and text held fixed). The DiT split (``dithooks.jvp``: attn / routing / modulation / mlp / cross)
+assumes an adaLN-Zero block ``h + a1 Attn(adaLN1 h) + a2 MLP(adaLN2 .)`` whose modulation comes
+from ``norm1.linear``. Here ``attn``, ``routing`` and ``modulation`` would be well defined (the
+self-attention branch has that form; only its vectors come from ``scale_shift_table + t6``) but
+are not wired to this table; ``mlp`` and ``cross`` are not the same objects, since the MLP reads
+``h_mid + attn2(h_mid)``, a third, ungated branch between attention and MLP.
+
+Not supported: ``set_chunk_feed_forward`` (``ff`` would then be called once per chunk, and
+``mlp.in/out`` would see chunks).
 """
 
 from __future__ import annotations
