@@ -362,8 +362,8 @@ def routing_dominance_report(
         A = A / row_sums[..., None]
 
     # The bracket c of [87–88] is linear in δL (on the support of A), so c_g = c_intra + g c_inter
-    # and δA_g = A c_g: each logit perturbation is centred once, and δA_g V, δA_g P_⊥V and δA_g 1
-    # come from one product of δA with [V, P_⊥V, 1].
+    # and δA_g = A c_g: each logit perturbation is centred once, and δA_g V and δA_g 1 come from
+    # one product of δA_g with [V, 1].
     c_intra = centred_logit_perturbation(A, dL_intra)
     c_inter = centred_logit_perturbation(A, dL_inter) if dL_inter is not None else None
     c_g = c_intra if c_inter is None or g == 0 else c_intra + g * c_inter
@@ -383,9 +383,8 @@ def routing_dominance_report(
     # ---- measured terms --------------------------------------------------------------
     AdV = A @ dV
     d = V.shape[-1]
-    wide = torch.cat([V, perp_V, torch.ones_like(V[..., :1])], dim=-1)
-    dA_wide = dA_g @ wide  # [δA_g V, δA_g P_⊥V, δA_g 1]
-    dAV = dA_wide[..., :d]
+    dA_wide = dA_g @ torch.cat([V, torch.ones_like(V[..., :1])], dim=-1)  # [δA_g V, δA_g 1]
+    dAV, dA_ones = dA_wide[..., :d], dA_wide[..., d]
     routing_norm = _fro(AdV)
     modulation_norm = _fro(dAV)
     rho, xi = routing_gate(g), modulation_gate(g)
@@ -426,8 +425,11 @@ def routing_dominance_report(
     ratio_scale_intra = torch.where(valid, delta_max_intra * width_factor / lower_safe, inf)
 
     # ---- identity residuals [89–91] ---------------------------------------------------
-    dA_row_sum_residual = dA_wide[..., 2 * d].abs().amax(dim=-1)  # δA_g 1
-    mean_free_residual = _fro(dAV - dA_wide[..., d:2 * d])
+    dA_row_sum_residual = dA_ones.abs().amax(dim=-1)  # δA_g 1
+    # δA_g V − δA_g P_⊥V = (δA_g 1) mean(V)ᵀ (V − P_⊥V is the token mean in every row): its norm
+    # is ‖δA_g 1‖ ‖mean V‖, without a second product with δA_g
+    mean_free_residual = torch.linalg.vector_norm(dA_ones, dim=-1) * torch.linalg.vector_norm(
+        V.mean(dim=-2), dim=-1)
     # A P_∥ − P_∥ has entries (Σ_k A_ik − 1)/N (the same in every column of row i): no N×N product
     constant_preservation_residual = ((A.sum(dim=-1) - 1).abs() / N).amax(dim=-1)
 
