@@ -86,10 +86,11 @@ class Geometry:
         """(C, H, W) of one sample's latents, as the sampler draws them."""
         return (self.latent_channels, self.latent_size, self.latent_size)
 
-    def dim_sizes(self, *, top_k: int | None = None, query_tokens: int | None = None) -> dict[str, int]:
-        """Size of each named axis of the shared dims vocabulary (``batch`` excluded)."""
+    def dim_sizes(self, *, top_k: int | None = None) -> dict[str, int]:
+        """Size of each named axis of the shared dims vocabulary (``batch`` excluded). The
+        ``query`` axis of ``attn.pattern_query`` runs over the processor's query tokens instead."""
         n, t = self.num_tokens, self.text_tokens
-        return {"token": n, "query": query_tokens if query_tokens else n, "key": n,
+        return {"token": n, "query": n, "key": n,
                 "channel": self.width, "head": self.num_heads, "head_channel": self.head_dim,
                 "rank": top_k or 0, "out_channel": self.out_channels,
                 "height": self.latent_size, "width": self.latent_size,
