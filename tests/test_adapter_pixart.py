@@ -489,3 +489,32 @@ def test_micro_conditions_of_1024px_checkpoints():
                                          "aspect_ratio": torch.tensor([[2.0]] * 2)}).sample[:, :4]
     assert torch.equal(got, ref)
     assert (other - ref).abs().max() > 1e-6
+
+
+def test_pipeline_folder_with_pixarts_dpm_solver_config(tmp_path):
+    """A PixArtAlphaPipeline-style folder (model_index.json, transformer/, scheduler/ with the
+    DPM-Solver++ config PixArt ships): the schedule is read from it and DDIM steps on it."""
+    import json
+
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    from dithooks.loading import load_model
+    from dithooks.sampling import Sampler, SamplerSpec
+
+    from .conformance.family_pixart import conditioning
+
+    make_transformer().save_pretrained(str(tmp_path / "transformer"))
+    DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", timestep_spacing="linspace",
+                                beta_start=0.0001, beta_end=0.02).save_pretrained(str(tmp_path / "scheduler"))
+    (tmp_path / "model_index.json").write_text(json.dumps({
+        "_class_name": "PixArtAlphaPipeline", "transformer": ["diffusers", "PixArtTransformer2DModel"],
+        "scheduler": ["diffusers", "DPMSolverMultistepScheduler"]}))
+    loaded = load_model(str(tmp_path))
+    assert isinstance(loaded.adapter, PixArtAdapter)
+    assert loaded.scheduler_config["timestep_spacing"] == "linspace"
+    sampler = Sampler(loaded, SamplerSpec("ddim", steps=2, guidance=2.0))
+    expected = DDIMScheduler(beta_start=0.0001, beta_end=0.02, timestep_spacing="linspace", clip_sample=False)
+    expected.set_timesteps(2)
+    assert sampler.timesteps == [int(t) for t in expected.timesteps]
+    x = sampler.run(conditioning(2), [0, 1])
+    assert x.shape == (2, 4, 8, 8) and torch.isfinite(x).all()
