@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 
 FAMILY = "pixart"
+#: self-attention runs HookedAttnProcessor, which keeps SDPA without a mask when the window covers the grid
+EXACT_WINDOW = True
 TEXT_TOKENS = 8
 CAPTION_CHANNELS = 32
 CONFIG = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2,
