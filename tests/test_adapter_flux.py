@@ -24,6 +24,11 @@ from tests.conformance import family_flux as fam
 L, N, SIDE, H, D = fam.TEXT_TOKENS, 16, 4, 2, 16
 
 
+def _ids(h, w):
+    """FluxPipeline's image ids written out: (0, row, col) of each 2x2 patch, row-major."""
+    return torch.tensor([[0.0, r, c] for r in range(h // 2) for c in range(w // 2)])
+
+
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory):
     torch.set_num_threads(1)
@@ -130,7 +135,7 @@ def test_q_k_are_rotated_and_patterns_are_the_joint_softmax(loaded):
              "blocks.*.context.attn.z"]
     _, s = _run(loaded, names)
     model = loaded.transformer
-    pos = np.concatenate([np.zeros((L, 3)), image_ids(8, 8).numpy()]).astype(np.float64)
+    pos = np.concatenate([np.zeros((L, 3)), _ids(8, 8).numpy()]).astype(np.float64)
     for i, attn in ((0, model.transformer_blocks[0].attn), (1, model.single_transformer_blocks[0].attn)):
         # q of the image tokens from attn.in: linear, heads, RMSNorm, rotary at (0, row, col)
         x = s[f"blocks.{i}.attn.in"].double().numpy()
@@ -258,7 +263,7 @@ def test_windows(loaded):
     assert torch.equal(out, ref)  # r >= side-1 builds no mask: the global model bit for bit
     out, s = _run(loaded, ["blocks.*.attn.pattern_joint"], r=1)
     assert not torch.allclose(out, ref)
-    ids = image_ids(8, 8)
+    ids = _ids(8, 8)
     dist = torch.maximum((ids[:, None, 1] - ids[None, :, 1]).abs(), (ids[:, None, 2] - ids[None, :, 2]).abs())
     for i in (0, 1):
         P = s[f"blocks.{i}.attn.pattern_joint"]
@@ -282,9 +287,8 @@ def test_packing_matches_a_written_out_layout():
                         ref[:, r * 3 + c, ch * 4 + dy * 2 + dx] = xn[:, ch, 2 * r + dy, 2 * c + dx]
     np.testing.assert_array_equal(p.numpy(), ref)
     assert torch.equal(unpack_latents(p, 8, 6), x)
-    ids = image_ids(8, 6)
-    assert ids.shape == (12, 3) and ids[:, 0].eq(0).all()
-    assert ids[4].tolist() == [0.0, 1.0, 1.0] and text_ids(3).abs().sum() == 0
+    assert torch.equal(image_ids(8, 6), _ids(8, 6)) and image_ids(8, 6)[4].tolist() == [0.0, 1.0, 1.0]
+    assert torch.equal(text_ids(3), torch.zeros(3, 3))
     with pytest.raises(DithooksError):
         pack_latents(torch.zeros(1, 4, 7, 8))
 
@@ -307,7 +311,7 @@ def _reference_flow_sample(loaded, cond, seeds, steps, guidance=None):
             kw["guidance"] = torch.full((B,), guidance)
         v = model(hidden_states=lat, encoder_hidden_states=cond.prompt_embeds,
                   pooled_projections=cond.pooled_prompt_embeds, timestep=t.expand(B) / 1000,
-                  img_ids=image_ids(8, 8), txt_ids=text_ids(L), return_dict=False, **kw)[0]
+                  img_ids=_ids(8, 8), txt_ids=torch.zeros(L, 3), return_dict=False, **kw)[0]
         lat = sched.step(v, t, lat).prev_sample
     return unpack_latents(lat, 8, 8)
 
@@ -397,7 +401,7 @@ def test_save_load_round_trip(tmp_path):
         out = loaded.adapter.denoise(x, 700.0, rows)
         kw = dict(hidden_states=pack_latents(x), encoder_hidden_states=rows["prompt_embeds"],
                   pooled_projections=rows["pooled_prompt_embeds"], timestep=torch.full((1,), 0.7),
-                  img_ids=image_ids(8, 8), txt_ids=text_ids(L), return_dict=False)
+                  img_ids=_ids(8, 8), txt_ids=torch.zeros(L, 3), return_dict=False)
         ref = unpack_latents(plain(**kw)[0], 8, 8)
         ref_mem = unpack_latents(mem(**kw)[0], 8, 8)
     assert torch.equal(out, ref)  # load_model + adapter.denoise == diffusers' own load and call
@@ -426,7 +430,7 @@ def _block_fn(loaded, i, seen, coupling=None):
     blk = copy.deepcopy(model.transformer_blocks[0] if i == 0 else model.single_transformer_blocks[0]).double()
     if coupling is not None:
         blk.attn.set_processor(HookedFluxAttnProcessor(i, coupling=coupling, call=loaded.adapter.call))
-    ids = torch.cat([text_ids(L), image_ids(8, 8)]).double()
+    ids = torch.cat([torch.zeros(L, 3), _ids(8, 8)]).double()
     rot = tuple(r.double() for r in model.pos_embed(ids))
     c, temb = seen[f"blocks.{i}.context.resid_pre"].double(), seen["time_embed.out"].double()
 
