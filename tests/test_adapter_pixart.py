@@ -518,3 +518,23 @@ def test_pipeline_folder_with_pixarts_dpm_solver_config(tmp_path):
     assert sampler.timesteps == [int(t) for t in expected.timesteps]
     x = sampler.run(conditioning(2), [0, 1])
     assert x.shape == (2, 4, 8, 8) and torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_reading_is_passive_and_adaln_is_the_blocks_own(tmp_path, dtype):
+    from dithooks.loading import load_model
+
+    from .conformance.family_pixart import save_tiny
+
+    low = load_model(str(save_tiny(tmp_path / "m")), dtype=dtype)
+    x, t, emb, mask = inputs()
+    inp = (x.to(dtype), t, emb.to(dtype), mask)
+    ref = run(low.transformer, *inp)
+    seen, out = record(HookManager(low.transformer, low.adapter), module_names(low.adapter), inp=inp)
+    assert torch.equal(out, ref) and out.dtype == dtype
+    blk = low.transformer.transformer_blocks[1]
+    v = {k.split(".", 2)[2]: val for k, val in seen.items() if k.startswith("blocks.1.")}
+    a = {c: v[f"adaln.{c}"][:, None] for c in ADALN_CHUNKS}
+    assert v["adaln.gate_msa"].dtype == dtype
+    assert torch.equal(v["attn.in"], blk.norm1(v["resid_pre"]) * (1 + a["scale_msa"]) + a["shift_msa"])
+    assert torch.equal(v["resid_post"], a["gate_mlp"] * v["mlp.out"] + v["resid_cross"])
