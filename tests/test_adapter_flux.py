@@ -81,7 +81,7 @@ def test_adapter_blocks_geometry_and_registration(loaded):
     assert "blocks.0.resid_mid" in pts and "blocks.1.resid_mid" not in pts
     assert "blocks.1.parallel.out" in pts and "blocks.0.parallel.out" not in pts
     assert "blocks.1.attn.out" not in pts and "blocks.1.mlp.out" not in pts and "blocks.1.attn.z" in pts
-    assert not pts["blocks.0.resid_mid"].writable
+    assert pts["blocks.0.resid_mid"].writable and pts["blocks.0.context.resid_mid"].writable
 
 
 def test_every_point_fires_with_its_dims(loaded):
@@ -483,3 +483,30 @@ def test_jvp_full_replica_difference_at_coupling(loaded):
         ref_t = (tan[:1] - tan[1:]) / 2
         assert (ref_t - (tan0[:1] - tan0[1:]) / 2).abs().max() > 1e-4  # the coupling matters here
         torch.testing.assert_close(s[f"blocks.{i}.jvp.full"].double(), ref_t, rtol=1e-4, atol=1e-6)
+
+
+def test_replacing_resid_mid_carries_into_the_block_output(loaded):
+    """h_mid is re-used after norm2: a replacement must reach resid_post (image and text)."""
+    a = loaded.adapter
+    hm = HookManager(loaded.transformer, a)
+    x, rows = _inputs()
+    s = {}
+    g = torch.Generator().manual_seed(3)
+    shifts = {n: torch.randn(2, n_tok, 32, generator=g) for n, n_tok in (("", N), ("context.", L))}
+    names = [f"blocks.0.{p}{n}" for p in ("", "context.") for n in ("resid_post", "mlp.out")]
+    names += [f"blocks.0.{p}adaln.{c}" for p in ("", "context.") for c in ("gate_mlp", "shift_mlp", "scale_mlp")]
+    with torch.no_grad():
+        for p in ("", "context."):
+            hm.add_intervention(f"blocks.0.{p}resid_mid",
+                                lambda v, ctx, p=p: (s.__setitem__(f"{p}old", v.clone()), v + shifts[p])[1])
+        hm.add_hook(names, lambda v, ctx: s.__setitem__(ctx.name, v.clone()))
+        a.denoise(x, 500.0, rows)
+        hm.remove_all()
+    blk = loaded.transformer.transformer_blocks[0]
+    for p, norm in (("", blk.norm2), ("context.", blk.norm2_context)):
+        mid = s[f"{p}old"] + shifts[p]
+        ad = {c: s[f"blocks.0.{p}adaln.{c}"][:, None] for c in ("gate_mlp", "shift_mlp", "scale_mlp")}
+        ff = blk.ff if not p else blk.ff_context
+        mlp = ff(norm(mid) * (1 + ad["scale_mlp"]) + ad["shift_mlp"])
+        torch.testing.assert_close(s[f"blocks.0.{p}mlp.out"], mlp)
+        torch.testing.assert_close(s[f"blocks.0.{p}resid_post"], mid + ad["gate_mlp"] * mlp)

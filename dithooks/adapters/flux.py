@@ -209,12 +209,13 @@ def double_block_table() -> tuple[PointSpec, ...]:
              "before the gate_msa multiplication", item=0),
         post("context.attn.out", "attn", TEXT_RESID, "joint attention output of the text tokens after "
              "to_add_out, before the c_gate_msa multiplication", item=1),
-        # read-only: h_mid is re-used after norm2 inside the block, whose output is a tuple
-        pre("resid_mid", "norm2", RESID, "image stream after attention, before the MLP (h + gate_msa*attn.out); "
-            "read-only", writable=False),
+        # h_mid is re-used after norm2 inside the block: a replacement is carried into the
+        # block's output (element 1 image, 0 text)
+        pre("resid_mid", "norm2", RESID, "image stream after attention, before the MLP (h + gate_msa*attn.out)",
+            carry_to="", carry_item=1),
         pre("context.resid_mid", "norm2_context", TEXT_RESID,
-            "text stream after attention, before its MLP (c + c_gate_msa*context.attn.out); read-only",
-            writable=False),
+            "text stream after attention, before its MLP (c + c_gate_msa*context.attn.out)",
+            carry_to="", carry_item=0),
         pre("mlp.in", "ff", RESID, "LayerNorm(h_mid)*(1+scale_mlp)+shift_mlp: the input of the image MLP"),
         post("mlp.out", "ff", RESID, "image MLP output before the gate_mlp multiplication"),
         pre("context.mlp.in", "ff_context", TEXT_RESID, "LayerNorm(c_mid)*(1+c_scale_mlp)+c_shift_mlp: "
