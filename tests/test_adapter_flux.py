@@ -510,3 +510,19 @@ def test_replacing_resid_mid_carries_into_the_block_output(loaded):
         mlp = ff(norm(mid) * (1 + ad["scale_mlp"]) + ad["shift_mlp"])
         torch.testing.assert_close(s[f"blocks.0.{p}mlp.out"], mlp)
         torch.testing.assert_close(s[f"blocks.0.{p}resid_post"], mid + ad["gate_mlp"] * mlp)
+
+
+def test_encode_prompts_uses_the_pipelines_encode_prompt(loaded):
+    """The plumbing only (a stand-in pipeline): real encoders need `transformers` and weights."""
+    calls = []
+
+    class FakePipeline:
+        def encode_prompt(self, prompt, prompt_2=None, max_sequence_length=512, **kw):
+            calls.append((list(prompt), max_sequence_length))
+            n = len(prompt)
+            return (torch.full((n, max_sequence_length, 32), float(len(calls))), torch.ones(n, 16), torch.zeros(1, 3))
+
+    cond = loaded.adapter.encode_prompts(FakePipeline(), ["a cat", "a dog"], ["", ""])
+    assert calls == [(["a cat", "a dog"], L), (["", ""], L)]
+    assert cond.prompt_embeds.shape == (2, L, 32) and cond.prompt_embeds.eq(1).all()
+    assert cond.negative_prompt_embeds.eq(2).all() and cond.pooled_prompt_embeds.shape == (2, 16)

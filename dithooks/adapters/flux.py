@@ -410,6 +410,24 @@ class FluxAdapter(ModelAdapter):
             raise DithooksError("Flux-dev takes guidance as a model input: set the conditioning's guidance "
                                 "(e.g. 3.5) and keep the sampler's guidance at 1; true CFG needs negative_prompt_embeds")
 
+    def encode_prompts(self, pipeline, prompts, negative_prompts=None):
+        """Prompts to a :class:`~dithooks.conditioning.Conditioning` through a FluxPipeline's own
+        ``encode_prompt`` (CLIP pooled + T5 sequence, ``max_sequence_length = text_tokens``).
+
+        Called by :meth:`dithooks.loading.LoadedModel.encode_prompts` for a pipeline folder that
+        ships its text encoders. Untested here: it needs ``transformers`` and real encoders."""
+        from ..conditioning import Conditioning
+
+        def encode(texts):
+            pe, pooled, _ = pipeline.encode_prompt(prompt=list(texts), prompt_2=None,
+                                                   max_sequence_length=int(self.text_tokens))
+            return pe.float().cpu(), pooled.float().cpu()
+
+        pe, pooled = encode(prompts)
+        neg = encode(negative_prompts) if negative_prompts is not None else (None, None)
+        return Conditioning(prompt_embeds=pe, pooled_prompt_embeds=pooled,
+                            negative_prompt_embeds=neg[0], negative_pooled_prompt_embeds=neg[1])
+
     def timestep_input(self, t, batch: int, device) -> torch.Tensor:
         """FluxPipeline passes ``t / 1000`` (the model multiplies by 1000 again), in the model dtype."""
         t = torch.as_tensor(t, dtype=torch.float32, device=device).reshape(-1)
