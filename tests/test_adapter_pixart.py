@@ -538,3 +538,34 @@ def test_low_precision_reading_is_passive_and_adaln_is_the_blocks_own(tmp_path, 
     assert v["adaln.gate_msa"].dtype == dtype
     assert torch.equal(v["attn.in"], blk.norm1(v["resid_pre"]) * (1 + a["scale_msa"]) + a["shift_msa"])
     assert torch.equal(v["resid_post"], a["gate_mlp"] * v["mlp.out"] + v["resid_cross"])
+
+
+def test_cli_capture_with_a_prompt_embeddings_file(loaded, tmp_path):
+    import numpy as np
+    from typer.testing import CliRunner
+
+    from dithooks.cli.main import app
+    from dithooks.conditioning import Conditioning
+    from dithooks.sampling import Sampler, SamplerSpec
+    from dithooks.store.reader import open_store
+
+    from .conformance.family_pixart import save_tiny
+
+    model_dir = save_tiny(tmp_path / "m")
+    emb, _ = prompt_embeds(2, seed=6)
+    torch.save({"prompt_embeds": emb}, tmp_path / "prompts.pt")
+    res = CliRunner().invoke(app, ["capture", "--model", str(model_dir), "--prompt-embeds", str(tmp_path / "prompts.pt"),
+                                   "--seeds", "0-1", "--steps", "2", "--guidance", "2", "--hooks", "resid_post",
+                                   "--dtype", "fp32", "--out", str(tmp_path / "s.zarr")])
+    assert res.exit_code == 0, res.output
+    hm = HookManager(loaded.transformer, loaded.adapter)  # the same weights (seed 0)
+    ref = {}
+    with hm.hooks(read={"blocks.1.resid_post": lambda v, c: ref.__setitem__(c.step, v.clone())}):
+        Sampler(loaded, SamplerSpec("ddim", 2, guidance=2.0), hm).run(Conditioning(prompt_embeds=emb), [0, 1])
+    got = open_store(tmp_path / "s.zarr").select("blocks.resid_post").values
+    for s in range(2):
+        np.testing.assert_array_equal(got[s, 1].reshape(4, N, D), ref[s].numpy())
+    refused = CliRunner().invoke(app, ["capture", "--model", str(model_dir), "--class", "3", "--steps", "2",
+                                       "--out", str(tmp_path / "t.zarr")])
+    assert refused.exit_code != 0 and "Traceback" not in refused.output
+    assert "prompt" in refused.output
