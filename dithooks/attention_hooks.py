@@ -1,45 +1,32 @@
 """Attention internals as hook points: the bridge from the hook manager to attention processors.
 
 ``blocks.{i}.attn.{q,k,v,logits,pattern,...}`` are values that exist only inside an attention
-processor. This extension installs :class:`~dithooks.attention.processor.HookedAttnProcessor`
-on exactly the layers that have such a hook attached (or that are coupled or windowed), so
-unhooked layers keep diffusers' own fused-SDPA processor, and puts the originals back when the
-hooks go. The processor calls back with each requested name; the hook manager runs the
-attached functions, and an intervention's return value replaces the tensor.
+processor. This extension installs the adapter's hooked processor (``adapter.make_processor``;
+DiT: :class:`~dithooks.attention.processor.HookedAttnProcessor`) on the adapter's attention
+modules (``adapter.attention_modules``) of exactly the layers that have such a hook attached (or
+that are coupled or windowed), so unhooked layers keep diffusers' own fused-SDPA processor, and
+puts the originals back (through :mod:`dithooks.attention.install`) when the hooks go. Which
+processor names exist, their dims and docs, is the adapter's ``processor_names``. The
+processor calls back with each requested name; the hook manager runs the attached functions,
+and an intervention's return value replaces the tensor.
 """
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Sequence
 
-import numbers
-
 from .attention.install import install_processors, restore_processors
-from .attention.processor import ALL_NAMES, NAME_DIMS, NAME_DOCS, WRITABLE_NAMES
 from .errors import DithooksError
-from .hookpoints import HookPoint, block_name, split_name
-
-
-def _no_write(*_):  # processor points are written by the processor itself (see emit)
-    raise AssertionError("processor hook points are replaced inside the processor")
-
-
-def attention_points(layer: int, module_path: str) -> dict[str, HookPoint]:
-    """The DiT processor hook points of block ``layer`` (adapters build theirs from
-    ``processor_names``; kept for callers of the old helper)."""
-    pts = {}
-    for local in sorted(ALL_NAMES):
-        name = block_name(layer, local)
-        pts[name] = HookPoint(name, "blocks.{i}." + local, module_path, "processor", NAME_DIMS[local],
-                              NAME_DOCS[local], layer, write=_no_write if local in WRITABLE_NAMES else None)
-    return pts
+from .hookpoints import block_name, split_name
 
 
 class AttentionHooks:
     """Hook-manager extension owning ``processor`` hook points, replica coupling and windows.
 
-    ``coupling`` (g) and ``window`` (Chebyshev radius r) apply to ``layers`` (None = every block)
-    and are plain attributes the sampler may change between steps via :meth:`set_coupling`.
+    ``coupling`` (g) and ``window`` (Chebyshev radius r) apply to ``layers`` (None = every block);
+    change them with :meth:`set_coupling` / :meth:`set_window` (the sampler does, between steps)
+    and the processor options with :meth:`configure`, all validated.
     """
 
     def __init__(self, manager=None, query_tile: int = 512, query_tokens: Sequence[int] | None = None,
@@ -89,15 +76,27 @@ class AttentionHooks:
                 self._uninstall(self._manager, layer)
             self.sync(self._manager)
 
+    def _layers(self, layers: Sequence[int] | None, what: str) -> set[int] | None:
+        if layers is None:
+            return None
+        out = set()
+        n = self._manager.adapter.num_layers if self._manager is not None else None
+        for i in layers:
+            if isinstance(i, bool) or not isinstance(i, numbers.Integral) or i < 0 or (n is not None and i >= n):
+                top = f"0-{n - 1}" if n is not None else ">= 0"
+                raise DithooksError(f"{what} layer {i!r} is out of range: this model has blocks {top}")
+            out.add(int(i))
+        return out
+
     def set_coupling(self, g: float | None, layers: Sequence[int] | None = None) -> None:
         """Couple replica halves of the batch with strength g (None = uncoupled)."""
-        self.coupling, self.coupling_layers = g, None if layers is None else set(layers)
+        self.coupling, self.coupling_layers = g, self._layers(layers, "coupled")
         if self._manager is not None:
             self.sync(self._manager)
 
     def set_window(self, radius: int | None, layers: Sequence[int] | None = None) -> None:
         """Restrict attention to a Chebyshev window of ``radius`` tokens (None = global)."""
-        self.window, self.window_layers = radius, None if layers is None else set(layers)
+        self.window, self.window_layers = radius, self._layers(layers, "windowed")
         if self._manager is not None:
             self.sync(self._manager)
 

@@ -182,3 +182,94 @@ def test_generic_module_paths(tiny_model, dit_inputs):
     assert seen["gelu"][-1] == 4 * 16
     with pytest.raises(HookNameError):
         hm.add_hook("modules.transformer_blocks.1.nope.out", lambda v, c: None)
+
+
+def test_split_name_and_block_name_are_inverse():
+    from dithooks.hookpoints import block_name, split_name
+
+    assert split_name("blocks.3.attn.q") == (3, "attn.q")
+    assert split_name("blocks.12.jvp.heads.dv") == (12, "jvp.heads.dv")
+    assert split_name("final.out") == (None, "final.out")
+    assert split_name("blocks.x.resid_post") == (None, "blocks.x.resid_post")
+    for name in ("blocks.0.context.resid_mid", "embed.out", "blocks.7.adaln.gate_msa"):
+        assert block_name(*split_name(name)) == name
+
+
+def test_extensions_are_reached_by_name(tiny_model):
+    from dithooks.adapters import ModelAdapter
+
+    hm = HookManager(tiny_model)
+    assert hm.extension("attention") is hm.attention and hm.extension("jvp") is hm.jvp
+    assert hm.extension("nope") is None
+
+    class NoAttention(ModelAdapter):  # a table without processor or JVP points
+        block_tables = {"BasicTransformerBlock": ()}
+
+    bare = HookManager(tiny_model, NoAttention(tiny_model))
+    assert bare.extension("attention") is None and not hasattr(bare, "attention")
+    with pytest.raises(DithooksError, match="no attention processors"):
+        bare.extension("attention", required=True)
+
+
+def test_attention_settings_are_validated(tiny_model):
+    hm = HookManager(tiny_model)
+    att = hm.extension("attention")
+    with pytest.raises(DithooksError, match="top-k must lie in 1-16"):
+        att.configure(top_k=17)
+    with pytest.raises(DithooksError, match="query token 16 is out of range"):
+        att.configure(query_tokens=[0, 16])
+    with pytest.raises(DithooksError, match="query tile"):
+        att.configure(query_tile=0)
+    with pytest.raises(DithooksError, match="coupled layer 4 is out of range"):
+        att.set_coupling(0.2, [4])
+    att.configure(query_tokens=[3], top_k=2, query_tile=8)
+    with hm.hooks(read={"blocks.0.attn.pattern_query": lambda v, c: None}):
+        proc = att.processor(0)
+        assert (proc.query_tokens, proc.top_k, proc.query_tile) == ((3,), 2, 8)
+    with pytest.raises(DithooksError, match="unknown JVP setting"):
+        hm.extension("jvp").configure(nope=1)
+    with pytest.raises(DithooksError, match="JVP coupling"):
+        hm.extension("jvp").configure(g=-1.0)
+
+
+def test_carry_into_a_tuple_output(tiny_model, dit_inputs):
+    """A replaced pre value re-used after the call reaches the carry module's tuple output item."""
+    from dithooks.adapters import ModelAdapter
+    from dithooks.adapters.spec import RESID, post, pre
+
+    class TupleOut(torch.nn.Module):  # block 0 wrapped: returns (resid_post * 0, resid_post)
+        def __init__(self, block):
+            super().__init__()
+            self.block = block
+
+        def forward(self, h, **kw):
+            out = self.block(h, **kw)
+            return out * 0, out
+
+    class Adapter(ModelAdapter):
+        block_lists = ("wrapped",)
+        block_tables = {"TupleOut": (pre("resid_mid", "block.norm3", RESID, "mid", carry_to="", carry_item=1),
+                                     post("resid_post", "", RESID, "post", item=1))}
+
+    holder = torch.nn.Module()
+    holder.wrapped = torch.nn.ModuleList([TupleOut(tiny_model.transformer_blocks[0])])
+    ad = Adapter(holder)
+    assert ad.point("blocks.0.resid_mid").carry_item == 1
+    hm = HookManager(holder, ad)
+    x, t, y = dit_inputs
+    h = tiny_model.pos_embed(x)
+    kw = dict(timestep=t, class_labels=y)
+    with torch.no_grad():
+        ref = holder.wrapped[0](h, **kw)[1]
+        with hm.hooks(replace={"blocks.0.resid_mid": lambda v, c: v + 1.0}):
+            out = holder.wrapped[0](h, **kw)
+    # the same replacement through DiT's own adapter (carry into a plain output) gives the same block output
+    dit = HookManager(tiny_model)
+    with torch.no_grad(), dit.hooks(replace={"blocks.0.resid_mid": lambda v, c: v + 1.0}):
+        want = tiny_model.transformer_blocks[0](h, **kw)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    assert torch.equal(out[1], want) and not torch.allclose(want, ref, atol=0.1)
+    with torch.no_grad():
+        with hm.hooks(replace={"blocks.0.resid_mid": lambda v, c: v.clone()}):
+            same = holder.wrapped[0](h, **kw)[1]
+    assert torch.allclose(same, ref, atol=1e-6)

@@ -65,3 +65,27 @@ def test_generic_adapter_for_unknown_models():
     ad = adapter_for(model)
     assert isinstance(ad, GenericAdapter)
     assert ad.resolve(["modules.0.out"]) == ["modules.0.out"]
+
+
+def test_family_pipeline_dir_picks_adapter_and_schedule(tmp_path):
+    """A pipeline folder naming SD3Transformer2DModel loads with the SD3 adapter and, without a
+    scheduler config, flow matching's default schedule; adapter options are checked."""
+    from dithooks.errors import DithooksError
+    from dithooks.sampling import Sampler, SamplerSpec
+    from tests.conformance import family_sd3 as fam
+
+    fam.make_transformer().save_pretrained(tmp_path / "transformer")
+    (tmp_path / "model_index.json").write_text(json.dumps(
+        {"_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "SD3Transformer2DModel"],
+         "text_encoder": [None, None]}))
+    loaded = load_model(str(tmp_path), adapter_options={"text_tokens": 6})
+    assert loaded.family == "sd3" and loaded.adapter.prediction == "flow"
+    assert loaded.scheduler_config == {"num_train_timesteps": 1000, "shift": 1.0}
+    assert loaded.components == ("transformer",) and not loaded.has_text_encoders
+    assert loaded.adapter.geometry.text_tokens == 6
+    s = Sampler(loaded, SamplerSpec("flow", 2))
+    assert type(s.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    with pytest.raises(DithooksError, match="ships no text encoders"):
+        loaded.encode_prompts(["a cat"])
+    with pytest.raises(DithooksError, match="no option 'nope'"):
+        load_model(str(tmp_path), adapter_options={"nope": 1})

@@ -66,3 +66,65 @@ def test_few_step_stochastic_ddim_stays_finite():
         assert torch.isfinite(x).all() and x.dtype == torch.float32
     # deterministic DDIM keeps diffusers' own scheduler (bit for bit with earlier runs)
     assert type(Sampler(loaded, SamplerSpec("ddim", 5)).scheduler).__name__ == "DDIMScheduler"
+
+
+def test_conditioning_rows_are_replica_cfg_sample_ordered():
+    from dithooks.conditioning import Conditioning
+
+    c = Conditioning.from_labels([3, 5], null_label=10)
+    assert c.rows(cfg=True, replicas=2)["labels"].tolist() == [3, 5, 10, 10, 3, 5, 10, 10]
+    assert c.rows(cfg=False, replicas=1)["labels"].tolist() == [3, 5]
+    emb = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4)
+    t = Conditioning(prompt_embeds=emb, pooled_prompt_embeds=torch.ones(2, 5), guidance=3.5,
+                     negative_prompt_embeds=-emb[:1])
+    rows = t.rows(cfg=True, replicas=2)
+    pe = rows["prompt_embeds"].reshape(2, 2, 2, 3, 4)  # (replica, cfg, sample, L, D)
+    for r in range(2):
+        assert torch.equal(pe[r, 0], emb) and torch.equal(pe[r, 1], -emb[:1].expand(2, 3, 4))
+    pooled = rows["pooled_prompt_embeds"].reshape(2, 2, 2, 5)
+    assert torch.equal(pooled[:, 0], torch.ones(2, 2, 5)) and torch.equal(pooled[:, 1], torch.zeros(2, 2, 5))
+    assert rows["guidance"].tolist() == [3.5] * 8
+    with pytest.raises(DithooksError, match="rows for 2 samples"):
+        Conditioning(prompt_embeds=emb, pooled_prompt_embeds=torch.ones(3, 5))
+    with pytest.raises(DithooksError, match="labels or prompt embeddings"):
+        Conditioning()
+
+
+def test_labels_and_conditioning_sample_the_same(tiny_loaded):
+    s = Sampler(tiny_loaded, SamplerSpec("ddim", 3, guidance=2.0))
+    cond = tiny_loaded.adapter.make_conditioning([1, 2])
+    assert torch.equal(s.run([1, 2], [3, 4]), s.run(cond, [3, 4]))
+    with pytest.raises(DithooksError, match="does not fit a model that predicts epsilon"):
+        Sampler(tiny_loaded, SamplerSpec("flow", 2))
+
+
+def test_flow_sampler_is_guided_euler_on_the_velocity(tmp_path):
+    """Flow matching by hand: x_{s+1} = x_s + (sigma_{s+1} - sigma_s) v_guided, with the velocity
+    from plain model calls and v = v_u + w (v_c - v_u); the scheduler's sigmas (shift 3)."""
+    from tests.conformance import family_sd3 as fam
+
+    loaded = fam.make_tiny(tmp_path)
+    cond = fam.conditioning(2)
+    sampler = Sampler(loaded, SamplerSpec("flow", 3, guidance=2.5))
+    got = sampler.run(cond, [7, 8])
+    model = loaded.transformer
+    shift, n = 3.0, 3
+
+    def shifted(u):
+        return shift * u / (1 + (shift - 1) * u)
+
+    # diffusers: linspace(sigma_max, sigma_min) of the (shifted) training sigmas, then shifted again
+    t = torch.linspace(1.0, shifted(1.0 / 1000), n, dtype=torch.float64)
+    sig = shifted(t).tolist() + [0.0]
+    x = torch.stack([torch.randn(loaded.adapter.geometry.latent_shape, generator=torch.Generator().manual_seed(s))
+                     for s in (7, 8)])
+    emb = torch.cat([cond.prompt_embeds, torch.zeros_like(cond.prompt_embeds)])
+    pooled = torch.cat([cond.pooled_prompt_embeds, torch.zeros_like(cond.pooled_prompt_embeds)])
+    with torch.no_grad():
+        for i in range(n):
+            v = model(torch.cat([x, x]), timestep=torch.full((4,), sig[i] * 1000), encoder_hidden_states=emb,
+                      pooled_projections=pooled).sample
+            vu, vc = v[2:], v[:2]
+            x = x + (sig[i + 1] - sig[i]) * (vu + 2.5 * (vc - vu))
+    torch.testing.assert_close(got, x, rtol=1e-4, atol=1e-4)
+    assert sampler.timesteps == pytest.approx([s * 1000 for s in sig[:-1]], rel=1e-5)
