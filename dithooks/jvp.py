@@ -55,9 +55,8 @@ to linearise at intervened adaLN values.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +64,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .attention.functional import attention_pattern, logit_perturbations, softmax_jvp, softmax_jvp_matmul
+from .attention.install import temporary_processor
 from .attention.processor import HookedAttnProcessor
 from .attention.window import window_mask
 from .gates import rho, validate_coupling, xi
@@ -573,16 +573,6 @@ def _jvp_stacked(fn, x: torch.Tensor, dx: torch.Tensor):
 
 
 # -- reference: autograd through the actual diffusers modules ------------------------------------
-@contextlib.contextmanager
-def _temporary_processor(attn: nn.Module, processor) -> Iterator[None]:
-    saved = attn.processor
-    attn.set_processor(processor)
-    try:
-        yield
-    finally:
-        attn.set_processor(saved)
-
-
 def _block_jvp_autograd(block, h, delta, timestep, class_labels, parts, g, apply_gates, window):
     """Reference: ``torch.func.jvp`` through diffusers' own modules, math SDPA backend.
 
@@ -605,7 +595,7 @@ def _block_jvp_autograd(block, h, delta, timestep, class_labels, parts, g, apply
         proc = HookedAttnProcessor(-1, emit=(lambda n, t: frozen.get(n, t)) if frozen else None,
                                    wanted=frozenset(frozen), coupling=gg if paired else None,
                                    window=window)
-        with _temporary_processor(attn, proc):
+        with temporary_processor(attn, proc):
             if not paired:
                 return torch.func.jvp(lambda hh: f(hh, t1, y1), (h,), (delta,))[1]
 
@@ -636,7 +626,7 @@ def _block_jvp_autograd(block, h, delta, timestep, class_labels, parts, g, apply
             out["modulation_intra"] = intra
             out["modulation_inter"] = jvp_at(attn_branch, 1.0, frozen_v) / xi(1.0) - intra
         if {"mlp", "cross"} & set(parts):
-            with _temporary_processor(attn, HookedAttnProcessor(-1, window=window)):
+            with temporary_processor(attn, HookedAttnProcessor(-1, window=window)):
                 h_mid = h + gate_msa[:, None] * attn(x0)
 
             def mlp(hh):

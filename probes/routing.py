@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from dithooks.attention.functional import attend, couple
 from dithooks.attention.processor import HookedAttnProcessor
 from dithooks.attention.window import window_mask
+from dithooks.hookpoints import split_name
 from dithooks.hooks import HookContext
 from dithooks.jvp import block_jvp
 
@@ -160,7 +161,7 @@ class RoutingDominance(Probe):
         self._blocks: dict[int, torch.nn.Module] = {}
 
     def observe(self, name: str, value: torch.Tensor, ctx: HookContext) -> None:
-        local = name.split(".", 2)[2]
+        local = split_name(name)[1]
         got = self._pending.setdefault(ctx.layer, {})
         got[local] = value.detach()
         if local.startswith("jvp."):  # JVP values: the batch without the replica axis
