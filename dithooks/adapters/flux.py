@@ -364,16 +364,18 @@ class FluxAdapter(ModelAdapter):
         from ..attention.joint_processor import ALL_NAMES, NAME_DIMS, NAME_DOCS, WRITABLE_NAMES
 
         single = layer is not None and layer >= self.model.config.num_layers
-        out = {}
-        for local in sorted(ALL_NAMES):
-            doc = NAME_DOCS[local]
-            if local in ("attn.q", "attn.k"):
-                doc = doc.replace("norm_q", "RMSNorm").replace("norm_k", "RMSNorm").replace(
-                    "rotary embedding, if any", "the rotary embedding of (0, row, col)")
-            if local.startswith("attn.context_") and single:
-                doc += " (single block: the same to_q/to_k/to_v projections as the image tokens)"
-            out[local] = (NAME_DIMS[local], doc, local in WRITABLE_NAMES)
-        return out
+        own = "to_q/to_k/to_v and RMSNorm norm_q/norm_k, shared with the image tokens" if single else \
+            "add_q/k/v_proj and RMSNorm norm_added_q/norm_added_k"
+        docs = {
+            "attn.q": "image tokens' queries per head, after RMSNorm and the rotary embedding of (0, row, col): "
+                      "what the softmax uses",
+            "attn.k": "image tokens' keys per head, after RMSNorm and the rotary embedding of (0, row, col)",
+            "attn.context_q": f"text tokens' queries per head ({own}), after the rotary embedding of (0, 0, 0)",
+            "attn.context_k": f"text tokens' keys per head ({own}), after the rotary embedding of (0, 0, 0)",
+            "attn.context_v": f"text tokens' values per head ({own.split(' and ')[0]})",
+        }
+        return {local: (NAME_DIMS[local], docs.get(local, NAME_DOCS[local]), local in WRITABLE_NAMES)
+                for local in sorted(ALL_NAMES)}
 
     @property
     def jvp_support(self) -> frozenset[str]:
