@@ -108,8 +108,8 @@ def _check_block(block: nn.Module) -> None:
 
 
 def adaln1(block: nn.Module, h: torch.Tensor, cond: AdaLNConditioning) -> torch.Tensor:
-    """``x = LayerNorm(h) (1 + scale_msa) + shift_msa``: what attention reads [13]."""
-    return block.norm1.norm(h) * (1 + cond.scale_msa[:, None]) + cond.shift_msa[:, None]
+    """``x = LayerNorm(h) (1 + scale_msa) + shift_msa``: what attention reads [13] (hooks stay silent)."""
+    return block.norm1.norm.forward(h) * (1 + cond.scale_msa[:, None]) + cond.shift_msa[:, None]
 
 
 # -- attention, linearised ---------------------------------------------------------------------
@@ -125,14 +125,7 @@ def _merge_heads(t: torch.Tensor) -> torch.Tensor:
 
 def project_qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-head ``Q, K, V`` (B, heads, N, d_head) as the processor computes them (norm_q/k too)."""
-    q = _split_heads(attn, attn.to_q(x))
-    k = _split_heads(attn, attn.to_k(x))
-    v = _split_heads(attn, attn.to_v(x))
-    if attn.norm_q is not None:
-        q = attn.norm_q(q)
-    if attn.norm_k is not None:
-        k = attn.norm_k(k)
-    return q, k, v
+    return _qkv_primal(attn, (attn.to_q(x), attn.to_k(x), attn.to_v(x)))
 
 
 @dataclass(frozen=True)
@@ -315,7 +308,7 @@ class BlockPrimal:
 
 def block_primal(block: nn.Module, h: torch.Tensor, cond: AdaLNConditioning) -> BlockPrimal:
     """The primal pieces of :class:`BlockPrimal` computed anew at ``h`` (module hooks stay silent)."""
-    x = block.norm1.norm.forward(h) * (1 + cond.scale_msa[:, None]) + cond.shift_msa[:, None]
+    x = adaln1(block, h, cond)
     attn = block.attn1
     return BlockPrimal(cond, (attn.to_q.forward(x), attn.to_k.forward(x), attn.to_v.forward(x)))
 
