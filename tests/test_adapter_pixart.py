@@ -128,6 +128,10 @@ def test_block_identities_hold_bit_for_bit(loaded):
     seen, out = record(HookManager(model, loaded.adapter), module_names(loaded.adapter))
     assert torch.equal(seen["final.out"], out)
     assert torch.equal(seen["embed.out"], seen["blocks.0.resid_pre"])
+    shift, scale = seen["final.adaln.shift"][:, None], seen["final.adaln.scale"][:, None]
+    assert torch.equal(seen["final.in"], model.norm_out(seen["blocks.1.resid_post"]) * (1 + scale) + shift)
+    for j, what in enumerate(("shift", "scale")):  # the model's table plus t_emb, recomputed
+        assert torch.equal(seen[f"final.adaln.{what}"], model.scale_shift_table[j] + seen["time_embed.out"])
     for i, blk in enumerate(model.transformer_blocks):
         v = {k.split(".", 2)[2]: val for k, val in seen.items() if k.startswith(f"blocks.{i}.")}
         a = {c: v[f"adaln.{c}"][:, None] for c in ADALN_CHUNKS}

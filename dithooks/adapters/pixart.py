@@ -45,6 +45,10 @@ value; reading never changes the arithmetic, tested bit for bit):
 * ``embed.out``: ``pos_embed``'s output; ``context_embed.out``: ``caption_projection``'s output
   (the text tokens every block's cross-attention reads as keys and values);
   ``time_embed.out``: ``adaln_single.emb``'s output (``t_emb``, also the final layer's input).
+* ``final.adaln.shift`` / ``final.adaln.scale``: the output layer's modulation, computed inline
+  from the model's ``scale_shift_table`` and ``t_emb``; read like the blocks' (``adaln_single``'s
+  output ``t_emb`` plus the table, the model's own expression), read-only because both share
+  ``t_emb``. ``final.in``: the input of ``proj_out``.
 * ``final.out``: the model's output ``(B, 2C, H, W)`` with learned sigma: epsilon in the first
   ``in_channels`` channels, the variance interpolation behind them.
 
@@ -177,6 +181,25 @@ def model_table(model: nn.Module) -> tuple[PointSpec, ...]:
     return tuple(rows)
 
 
+def _final_adaln_reader(model: nn.Module, j: int):
+    def read(args, kwargs, output):
+        t_emb = output[1]  # adaln_single returns (t6, t_emb)
+        # the model's own expression for its output layer's (shift, scale), then chunk j: (B, D)
+        return (model.scale_shift_table[None] + t_emb[:, None].to(model.scale_shift_table.device))[:, j]
+    return read
+
+
+def final_table(model: nn.Module) -> tuple[PointSpec, ...]:
+    """Model-level points after the blocks: the output layer's adaLN and input, the output."""
+    rows = [PointSpec(f"final.adaln.{what}", "adaln_single", "post", VECTOR,
+                      f"the output layer's {what}: the model's scale_shift_table[{j}] plus t_emb "
+                      "(read-only: shift and scale share t_emb)", _final_adaln_reader(model, j))
+            for j, what in enumerate(("shift", "scale"))]
+    rows.append(pre("final.in", "proj_out", RESID,
+                    "norm_out(h)*(1+final scale)+final shift: what the output projection reads"))
+    return tuple(rows) + PIXART_FINAL
+
+
 PIXART_FINAL: tuple[PointSpec, ...] = (
     PointSpec("final.out", "", "post", ("batch", "out_channel", "height", "width"),
               "model output in latent layout: epsilon, then the learned-sigma channels",
@@ -193,7 +216,6 @@ class PixArtAdapter(ModelAdapter):
     block_lists = ("transformer_blocks",)
     #: the attention extension replaces self-attention only; cross-attention keeps its processor
     attention_paths = ("attn1",)
-    final_table = PIXART_FINAL
     conditioning = "text"
     default_sampler = "ddim"
     prediction = "epsilon"
@@ -206,6 +228,10 @@ class PixArtAdapter(ModelAdapter):
     @property
     def model_table(self) -> tuple[PointSpec, ...]:
         return model_table(self.model)
+
+    @property
+    def final_table(self) -> tuple[PointSpec, ...]:
+        return final_table(self.model)
 
     def block_table(self, layer: int) -> tuple[PointSpec, ...]:
         # built per block: the adaLN readers hold the block's own scale_shift_table
