@@ -17,7 +17,7 @@ Checks, for every family (docs/adapters.md):
 4. coupling at g = 0 equals two independent runs (and g > 0 changes the output);
 5. a window of radius side-1 equals global attention (r = 0 does not);
 6. a short guided Sampler run in the family's own scheduler is finite and resumes exactly;
-7. class-conditional families capture into a store that ``dithooks`` reads back.
+7. ``capture`` stores what the hooks see, and ``dithooks ls`` reads the store.
 """
 
 from __future__ import annotations
@@ -263,17 +263,34 @@ def test_short_guided_sampler_run_resumes_exactly(fam):
 
 
 def test_capture_into_a_store(fam, tmp_path):
-    if fam.adapter.conditioning != "class":
-        pytest.skip("capture() takes class labels; text-conditioned capture is not wired yet")
+    """capture() stores what the hooks see (bit for bit at fp32) and ``dithooks ls`` reads it."""
+    import numpy as np
+
     from dithooks.capture import CaptureConfig, capture
     from dithooks.store.reader import open_store
 
-    cfg = CaptureConfig(out=str(tmp_path / "s.zarr"), model=str(fam.loaded.model_id), layers="all",
-                        hooks=("resid_post", "attn.out", "final.out"), sampler=spec(fam, 2),
-                        labels=(1, 2), seeds=(0, 1), storage_dtype="fp32")
-    res = capture(cfg, loaded=fam.loaded)
+    cond = conditioning(fam)
+    sp = spec(fam, 2)
+    hm = HookManager(fam.loaded.transformer, fam.adapter)
+    ref = {}
+    keep = lambda v, c: ref.__setitem__((c.layer, c.step), v.clone())  # noqa: E731
+    with hm.hooks(read={f"blocks.{i}.resid_post": keep for i in range(fam.adapter.num_layers)}):
+        Sampler(fam.loaded, sp, hm).run(cond, list(range(M)))
+    kw = dict(labels=tuple(int(v) for v in cond.labels)) if fam.adapter.conditioning == "class" else dict(conditioning=cond)
+    res = capture(CaptureConfig(out=str(tmp_path / "s.zarr"), model=str(fam.loaded.model_id), layers="all",
+                                hooks=("resid_post", "final.out"), sampler=sp, seeds=tuple(range(M)),
+                                storage_dtype="fp32", **kw), loaded=fam.loaded)
     assert res.steps_run == 2
     store = open_store(tmp_path / "s.zarr")
     assert store.completeness()["complete"]
     got = store.select("blocks.resid_post")
-    assert got.values.shape[:2] == (2, fam.adapter.num_layers)
+    assert got.dims == ("step", "layer", "cfg", "sample", "token", "channel")
+    for (layer, step), v in ref.items():
+        np.testing.assert_array_equal(got.values[step, layer].reshape(v.shape), v.numpy())
+    from typer.testing import CliRunner
+
+    from dithooks.cli.main import app
+
+    r = CliRunner().invoke(app, ["ls", str(tmp_path / "s.zarr"), "--json"])
+    assert r.exit_code == 0, r.output
+    assert "blocks.resid_post" in r.output
