@@ -374,14 +374,23 @@ def test_text_conditioning_is_checked_in_one_line(loaded):
     from dithooks.sampling import Sampler, SamplerSpec
 
     sampler = Sampler(loaded, SamplerSpec("ddim", steps=2, guidance=2.0))
-    with pytest.raises(DithooksError, match="conditioned on text"):
-        sampler.run([1, 2], [0, 1])
-    with pytest.raises(DithooksError, match="channels"):
-        sampler.run(Conditioning(prompt_embeds=torch.zeros(2, 5, 7)), [0, 1])
-    with pytest.raises(DithooksError, match="prompt_attention_mask"):
-        sampler.run(Conditioning(prompt_embeds=torch.zeros(2, 5, 32),
-                                 extras={"prompt_attention_mask": torch.ones(2, 4)}), [0, 1])
-    loaded.adapter.text_tokens = TEXT_TOKENS
+    try:
+        with pytest.raises(DithooksError, match="conditioned on text"):
+            sampler.run([1, 2], [0, 1])
+        with pytest.raises(DithooksError, match="channels"):
+            sampler.run(Conditioning(prompt_embeds=torch.zeros(2, 5, 7)), [0, 1])
+        with pytest.raises(DithooksError, match="prompt_attention_mask"):
+            sampler.run(Conditioning(prompt_embeds=torch.zeros(2, 5, 32),
+                                     extras={"prompt_attention_mask": torch.ones(2, 4)}), [0, 1])
+        with pytest.raises(DithooksError, match="pooled"):
+            sampler.run(Conditioning(prompt_embeds=torch.zeros(2, 5, 32), pooled_prompt_embeds=torch.zeros(2, 7)), [0, 1])
+        with pytest.raises(DithooksError, match="embedded guidance"):
+            sampler.run(Conditioning(prompt_embeds=torch.zeros(2, 5, 32), guidance=3.5), [0, 1])
+        with pytest.raises(DithooksError, match="same length"):
+            sampler.run(Conditioning(prompt_embeds=torch.zeros(2, 5, 32), negative_prompt_embeds=torch.zeros(1, 4, 32)),
+                        [0, 1])
+    finally:  # the checks set text_tokens from what they saw
+        loaded.adapter.text_tokens = TEXT_TOKENS
 
 
 def test_capture_stores_what_the_hooks_see_and_query_reads_it(loaded, tmp_path):

@@ -274,9 +274,13 @@ class PixArtAdapter(ModelAdapter):
             if unknown:
                 raise DithooksError(f"PixArt takes no conditioning {what}extra {unknown[0]!r} (only {MASK!r})")
             mask = extras.get(MASK)
-            if mask is not None and tuple(mask.shape) != tuple(emb.shape[:2]):
-                raise DithooksError(f"{what}{MASK} has shape {tuple(mask.shape)}; the prompt embeddings "
+            if mask is not None and tuple(torch.as_tensor(mask).shape) != tuple(emb.shape[:2]):
+                raise DithooksError(f"{what}{MASK} has shape {tuple(torch.as_tensor(mask).shape)}; the prompt embeddings "
                                     f"need (samples, tokens) = {tuple(emb.shape[:2])}")
+        if cond.pooled_prompt_embeds is not None or cond.negative_pooled_prompt_embeds is not None:
+            raise DithooksError("PixArt takes no pooled prompt embeddings (that is SD3/Flux): drop them")
+        if cond.guidance is not None:
+            raise DithooksError("PixArt has no embedded guidance (that is Flux-dev): use the sampler's --guidance")
         neg = cond.negative_prompt_embeds
         if neg is not None and tuple(neg.shape) != tuple(emb.shape):
             raise DithooksError(f"negative prompt embeddings have shape {tuple(neg.shape)}, the prompt "
