@@ -15,17 +15,17 @@ from typing import Any, Iterator
 import numpy as np
 
 from .errors import DithooksError
+from .store.layout import INDEX_DIMS, is_layer_dim
 from .store.reader import CaptureStore, Selection, assign
 
 REDUCTIONS = ("norm", "mean", "std", "rms", "absmax", "none")
-INDEX_DIMS = ("step", "layer", "cfg", "replica", "sample", "latent_step")
 SLAB_ELEMENTS = 1 << 20  # values reduced at once in float64 (8 MiB of temporaries)
 
 
 def reduced_dims(dims: tuple[str, ...], name: str, how: str, over: list[str] | None) -> list[str]:
     if how not in REDUCTIONS:
         raise DithooksError(f"unknown reduction {how!r}; choose one of {', '.join(REDUCTIONS)}")
-    over = list(over) if over else [d for d in dims if d not in INDEX_DIMS]
+    over = list(over) if over else [d for d in dims if d not in INDEX_DIMS and not is_layer_dim(d)]
     missing = [d for d in over if d not in dims]
     if missing:
         raise DithooksError(f"cannot reduce over {missing[0]!r}: {name} has dims {', '.join(dims)}")

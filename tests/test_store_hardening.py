@@ -27,6 +27,13 @@ from dithooks.store.verify import verify_store
 
 from .test_capture import Interrupt
 
+
+def _chunk(store: Path, array: str, index: tuple[int, ...]) -> Path:
+    """The file of one chunk (shard) of ``array``, whatever its chunk key encoding."""
+    from dithooks.store.zarrio import ArrayMeta
+
+    return Path(ArrayMeta.load(Path(store), array).path(index))
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 runner = CliRunner()
 
@@ -162,10 +169,10 @@ def test_verify_finds_missing_truncated_and_corrupt_chunks_and_resume_redoes_the
     capture(config(ref, tiny_model_dir), loaded=tiny_loaded)
     shutil.copytree(ref, out)
     assert cli("verify", out).exit_code == 0
-    (out / "blocks.resid_post/c/3/0/0/0/0").unlink()                       # step 3: shard gone
-    lat = out / "latents/c/2/0/0/0/0"                                       # latent_step 2 = step 1
+    _chunk(out, "blocks.resid_post", (3, 0, 0, 0, 0)).unlink()              # step 3: shard gone
+    lat = _chunk(out, "latents", (2, 0, 0, 0, 0))                           # latent_step 2 = step 1
     lat.write_bytes(lat.read_bytes()[:-9])
-    fo = out / "final.out/c/4/0/0/0/0"                                     # step 4: one byte flipped
+    fo = _chunk(out, "final.out", (4, 0, 0, 0, 0))                          # step 4: one byte flipped
     data = bytearray(fo.read_bytes())
     data[10] ^= 0x40
     fo.write_bytes(bytes(data))
@@ -356,7 +363,8 @@ def test_overwrite_refuses_a_folder_with_user_files_and_touches_nothing(tmp_path
     (out / "figures").mkdir()
     (out / "figures/routing.svg").write_text("<svg/>")
     (out / LOCK_NAME).write_text(json.dumps({"pid": _dead_pid(), "host": hostname()}))
-    (out / "latents/c/0/0/0/0/0.0123456789abcdef0123456789abcdef.partial").write_bytes(b"half")
+    c0 = _chunk(out, "latents", (0, 0, 0, 0, 0))
+    (c0.parent / f"{c0.name}.0123456789abcdef0123456789abcdef.partial").write_bytes(b"half")
     capture(config(out, tiny_model_dir, sampler=SamplerSpec("ddim", 3), mode="overwrite", seeds=(4, 5)),
             loaded=tiny_loaded)
     assert not (out / "figures").exists() and not (out / LOCK_NAME).exists()

@@ -15,6 +15,7 @@ import torch
 from ..errors import HookNameError
 from ..hookpoints import layer_template, store_array_name
 from ..jvp_hooks import jvp_batch_axes
+from ..store.layout import layer_dim
 from ..store.metadata import jsonable
 
 # value dims whose size grows with N^2: the arrays worth a warning before a capture starts
@@ -107,12 +108,29 @@ def dim_sizes(adapter: Any, top_k: int | None) -> dict[str, int]:
             "joint_token": n + t, "joint_query": n + t, "joint_key": n + t}
 
 
-def planned_arrays(adapter: Any, hook_names: Sequence[str], *, steps: int, num_layers: int,
+def array_layers(hook_names: Sequence[str], captured: Sequence[int]) -> dict[str, list[int]]:
+    """Arrays whose point only some captured blocks have -> those blocks (sorted); arrays over
+    every captured block are left out (their layer dim is ``layer``)."""
+    out = {}
+    for arr, entry in hook_array_table(hook_names).items():
+        layers = sorted(set(entry["layers"]))
+        if layers and layers != sorted(int(i) for i in captured):
+            out[arr] = layers
+    return out
+
+
+def partial_layer_dims(hook_names: Sequence[str], captured: Sequence[int]) -> dict[str, list[int]]:
+    """Partial layer dims (store/layout.py layer_dim) -> their blocks: coordinates to write."""
+    return {layer_dim(ls, captured): ls for ls in array_layers(hook_names, captured).values()}
+
+
+def planned_arrays(adapter: Any, hook_names: Sequence[str], *, steps: int, layers: Sequence[int],
                    batch_axes: Sequence[tuple[str, int]], jvp_direction: Any, store_dtype: torch.dtype,
                    top_k: int | None, query_tokens: Sequence[int] | None) -> list[PlannedArray]:
     """What the raw hooks will write, sized from the model geometry before anything runs
     (``modules.*`` points, whose size is known only once they run, are left out)."""
     sizes = dim_sizes(adapter, top_k)
+    partial = array_layers(hook_names, layers)
     itemsize = torch.empty((), dtype=store_dtype).element_size()
     plan: dict[str, PlannedArray] = {}
     for name in hook_names:
@@ -125,9 +143,11 @@ def planned_arrays(adapter: Any, hook_names: Sequence[str], *, steps: int, num_l
         value = [sizes.get(d, 0) for d in value_dims]
         if layer_template(name)[0].endswith("attn.pattern_query") and query_tokens:
             value[value_dims.index("query")] = len(query_tokens)
-        lead = (steps,) + ((num_layers,) if point.layer is not None else ())
+        own = partial.get(arr, list(layers))
+        lead = (steps,) + ((len(own),) if point.layer is not None else ())
         shape = lead + tuple(k for _, k in b_axes) + tuple(value)
-        dims = ("step",) + (("layer",) if point.layer is not None else ()) + tuple(a for a, _ in b_axes) + value_dims
+        ldim = (layer_dim(own, layers),) if point.layer is not None else ()
+        dims = ("step",) + ldim + tuple(a for a, _ in b_axes) + value_dims
         plan[arr] = PlannedArray(arr, dims, shape, int(np.prod(shape)) * itemsize, layer_template(name)[0])
     return list(plan.values())
 

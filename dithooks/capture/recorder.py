@@ -9,7 +9,8 @@ import torch
 
 from ..hookpoints import layer_template, store_array_name
 from ..hooks import HookContext
-from ..store.layout import hook_array_spec
+from ..store.layout import hook_array_spec, layer_dim
+from ..store.staging import HostStaging
 from ..store.steps import StepLog
 from ..store.writer import ArraySpec
 
@@ -28,7 +29,10 @@ class StepRecorder:
     """
 
     def __init__(self, log: StepLog, *, steps: int, layers: Sequence[int], store_dtype: torch.dtype,
-                 sample_coords: Sequence[str], probes: Any = None):
+                 sample_coords: Sequence[str], probes: Any = None,
+                 array_layers: dict[str, Sequence[int]] | None = None):
+        """``array_layers``: array -> the captured blocks that have its point, when not all do
+        (its layer dim then runs over those only, see store/layout.py layer_dim)."""
         self.log = log
         self.writer = log.writer
         self.steps = steps
@@ -36,7 +40,10 @@ class StepRecorder:
         self.store_dtype = store_dtype
         self.sample_coords = tuple(sample_coords)
         self.probes = probes
-        self._layer_pos = {layer: i for i, layer in enumerate(self.layers)}
+        self.array_layers = {a: [int(i) for i in ls] for a, ls in (array_layers or {}).items()}
+        self._layer_pos: dict[str, dict[int, int]] = {}  # array -> block index -> position
+        # host slabs the hooks copy into (pinned + non-blocking from a GPU, one sync per step)
+        self.staging = HostStaging()
         self._specs: dict[str, ArraySpec] = {}
         self._slabs: dict[str, torch.Tensor] = {}
         # finished steps not yet written: (step, {array: values}, state); see flush_pending
@@ -52,26 +59,27 @@ class StepRecorder:
         value_dims = tuple(ctx.point.dims[1:])
         if value_dims and value_dims[-1] == "...":
             value_dims = tuple(f"dim_{i}" for i in range(value.dim() - 1))
+        layers = self.array_layers.get(arr, self.layers)
+        self._layer_pos[arr] = {layer: i for i, layer in enumerate(layers)}
         spec = hook_array_spec(arr, hook=layer_template(name)[0], doc=ctx.point.doc, steps=self.steps,
-                               num_layers=None if ctx.layer is None else len(self.layers),
+                               num_layers=None if ctx.layer is None else len(layers),
                                batch_axes=ctx.batch_axes, value_dims=value_dims,
                                value_shape=tuple(value.shape[1:]), dtype=self.store_dtype,
-                               sample=self.sample_coords)
+                               sample=self.sample_coords, layer=layer_dim(layers, self.layers))
         self._specs[arr] = spec
         return spec
 
     def record(self, value: torch.Tensor, ctx: HookContext) -> None:
         spec = self._spec(ctx.name, ctx, value)
-        batch_shape = tuple(n for _, n in ctx.batch_axes)
-        data = value.detach().to("cpu", dtype=self.store_dtype, copy=True)
-        data = data.reshape(batch_shape + tuple(value.shape[1:]))
+        shape = tuple(n for _, n in ctx.batch_axes) + tuple(value.shape[1:])
         if ctx.layer is None:
-            self._slabs[spec.name] = data
+            slab = self._slabs[spec.name] = self.staging.take(shape, self.store_dtype, value)
+            self.staging.copy(slab, value)
             return
         slab = self._slabs.get(spec.name)
         if slab is None:  # this step's values of every captured layer, written at step end
-            slab = self._slabs[spec.name] = torch.empty((len(self.layers),) + tuple(data.shape), dtype=data.dtype)
-        slab[self._layer_pos[ctx.layer]] = data
+            slab = self._slabs[spec.name] = self.staging.take((spec.shape[1],) + shape, self.store_dtype, value)
+        self.staging.copy(slab[self._layer_pos[spec.name][ctx.layer]], value)
 
     # -- steps -------------------------------------------------------------------------------
     def _batch_size(self, step_values: dict[str, torch.Tensor], state: Any) -> int:
@@ -87,6 +95,7 @@ class StepRecorder:
     def end_step(self, step: int, state: Any) -> None:
         """After step ``step``: queue its probe outputs, buffer its hooked values and state; write
         the buffer (then mark those steps complete) every few steps and after the last."""
+        self.staging.end_step()  # the step's device-to-host copies are done (one wait, on GPU)
         values, self._slabs = self._slabs, {}
         if self.probes:
             self.probes.emit_step(step, self.writer.put, self.stored_dims())
@@ -105,8 +114,13 @@ class StepRecorder:
         s0, n = self._pending[0][0], len(self._pending)
         rows = slice(s0, s0 + n)
         for name in self._pending[0][1]:
-            stacked = torch.stack([values[name] for _, values, _ in self._pending])
-            self.writer.put(self._specs[name], (rows,), stacked)
+            slabs = [values[name] for _, values, _ in self._pending]
+            if n == 1:  # no copy: the writer takes the slab, which is reused once written
+                self.writer.put(self._specs[name], (rows,), slabs[0].unsqueeze(0))
+                self.writer.call(lambda s=slabs: self.staging.recycle(s))
+            else:
+                self.writer.put(self._specs[name], (rows,), torch.stack(slabs))
+                self.staging.recycle(slabs)
         self.log.write_states([state for _, _, state in self._pending])
         self.log.mark_complete(rows)
         self._pending = []

@@ -13,7 +13,6 @@ record steps -> finish. Each stage has its own module:
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +35,8 @@ from ..store.skeleton import Coordinates, write_skeleton
 from ..store.steps import StepLog, nonfinite_from_meta, nonfinite_totals
 from ..store.writer import StoreWriter, WriterFailed
 from .config import CaptureConfig, check_against_model, check_config, compute_dtype, resolve_conditioning
-from .plan import PlannedArray, expand_hooks, hook_array_table, planned_arrays, request_metadata
+from .plan import (PlannedArray, array_layers, expand_hooks, hook_array_table, partial_layer_dims, planned_arrays,
+                   request_metadata)
 from .recorder import StepRecorder
 
 
@@ -78,6 +78,9 @@ class CaptureSession:
             self.sampler.conditioning(self.conditioning.sampler_input, len(cfg.seeds))
         else:
             self.sampler.check_labels(cfg.labels)
+        if self.conditioning.kind == "text" and hasattr(adapter, "text_tokens"):
+            # text axes (text_token, text_key, joint_*) are sized by the embeddings' length
+            adapter.text_tokens = int(self.conditioning.cond.prompt_embeds.shape[1])
         if self.probes:  # probes check the run's layout now, so a bad setup never touches disk
             self._start_probes(0)
         self.path = Path(cfg.out)
@@ -96,7 +99,7 @@ class CaptureSession:
     def planned_arrays(self) -> list[PlannedArray]:
         """What the raw hooks will write, sized from the model geometry before anything runs."""
         return planned_arrays(self.loaded.adapter, self.hook_names, steps=self.cfg.sampler.steps,
-                              num_layers=len(self.layers), batch_axes=self.sampler.batch_axes(len(self.cfg.seeds)),
+                              layers=self.layers, batch_axes=self.sampler.batch_axes(len(self.cfg.seeds)),
                               jvp_direction=self.cfg.jvp.direction, store_dtype=self.store_dtype,
                               top_k=self.cfg.top_k, query_tokens=self.cfg.query_tokens)
 
@@ -110,7 +113,8 @@ class CaptureSession:
         return Coordinates(steps=self.cfg.sampler.steps, timesteps=self.sampler.timesteps, layers=self.layers,
                            seeds=self.cfg.seeds, labels=c.labels if c.kind == "class" else None,
                            prompts=c.prompts if c.kind == "text" else None, cfg=self.cfg.sampler.cfg,
-                           replicas=self.cfg.replicas is not None)
+                           replicas=self.cfg.replicas is not None,
+                           layer_dims=partial_layer_dims(self.hook_names, self.layers))
 
     # -- store lifecycle -------------------------------------------------------------------------
     def open_store(self) -> tuple[Any, int]:
@@ -170,7 +174,8 @@ class CaptureSession:
                                   replicas=cfg.replicas is not None, sample_coords=self.sample_coords,
                                   nonfinite=nonfinite, last_rng=last_rng)
         rec = self._recorder = StepRecorder(log, steps=steps, layers=self.layers, store_dtype=self.store_dtype,
-                                            sample_coords=self.sample_coords, probes=self.probes)
+                                            sample_coords=self.sample_coords, probes=self.probes,
+                                            array_layers=array_layers(self.hook_names, self.layers))
         status, error = "complete", None
         attention = self.hooks.extension("attention") if hasattr(self.hooks, "extension") else (
             getattr(self.hooks, "attention", None))

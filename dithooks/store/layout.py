@@ -31,6 +31,7 @@ hook arrays with :func:`hook_array_spec` and the trajectory with :func:`latents_
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
@@ -46,6 +47,44 @@ STEP_COMPLETE = "step_complete"
 LATENTS = "latents"
 RNG_STATE = "rng_state"
 LATENT_DIMS = ("latent_channel", "height", "width")
+# dims that index rows of the store (a reduction keeps them unless told otherwise); the others
+# are value dims (token, channel, head, ...)
+INDEX_DIMS = ("step", "layer", "cfg", "replica", "sample", "latent_step")
+
+# A hook point that only some captured blocks have (SD3's last block has no context.*; Flux's
+# single blocks have no text stream) is stored over those blocks only: its array's layer dim is
+# named after them, ``layer_<blocks>`` (e.g. ``layer_0-22``, ``layer_0_2_5-7``), with a
+# coordinate array of that name holding the block indices (see layer_dim). Arrays over every
+# captured block use ``layer``.
+_LAYER_DIM = re.compile(r"^layer_[0-9][0-9_\-]*$")
+
+
+def layer_dim(layers: Sequence[int], captured: Sequence[int]) -> str:
+    """The name of the layer dim of an array over ``layers`` (of the ``captured`` blocks)."""
+    layers = [int(i) for i in layers]
+    if layers == [int(i) for i in captured]:
+        return "layer"
+    runs: list[str] = []
+    start = prev = None
+    for i in layers + [None]:
+        if start is not None and (i is None or i != prev + 1):
+            runs.append(str(start) if start == prev else f"{start}-{prev}")
+            start = None
+        if i is not None and start is None:
+            start = i
+        prev = i
+    return "layer_" + "_".join(runs)
+
+
+def is_layer_dim(dim: str) -> bool:
+    """``layer`` or a partial layer dim (``layer_0-22``): values are block indices."""
+    return dim == "layer" or _LAYER_DIM.match(dim) is not None
+
+
+def is_coordinate(name: str) -> bool:
+    """A coordinate array (no step data): the fixed ones and partial layer coordinates."""
+    return name in COORDS or _LAYER_DIM.match(name) is not None
+
 
 # chunks of small layers are grouped up to this size (see layers_per_chunk)
 MIN_CHUNK_BYTES = 2**20
@@ -76,13 +115,14 @@ def _coordinates(dims: Sequence[str], sample: Sequence[str]) -> str:
 def hook_array_spec(name: str, *, hook: str, doc: str, steps: int, num_layers: int | None,
                     batch_axes: Sequence[tuple[str, int]], value_dims: Sequence[str],
                     value_shape: Sequence[int], dtype: torch.dtype,
-                    sample: Sequence[str] = ("label", "seed")) -> ArraySpec:
+                    sample: Sequence[str] = ("label", "seed"), layer: str = "layer") -> ArraySpec:
     """The array of a hook point: ``(step, [layer,] *batch, *value)``.
 
     ``num_layers`` None: a point outside the blocks, one chunk per step. Else one shard (file)
     per step holds every layer, so a step is one write; inside it a chunk holds one layer, or
     several when a layer is small (the codec pays per chunk, ~0.5 ms, which dwarfs an 8 KiB
-    chunk), so a (step, layer) read touches one chunk.
+    chunk), so a (step, layer) read touches one chunk. ``layer``: the name of the layer dim
+    (:func:`layer_dim`; ``num_layers`` is its length).
     """
     import torch
 
@@ -95,11 +135,11 @@ def hook_array_spec(name: str, *, hook: str, doc: str, steps: int, num_layers: i
     else:
         L = num_layers
         itemsize = torch.empty((), dtype=dtype).element_size()
-        lead_dims, shape = ("step", "layer"), (steps, L) + rest
+        lead_dims, shape = ("step", layer), (steps, L) + rest
         chunks = (1, layers_per_chunk(L, int(np.prod(rest)) * itemsize)) + rest
         shards = (1, L) + rest
     dims = lead_dims + batch_dims + tuple(value_dims)
-    attrs = (("coordinates", _coordinates(("step",), sample)), ("hook", hook), ("description", doc))
+    attrs = (("coordinates", _coordinates(("step", "sample"), sample)), ("hook", hook), ("description", doc))
     return ArraySpec(name, dims, shape, chunks, dtype, attrs, shards)
 
 
@@ -144,7 +184,7 @@ def row_role(name: str, dims: Sequence[str], first_len: int, steps: int) -> str:
     (rows only where a generator moved; row 0 always), or ``whole`` (written once at the end)."""
     if name == STEP_COMPLETE:
         return "flags"
-    if name in COORDS or not dims:
+    if is_coordinate(name) or not dims:
         return "coordinate"
     if dims[0] == "step" and first_len == steps:
         return "step"

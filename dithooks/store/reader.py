@@ -33,15 +33,13 @@ import numpy as np
 from ..errors import DithooksError, StoreError
 from ..hookpoints import layer_template, store_array_name, unknown_name_message
 from .codecs import decode
-from .layout import COORDS, RNG_STATE, STEP_COMPLETE
+from .layout import COORDS, RNG_STATE, STEP_COMPLETE, is_coordinate, is_layer_dim
 from .metadata import ATTR_KEY, completeness
 from .zarrio import ArrayMeta, ArrayReader, Block, ChunkMissing, CorruptStoreError, blocks, out_shape, read_json
 
-# dims selected by coordinate value (block index, name) rather than by position
-VALUE_DIMS = ("layer", "cfg", "replica")
 # arrays whose missing chunks are by design (read as their fill value, no completeness checks)
 SPARSE = (RNG_STATE,)
-UNCHECKED = COORDS + (STEP_COMPLETE,) + SPARSE
+UNCHECKED = COORDS + (STEP_COMPLETE,) + SPARSE  # and the partial layer coordinates (is_coordinate)
 
 __all__ = ["ArrayInfo", "CaptureStore", "CorruptStoreError", "IncompleteDataWarning", "IncompleteStepsError",
            "MissingChunkError", "Selection", "SelectionError", "ValueRange", "open_store", "parse_index"]
@@ -175,7 +173,7 @@ class CaptureStore:
     def array_names(self) -> list[str]:
         if self._names is None:
             self._names = sorted(p.name for p in self.path.iterdir()
-                                 if p.is_dir() and (p / "zarr.json").is_file() and p.name not in COORDS
+                                 if p.is_dir() and (p / "zarr.json").is_file() and not is_coordinate(p.name)
                                  and self._is_array(p.name))
         return list(self._names)
 
@@ -260,11 +258,15 @@ class CaptureStore:
         template, layer = layer_template(hook)
         array = store_array_name(hook) if layer is not None else hook.replace("{i}.", "").replace("*.", "")
         if array in names:
-            if layer is not None and layer not in self.coord("layer").tolist():
-                raise StoreError(f"layer {layer} was not captured in {self.path} "
-                                 f"(captured: {_compact(self.coord('layer').tolist())})")
+            if layer is not None:
+                ldim = self._layer_dim(array) or "layer"
+                have = self.coord(ldim).tolist()
+                if layer not in have:
+                    where = "" if ldim == "layer" else f" for {array} (its point exists only in some blocks)"
+                    raise StoreError(f"layer {layer} was not captured in {self.path}{where} "
+                                     f"(captured: {_compact(have)})")
             return array, layer
-        if hook in COORDS and (self.path / hook / "zarr.json").exists():
+        if is_coordinate(hook) and (self.path / hook / "zarr.json").exists():
             return hook, None
         raise StoreError(unknown_name_message(hook, names).replace("unknown hook point", "no array or hook point")
                          .replace("`dithooks hooks` lists them all", f"`dithooks ls {self.path}` lists the store"))
@@ -284,6 +286,9 @@ class CaptureStore:
                                      f"(or query {store_array_name(hook)} with a layer selection)")
             sel = {**sel, "layer": layer}
         m = self.array_meta(array)
+        ldim = self._layer_dim(array)
+        if ldim not in (None, "layer") and "layer" in sel:  # a point only some blocks have
+            sel = {(ldim if d == "layer" else d): v for d, v in sel.items()}
         unknown = [d for d in sel if d not in m.dims and sel[d] is not None]
         if unknown:
             raise SelectionError(f"{array} has no dimension {unknown[0]!r} (its dims: {', '.join(m.dims)})")
@@ -350,7 +355,7 @@ class CaptureStore:
     # -- checks ------------------------------------------------------------------------------
     def _check(self, plan: Plan, allow: bool) -> None:
         m = plan.meta
-        if m.name in UNCHECKED:
+        if m.name in UNCHECKED or is_coordinate(m.name):
             return
         done = self.step_complete()
         for d, step_of in (("step", 0), ("latent_step", 1)):  # latent_step k > 0 is x after step k - 1
@@ -417,8 +422,12 @@ class CaptureStore:
             warnings.warn(f"reading incomplete data from {self.path} ({m.name}): " + "; ".join(parts),
                           IncompleteDataWarning, stacklevel=3)
 
+    def _layer_dim(self, array: str) -> str | None:
+        """The array's layer dim: ``layer``, a partial one (``layer_0-22``), or None."""
+        return next((d for d in self.array_meta(array).dims if is_layer_dim(d)), None)
+
     def _coord_values(self, dim: str, n: int) -> np.ndarray:
-        c = self.coord(dim) if dim in COORDS else np.array([])
+        c = self.coord(dim) if is_coordinate(dim) else np.array([])
         return c if c.size == n else np.arange(n)
 
 
@@ -472,7 +481,7 @@ def positions(dim: str, values: np.ndarray, want: Any) -> slice | np.ndarray:
 def _item_positions(dim: str, values: np.ndarray, w: Any) -> list[int]:
     n = len(values)
     if isinstance(w, ValueRange):
-        if dim == "layer":
+        if is_layer_dim(dim):
             vals = values.astype(np.int64)
             hi = vals.max() if w.hi is None else w.hi
             hits = np.flatnonzero((vals >= w.lo) & (vals <= hi)).tolist()
@@ -489,7 +498,7 @@ def _item_positions(dim: str, values: np.ndarray, w: Any) -> list[int]:
         raise SelectionError(f"{dim} {w!r} is not an index (whole numbers, ranges or names)")
     if isinstance(w, str) and _INT.match(w.strip()):
         w = int(w)
-    if dim == "layer":  # block indices; -1 is the last captured block
+    if is_layer_dim(dim):  # block indices; -1 is the last captured block
         vals = values.astype(np.int64).tolist()
         if not isinstance(w, (int, np.integer)):
             raise SelectionError(f"layer {w!r} is not a block index")

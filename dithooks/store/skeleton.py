@@ -29,6 +29,8 @@ class Coordinates:
     prompts: Sequence[int] | None = None    # text-conditioned: one embeddings row per sample
     cfg: bool = False                       # guidance on: a cfg dim ("cond", "uncond")
     replicas: bool = False                  # replica pairs: a replica dim ("a", "b")
+    # partial layer dims (layout.layer_dim) -> their block indices, for points only some blocks have
+    layer_dims: dict[str, Sequence[int]] | None = None
 
     @property
     def num_samples(self) -> int:
@@ -55,8 +57,13 @@ def write_skeleton(folder: Path, meta: dict[str, Any], coords: Coordinates) -> A
 
     steps, n = coords.steps, coords.num_samples
     coord("step", np.arange(steps), ("step",), "int64")
-    coord("timestep", list(coords.timesteps), ("step",), "int64")
+    # DDIM/DDPM timesteps are integers; flow matching's are floats in [0, 1000]
+    ts = [float(t) for t in coords.timesteps]
+    integral = all(t == int(t) for t in ts) and all(isinstance(t, (int, np.integer)) for t in coords.timesteps)
+    coord("timestep", list(coords.timesteps), ("step",), "int64" if integral else "float64")
     coord("layer", list(coords.layers), ("layer",), "int64")
+    for dim, layers in sorted((coords.layer_dims or {}).items()):
+        coord(dim, list(layers), (dim,), "int64")
     coord("sample", np.arange(n), ("sample",), "int64")
     if coords.labels is not None:
         coord("label", list(coords.labels), ("sample",), "int64")

@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 from typing import Any, Sequence
 
-import numpy as np
-
 from .layout import STEP_COMPLETE, latents_spec, rng_spec, rows_kept_by_resume
 from .metadata import ATTR_KEY
 
@@ -60,9 +58,8 @@ class StepLog:
 
     def mark_complete(self, rows: slice) -> None:
         """After the data of ``rows`` (queued before): their non-finite counts, then their marks."""
-        done = self.group[STEP_COMPLETE]
         self.writer.call(self._record_nonfinite)  # counts of a step precede its mark
-        self.writer.call(lambda: done.__setitem__(rows, True))
+        self.writer.set(STEP_COMPLETE, rows, True)  # direct chunk writes (zarr's setitem: ~60 ms)
 
     def nonfinite_table(self) -> dict[str, dict[str, int]]:
         return nonfinite_json(self.nonfinite)
