@@ -582,3 +582,33 @@ def test_cli_capture_with_a_prompt_embeddings_file(loaded, tmp_path):
                                        "--out", str(tmp_path / "t.zarr")])
     assert refused.exit_code != 0 and "Traceback" not in refused.output
     assert "prompt" in refused.output
+
+
+def test_encode_prompts_uses_the_pipelines_encode_prompt_and_masks(loaded):
+    """The plumbing only (a stand-in pipeline): real encoders need `transformers` and T5 weights."""
+    from dithooks.sampling import Sampler, SamplerSpec
+
+    calls = []
+
+    class FakePipeline:  # PixArtAlphaPipeline.encode_prompt's signature and return order
+        def encode_prompt(self, prompt, do_classifier_free_guidance=True, negative_prompt="",
+                          num_images_per_prompt=1, clean_caption=False, max_sequence_length=120, **kw):
+            calls.append((list(prompt), negative_prompt, max_sequence_length, do_classifier_free_guidance))
+            n, L = len(prompt), max_sequence_length
+            mask = torch.ones(n, L, dtype=torch.long)
+            mask[:, 3:] = 0
+            neg_mask = torch.zeros(n, L, dtype=torch.long)
+            neg_mask[:, 0] = 1
+            return (torch.full((n, L, 32), 1.0, dtype=torch.float16), mask,
+                    torch.full((n, L, 32), 2.0, dtype=torch.float16), neg_mask)
+
+    cond = loaded.adapter.encode_prompts(FakePipeline(), ["a cat", "a dog"])
+    assert calls == [(["a cat", "a dog"], "", TEXT_TOKENS, True)]  # PixArt's null prompt is ""
+    assert cond.prompt_embeds.dtype == torch.float32 and cond.prompt_embeds.eq(1).all()
+    assert cond.negative_prompt_embeds.eq(2).all()
+    assert cond.extras["prompt_attention_mask"][:, :3].eq(1).all() and cond.extras["prompt_attention_mask"][:, 3:].eq(0).all()
+    assert cond.negative_extras["prompt_attention_mask"].sum() == 2
+    x = Sampler(loaded, SamplerSpec("ddim", 1, guidance=2.0)).run(cond, [0, 1])  # and it samples
+    assert torch.isfinite(x).all()
+    loaded.adapter.encode_prompts(FakePipeline(), ["a cat", "a dog"], ["blurry"])
+    assert calls[-1][1] == ["blurry", "blurry"]

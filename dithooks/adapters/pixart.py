@@ -287,6 +287,28 @@ class PixArtAdapter(ModelAdapter):
                                 f"embeddings {tuple(emb.shape)}: pad both to the same length")
         self.text_tokens = int(emb.shape[1])
 
+    def encode_prompts(self, pipeline, prompts, negative_prompts=None):
+        """Prompts to a :class:`~dithooks.conditioning.Conditioning` through a PixArtAlphaPipeline's
+        own ``encode_prompt`` (T5, padded to ``max_sequence_length = text_tokens``, with its masks).
+
+        The null branch is the pipeline's: T5 of ``negative_prompts``, default ``""`` (PixArt-α's
+        convention), not zeros. Called by :meth:`dithooks.loading.LoadedModel.encode_prompts` for a
+        pipeline folder that ships its text encoder; tested with a stand-in pipeline only (real
+        encoders need ``transformers`` and T5 weights)."""
+        from ..conditioning import Conditioning
+
+        prompts = list(prompts)
+        negative = "" if negative_prompts is None else list(negative_prompts)
+        if isinstance(negative, list) and len(negative) not in (1, len(prompts)):
+            raise DithooksError(f"{len(negative)} negative prompts for {len(prompts)} prompts: give one, or one each")
+        if isinstance(negative, list) and len(negative) == 1:
+            negative = negative * len(prompts)
+        emb, mask, neg, neg_mask = pipeline.encode_prompt(
+            prompts, do_classifier_free_guidance=True, negative_prompt=negative, num_images_per_prompt=1,
+            clean_caption=False, max_sequence_length=int(self.text_tokens))
+        return Conditioning(prompt_embeds=emb.float().cpu(), negative_prompt_embeds=neg.float().cpu(),
+                            extras={MASK: mask.cpu()}, negative_extras={MASK: neg_mask.cpu()})
+
     def model_kwargs(self, rows: Mapping[str, Any]) -> dict[str, Any]:
         """``encoder_hidden_states`` (the T5 embeddings; the model projects them with
         ``caption_projection``), ``encoder_attention_mask`` (1 keep / 0 padding) and the
