@@ -107,6 +107,8 @@ class RunInfo:
     ``batch_axes``: the model batch layout, outermost first, e.g. ``(("cfg", 2), ("sample", 4))``.
     ``first_step``: 0, or where a resumed capture continues (only resumable probes see > 0).
     ``num_tokens``: N, so a probe can check token-indexed options before anything runs.
+    ``labels``: each sample's class label; for text-conditioned models (PixArt, SD3, Flux) each
+    sample's row of the prompt embeddings (the store's ``prompt`` coordinate).
     """
 
     steps: int

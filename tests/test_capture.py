@@ -258,3 +258,18 @@ def test_small_steps_are_written_in_batches_within_a_memory_budget(tmp_path, tin
     monkeypatch.setattr("dithooks.capture.recorder.BATCH_STEPS", 1)
     capture(config(ref, tiny_model_dir), loaded=tiny_loaded)
     assert_stores_equal(ref, out)
+
+
+def test_the_core_does_not_import_the_probes_package():
+    """Data flows one way: the capture (and everything it uses) never imports dithooks.probes;
+    probes use the core's public API (dithooks.probe_api) only."""
+    code = ("import sys, dithooks.capture, dithooks.probe_runner, dithooks.store.reader, dithooks.query\n"
+            "bad = sorted(m for m in sys.modules if m == 'dithooks.probes' or m.startswith('dithooks.probes.'))\n"
+            "print(','.join(bad))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ""
+    # ... while the probes' API is one object, seen from either side
+    from dithooks import probe_api
+    from dithooks.probes import api
+    assert api.Probe is probe_api.Probe and api.register_probe is probe_api.register_probe
