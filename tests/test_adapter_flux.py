@@ -526,3 +526,14 @@ def test_encode_prompts_uses_the_pipelines_encode_prompt(loaded):
     assert calls == [(["a cat", "a dog"], L), (["", ""], L)]
     assert cond.prompt_embeds.shape == (2, L, 32) and cond.prompt_embeds.eq(1).all()
     assert cond.negative_prompt_embeds.eq(2).all() and cond.pooled_prompt_embeds.shape == (2, 16)
+
+
+def test_flow_sampling_resumes_bit_for_bit(loaded):
+    from dithooks.sampling import Sampler, SamplerSpec
+
+    cond = fam.conditioning(2, seed=3)
+    spec = SamplerSpec(name="flow", steps=3)
+    states = {}
+    full = Sampler(loaded, spec).run(cond, [1, 2], on_step=lambda s, st: states.__setitem__(s, st))
+    resumed = Sampler(loaded, spec).run(cond, [1, 2], state=states[0])
+    assert torch.equal(full, resumed)
