@@ -30,11 +30,13 @@ Out = Annotated[Path, typer.Option("--out", "-o", help="Store to write (a direct
 Model = Annotated[Optional[str], typer.Option("--model", "-m", help=MODEL_HELP)]
 Layers = Annotated[str, typer.Option("--layers", "-l", help="Blocks to hook: all, 0-27, 0,5,27, 20-.")]
 Steps = Annotated[int, typer.Option("--steps", help="Sampling steps.")]
-SamplerName = Annotated[str, typer.Option("--sampler", help="ddim or ddpm.")]
+SamplerName = Annotated[str, typer.Option("--sampler", help="ddim, ddpm or flow (flow matching: SD3, Flux); auto: the model family's own (ddim for DiT and PixArt, flow for SD3 and Flux).")]
 Eta = Annotated[float, typer.Option("--eta", help="DDIM eta (0 deterministic, 1 ~ DDPM).")]
 Guidance = Annotated[float, typer.Option("--guidance", "-g", help="Classifier-free guidance scale; 1 = off (no null-class branch).")]
 Classes = Annotated[str, typer.Option("--class", "--classes", "-c", help="Class label(s): one for all samples, or one per seed (0-9, 3,5).")]
 Seeds = Annotated[str, typer.Option("--seeds", "-s", help="Seeds, one sample (or one replica pair) each: 0-7 or 0,4,9.")]
+PromptEmbeds = Annotated[Optional[Path], typer.Option("--prompt-embeds", help="Text-conditioned families (PixArt, SD3, Flux): a .pt or .safetensors file with prompt_embeds (prompts x text tokens x channels) and, as the family needs, pooled_prompt_embeds, negative_prompt_embeds, negative_pooled_prompt_embeds; --class does not apply.")]
+PromptRows = Annotated[Optional[str], typer.Option("--prompt-rows", help="Rows of --prompt-embeds, one for all seeds or one per seed: 0, 0-3 (default: row i for seed i, or row 0 when the file holds one).")]
 StorageDtype = Annotated[str, typer.Option("--dtype", help="Storage dtype of raw hooks: fp32, fp16, bf16 (probe outputs are float32).")]
 ComputeDtype = Annotated[str, typer.Option("--compute-dtype", help="Model dtype: fp32, fp16, bf16.")]
 Device = Annotated[str, typer.Option("--device", help="torch device: cpu, cuda, cuda:1, mps.")]
@@ -75,11 +77,13 @@ class SamplingOptions:
     model: Model = None
     layers: Layers = "all"
     steps: Steps = 50
-    sampler: SamplerName = "ddim"
+    sampler: SamplerName = "auto"
     eta: Eta = 0.0
     guidance: Guidance = 1.0
     classes: Classes = "0"
     seeds: Seeds = "0"
+    prompt_embeds: PromptEmbeds = None
+    prompt_rows: PromptRows = None
     pairs: Pairs = False
     kappa: Kappa = None
     coupling: Coupling = None
@@ -221,7 +225,8 @@ def _jvp_direction(text: str) -> Any:
 
 
 def sampling_request(*, out: Path, model: str | None, layers: str, hooks: str, steps: int, sampler: str,
-                     eta: float, guidance: float, classes: str, seeds: str, dtype: str = "fp16",
+                     eta: float, guidance: float, classes: str, seeds: str, prompt_embeds: Path | None = None,
+                     prompt_rows: str | None = None, dtype: str = "fp16",
                      compute_dtype: str = "fp32", compression: str = "none", device: str = "cpu",
                      resume: bool = False, overwrite: bool = False, pairs: bool = False,
                      kappa: float | None = None, coupling: float | None = None, couple_until: int | None = None,
@@ -260,9 +265,19 @@ def sampling_request(*, out: Path, model: str | None, layers: str, hooks: str, s
             coupled = tuple(parse_int_list(couple_layers, "coupled layers", lo=0))
         replicas = ReplicaSpec(kappa=2 ** -0.5 if kappa is None else kappa, g=coupling or 0.0,
                                couple_until=couple_until, share_noise_until=share_noise_until, layers=coupled)
+    text = {}
+    if prompt_embeds is not None:
+        if not Path(prompt_embeds).expanduser().is_file():
+            raise DithooksError(f"--prompt-embeds {prompt_embeds}: no such file")
+        text["conditioning"] = str(prompt_embeds)
+    if prompt_rows is not None:
+        if prompt_embeds is None:
+            raise DithooksError("--prompt-rows picks rows of --prompt-embeds: give that file too")
+        text["prompts"] = tuple(parse_int_list(prompt_rows, "prompt rows", lo=0))
+    auto = sampler.strip().lower() == "auto"  # resolved by make_session, which loads the model
     return dict(
         out=str(out), model=model, layers=layers, hooks=tuple(h.strip() for h in hooks.split(",") if h.strip()),
-        sampler=SamplerSpec(sampler, steps, eta, guidance), labels=tuple(parse_int_list(classes, "classes", lo=0)),
+        sampler=SamplerSpec("ddim" if auto else sampler, steps, eta, guidance), **text, **({AUTO_SAMPLER: True} if auto else {}), labels=tuple(parse_int_list(classes, "classes", lo=0)),
         seeds=tuple(parse_int_list(seeds, "seeds", lo=0, hi=MAX_SEED)), storage_dtype=dtype, compute_dtype=compute_dtype,
         compression=compression, device=device, mode="resume" if resume else "overwrite" if overwrite else "create",
         probes=probes, replicas=replicas, window=window, window_layers=None if window is None else window_layers,
@@ -271,16 +286,28 @@ def sampling_request(*, out: Path, model: str | None, layers: str, hooks: str, s
         jvp=JVPSettings(direction=_jvp_direction(jvp_direction), apply_gates=jvp_gates))
 
 
+#: request key (not a CaptureConfig field) of ``--sampler auto``: make_session picks the family's sampler
+AUTO_SAMPLER = "_auto_sampler"
+
+
 def make_session(request: dict[str, Any], *, allow_weight_mismatch: bool = False):
-    """The :class:`~dithooks.capture.CaptureSession` of a request; nothing is on disk yet."""
+    """The :class:`~dithooks.capture.CaptureSession` of a request; nothing is on disk yet.
+
+    ``--sampler auto`` loads the model here to ask its adapter for ``default_sampler``."""
     from dithooks.capture import CaptureConfig, CaptureSession, _compute_dtype
     from dithooks.loading import load_model
 
+    request = dict(request)
+    auto = request.pop(AUTO_SAMPLER, False)
     cfg = CaptureConfig(**request)
     loaded = None
-    if allow_weight_mismatch:  # the session loads strictly by itself otherwise
+    if allow_weight_mismatch or auto:  # the session loads strictly by itself otherwise
         loaded = load_model(cfg.model, device=cfg.device, dtype=_compute_dtype(cfg.compute_dtype),
-                            allow_weight_mismatch=True)
+                            allow_weight_mismatch=allow_weight_mismatch)
+    if auto:
+        name = getattr(loaded.adapter, "default_sampler", "ddim")
+        if name != cfg.sampler.name:
+            cfg.sampler = dataclasses.replace(cfg.sampler, name=name)
     return CaptureSession(cfg, loaded)
 
 

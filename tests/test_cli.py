@@ -106,6 +106,14 @@ def test_query_layer_ranges_and_limit(store):
     assert r.exit_code == 0 and "... 45 more rows" in r.output  # 4 steps x 2 layers x 2 cfg x 3 samples = 48
 
 
+def step_chunks(array_dir, step):
+    """The chunk files of one step (first chunk index) under either key separator ("c/3/0" or "c.3.0")."""
+    files = sorted(p for p in array_dir.rglob("*") if p.is_file() and p.name != "zarr.json")
+    found = [p for p in files if p.relative_to(array_dir).as_posix().replace("/", ".").startswith(f"c.{step}.")]
+    assert found, f"no chunk files of step {step} in {array_dir}"
+    return found
+
+
 def test_query_refuses_incomplete_steps_and_missing_chunks(store, tmp_path):
     import shutil
 
@@ -115,7 +123,8 @@ def test_query_refuses_incomplete_steps_and_missing_chunks(store, tmp_path):
     part = tmp_path / "part.zarr"
     shutil.copytree(store, part)
     zarr.open_array(str(part / "step_complete"), mode="r+")[3] = False  # as if killed before step 3
-    shutil.rmtree(part / "blocks.resid_post" / "c" / "3")
+    for chunk in step_chunks(part / "blocks.resid_post", 3):
+        chunk.unlink()
     r = run("query", part, "blocks.resid_post", "--step", "2:4")
     assert r.exit_code == 2 and "step 3 is not complete" in r.stderr and "complete steps: 0-2" in r.stderr
     assert run("query", part, "blocks.resid_post", "--step", "0:3").exit_code == 0
@@ -126,7 +135,7 @@ def test_query_refuses_incomplete_steps_and_missing_chunks(store, tmp_path):
     assert all(rec["norm"] is None for rec in j["records"] if rec["step"] == 3)  # NaN, never 0
     assert all(rec["norm"] > 0 for rec in j["records"] if rec["step"] == 2)
     # a chunk file deleted from a complete step is damage, not zeros
-    victim = next(p for p in sorted((part / "final.out" / "c" / "1").rglob("*")) if p.is_file())
+    victim = step_chunks(part / "final.out", 1)[0]
     victim.unlink()
     r = run("query", part, "final.out", "--step", "1")
     assert r.exit_code == 2 and "is missing although its step is marked complete" in r.stderr

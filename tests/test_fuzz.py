@@ -443,7 +443,10 @@ def _other_cases() -> list[Case]:
 # -- stores damaged on disk (helper A's write side / verify, helper B's reader) -------------------
 
 def _chunk(store: Path, array: str, step: int) -> Path:
-    files = sorted(p for p in (store / array / "c" / str(step)).rglob("*") if p.is_file())
+    """The first chunk file of ``step`` under either key separator ("c/1/0/..." or "c.1.0...")."""
+    folder = store / array
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "zarr.json"
+                   and p.relative_to(folder).as_posix().replace("/", ".").startswith(f"c.{step}."))
     assert files, f"no chunk file of {array} step {step}"
     return files[0]
 

@@ -1,0 +1,116 @@
+"""The family-facing CLI: --prompt-embeds, --prompt-rows, --sampler auto, `dithooks hooks` per block kind.
+
+Tiny random-init SD3 / Flux / PixArt folders from tests/conformance (saved with save_pretrained).
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from dithooks.cli.main import app
+from dithooks.store.reader import open_store
+from tests.conformance import family_flux, family_pixart, family_sd3
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def one_line_error(r) -> str:
+    assert r.exit_code != 0 and "Traceback" not in r.output, r.output[-1500:]
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("dithooks: error: "), r.output
+    return lines[0]
+
+
+def save_embeds(path, cond, rows=None):
+    data = {k: getattr(cond, k) for k in ("prompt_embeds", "pooled_prompt_embeds")
+            if getattr(cond, k, None) is not None}
+    data.update(getattr(cond, "extras", None) or {})
+    if rows is not None:
+        data = {k: v[rows] for k, v in data.items()}
+    torch.save(data, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sd3(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sd3")
+    model = family_sd3.save_tiny(d / "model")
+    cond = family_sd3.conditioning(3, seed=4)
+    return model, save_embeds(d / "embeds.pt", cond), save_embeds(d / "row1.pt", cond, rows=[1])
+
+
+def test_sd3_capture_from_a_prompt_file_picks_flow_and_the_rows(sd3, tmp_path):
+    model, embeds, row1 = sd3
+    common = ("--model", model, "--steps", "2", "--hooks", "resid_post", "-q")
+    r = run("capture", *common, "--prompt-embeds", embeds, "--prompt-rows", "1", "--seeds", "5",
+            "--out", tmp_path / "rows.zarr")
+    assert r.exit_code == 0, r.output
+    store = open_store(tmp_path / "rows.zarr")
+    assert store.meta["sampler"]["name"] == "flow"  # --sampler auto: the family's own
+    # --prompt-rows 1 of a 3-row file samples what a file holding only that row samples
+    r = run("capture", *common, "--prompt-embeds", row1, "--seeds", "5", "--sampler", "flow",
+            "--out", tmp_path / "one.zarr")
+    assert r.exit_code == 0, r.output
+    a = open_store(tmp_path / "rows.zarr").select("blocks.resid_post").values
+    b = open_store(tmp_path / "one.zarr").select("blocks.resid_post").values
+    assert a.shape == b.shape and np.array_equal(a, b)
+    # and a different row samples something else
+    r = run("capture", *common, "--prompt-embeds", embeds, "--prompt-rows", "0", "--seeds", "5",
+            "--out", tmp_path / "row0.zarr")
+    assert r.exit_code == 0, r.output
+    assert not np.array_equal(a, open_store(tmp_path / "row0.zarr").select("blocks.resid_post").values)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("--sampler", "ddim", "--prompt-embeds", "{embeds}", "--seeds", "0-2"), "predicts flow"),  # SD3 with DDIM
+    ((), "text-conditioned"),                                        # no prompt embeddings
+    (("--prompt-rows", "0"), "--prompt-rows picks rows"),            # rows without a file
+    (("--prompt-embeds", "{tmp}/none.pt"), "no such file"),
+    (("--prompt-embeds", "{embeds}", "--prompt-rows", "7"), "prompt row 7 is out of range"),
+    (("--prompt-embeds", "{embeds}", "--prompt-rows", "x"), "malformed prompt rows"),
+])
+def test_sd3_refusals_are_one_line(sd3, tmp_path, args, needle):
+    model, embeds, _ = sd3
+    args = [str(a).format(tmp=tmp_path, embeds=embeds) for a in args]
+    r = run("capture", "--model", model, "--steps", "2", "--out", tmp_path / "x.zarr", *args)
+    assert needle in one_line_error(r)
+    assert not (tmp_path / "x.zarr").exists()
+
+
+def test_dit_keeps_ddim_and_refuses_prompt_files(sd3, tiny_model_dir, tmp_path):
+    r = run("capture", "--model", tiny_model_dir, "--steps", "2", "--out", tmp_path / "d.zarr", "-q")
+    assert r.exit_code == 0, r.output
+    assert open_store(tmp_path / "d.zarr").meta["sampler"]["name"] == "ddim"
+    r = run("capture", "--model", tiny_model_dir, "--steps", "2", "--prompt-embeds", sd3[1], "--out", tmp_path / "e.zarr")
+    assert "class-conditional" in one_line_error(r)
+    r = run("capture", "--model", tiny_model_dir, "--steps", "2", "--sampler", "flow", "--out", tmp_path / "f.zarr")
+    assert "does not fit" in one_line_error(r)
+
+
+@pytest.mark.parametrize("family", [family_flux, family_pixart, family_sd3])
+def test_hooks_lists_each_block_kind(family, tmp_path):
+    from dithooks.loading import load_model
+
+    model = family.save_tiny(tmp_path / family.FAMILY)
+    r = run("hooks", "--model", model, "--layer", "1", "--json")
+    assert r.exit_code == 0, r.output
+    j = json.loads(r.output)
+    adapter = load_model(str(model), with_vae=False).adapter
+    pts = adapter.hook_points()
+    # independent count: the distinct per-block point sets over the blocks
+    per_block = [frozenset(n.split(".", 2)[2] for n, p in pts.items() if p.layer == i) for i in range(adapter.num_layers)]
+    assert len(j["block_kinds"]) == len({(type(adapter.blocks()[i]).__name__, s) for i, s in enumerate(per_block)})
+    assert j["family"] == family.FAMILY and j["conditioning"] == "text"
+    assert j["default_sampler"] == ("ddim" if family is family_pixart else "flow")
+    listed = {p["hook point"] for p in j["hook_points"] if p["hook point"].startswith("blocks.")}
+    assert listed == {f"blocks.1.{local}" for local in per_block[1]}
+    text = run("hooks", "--model", model, "--layer", "1").output
+    assert "shown for block 1" in text and f"{family.FAMILY} family" in text
