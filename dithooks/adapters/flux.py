@@ -317,6 +317,10 @@ class FluxAdapter(ModelAdapter):
     conditioning = "text"
     default_sampler = "flow"
     prediction = "flow"
+    #: FLUX.1's scheduler config (FlowMatchEulerDiscreteScheduler), for checkpoints shipping none
+    default_schedule = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True,
+                        "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
+                        "max_image_seq_len": 4096}
 
     def __init__(self, model: nn.Module):
         self.call = flux_call(model)
