@@ -80,7 +80,7 @@ def gaps(
     out: ro.Out = Path("gaps.zarr"),
     model: ro.Model = None,
     samples: int = typer.Option(32, "--samples", "-n", help="Samples per trajectory."),
-    seeds: Optional[str] = typer.Option(None, "--seeds", "-s", help="One seed per sample (default 0..n-1)."),
+    seeds: ro.SampleSeeds = None,
     classes: str = typer.Option("0-9", "--classes", "-c", help="Classes of the sampling trajectories, cycled over the samples."),
     steps: int = typer.Option(50, "--steps", help="DDIM steps of the time grid."),
     every: int = typer.Option(2, "--every", help="Measure at every k-th step of the grid."),
@@ -93,7 +93,7 @@ def gaps(
     overwrite: ro.Overwrite = False,
     quiet: ro.Quiet = False,
     as_json: ro.Json = False,
-    figures: bool = typer.Option(True, "--figures/--no-figures", help="Write figures under STORE/figures/ (PNG + SVG)."),
+    figures: ro.StoreFigures = True,
 ):
     """Conditioning gap ||eps_c - eps_null||/N and locality gap ||eps_global - eps_local,r||/N over t x r (Figure 3)."""
     from dithooks.locality.digits import heldout_digits, is_digits_model
@@ -131,7 +131,7 @@ def forward_backward(
     overwrite: ro.Overwrite = False,
     quiet: ro.Quiet = False,
     as_json: ro.Json = False,
-    figures: bool = typer.Option(True, "--figures/--no-figures", help="Write figures under STORE/figures/ (PNG + SVG)."),
+    figures: ro.StoreFigures = True,
 ):
     """Noise held-out digits to t, denoise unconditionally (global and local r): classifier error and MSE vs t (Figure 4)."""
     from dithooks.locality.digits import digits_judge, heldout_digits
@@ -166,7 +166,7 @@ def windowed(
     width: float = typer.Option(0.2, "--width", help="Window width in t (t = timestep/T, 1 = noise)."),
     stride: float = typer.Option(0.1, "--stride", help="Step of the scanned window start t0 (0, stride, ... < 1)."),
     samples: int = typer.Option(100, "--samples", "-n", help="Samples per window."),
-    seeds: Optional[str] = typer.Option(None, "--seeds", "-s", help="One seed per sample (default 0..n-1)."),
+    seeds: ro.SampleSeeds = None,
     classes: str = typer.Option("0-9", "--classes", "-c", help="Requested classes, cycled over the samples."),
     steps: int = typer.Option(20, "--steps", help="DDIM steps."),
     guidance: ro.Guidance = 1.0,
@@ -177,7 +177,7 @@ def windowed(
     overwrite: ro.Overwrite = False,
     quiet: ro.Quiet = False,
     as_json: ro.Json = False,
-    figures: bool = typer.Option(True, "--figures/--no-figures", help="Write figures under STORE/figures/ (PNG + SVG)."),
+    figures: ro.StoreFigures = True,
 ):
     """Conditioning (or global attention) only in a window t0..t0+w, t0 scanned: error and Fréchet distance (Figures 5-6)."""
     from dithooks.locality.digits import digits_judge
@@ -203,7 +203,7 @@ def windowed(
 def show(
     store: Path = typer.Argument(..., help="A store written by dithooks locality gaps/forward-backward/windowed."),
     as_json: ro.Json = False,
-    figures: bool = typer.Option(True, "--figures/--no-figures", help="Write figures under STORE/figures/ (PNG + SVG)."),
+    figures: ro.StoreFigures = True,
 ):
     """Re-summarise a locality store: tables, notes, figures (also of a partial store)."""
     _report(store, as_json, 0.0, figures)

@@ -33,7 +33,7 @@ def protocol2(
     at_step: Optional[str] = typer.Option(None, "--at-step", help="Read the energies at this step (one for all g, or one per g: 40,30); with --from-protocol1: for the g it has no t_spec for (g = 0)."),
     from_protocol1: Optional[Path] = typer.Option(None, "--from-protocol1", help="Read them at t_spec(g) of this Protocol I store (nearest timestep)."),
     bootstrap: Optional[int] = typer.Option(None, "--bootstrap", help="Bootstrap resamples of the pairs for R's 95%% interval (default 1000)."),
-    bootstrap_seed: Optional[int] = typer.Option(None, "--bootstrap-seed", help="RNG seed of the resamples (default 0)."),
+    bootstrap_seed: ro.BootstrapSeed = None,
     low_freq_radius: Optional[float] = typer.Option(None, "--low-freq-radius", help="DCT radius of the low-frequency band on the token grid (default side/4)."),
     figures: bool = typer.Option(True, "--figures/--no-figures", help="Draw the figures (PNG and SVG under OUT/figures/)."),
     model: ro.Model = None,

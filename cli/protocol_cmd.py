@@ -36,7 +36,7 @@ def protocol1(
     coarse_size: Optional[int] = typer.Option(None, "--coarse-size", help="Side of the pooled image for D_coarse (default max(2, image side / 8): 2 for 8x8 digits)."),
     images: Optional[bool] = typer.Option(None, "--images/--no-images", help="Store the decoded final images (default on)."),
     bootstrap: Optional[int] = typer.Option(None, "--bootstrap", help="Bootstrap resamples for the 95% CIs (default 1000)."),
-    bootstrap_seed: Optional[int] = typer.Option(None, "--bootstrap-seed", help="RNG seed of the resamples (default 0)."),
+    bootstrap_seed: ro.BootstrapSeed = None,
     device: ro.Device = "cpu",
     resume: ro.Resume = False,
     overwrite: ro.Overwrite = False,

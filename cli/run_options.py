@@ -68,6 +68,13 @@ JvpDirection = Annotated[str, typer.Option("--jvp-direction", help="Direction of
 JvpGates = Annotated[bool, typer.Option("--jvp-gates/--no-jvp-gates", help="Apply rho(g), xi(g) to the routing/modulation parts.")]
 
 
+# options of the analysis commands (protocol1/2, locality) that mean the same in each; options whose
+# help states a command's own default (--steps "default 100, as the paper") stay with the command
+BootstrapSeed = Annotated[Optional[int], typer.Option("--bootstrap-seed", help="RNG seed of the resamples (default 0).")]
+SampleSeeds = Annotated[Optional[str], typer.Option("--seeds", "-s", help="One seed per sample (default 0..n-1).")]
+StoreFigures = Annotated[bool, typer.Option("--figures/--no-figures", help="Write figures under STORE/figures/ (PNG + SVG).")]
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingOptions:
     """The values of the options the sampling commands share; the defaults are capture's (a command
