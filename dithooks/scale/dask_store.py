@@ -163,5 +163,11 @@ def _read_region(path: str, state: str, name: str, allow: bool, dims: tuple[str,
             sel[d] = [int(i) for i in p]
     with warnings.catch_warnings():  # the client warned once when it planned the graph
         warnings.simplefilter("ignore", IncompleteDataWarning)
-        values = _store(path, state).select(name, allow_incomplete=allow, **sel).values
+        try:
+            values = _store(path, state).select(name, allow_incomplete=allow, **sel).values
+        except Exception:
+            # the cached store remembers shard indexes: the files may have changed since (a resume,
+            # a deleted chunk). Read once more from a freshly opened store; its answer stands.
+            _STORES.pop((path, state), None)
+            values = _store(path, state).select(name, allow_incomplete=allow, **sel).values
     return np.asarray(values).astype(np.dtype(dtype), copy=False)
