@@ -12,7 +12,8 @@ the model's keyword arguments.
 
 Text families read precomputed embeddings with :func:`load_prompt_embeds` (a ``.pt`` or
 ``.safetensors`` file holding ``prompt_embeds`` [and ``pooled_prompt_embeds``,
-``negative_prompt_embeds``, ``negative_pooled_prompt_embeds``]).
+``negative_prompt_embeds``, ``negative_pooled_prompt_embeds``, ``prompt_attention_mask``,
+``negative_prompt_attention_mask``]).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from .errors import DithooksError
 
 TENSOR_FIELDS = ("labels", "prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds",
                  "negative_pooled_prompt_embeds")
+#: per-sample extras read from a prompt-embeddings file (with their ``negative_`` twins)
+MASK_FIELDS = ("prompt_attention_mask",)
 
 
 @dataclass
@@ -73,6 +76,9 @@ class Conditioning:
             if t.shape[0] != m:
                 raise DithooksError(f"{name} has {t.shape[0]} rows for {m} samples")
             setattr(self, name, t)
+        for k, t in list(self.negative_extras.items()):
+            t = torch.as_tensor(t)
+            self.negative_extras[k] = t.expand(m, *t.shape[1:]) if t.shape[0] == 1 and m > 1 else t
         for k, t in {**self.extras, **self.negative_extras}.items():
             if torch.as_tensor(t).shape[0] != m:
                 raise DithooksError(f"conditioning extra {k!r} has {torch.as_tensor(t).shape[0]} rows for {m} samples")
@@ -154,4 +160,8 @@ def load_prompt_embeds(path: str | Path) -> Conditioning:
         raise DithooksError(f"{path} holds no 'prompt_embeds' tensor")
     known = {k: data[k] for k in TENSOR_FIELDS[1:] if k in data}
     guidance = data.get("guidance")
-    return Conditioning(**known, guidance=None if guidance is None else float(torch.as_tensor(guidance)))
+    # text attention masks (PixArt's pipeline makes both) become extras under the model's key
+    extras = {k: data[k] for k in MASK_FIELDS if k in data}
+    negative = {k: data["negative_" + k] for k in MASK_FIELDS if "negative_" + k in data}
+    return Conditioning(**known, guidance=None if guidance is None else float(torch.as_tensor(guidance)),
+                        extras=extras, negative_extras=negative)

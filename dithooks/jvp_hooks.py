@@ -358,7 +358,8 @@ class JVPHooks:
                 tangent = (tangent[:half] - tangent[half:]) / 2
             values["full"] = tangent
         self.calls["separate"] += 1
-        info = {"g": g, "window": window, "apply_gates": self.settings.apply_gates, "block": block}
+        info = {"g": g, "window": window, "apply_gates": self.settings.apply_gates,
+                "attention": {"g": g_live, "window": window}, "block": block}
         for local in names:
             m.run_hooks(adapter.point(block_name(layer, "jvp." + local)), values[local], batch_axes=axes, info=info)
 
@@ -476,11 +477,45 @@ class JVPHooks:
                                             parts=parts, heads=heads, g=job.g,
                                             apply_gates=self.settings.apply_gates, window=job.window))
         self.calls["ride_along" if complete else "separate"] += 1
-        info = {"g": job.g, "window": job.window, "apply_gates": self.settings.apply_gates, "block": block,
-                "timestep": job.t, "class_labels": job.y}
+        g_live, window_live = self._layer_attention(layer)
+        info = {"g": job.g, "window": job.window, "apply_gates": self.settings.apply_gates,
+                "attention": {"g": g_live, "window": window_live},
+                "linearise": _lineariser(block, job), "out_proj": _out_projection(block.attn1),
+                # kept for callers written before the fields above (prefer them: no module access)
+                "block": block, "timestep": job.t, "class_labels": job.y}
         for local in names:
             m.run_hooks(m.adapter.point(block_name(layer, "jvp." + local)), values[local], batch_axes=job.axes,
                         info=info)
+
+
+def _lineariser(block: nn.Module, job: _Job):
+    """``ctx.info["linearise"]``: DiT block ``JVPs`` of this call's block at any point/direction.
+
+    ``linearise(point, direction, parts, *, apply_gates=False) -> {part: tensor}`` is
+    :func:`~dithooks.jvp.block_jvp` of this block with this call's conditioning rows (repeated
+    when ``point`` stacks K copies of the call's rows along the batch), at the JVP's coupling g
+    and window."""
+    def linearise(point: torch.Tensor, direction: torch.Tensor, parts, *, apply_gates: bool = False):
+        rows = job.t.shape[0]
+        if point.shape[0] % rows:
+            raise DithooksError(f"linearise: {point.shape[0]} rows is not a multiple of the call's {rows}")
+        k = point.shape[0] // rows
+        y = None if job.y is None else job.y.repeat(k)
+        with torch.no_grad():
+            return block_jvp(block, point, direction, timestep=job.t.repeat(k), class_labels=y,
+                             parts=tuple(parts), g=job.g, apply_gates=apply_gates, window=job.window)
+    return linearise
+
+
+def _out_projection(attn: nn.Module):
+    """``ctx.info["out_proj"]``: ``z -> W_O z / rescale`` (no bias, no gate) for per-head ``z``
+    (B, heads, N, d_head), in residual-stream units (B, N, D), in ``z``'s dtype."""
+    def out_proj(z: torch.Tensor) -> torch.Tensor:
+        b, h, n, d = z.shape
+        w = attn.to_out[0].weight
+        res = torch.nn.functional.linear(z.transpose(1, 2).reshape(b, n, h * d), w.to(z.dtype))
+        return res / attn.rescale_output_factor if attn.rescale_output_factor != 1.0 else res
+    return out_proj
 
 
 def _has_replica(axes) -> bool:

@@ -268,3 +268,34 @@ def test_generic_jvp_full_matches_the_dit_path(tiny_loaded, monkeypatch, replica
         torch.testing.assert_close(gen["blocks.1.jvp.point"][s][2], dit["blocks.1.jvp.point"][s][2], rtol=0, atol=0)
         torch.testing.assert_close(gen["blocks.1.jvp.full"][s][2], dit["blocks.1.jvp.full"][s][2],
                                    rtol=1e-4, atol=1e-5)
+
+
+def test_jvp_context_offers_linearise_and_out_proj(tiny_loaded):
+    """ctx.info["linearise"] is block_jvp with the call's conditioning (K copies stacked), and
+    ctx.info["out_proj"] is W_O without bias; probes need no module access."""
+    model = tiny_loaded.transformer
+    hm = HookManager(model, tiny_loaded.adapter)
+    got = {}
+
+    def keep(v, ctx):
+        got["info"] = ctx.info
+
+    pre = {}
+    with hm.hooks(read={"blocks.1.jvp.full": keep,
+                        "blocks.1.resid_pre": lambda v, c: pre.__setitem__(c.step, v.clone())}):
+        Sampler(tiny_loaded, SamplerSpec("ddim", 1, guidance=2.0), hm).run([1, 2], [0, 1])
+    info = got["info"]
+    assert info["attention"] == {"g": 0.0, "window": None}
+    h = pre[0]
+    d = torch.randn((2,) + tuple(h.shape), generator=torch.Generator().manual_seed(0)).flatten(0, 1)
+    out = info["linearise"](h.repeat(2, 1, 1), d, ("full", "mlp"))
+    t = info["timestep"].repeat(2)
+    y = info["class_labels"].repeat(2)
+    ref = block_jvp(model.transformer_blocks[1], h.repeat(2, 1, 1), d, timestep=t, class_labels=y,
+                    parts=("full", "mlp"))
+    torch.testing.assert_close(out["full"], ref["full"], rtol=0, atol=0)
+    attn = model.transformer_blocks[1].attn1
+    w = attn.to_out[0].weight
+    width = w.shape[1]
+    z = torch.randn(4, attn.heads, 16, width // attn.heads)
+    torch.testing.assert_close(info["out_proj"](z), z.transpose(1, 2).reshape(4, 16, width) @ w.T)

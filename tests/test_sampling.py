@@ -128,3 +128,25 @@ def test_flow_sampler_is_guided_euler_on_the_velocity(tmp_path):
             x = x + (sig[i + 1] - sig[i]) * (vu + 2.5 * (vc - vu))
     torch.testing.assert_close(got, x, rtol=1e-4, atol=1e-4)
     assert sampler.timesteps == pytest.approx([s * 1000 for s in sig[:-1]], rel=1e-5)
+
+
+def test_prompt_embeddings_file_round_trip(tmp_path):
+    from dithooks.conditioning import load_prompt_embeds
+
+    emb, mask = torch.randn(3, 4, 8), torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
+    torch.save({"prompt_embeds": emb, "prompt_attention_mask": mask, "negative_prompt_embeds": torch.zeros(1, 4, 8),
+                "negative_prompt_attention_mask": torch.tensor([[1, 0, 0, 0]])}, tmp_path / "p.pt")
+    c = load_prompt_embeds(tmp_path / "p.pt")
+    assert len(c) == 3 and torch.equal(c.prompt_embeds, emb)
+    rows = c.rows(cfg=True)
+    assert torch.equal(rows["prompt_attention_mask"][:3], mask)
+    assert rows["prompt_attention_mask"][3:].tolist() == [[1, 0, 0, 0]] * 3
+    from safetensors.torch import save_file
+
+    save_file({"prompt_embeds": emb}, str(tmp_path / "p.safetensors"))
+    assert torch.equal(load_prompt_embeds(tmp_path / "p.safetensors").prompt_embeds, emb)
+    with pytest.raises(DithooksError, match="no prompt-embeddings file"):
+        load_prompt_embeds(tmp_path / "nope.pt")
+    torch.save({"x": emb}, tmp_path / "bad.pt")
+    with pytest.raises(DithooksError, match="no 'prompt_embeds'"):
+        load_prompt_embeds(tmp_path / "bad.pt")
