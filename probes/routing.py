@@ -44,14 +44,11 @@ from __future__ import annotations
 from typing import Mapping
 
 import torch
-import torch.nn.functional as F
 
 from dithooks.attention.functional import attend, couple
-from dithooks.attention.processor import HookedAttnProcessor
 from dithooks.attention.window import window_mask
 from dithooks.hookpoints import split_name
 from dithooks.hooks import HookContext
-from dithooks.jvp import block_jvp
 
 from .api import Option, Output, Probe, ProbeError, RunInfo, register_probe
 from .attention_terms import attention_difference_terms, combine_head_norms, modal_gains, routing_dominance_report
@@ -158,7 +155,7 @@ class RoutingDominance(Probe):
         self._lin: dict[int, dict[str, torch.Tensor]] = {}
         self._batch: tuple[tuple[str, int], ...] | None = None
         self._replica_batch: tuple[tuple[str, int], ...] | None = None
-        self._blocks: dict[int, torch.nn.Module] = {}
+        self._info: dict[int, Mapping] = {}  # the JVP points' documented context fields, per layer
 
     def observe(self, name: str, value: torch.Tensor, ctx: HookContext) -> None:
         local = split_name(name)[1]
@@ -167,7 +164,7 @@ class RoutingDominance(Probe):
         if local.startswith("jvp."):  # JVP values: the batch without the replica axis
             self._batch = ctx.batch_axes
             self._g[ctx.layer] = float(ctx.info.get("g", 0.0))
-            self._blocks[ctx.layer] = ctx.info.get("block")
+            self._info[ctx.layer] = ctx.info
         else:  # the replicas' own attention values: the sampler's batch
             self._replica_batch = ctx.batch_axes
         if local in HEAD_POINTS and all(p in got for p in HEAD_POINTS):
@@ -192,9 +189,9 @@ class RoutingDominance(Probe):
         if not axes or axes[0][0] != "replica" or tuple(axes[1:]) != tuple(self._batch or ()):
             # the JVP was not taken along the replica difference (another --jvp-direction): nothing to compare
             return
-        block = self._blocks.get(layer)
-        proc = getattr(getattr(block, "attn1", None), "processor", None)
-        g, window = (float(proc.g or 0.0), proc.window) if isinstance(proc, HookedAttnProcessor) else (0.0, None)
+        info = self._info.get(layer, {})
+        ran = info.get("attention") or {}  # the coupling and window the block's attention ran at
+        g, window = float(ran.get("g") or 0.0), ran.get("window")
         f64 = torch.float64
         true = coupled_half_difference(got["attn.q"].to(f64), got["attn.k"].to(f64), got["attn.v"].to(f64),
                                        g, window)
@@ -205,10 +202,7 @@ class RoutingDominance(Probe):
         out = got["attn.out"].to(f64)
         half = out.shape[0] // 2
         true_out = (out[:half] - out[half:]) / 2  # W_O's bias cancels
-        attn = block.attn1
-        b, heads, n, dh = lin.shape
-        lin_out = F.linear(lin.transpose(1, 2).reshape(b, n, heads * dh), attn.to_out[0].weight.to(f64))
-        lin_out = lin_out / attn.rescale_output_factor
+        lin_out = info["out_proj"](lin)  # W_O (ρR + ξM) / rescale, no bias, no gate
         self._lin[layer] = {
             "linearisation_error": (fro(true - lin) / fro(true)).cpu(),
             "true_difference_norm": fro(true).cpu(),
@@ -228,15 +222,11 @@ class RoutingDominance(Probe):
             self.bases[layer] = basis
         K = basis.n_modes
         v = basis.modes.reshape((K,) + tuple(point.shape[1:]))
-        block = ctx.info["block"]
-        t = ctx.info["timestep"].repeat(K)
-        y = ctx.info["class_labels"].repeat(K)
-        param_dtype = next(block.parameters()).dtype
-        h = point.repeat(K, 1, 1).to(param_dtype)  # (K·B, N, D): mode-major
-        d = v.repeat_interleave(B, dim=0).to(param_dtype)
-        with torch.no_grad():
-            resp = block_jvp(block, h, d, timestep=t, class_labels=y, parts=("routing", "modulation", "mlp"),
-                             g=self._g[layer], apply_gates=False, window=ctx.info.get("window"))
+        model_dtype = got["jvp.point"].dtype
+        h = point.repeat(K, 1, 1).to(model_dtype)  # (K·B, N, D): mode-major
+        d = v.repeat_interleave(B, dim=0).to(model_dtype)
+        # the block's JVP with this call's conditioning, at its g and window (documented JVP context)
+        resp = ctx.info["linearise"](h, d, ("routing", "modulation", "mlp"), apply_gates=False)
         shaped = {k: r.reshape((K, B) + tuple(point.shape[1:])) for k, r in resp.items()}
         gains = modal_gains(v[:, None], shaped["routing"], shaped["modulation"], mlp_response=shaped["mlp"],
                             g=self._g[layer], feature_ndim=2, dtype=self.dtype)
