@@ -44,7 +44,9 @@ class HookContext:
     """What a hook function knows besides the value: where in the model and the run it is.
 
     ``info`` carries what an extension used to compute a value it made (for ``jvp`` points:
-    ``g``, ``window``, the ``block`` and the conditioning rows ``timestep``/``class_labels``).
+    ``g`` and ``window`` of the JVP, ``attention`` = the block's live ``{g, window}``; on DiT
+    blocks also ``linearise(point, direction, parts)`` and ``out_proj(z)``, see
+    :mod:`dithooks.jvp_hooks`).
     """
 
     name: str

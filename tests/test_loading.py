@@ -89,3 +89,20 @@ def test_family_pipeline_dir_picks_adapter_and_schedule(tmp_path):
         loaded.encode_prompts(["a cat"])
     with pytest.raises(DithooksError, match="no option 'nope'"):
         load_model(str(tmp_path), adapter_options={"nope": 1})
+
+
+def test_registry_maps_every_family_class():
+    from dithooks.adapters import ADAPTERS, ModelAdapter, register, registered_families
+
+    fams = registered_families()
+    assert {"dit", "pixart", "sd3", "flux"} <= set(fams)
+    for name in ("DiTTransformer2DModel", "PixArtTransformer2DModel", "SD3Transformer2DModel",
+                 "FluxTransformer2DModel"):
+        assert name in ADAPTERS and ADAPTERS[name].model_classes and name in ADAPTERS[name].model_classes
+
+    class Clash(ModelAdapter):
+        model_classes = ("DiTTransformer2DModel",)
+
+    with pytest.raises(ValueError, match="already has the adapter"):
+        register(Clash)
+    assert ADAPTERS["DiTTransformer2DModel"] is fams["dit"]
