@@ -73,12 +73,15 @@ def test_load_round_trip_picks_the_pixart_adapter(loaded, tmp_path):
     assert loaded.adapter.conditioning == "text" and loaded.adapter.prediction == "epsilon"
 
 
-def test_only_self_attention_is_a_processor_slot(loaded):
+def test_processor_slots_and_where_points_are_read(loaded):
     ad = loaded.adapter
-    assert list(ad.attention_modules(1)) == ["transformer_blocks.1.attn1"]
+    assert list(ad.attention_modules(1)) == ["transformer_blocks.1.attn1", "transformer_blocks.1.attn2"]
     pts = ad.hook_points()
     assert pts["blocks.1.attn.pattern"].module_path == "transformer_blocks.1.attn1"
+    assert pts["blocks.1.cross_attn.pattern"].module_path == "transformer_blocks.1.attn2"
+    assert pts["blocks.1.cross_attn.pattern"].dims == ("batch", "head", "query", "text_key")
     assert pts["blocks.1.cross_attn.out"].module_path == "transformer_blocks.1.attn2.to_out.0"
+    assert not pts["blocks.1.cross_attn.n_eff"].writable and pts["blocks.1.cross_attn.v"].writable
     # the DiT-only JVP parts are not offered: the block has a third (cross-attention) branch
     assert not any(n.startswith("blocks.0.jvp.") and n.rsplit(".", 1)[-1] in ("routing", "modulation", "mlp")
                    for n in pts)
@@ -280,8 +283,9 @@ def test_coupling_at_g0_is_two_independent_runs(loaded):
     hm = HookManager(model, loaded.adapter)
     hm.attention.set_coupling(0.0)
     try:
-        assert all(type(b.attn1.processor).__name__ == "HookedAttnProcessor" for b in model.transformer_blocks)
-        assert all(type(b.attn2.processor).__name__ == "AttnProcessor2_0" for b in model.transformer_blocks)
+        # one processor on both attention modules; its cross-attention calls are never coupled
+        assert all(type(b.attn1.processor).__name__ == "HookedPixArtAttnProcessor"
+                   and b.attn2.processor is b.attn1.processor for b in model.transformer_blocks)
         out = run(model, x, t, emb, mask)
         hm.attention.set_coupling(0.6)
         coupled = run(model, x, t, emb, mask)
@@ -612,3 +616,60 @@ def test_encode_prompts_uses_the_pipelines_encode_prompt_and_masks(loaded):
     assert torch.isfinite(x).all()
     loaded.adapter.encode_prompts(FakePipeline(), ["a cat", "a dog"], ["blurry"])
     assert calls[-1][1] == ["blurry", "blurry"]
+
+
+# -- cross-attention values ---------------------------------------------------------------------------
+def test_cross_pattern_is_the_masked_softmax_of_the_emitted_q_k(loaded):
+    model = loaded.transformer
+    x, t, emb, mask = inputs()
+    ref = run(model, x, t, emb, mask)
+    names = [f"blocks.1.cross_attn.{k}" for k in ("q", "k", "v", "logits", "pattern", "n_eff", "entropy",
+                                                  "pattern_headmean")] + ["context_embed.out", "blocks.1.cross_attn.in"]
+    seen, out = record(HookManager(model, loaded.adapter), names)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    v = {k.rsplit(".", 1)[-1]: val for k, val in seen.items() if ".cross_attn." in k}
+    attn2 = model.transformer_blocks[1].attn2
+    with torch.no_grad():  # q from the image tokens, k and v from the projected text
+        heads = lambda z: z.view(B, -1, HEADS, HEAD_DIM).transpose(1, 2)  # noqa: E731
+        torch.testing.assert_close(v["q"], heads(attn2.to_q(seen["blocks.1.cross_attn.in"])), atol=1e-6, rtol=0)
+        torch.testing.assert_close(v["k"], heads(attn2.to_k(seen["context_embed.out"])), atol=1e-6, rtol=0)
+    assert v["q"].shape == (B, HEADS, N, HEAD_DIM) and v["k"].shape == (B, HEADS, TEXT_TOKENS, HEAD_DIM)
+    bias = ((1 - mask) * -10000.0)[:, None, None, :]
+    logits = v["q"] @ v["k"].transpose(-1, -2) / HEAD_DIM ** 0.5 + bias
+    torch.testing.assert_close(v["logits"], logits, atol=1e-4, rtol=1e-5)
+    A = v["pattern"]
+    torch.testing.assert_close(A, logits.softmax(-1), atol=1e-6, rtol=1e-5)
+    assert A.shape == (B, HEADS, N, TEXT_TOKENS)
+    assert torch.all(A[mask[:, None, None, :].expand_as(A) == 0] == 0)  # padding gets nothing
+    torch.testing.assert_close(A.sum(-1), torch.ones(B, HEADS, N))
+    torch.testing.assert_close(v["n_eff"], 1 / (A ** 2).sum(-1), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(v["pattern_headmean"], A.mean(1), atol=1e-6, rtol=1e-5)
+    assert all(type(b.attn2.processor).__name__ == "AttnProcessor2_0" for b in model.transformer_blocks)
+
+
+def test_cross_values_intervention_and_the_uncoupled_cross_path(loaded):
+    """Zero text values leave only W_O's bias; the cross path ignores g and windows, bit for bit."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from dithooks.attention.pixart_processor import HookedPixArtAttnProcessor
+
+    model = loaded.transformer
+    hm = HookManager(model, loaded.adapter)
+    seen, _ = record(hm, ["blocks.0.cross_attn.out"],
+                     replace={"blocks.0.cross_attn.v": lambda val, c: torch.zeros_like(val)})
+    b_o = model.transformer_blocks[0].attn2.to_out[0].bias
+    assert torch.equal(seen["blocks.0.cross_attn.out"], b_o.expand(B, N, D))
+    attn2 = model.transformer_blocks[0].attn2
+    h = torch.randn(4, N, D, generator=torch.Generator().manual_seed(3))
+    text = torch.randn(4, TEXT_TOKENS, D, generator=torch.Generator().manual_seed(4))  # halves differ
+    bias = ((1 - torch.cat([prompt_embeds(2)[1]] * 2)) * -10000.0)[:, None]
+    own = attn2.processor
+    assert isinstance(own, AttnProcessor2_0)
+    try:
+        with torch.no_grad():
+            plain = attn2(h, encoder_hidden_states=text, attention_mask=bias)
+            attn2.set_processor(HookedPixArtAttnProcessor(0, coupling=0.7, window=0))
+            hooked = attn2(h, encoder_hidden_states=text, attention_mask=bias)
+    finally:
+        attn2.set_processor(own)
+    assert torch.equal(hooked, plain)

@@ -52,12 +52,15 @@ value; reading never changes the arithmetic, tested bit for bit):
 * ``final.out``: the model's output ``(B, 2C, H, W)`` with learned sigma: epsilon in the first
   ``in_channels`` channels, the variance interpolation behind them.
 
-Processor points (``attn.q/k/v/logits/pattern/...``) come from the hooked processor on the
-SELF-attention ``attn1`` only: that is where replica coupling and Chebyshev windows apply (image
-tokens on the ``grid x grid`` patch grid). Cross-attention ``attn2`` keeps the model's own
-processor always: its queries are image tokens but its keys are text tokens, so neither a token
-window nor replica coupling (which swaps image keys between replicas) has a meaning there; its
-contribution is observable as ``cross_attn.in/out``.
+Processor points: one :class:`~dithooks.attention.pixart_processor.HookedPixArtAttnProcessor`
+serves both attention modules of a hooked (or coupled, or windowed) block, and only such blocks.
+Self-attention (``attn1``) calls are ``HookedAttnProcessor``'s: ``attn.q/k/v/logits/pattern/...``
+on the image tokens, replica coupling and Chebyshev windows on the ``grid x grid`` patch grid.
+Cross-attention (``attn2``) calls emit ``cross_attn.q/k/v/logits/pattern/n_eff/entropy/
+pattern_headmean`` (image queries, text keys: patterns ``(batch, head, query, text_key)``) and
+are never coupled or windowed - the keys are text tokens, with no grid to window, and both
+replicas of a pair read the same text; with nothing wanted they are diffusers'
+``AttnProcessor2_0`` step for step (bit for bit, tested with a padding mask, and at g > 0).
 
 JVPs: ``jvp_support = {"full"}``, the core's generic JVP of resid_pre -> resid_post (timestep
 and text held fixed). The DiT split (``dithooks.jvp``: attn / routing / modulation / mlp / cross)
@@ -73,12 +76,14 @@ Not supported: ``set_chunk_feed_forward`` (``ff`` would then be called once per 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
 from ..errors import DithooksError
+from ..hookpoints import split_name
 from .base import Geometry, ModelAdapter, model_output, replace_model_output
 from .registry import register
 from .spec import RESID, TEXT_RESID, VECTOR, PointSpec, post, pre
@@ -214,8 +219,9 @@ class PixArtAdapter(ModelAdapter):
     model_classes = ("PixArtTransformer2DModel",)
     family = "pixart"
     block_lists = ("transformer_blocks",)
-    #: the attention extension replaces self-attention only; cross-attention keeps its processor
-    attention_paths = ("attn1",)
+    #: one HookedPixArtAttnProcessor serves both: self-attention (attn.*, coupling, windows) and
+    #: cross-attention (cross_attn.* read, never coupled or windowed)
+    attention_paths = ("attn1", "attn2")
     conditioning = "text"
     default_sampler = "ddim"
     prediction = "epsilon"
@@ -236,6 +242,28 @@ class PixArtAdapter(ModelAdapter):
     def block_table(self, layer: int) -> tuple[PointSpec, ...]:
         # built per block: the adaLN readers hold the block's own scale_shift_table
         return block_table(self.blocks()[layer])
+
+    # -- attention ---------------------------------------------------------------------------------
+    def make_processor(self, layer: int, emit, **settings):
+        from ..attention.pixart_processor import HookedPixArtAttnProcessor
+
+        return HookedPixArtAttnProcessor(layer, emit=emit, **settings)
+
+    def processor_names(self, layer: int | None = None) -> dict[str, tuple[tuple[str, ...], str, bool]]:
+        from ..attention.pixart_processor import CROSS_NAME_DIMS, CROSS_NAME_DOCS, CROSS_WRITABLE
+
+        names = super().processor_names(layer)
+        blk = self.blocks()[layer] if layer is not None else self.blocks()[0]
+        if getattr(blk, "attn2", None) is not None:
+            names.update({n: (d, CROSS_NAME_DOCS[n], n in CROSS_WRITABLE) for n, d in CROSS_NAME_DIMS.items()})
+        return names
+
+    def _processor_points(self, layer: int, prefix: str):
+        # the base files every processor point under the first attention module (attn1); the
+        # cross-attention values are computed in attn2's call
+        pts = super()._processor_points(layer, prefix)
+        return {n: (dataclasses.replace(p, module_path=f"{prefix}.attn2")
+                    if split_name(n)[1].startswith("cross_attn.") else p) for n, p in pts.items()}
 
     @property
     def jvp_support(self) -> frozenset[str]:
