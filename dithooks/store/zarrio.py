@@ -672,3 +672,70 @@ def _readonly(p: Any) -> Any:
             v.flags.writeable = False
         return v
     return bytes(p)
+
+
+# -- small arrays and groups (a store's skeleton) --------------------------------------------------
+def write_array(root: str | Path, name: str, values: Any, dims: tuple[str, ...] | None = None, *,
+                fill_value: Any = None, attrs: dict | None = None, separator: str = "/") -> None:
+    """A small array (a coordinate) as one uncompressed chunk, metadata first: what zarr-python's
+    ``create_array(..., compressors=None)`` then ``a[...] = values`` writes. Strings (numpy ``U``/
+    ``S``/object) are stored as Zarr v3 ``string`` (``vlen-utf8``)."""
+    values = np.asarray(values)
+    folder = Path(root) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    shape = tuple(values.shape)
+    chunks = tuple(max(1, n) for n in shape)
+    if values.dtype.kind in "USO":
+        meta = array_metadata(shape, chunks, "uint8", 0, dims=dims, attrs=attrs, crc=False, separator=separator)
+        meta.update(data_type="string", fill_value="" if fill_value is None else fill_value,
+                    codecs=[{"name": "vlen-utf8", "configuration": {}}])
+        items = [str(v).encode("utf-8") for v in values.reshape(-1)]
+        body = [np.uint32(len(items)).astype("<u4").tobytes()]
+        for b in items:
+            body += [np.uint32(len(b)).astype("<u4").tobytes(), b]
+    else:
+        meta = array_metadata(shape, chunks, values.dtype.name, 0 if fill_value is None else fill_value,
+                              dims=dims, attrs=attrs, crc=False, separator=separator)
+        body = [np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<"))]
+    write_json_atomic(str(folder / "zarr.json"), meta)
+    if values.size:
+        key = ("c" + separator + separator.join("0" for _ in shape)) if shape else "c"
+        path = folder / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(str(path), body)
+
+
+GROUP_KEYS = ("attributes", "zarr_format", "consolidated_metadata", "node_type")
+
+
+def write_group(root: str | Path, attrs: dict | None = None, consolidated: dict | None = None) -> None:
+    """A group's ``zarr.json`` (atomically): its attributes and, if given, the consolidated
+    metadata of its members (name -> their ``zarr.json``), as zarr-python writes them."""
+    meta: dict = {"attributes": dict(attrs or {}), "zarr_format": 3}
+    if consolidated is not None:
+        meta["consolidated_metadata"] = {"kind": "inline", "must_understand": False, "metadata": consolidated}
+    meta["node_type"] = "group"
+    Path(root).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(str(Path(root) / "zarr.json"), meta)
+
+
+def consolidate(root: str | Path, attrs: dict | None = None) -> bool:
+    """Consolidate a group's metadata like ``zarr.consolidate_metadata``: every member array's
+    ``zarr.json`` inlined in the group's, with ``attrs`` merged into its attributes first (one
+    atomic write for both). Only groups whose members are all arrays (capture stores); returns
+    False (nothing written) for anything else, then use zarr-python."""
+    root = Path(root)
+    group = read_json(root / "zarr.json", "group")
+    if group.get("node_type") != "group" or group.get("zarr_format") != 3:
+        return False
+    members = {}
+    for p in sorted(root.iterdir()):
+        meta_file = p / "zarr.json"
+        if not p.is_dir() or not meta_file.is_file():
+            continue
+        m = read_json(meta_file, f"array {p.name}")
+        if m.get("node_type") != "array":
+            return False
+        members[p.name] = m
+    write_group(root, {**(group.get("attributes") or {}), **(attrs or {})}, members)
+    return True
