@@ -191,10 +191,10 @@ def check_against_model(cfg: CaptureConfig, adapter: Any, hooks: Any, wants_jvp:
                         num_rows: int) -> list[int] | None:
     """Settings that need the model: attention processor options, coupled layers, JVP
     directions. Sets the processor options on the attention extension and the JVP settings on
-    the JVP extension (through their own attributes). Returns the window's layers (None: all).
+    the JVP extension (through their validating setters). Returns the window's layers (None: all).
     ``num_rows``: samples times cfg branches (a JVP direction's batch)."""
     n = adapter.num_layers
-    att = hooks.extension("attention") if hasattr(hooks, "extension") else getattr(hooks, "attention", None)
+    att = hooks.extension("attention")
     wants_attention = (cfg.window is not None or cfg.top_k is not None or cfg.query_tokens
                        or cfg.replicas is not None)
     if wants_attention and att is None:
@@ -202,16 +202,9 @@ def check_against_model(cfg: CaptureConfig, adapter: Any, hooks: Any, wants_jvp:
                             "windows, top-k, query tokens and replica coupling are unavailable")
     window_layers = None
     if att is not None:
-        N = adapter.geometry.num_tokens
-        bad = [q for q in (cfg.query_tokens or ()) if not 0 <= q < N]
-        if bad:
-            raise DithooksError(f"query token {bad[0]} is out of range: this model has tokens 0-{N - 1}")
-        if cfg.top_k is not None and not 1 <= cfg.top_k <= N:
-            raise DithooksError(f"top-k must lie in 1-{N} (the number of tokens), got {cfg.top_k}")
-        if cfg.query_tile < 1:
-            raise DithooksError(f"query tile must be at least 1, got {cfg.query_tile}")
-        att.query_tile, att.top_k = cfg.query_tile, cfg.top_k
-        att.query_tokens = list(cfg.query_tokens) if cfg.query_tokens else None
+        # the extension validates its own options (one-line errors) and rebuilds its processors
+        att.configure(query_tile=cfg.query_tile, top_k=cfg.top_k,
+                      query_tokens=list(cfg.query_tokens) if cfg.query_tokens else None)
         if cfg.window is not None:
             from ..attention.window import validate_radius
             try:
@@ -227,8 +220,7 @@ def check_against_model(cfg: CaptureConfig, adapter: Any, hooks: Any, wants_jvp:
         _check_direction_shapes(cfg.jvp.direction, adapter.geometry, num_rows)
         if isinstance(cfg.jvp.direction, str) and cfg.jvp.direction == "replica" and cfg.replicas is None:
             raise DithooksError("JVP direction 'replica' needs replica pairs (--pairs, --kappa or --coupling)")
-        jvp = hooks.extension("jvp") if hasattr(hooks, "extension") else getattr(hooks, "jvp", None)
-        jvp.settings = cfg.jvp
+        hooks.extension("jvp", required=True).use_settings(cfg.jvp)  # validated there
     return window_layers
 
 

@@ -177,8 +177,7 @@ class CaptureSession:
                                             sample_coords=self.sample_coords, probes=self.probes,
                                             array_layers=array_layers(self.hook_names, self.layers))
         status, error = "complete", None
-        attention = self.hooks.extension("attention") if hasattr(self.hooks, "extension") else (
-            getattr(self.hooks, "attention", None))
+        attention = self.hooks.extension("attention")
         try:
             if start == 0:
                 from ..sampling import initial_replica_state, initial_state
