@@ -569,19 +569,23 @@ def test_cli_capture_with_a_prompt_embeddings_file(loaded, tmp_path):
     from .conformance.family_pixart import save_tiny
 
     model_dir = save_tiny(tmp_path / "m")
-    emb, _ = prompt_embeds(2, seed=6)
-    torch.save({"prompt_embeds": emb}, tmp_path / "prompts.pt")
+    emb, mask = prompt_embeds(2, seed=6)  # sample 1's last token is padding
+    torch.save({"prompt_embeds": emb, "prompt_attention_mask": mask}, tmp_path / "prompts.pt")
     res = CliRunner().invoke(app, ["capture", "--model", str(model_dir), "--prompt-embeds", str(tmp_path / "prompts.pt"),
                                    "--seeds", "0-1", "--steps", "2", "--guidance", "2", "--hooks", "resid_post",
                                    "--dtype", "fp32", "--out", str(tmp_path / "s.zarr")])
     assert res.exit_code == 0, res.output
     hm = HookManager(loaded.transformer, loaded.adapter)  # the same weights (seed 0)
-    ref = {}
+    ref, unmasked = {}, {}
     with hm.hooks(read={"blocks.1.resid_post": lambda v, c: ref.__setitem__(c.step, v.clone())}):
+        Sampler(loaded, SamplerSpec("ddim", 2, guidance=2.0), hm).run(
+            Conditioning(prompt_embeds=emb, extras={"prompt_attention_mask": mask}), [0, 1])
+    with hm.hooks(read={"blocks.1.resid_post": lambda v, c: unmasked.__setitem__(c.step, v.clone())}):
         Sampler(loaded, SamplerSpec("ddim", 2, guidance=2.0), hm).run(Conditioning(prompt_embeds=emb), [0, 1])
     got = open_store(tmp_path / "s.zarr").select("blocks.resid_post").values
-    for s in range(2):
+    for s in range(2):  # the file's mask was used: equal to the masked run, not to the unmasked one
         np.testing.assert_array_equal(got[s, 1].reshape(4, N, D), ref[s].numpy())
+    assert np.abs(got[0, 1, 0, 1] - unmasked[0][1].numpy()).max() > 1e-6
     refused = CliRunner().invoke(app, ["capture", "--model", str(model_dir), "--class", "3", "--steps", "2",
                                        "--out", str(tmp_path / "t.zarr")])
     assert refused.exit_code != 0 and "Traceback" not in refused.output
