@@ -5,7 +5,8 @@ Every module ``tests/conformance/family_*.py`` is picked up automatically. It de
 and loaded back through :func:`dithooks.loading.load_model`) and optionally
 ``conditioning(M) -> Conditioning`` (class families default to labels), ``SKIP_FIRE``
 (``{template: reason}`` for hook points that cannot fire in the suite's run) and
-``EXACT_WINDOW`` (True when a global window keeps the model's own kernel, bit for bit).
+``EXACT_WINDOW`` (True when a global window keeps the model's own kernel, bit for bit) and
+``NO_EFFECT`` (templates of writable points whose change cannot reach the output).
 
 Checks, for every family (docs/adapters.md):
 1. every documented hook point fires, with its documented dims and the sizes the adapter's
@@ -17,7 +18,9 @@ Checks, for every family (docs/adapters.md):
 4. coupling at g = 0 equals two independent runs (and g > 0 changes the output);
 5. a window of radius side-1 equals global attention (r = 0 does not);
 6. a short guided Sampler run in the family's own scheduler is finite and resumes exactly;
-7. ``capture`` stores what the hooks see, and ``dithooks ls`` reads the store.
+7. ``capture`` stores what the hooks see, and ``dithooks ls`` reads the store;
+8. every writable point writes back what it reads (identity replacement: bit for bit) and a
+   perturbation of it changes the output.
 """
 
 from __future__ import annotations
@@ -294,3 +297,34 @@ def test_capture_into_a_store(fam, tmp_path):
     r = CliRunner().invoke(app, ["ls", str(tmp_path / "s.zarr"), "--json"])
     assert r.exit_code == 0, r.output
     assert "blocks.resid_post" in r.output
+
+
+def test_writable_points_write_what_they_read(fam):
+    """An identity replacement on a writable point keeps the output bit for bit (its writer puts
+    back exactly what its reader took), and a perturbation changes the output."""
+    a, model = fam.adapter, fam.loaded.transformer
+    hm = HookManager(model, a)
+    x, t, rows = _denoise_inputs(fam, 1)
+    with torch.no_grad():
+        ref = a.denoise(x, t, rows)
+    names = [n for n, p in a.hook_points().items()
+             if p.writable and (p.kind in ("pre", "post") or not set(p.dims) & PATTERN_DIMS)]
+    assert names
+    no_effect = getattr(fam.mod, "NO_EFFECT", {})
+    unchanged, inert = [], []
+    for name in names:
+        with torch.no_grad():
+            with hm.hooks(replace={name: lambda v, c: v.clone()}):
+                same = a.denoise(x, t, rows)
+            with hm.hooks(replace={name: lambda v, c: v + 0.1 * v.abs().mean() + 0.05}):
+                moved = a.denoise(x, t, rows)
+        if not torch.equal(same, ref):
+            unchanged.append(name)
+        layer, local = split_name(name)
+        # the text stream of the last block feeds nothing: the model's output is the image tokens
+        dead_text = layer == a.num_layers - 1 and (local.startswith("context.") or local == "attn.context_q")
+        if torch.equal(moved, ref) and a.point(name).template not in no_effect and not dead_text:
+            inert.append(name)
+    assert not unchanged, f"identity replacements changed the output: {unchanged[:6]}"
+    assert not inert, f"perturbing these writable points changed nothing: {inert[:6]}"
+    assert not hm.attached()
