@@ -677,3 +677,46 @@ def test_cross_values_intervention_and_the_uncoupled_cross_path(loaded):
     finally:
         attn2.set_processor(own)
     assert torch.equal(hooked, plain)
+
+
+def test_replica_jvp_of_a_coupled_block_equals_finite_differences_of_the_pair(loaded):
+    """jvp.full along the replica difference at g = 0.4: half the difference of the coupled pair's
+    outputs, differentiated (cross-attention uncoupled), against a float64 central difference."""
+    import copy
+
+    from dithooks.attention.pixart_processor import HookedPixArtAttnProcessor
+    from dithooks.conditioning import Conditioning
+    from dithooks.sampling import ReplicaSpec, Sampler, SamplerSpec
+
+    model, g = loaded.transformer, 0.4
+    blk = model.transformer_blocks[1]
+    calls = []
+    handle = blk.register_forward_pre_hook(lambda m, a, kw: calls.append((a, dict(kw))), with_kwargs=True)
+    hm = HookManager(model, loaded.adapter)
+    hm.extension("jvp").configure(direction="replica")
+    emb, mask = prompt_embeds(1, seed=2)
+    seen = {}
+    keep = lambda v, c: None if c.name in seen else seen.__setitem__(c.name, v.clone())  # noqa: E731
+    try:
+        with hm.hooks(read={"blocks.1.jvp.full": keep, "blocks.1.jvp.point": keep, "blocks.1.jvp.direction": keep}):
+            Sampler(loaded, SamplerSpec("ddim", 1), hm, replicas=ReplicaSpec(kappa=0.3, g=g)).run(
+                Conditioning(prompt_embeds=emb, extras={"prompt_attention_mask": mask}), [5])
+    finally:
+        handle.remove()
+    (args, kwargs) = calls[0]
+    p, d = seen["blocks.1.jvp.point"].double(), seen["blocks.1.jvp.direction"].double()
+    assert p.shape == (1, N, D) and d.abs().max() > 0
+    b64 = copy.deepcopy(blk).double()
+    proc = HookedPixArtAttnProcessor(1, coupling=g)
+    b64.attn1.set_processor(proc)
+    b64.attn2.set_processor(proc)
+    kw64 = {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in kwargs.items()}
+
+    def half_difference(eps):
+        with torch.no_grad():
+            out = b64(torch.cat([p + eps * d, p - eps * d]), *args[1:], **kw64)
+        return (out[:1] - out[1:]) / 2
+
+    eps = 1e-4
+    fd = (half_difference(eps) - half_difference(-eps)) / (2 * eps)
+    torch.testing.assert_close(seen["blocks.1.jvp.full"].double(), fd, atol=2e-5, rtol=1e-4)
