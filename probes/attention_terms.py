@@ -67,6 +67,7 @@ __all__ = [
     "routing_term",
     "modulation_term",
     "attention_difference_terms",
+    "linearised_difference",
     "mean_free",
     "coherence_fraction",
     "mean_free_operator_norm",
@@ -209,6 +210,28 @@ def attention_difference_terms(
         "routing_ungated": routing_ungated,
         "modulation_ungated": modulation_ungated,
     }
+
+
+def linearised_difference(
+    A: torch.Tensor,
+    dL_intra: torch.Tensor,
+    dL_inter: torch.Tensor | None,
+    V: torch.Tensor,
+    dV: torch.Tensor,
+    g: float = 0.0,
+    *,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``R + M = ρ(g) A δV + ξ(g) δA_g V`` [25] alone: the ``total`` of
+    :func:`attention_difference_terms` with one softmax Jacobian (of ``δL_g``) instead of two
+    and no ``δA`` kept (what the routing probe's linearisation error compares)."""
+    A, dL_intra, dL_inter, V, dV = (_cast(t, dtype) for t in (A, dL_intra, dL_inter, V, dV))
+    dL_g = combined_logit_perturbation(dL_intra, dL_inter, g)
+    out = (A * centred_logit_perturbation(A, dL_g)) @ V
+    if modulation_gate(g) != 1.0:
+        out = out * modulation_gate(g)
+    r = routing_gate(g)
+    return out if r == 0.0 else out.add_(A @ dV, alpha=r)
 
 
 # --------------------------------------------------------------------------------------

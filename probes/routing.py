@@ -51,7 +51,7 @@ from dithooks.hookpoints import split_name
 from dithooks.hooks import HookContext
 
 from .api import Option, Output, Probe, ProbeError, RunInfo, register_probe
-from .attention_terms import attention_difference_terms, combine_head_norms, modal_gains, routing_dominance_report
+from .attention_terms import combine_head_norms, linearised_difference, modal_gains, routing_dominance_report
 from .modes import DifferenceModeBasis
 
 HEAD_POINTS = ("jvp.heads.pattern", "jvp.heads.v", "jvp.heads.dv", "jvp.heads.dlogits_intra",
@@ -195,9 +195,9 @@ class RoutingDominance(Probe):
         f64 = torch.float64
         true = coupled_half_difference(got["attn.q"].to(f64), got["attn.k"].to(f64), got["attn.v"].to(f64),
                                        g, window)
-        lin = attention_difference_terms(got["jvp.heads.pattern"], got["jvp.heads.dlogits_intra"],
-                                         got["jvp.heads.dlogits_inter"], got["jvp.heads.v"], got["jvp.heads.dv"],
-                                         g, dtype=f64)["total"]
+        lin = linearised_difference(got["jvp.heads.pattern"], got["jvp.heads.dlogits_intra"],
+                                    got["jvp.heads.dlogits_inter"], got["jvp.heads.v"], got["jvp.heads.dv"],
+                                    g, dtype=f64)
         fro = lambda x: torch.linalg.vector_norm(x, dim=(-2, -1))  # noqa: E731
         out = got["attn.out"].to(f64)
         half = out.shape[0] // 2

@@ -16,6 +16,7 @@ from dithooks.probes.attention_terms import (
     coherence_fraction,
     combine_head_norms,
     combined_logit_perturbation,
+    linearised_difference,
     logit_perturbations,
     logit_spread,
     mean_free,
@@ -333,6 +334,9 @@ def test_routing_plus_modulation_matches_coupled_attention_difference(g):
     eps = 1e-5
     # (O^a − O^b)/2 is odd in ε, so fd/ε = R + M + O(ε²)
     np.testing.assert_allclose(terms["total"].numpy(), half_diff(eps) / eps, atol=1e-8)
+    # the probe's one-Jacobian form of R + M against the same finite difference
+    lin = linearised_difference(t(A), dL_intra, dL_inter, t(V), t(dV), g)
+    np.testing.assert_allclose(lin.numpy(), half_diff(eps) / eps, atol=1e-8)
     # routing = value path only, modulation = Q/K path only (THEORY §3)
     np.testing.assert_allclose(terms["routing"].numpy(), half_diff(eps, q=False) / eps, atol=1e-8)
     np.testing.assert_allclose(terms["modulation"].numpy(), half_diff(eps, v=False) / eps, atol=1e-8)
