@@ -292,8 +292,12 @@ def _load_dir(path: Path, model_id: str, source: str, with_vae: bool,
 
 
 def default_schedule(adapter: ModelAdapter) -> dict[str, Any]:
-    """The training schedule assumed when a checkpoint ships no scheduler config: DiT's for
-    epsilon models, FlowMatchEulerDiscreteScheduler's defaults for flow models."""
+    """The training schedule assumed when a checkpoint ships no scheduler config: the adapter's
+    ``default_schedule`` (a dict, e.g. Flux's shifted flow schedule) when it has one, else DiT's
+    for epsilon models and FlowMatchEulerDiscreteScheduler's defaults for flow models."""
+    own = getattr(adapter, "default_schedule", None)
+    if isinstance(own, dict):
+        return dict(own)
     if getattr(adapter, "prediction", "epsilon") == "flow":
         return {"num_train_timesteps": 1000, "shift": 1.0}
     return dict(DIT_SCHEDULE)

@@ -106,3 +106,14 @@ def test_registry_maps_every_family_class():
     with pytest.raises(ValueError, match="already has the adapter"):
         register(Clash)
     assert ADAPTERS["DiTTransformer2DModel"] is fams["dit"]
+
+
+def test_adapter_default_schedule_when_the_folder_has_none(tmp_path):
+    from dithooks.adapters.flux import FluxAdapter
+    from tests.conformance import family_flux as fam
+
+    fam.make_transformer().save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path))
+    assert loaded.family == "flux"
+    assert loaded.scheduler_config == FluxAdapter.default_schedule
+    assert loaded.scheduler_config is not FluxAdapter.default_schedule  # a copy
