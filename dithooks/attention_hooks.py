@@ -38,7 +38,7 @@ class AttentionHooks:
         self.coupling_layers: set[int] | None = None
         self.window: int | None = None
         self.window_layers: set[int] | None = None
-        self._processors: dict[int, HookedAttnProcessor] = {}
+        self._processors: dict[int, Any] = {}  # layer -> the adapter's hooked processor
         self._saved: dict[str, Any] = {}
         self._manager = manager
 
