@@ -3,7 +3,11 @@
 Side by side in one process (this machine is noisy; compare ratios, not absolute times); every
 contender captures the output (resid_post) of every block at every step, fp16:
   plain          sampling with no hooks
-  dithooks       resid_post of every block streamed to a Zarr store (background writer)
+  dithooks       resid_post of every block streamed to a Zarr store (background writer, direct
+                 chunk/shard writes)
+  dithooks/zarr  the same with every store write through zarr-python (the writer before direct
+                 writes: ``StoreWriter.direct = False``, nested chunk keys)
+  dithooks pattern  attn.pattern of every block (XL width only: the explicit-softmax path + writes)
   np.save/step   raw register_forward_hook on every block; each step's values stacked and written
                  with numpy.save, one .npy file per step, into a temp dir
   nnsight cache  nnsight ``tracer.cache`` of every block, kept in memory (one trace per model
@@ -11,10 +15,18 @@ contender captures the output (resid_post) of every block at every step, fp16:
   torch.save     raw register_forward_hook + torch.save of each tensor
   in-memory      register_forward_hook appending clones to a list
 Runs alternate (plain, dithooks, np.save, nnsight, ..., plain, ...); each is summarised by its
-median. Models: the embedded digits model (28 blocks, width 64, 16 tokens; 50 steps, 4 samples)
-and a randomly initialised S/2-like DiT (12 blocks, width 384, 256 tokens; 2 samples).
+median wall time and median process CPU time (all threads: the writer's work included; far less
+disturbed than wall time by other jobs on a shared machine). Every contender writes into a new
+folder each run; the previous run's output is deleted outside the timed region. Models: the
+embedded digits model (28 blocks, width 64, 16 tokens; 50 steps, 4 samples), a randomly
+initialised S/2-like DiT (12 blocks, width 384, 256 tokens; 2 samples) and an XL-width DiT
+(4 blocks of width 1152, 16 heads, 256 tokens; 3 steps, 2 samples: the overhead is per block).
 
-    python benchmarks/bench_capture.py [--quick] [--threads 1|2] [--variants a,b] [--only timing] [--json]
+    python benchmarks/bench_capture.py [--quick] [--threads 1|2] [--models digits,s2,xl]
+        [--variants a,b] [--only timing] [--device cpu|cuda] [--json]
+
+``--device cuda`` runs everything on the GPU unchanged (dithooks stages values in pinned host
+memory with non-blocking copies and one synchronisation per step).
 """
 
 from __future__ import annotations
@@ -41,6 +53,11 @@ def s2_config():
                 sample_size=32, patch_size=2, num_embeds_ada_norm=1000)
 
 
+def xl_config():
+    return dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=4,
+                sample_size=32, patch_size=2, num_embeds_ada_norm=1000)
+
+
 def build(cfg, root: Path, name: str) -> Path:
     from diffusers import DiTTransformer2DModel
 
@@ -50,7 +67,8 @@ def build(cfg, root: Path, name: str) -> Path:
     return d
 
 
-VARIANTS = ("plain", "dithooks", "np.save/step", "nnsight cache", "torch.save", "in-memory")
+VARIANTS = ("plain", "dithooks", "dithooks/zarr", "dithooks pattern", "np.save/step", "nnsight cache", "torch.save",
+            "in-memory")
 
 
 def nnsight_available() -> str | None:
@@ -83,12 +101,13 @@ class _NNsightCached(torch.nn.Module):
 
 
 def time_variants(model_ref: str, steps: int, samples: int, repeats: int, root: Path,
-                  variants: tuple[str, ...] = VARIANTS) -> dict:
+                  variants: tuple[str, ...] = VARIANTS, device: str = "cpu") -> dict:
     from dithooks.capture import CaptureConfig, capture
     from dithooks.loading import load_model
     from dithooks.sampling import Sampler, SamplerSpec
+    from dithooks.store.writer import StoreWriter
 
-    loaded = load_model(model_ref)
+    loaded = load_model(model_ref, device=device)
     spec = SamplerSpec("ddim", steps)
     seeds, labels = list(range(samples)), [1] * samples
     blocks = loaded.adapter.blocks()
@@ -99,19 +118,31 @@ def time_variants(model_ref: str, steps: int, samples: int, repeats: int, root: 
     # nnsight wraps its own deep copy (same weights), so the other contenders run the bare model
     nn_loaded = (dataclasses.replace(loaded, transformer=_NNsightCached(copy.deepcopy(loaded.transformer), nn_cache))
                  if "nnsight cache" in variants and "nnsight cache" not in skipped else None)
+    runs = [0]
+
+    def fresh(name: str) -> Path:
+        """A new output path for this run; older runs' outputs are deleted by ``clean`` (untimed)."""
+        runs[0] += 1
+        return root / f"{name}-{runs[0]}"
+
+    def clean() -> None:
+        for p in root.glob("out-*"):
+            shutil.rmtree(p, ignore_errors=True)
 
     def plain():
-        Sampler(loaded, spec).run(labels, seeds)
+        Sampler(loaded, spec, device=device).run(labels, seeds)
 
-    def with_dithooks():
-        out = root / "bench.zarr"
-        capture(CaptureConfig(out=str(out), model=model_ref, layers="all", hooks=("resid_post",), sampler=spec,
-                              labels=tuple(labels), seeds=tuple(seeds), storage_dtype="fp16", mode="overwrite"),
-                loaded=loaded)
+    def with_dithooks(hooks=("resid_post",), direct=True):
+        StoreWriter.direct, StoreWriter.separator = direct, ("." if direct else "/")
+        try:
+            capture(CaptureConfig(out=str(fresh("out-dithooks")), model=model_ref, layers="all", hooks=hooks,
+                                  sampler=spec, labels=tuple(labels), seeds=tuple(seeds), storage_dtype="fp16",
+                                  device=device, mode="create"), loaded=loaded)
+        finally:
+            StoreWriter.direct, StoreWriter.separator = True, "."
 
     def np_save_step():
-        d = root / "npy"
-        shutil.rmtree(d, ignore_errors=True)
+        d = fresh("out-npy")
         d.mkdir()
         buf, step = [], [0]
         last = len(blocks) - 1
@@ -120,35 +151,35 @@ def time_variants(model_ref: str, steps: int, samples: int, repeats: int, root: 
             def hook(mod, args, out):
                 buf.append(out.detach().half())
                 if i == last:  # the step's last block: stack [layer, batch, token, channel] and write
-                    np.save(d / f"{step[0]:05d}.npy", torch.stack(buf).numpy())
+                    np.save(d / f"{step[0]:05d}.npy", torch.stack(buf).cpu().numpy())
                     buf.clear()
                     step[0] += 1
             return hook
 
         hs = [b.register_forward_hook(make(i)) for i, b in enumerate(blocks)]
         try:
-            Sampler(loaded, spec).run(labels, seeds)
+            Sampler(loaded, spec, device=device).run(labels, seeds)
         finally:
             for h in hs:
                 h.remove()
+        last_npy[0] = d
 
     def nnsight_cache():
         nn_cache.clear()
-        Sampler(nn_loaded, spec).run(labels, seeds)
+        Sampler(nn_loaded, spec, device=device).run(labels, seeds)
 
     def torch_save():
-        d = root / "ts"
-        shutil.rmtree(d, ignore_errors=True)
+        d = fresh("out-ts")
         d.mkdir()
         count = [0]
 
         def hook(mod, args, out):
-            torch.save(out.detach().half(), d / f"{count[0]}.pt")
+            torch.save(out.detach().half().cpu(), d / f"{count[0]}.pt")
             count[0] += 1
 
         hs = [b.register_forward_hook(hook) for b in blocks]
         try:
-            Sampler(loaded, spec).run(labels, seeds)
+            Sampler(loaded, spec, device=device).run(labels, seeds)
         finally:
             for h in hs:
                 h.remove()
@@ -157,30 +188,46 @@ def time_variants(model_ref: str, steps: int, samples: int, repeats: int, root: 
         cache = []
         hs = [b.register_forward_hook(lambda m, a, o: cache.append(o.detach().half().clone())) for b in blocks]
         try:
-            Sampler(loaded, spec).run(labels, seeds)
+            Sampler(loaded, spec, device=device).run(labels, seeds)
         finally:
             for h in hs:
                 h.remove()
 
-    table = {"plain": plain, "dithooks": with_dithooks, "np.save/step": np_save_step, "nnsight cache": nnsight_cache,
-             "torch.save": torch_save, "in-memory": in_memory}
+    last_npy: list = [None]
+    table = {"plain": plain, "dithooks": with_dithooks, "dithooks/zarr": lambda: with_dithooks(direct=False),
+             "dithooks pattern": lambda: with_dithooks(hooks=("attn.pattern",)),
+             "np.save/step": np_save_step, "nnsight cache": nnsight_cache, "torch.save": torch_save,
+             "in-memory": in_memory}
     chosen = {k: table[k] for k in VARIANTS if (k == "plain" or k in variants) and k not in skipped}
     times = {k: [] for k in chosen}
+    cpu = {k: [] for k in chosen}
     plain()  # warm-up
     for _ in range(repeats):
         for k, fn in chosen.items():
-            t0 = time.perf_counter()
+            clean()
+            sync(device)
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
+            sync(device)
             times[k].append(time.perf_counter() - t0)
+            cpu[k].append(time.process_time() - c0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    check = cross_check(root, nn_cache, steps, len(blocks)) if "np.save/step" in chosen else None
-    return {"seconds": med, "ratio_to_plain": {k: med[k] / med["plain"] for k in med}, "repeats": repeats,
-            "threads": torch.get_num_threads(), "skipped": skipped, "check": check}
+    cmed = {k: statistics.median(v) for k, v in cpu.items()}
+    check = cross_check(last_npy[0], nn_cache, steps, len(blocks)) if "np.save/step" in chosen else None
+    clean()
+    return {"seconds": med, "ratio_to_plain": {k: med[k] / med["plain"] for k in med},
+            "cpu_seconds": cmed, "cpu_ratio_to_plain": {k: cmed[k] / cmed["plain"] for k in cmed},
+            "repeats": repeats, "threads": torch.get_num_threads(), "skipped": skipped, "check": check}
 
 
-def cross_check(root: Path, nn_cache: list, steps: int, nblocks: int) -> str:
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def cross_check(npy_dir: Path, nn_cache: list, steps: int, nblocks: int) -> str:
     """The contenders stored the same thing: step count, and (if nnsight ran) equal last-step values."""
-    files = sorted((root / "npy").glob("*.npy"))
+    files = sorted(npy_dir.glob("*.npy"))
     if len(files) != steps:
         raise RuntimeError(f"np.save/step wrote {len(files)} files for {steps} steps")
     last = np.load(files[-1])
@@ -191,7 +238,7 @@ def cross_check(root: Path, nn_cache: list, steps: int, nblocks: int) -> str:
         if len(nn_cache) != steps:
             raise RuntimeError(f"nnsight traced {len(nn_cache)} calls for {steps} steps")
         c = nn_cache[-1]
-        nn_last = np.stack([c[k].output.numpy() for k in c.keys()])
+        nn_last = np.stack([c[k].output.cpu().numpy() for k in c.keys()])
         diff = float(np.abs(nn_last.astype(np.float32) - last.astype(np.float32)).max())
         msg += f"; nnsight last step max |diff| vs np.save = {diff:.3g}"
     return msg
@@ -210,35 +257,51 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     return int(r.stdout.strip().splitlines()[-1]) / 1024
 
 
-def write_throughput(root: Path, steps: int = 40) -> dict:
-    """MB/s of the store writer vs numpy.save of the same bytes (fp16, XL-sized resid slabs)."""
+def write_throughput(root: Path, steps: int = 40, repeats: int = 3) -> dict:
+    """MB/s of the store writer vs numpy.save of the same bytes (fp16, XL-sized resid slabs),
+    each including ``os.sync()``; writers interleaved, medians of ``repeats``."""
     import zarr
 
     from dithooks.store.writer import ArraySpec, StoreWriter
 
     slab = torch.randn(2, 256, 1152).half()
     nbytes = slab.numel() * 2 * steps
-    out = {}
-    for comp in ("none", "zstd"):
-        p = root / f"w_{comp}.zarr"
-        shutil.rmtree(p, ignore_errors=True)
-        g = zarr.open_group(str(p), mode="w", zarr_format=3)
-        w = StoreWriter(g, compression=comp)
-        spec = ArraySpec("x", ("step", "sample", "token", "channel"), (steps, 2, 256, 1152), (1, 2, 256, 1152),
-                         torch.float16)
+    spec = ArraySpec("x", ("step", "sample", "token", "channel"), (steps, 2, 256, 1152), (1, 2, 256, 1152),
+                     torch.float16)
+
+    def dithooks(comp: str, direct: bool = True):
+        def run(p: Path) -> None:
+            values = [slab.clone() for _ in range(steps)]  # the sampling thread's copies, made before timing
+            g = zarr.open_group(str(p), mode="w", zarr_format=3)
+            w = StoreWriter(g, compression=comp)
+            w.direct, w.separator = direct, ("." if direct else "/")
+            t0 = time.perf_counter()
+            for s, v in enumerate(values):
+                w.put(spec, (s,), v)
+            w.flush()
+            os.sync()
+            w.close()
+            return time.perf_counter() - t0
+        return run
+
+    def numpy_save(p: Path) -> float:
+        p.mkdir()
         t0 = time.perf_counter()
         for s in range(steps):
-            w.put(spec, (s,), slab.clone())
-        w.flush()
+            np.save(p / f"np_{s}.npy", slab.numpy())
         os.sync()
-        out[f"dithooks ({comp})"] = nbytes / (time.perf_counter() - t0) / 1e6
-        w.close()
-    t0 = time.perf_counter()
-    for s in range(steps):
-        np.save(root / f"np_{s}.npy", slab.numpy())
-    os.sync()
-    out["numpy.save"] = nbytes / (time.perf_counter() - t0) / 1e6
-    return out
+        return time.perf_counter() - t0
+
+    writers = {"dithooks (no compression)": dithooks("none"), "dithooks (zstd level 1)": dithooks("zstd"),
+               "dithooks, zarr-python writes (no compression)": dithooks("none", direct=False),
+               "numpy.save": numpy_save}
+    secs = {k: [] for k in writers}
+    for r in range(repeats):
+        for i, (k, fn) in enumerate(writers.items()):
+            p = root / f"w{r}-{i}"
+            secs[k].append(fn(p))
+            shutil.rmtree(p, ignore_errors=True)
+    return {k: nbytes / statistics.median(v) / 1e6 for k, v in secs.items()}
 
 
 def report(title: str, value, as_json: bool) -> None:
@@ -248,9 +311,10 @@ def report(title: str, value, as_json: bool) -> None:
         return
     if isinstance(value, dict) and "seconds" in value:
         print(f"\n### {title} (median of {value['repeats']}, torch threads {value.get('threads')})\n\n"
-              "| variant | seconds | ratio to plain |\n|---|---|---|")
+              "| variant | seconds | ratio to plain | CPU seconds | CPU ratio |\n|---|---|---|---|---|")
         for name, sec in value["seconds"].items():
-            print(f"| {name} | {sec:.3f} | {value['ratio_to_plain'][name]:.3f} |")
+            print(f"| {name} | {sec:.3f} | {value['ratio_to_plain'][name]:.3f} | {value['cpu_seconds'][name]:.3f} "
+                  f"| {value['cpu_ratio_to_plain'][name]:.3f} |")
         for name, why in value.get("skipped", {}).items():
             print(f"\nskipped {name}: {why}")
         if value.get("check"):
@@ -270,7 +334,12 @@ def main():
                     help=f"comma-separated contenders to time besides plain (default: all of {', '.join(VARIANTS)})")
     ap.add_argument("--only", choices=("timing", "all"), default="all",
                     help="timing: only the overhead tables (skip peak RSS and write throughput)")
+    ap.add_argument("--models", default="digits,s2,xl", help="comma-separated: digits, s2, xl (default: all)")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda: the same benchmark on a GPU")
     args = ap.parse_args()
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if any(m not in ("digits", "s2", "xl") for m in models):
+        ap.error(f"unknown model in {args.models!r}: choose from digits, s2, xl")
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -283,13 +352,21 @@ def main():
         print(f"torch threads: {torch.get_num_threads()}, torch {torch.__version__}, "
               f"nnsight: {nnsight_available() or 'available'}")
     try:
-        s2 = build(s2_config(), root, "s2")
         reps = 3 if args.quick else 5
-        report("embedded digits model (28 blocks, width 64, 16 tokens), 50 steps, 4 samples",
-               time_variants(DEFAULT_MODEL, 50, 4, reps, root, variants), args.json)
-        n = 10 if args.quick else 20
-        report(f"S/2-like (12 blocks, width 384, 256 tokens), {n} steps, 2 samples",
-               time_variants(str(s2), n, 2, reps, root, variants), args.json)
+        dev = args.device
+        plain_variants = tuple(v for v in variants if v != "dithooks pattern")
+        if "digits" in models:
+            report(f"embedded digits model (28 blocks, width 64, 16 tokens), 50 steps, 4 samples, {dev}",
+                   time_variants(DEFAULT_MODEL, 50, 4, reps, root, plain_variants, dev), args.json)
+        if "s2" in models:
+            s2 = build(s2_config(), root, "s2")
+            n = 10 if args.quick else 20
+            report(f"S/2-like (12 blocks, width 384, 256 tokens), {n} steps, 2 samples, {dev}",
+                   time_variants(str(s2), n, 2, reps, root, plain_variants, dev), args.json)
+        if "xl" in models:
+            xl = build(xl_config(), root, "xl")
+            report(f"XL width (4 blocks of width 1152, 16 heads, 256 tokens), 3 steps, 2 samples, {dev}",
+                   time_variants(str(xl), 3, 2, reps, root, variants, dev), args.json)
         if args.only == "timing":
             return
         report("peak RSS MiB vs steps (digits, 3 hooks x 28 blocks, 4 samples, fp32 store)",
