@@ -130,7 +130,11 @@ def ls(store: Path, verify: bool = False, as_json: bool = False) -> int:
         return rc
     typer.echo(f"model     {m.get('model_id')} ({m.get('model_class')}, {m.get('model_config', {}).get('num_layers')} blocks)")
     typer.echo(f"sampler   {smp.get('name')} {smp.get('steps')} steps, eta {smp.get('eta')}, guidance {smp.get('guidance')}")
-    typer.echo(f"samples   labels {m.get('labels')} seeds {m.get('seeds')}")
+    if m.get("conditioning") == "text":  # text families: rows of a prompt-embeddings file
+        source = m.get("prompt_embeds_file") or "in-memory embeddings"
+        typer.echo(f"samples   prompt rows {m.get('prompts')} of {source} seeds {m.get('seeds')}")
+    else:
+        typer.echo(f"samples   labels {m.get('labels')} seeds {m.get('seeds')}")
     typer.echo(f"layers    {m.get('layers')}")
     extras = m.get("extras") or {}
     if "replicas" in extras:

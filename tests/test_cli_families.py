@@ -55,6 +55,7 @@ def test_sd3_capture_from_a_prompt_file_picks_flow_and_the_rows(sd3, tmp_path):
     assert r.exit_code == 0, r.output
     store = open_store(tmp_path / "rows.zarr")
     assert store.meta["sampler"]["name"] == "flow"  # --sampler auto: the family's own
+    assert f"prompt rows [1] of {embeds}" in run("ls", tmp_path / "rows.zarr").output
     # --prompt-rows 1 of a 3-row file samples what a file holding only that row samples
     r = run("capture", *common, "--prompt-embeds", row1, "--seeds", "5", "--sampler", "flow",
             "--out", tmp_path / "one.zarr")
