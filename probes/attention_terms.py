@@ -387,9 +387,10 @@ def routing_dominance_report(
     # The bracket c of [87–88] is linear in δL (on the support of A), so c_g = c_intra + g c_inter
     # and δA_g = A c_g: each logit perturbation is centred once, and δA_g V and δA_g 1 come from
     # one product of δA_g with [V, 1].
-    c_intra = centred_logit_perturbation(A, dL_intra)
-    c_inter = centred_logit_perturbation(A, dL_inter) if dL_inter is not None else None
-    c_g = c_intra if c_inter is None or g == 0 else c_intra + g * c_inter
+    full = AF.full_support(A)
+    c_intra = centred_logit_perturbation(A, dL_intra, full=full)
+    c_inter = centred_logit_perturbation(A, dL_inter, full=full) if dL_inter is not None else None
+    c_g = c_intra if c_inter is None or g == 0 else torch.add(c_intra, c_inter, alpha=g)
     dA_g = A * c_g
 
     # ---- ingredients -----------------------------------------------------------------

@@ -115,6 +115,11 @@ def test_softmax_jacobian_outside_the_support():
     A = np_softmax(np.where(allowed, L, -np.inf))
     dL = np.random.default_rng(6).standard_normal((4, 6))
     ref_c = dL[:, :4] - (A[:, :4] * dL[:, :4]).sum(-1, keepdims=True)
+    assert not AF.full_support(t(A)) and AF.full_support(t(np_softmax(L)))
+    # told the support is full, the same bracket on an unmasked pattern
+    A_full = t(np_softmax(L))
+    assert torch.equal(AF.centred_logit_perturbation(A_full, t(dL), full=True),
+                       AF.centred_logit_perturbation(A_full, t(dL)))
     dL_bad = dL.copy()
     dL_bad[:, 5] = np.nan
     c = AF.centred_logit_perturbation(t(A), t(dL_bad)).numpy()

@@ -40,7 +40,7 @@ from .window import additive_window_mask, joint_window_mask, window_mask
 
 __all__ = [
     "default_scale", "scaled_logits", "softmax_rows", "attention_pattern", "query_tiles", "attend",
-    "combine_masks", "logit_perturbations", "centred_logit_perturbation", "softmax_jvp", "softmax_jvp_matmul",
+    "combine_masks", "logit_perturbations", "full_support", "centred_logit_perturbation", "softmax_jvp", "softmax_jvp_matmul",
     "swap_replica_halves", "couple", "mixture_weights", "rho", "xi", "validate_coupling",
     "effective_width", "row_entropy", "top_k_rows", "window_mask", "additive_window_mask",
     "joint_window_mask",
@@ -152,15 +152,23 @@ def logit_perturbations(q: torch.Tensor, k: torch.Tensor, dq: torch.Tensor, dk: 
     return from_q + from_k, from_q - from_k
 
 
-def centred_logit_perturbation(A: torch.Tensor, dL: torch.Tensor) -> torch.Tensor:
+def full_support(A: torch.Tensor) -> bool:
+    """Whether every entry of the pattern ``A`` is positive (every key read: no mask, no underflow)."""
+    return bool(A.amin() > 0) if A.numel() else True
+
+
+def centred_logit_perturbation(A: torch.Tensor, dL: torch.Tensor, *, full: bool | None = None) -> torch.Tensor:
     """``c_ij = dL_ij - sum_k A_ik dL_ik`` (the bracket of [87-88]), 0 where ``A_ij = 0``.
 
     Keys with ``A_ij = 0`` (masked or underflowed) cannot move the pattern to first order;
     zeroing them keeps a masked ``-inf``/NaN logit perturbation from poisoning the row.
+    ``full``: :func:`full_support` of ``A`` if already known (saves a pass over ``A``).
     """
-    off = A <= 0
-    if not bool(off.any()):  # every key is read (an unmasked softmax): nothing to cut out
+    if full is None:
+        full = full_support(A)
+    if full:  # every key is read (an unmasked softmax): nothing to cut out
         return dL - (A * dL).sum(dim=-1, keepdim=True)
+    off = A <= 0
     dL = dL.masked_fill(off, 0.0)
     return (dL - (A * dL).sum(dim=-1, keepdim=True)).masked_fill_(off, 0.0)
 
