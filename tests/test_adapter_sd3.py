@@ -96,7 +96,7 @@ def test_stream_values_match_the_block_formula(loaded):
     a, model = loaded.adapter, loaded.transformer
     got, _ = read_all(HookManager(model, a), [n for n in a.hook_points() if ".jvp." not in n and "attn." not in n
                                                  or n.endswith(("attn.in", "attn.out"))], model_inputs())
-    temb = got["cond_embed.out"]
+    temb = got["time_embed.out"]
     for i in range(2):
         b, blk = f"blocks.{i}.", model.transformer_blocks[i]
         ad = F.linear(F.silu(temb), blk.norm1.linear.weight, blk.norm1.linear.bias).chunk(6, 1)
@@ -290,7 +290,7 @@ def test_sd35_dual_attention_and_qk_norm():
     for n in names:
         assert tuple(got[n].shape) == tuple(sizes[d] for d in a.point(n).dims), n
     blk = model.transformer_blocks[0]
-    ad = F.linear(F.silu(got["cond_embed.out"]), blk.norm1.linear.weight, blk.norm1.linear.bias).chunk(9, 1)
+    ad = F.linear(F.silu(got["time_embed.out"]), blk.norm1.linear.weight, blk.norm1.linear.bias).chunk(9, 1)
     assert torch.allclose(got["blocks.0.adaln.gate_msa2"], ad[8], atol=1e-6)
     g = lambda n: got["blocks.0." + n][:, None]
     mid = got["blocks.0.resid_pre"] + g("adaln.gate_msa") * got["blocks.0.attn.out"] + g("adaln.gate_msa2") * got["blocks.0.attn2.out"]
@@ -322,10 +322,10 @@ def test_jvp_full_matches_finite_differences(loaded, layer):
     d = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(9))
     hm.extension("jvp").configure(direction=d)
     b = f"blocks.{layer}."
-    got, out = read_all(hm, [b + "jvp.full", b + "resid_pre", b + "context.resid_pre", "cond_embed.out"], x)
+    got, out = read_all(hm, [b + "jvp.full", b + "resid_pre", b + "context.resid_pre", "time_embed.out"], x)
     assert torch.equal(out, forward(model, x))  # the JVP leaves the forward alone
     blk = copy.deepcopy(model.transformer_blocks[layer]).double()
-    kw = dict(encoder_hidden_states=got[b + "context.resid_pre"].double(), temb=got["cond_embed.out"].double())
+    kw = dict(encoder_hidden_states=got[b + "context.resid_pre"].double(), temb=got["time_embed.out"].double())
     eps, h = 1e-5, got[b + "resid_pre"].double()
     with torch.no_grad():
         fd = (blk(hidden_states=h + eps * d, **kw)[1] - blk(hidden_states=h - eps * d, **kw)[1]) / (2 * eps)
@@ -347,14 +347,14 @@ def test_jvp_full_replica_difference_under_coupling(loaded):
     hm.extension("jvp").configure(direction="replica")
     x = {k: torch.cat([v[:1], v[:1]]) if k != "hidden_states" else v for k, v in model_inputs().items()}
     try:
-        got, _ = read_all(hm, ["blocks.0.jvp.full", "blocks.0.resid_pre", "blocks.0.context.resid_pre", "cond_embed.out"], x)
+        got, _ = read_all(hm, ["blocks.0.jvp.full", "blocks.0.resid_pre", "blocks.0.context.resid_pre", "time_embed.out"], x)
     finally:
         hm.extension("attention").set_coupling(None)
     blk = copy.deepcopy(model.transformer_blocks[0]).double()
     blk.attn.set_processor(HookedJointAttnProcessor(0, coupling=0.4))
     h = got["blocks.0.resid_pre"].double()
     p, d = (h[:1] + h[1:]) / 2, (h[:1] - h[1:]) / 2
-    kw = dict(encoder_hidden_states=got["blocks.0.context.resid_pre"].double(), temb=got["cond_embed.out"].double())
+    kw = dict(encoder_hidden_states=got["blocks.0.context.resid_pre"].double(), temb=got["time_embed.out"].double())
     eps = 1e-5
     with torch.no_grad():
         plus = blk(hidden_states=torch.cat([p + eps * d, p - eps * d]), **kw)[1]
@@ -427,13 +427,42 @@ def test_capture_stores_what_the_hooks_see(loaded, tmp_path):
     assert out.exit_code == 0 and "blocks.context.attn.in" in out.output and "text_token" in out.output
 
 
-def test_encode_prompts_refuses_in_one_line(tmp_path):
-    """The encoder path is optional: without transformers or a pipeline folder, a one-line error."""
-    from dithooks.adapters.sd3 import encode_prompts
+def test_encode_prompts_through_loaded_model_uses_the_pipelines_encode_prompt(loaded):
+    """LoadedModel.encode_prompts -> SD3Adapter.encode_prompts(pipeline, prompts, negatives): the
+    plumbing only (a stand-in pipeline with StableDiffusion3Pipeline.encode_prompt's signature and
+    return order); real encoders need `transformers` and weights."""
+    import dataclasses
 
+    calls = []
+
+    class FakePipeline:
+        tokenizer_max_length = 2  # SD3's CLIP length is 77; here 2 CLIP + 4 T5 tokens = TEXT_TOKENS
+
+        def encode_prompt(self, prompt, prompt_2, prompt_3, device=None, num_images_per_prompt=1,
+                          do_classifier_free_guidance=True, negative_prompt=None, max_sequence_length=256, **kw):
+            calls.append((list(prompt), prompt_2, prompt_3, negative_prompt, max_sequence_length,
+                          do_classifier_free_guidance))
+            n, L = len(prompt), self.tokenizer_max_length + max_sequence_length
+            full = lambda v, *shape: torch.full((n, *shape), v, dtype=torch.float16)  # noqa: E731
+            return full(1.0, L, fam.JOINT_DIM), full(2.0, L, fam.JOINT_DIM), full(3.0, fam.POOLED_DIM), \
+                full(4.0, fam.POOLED_DIM)
+
+    with_encoders = dataclasses.replace(loaded, components=("transformer", "text_encoder"), _pipeline=FakePipeline())
+    cond = with_encoders.encode_prompts(["a cat", "a dog"])
+    assert calls == [(["a cat", "a dog"], None, None, "", fam.TEXT_TOKENS - 2, True)]  # SD3's null prompt is ""
+    assert cond.prompt_embeds.dtype == torch.float32 and cond.prompt_embeds.shape == (2, fam.TEXT_TOKENS, fam.JOINT_DIM)
+    assert cond.prompt_embeds.eq(1).all() and cond.negative_prompt_embeds.eq(2).all()
+    assert cond.pooled_prompt_embeds.eq(3).all() and cond.negative_pooled_prompt_embeds.eq(4).all()
+    x = Sampler(loaded, SamplerSpec("flow", 1, guidance=2.0)).run(cond, [0, 1])  # and it samples
+    assert torch.isfinite(x).all()
+    with_encoders.encode_prompts(["a cat", "a dog"], ["blurry"])
+    assert calls[-1][3] == ["blurry", "blurry"]
+    with pytest.raises(DithooksError, match="3 negative prompts for 2 prompts"):
+        with_encoders.encode_prompts(["a cat", "a dog"], ["a", "b", "c"])
+    FakePipeline.tokenizer_max_length = 77
     with pytest.raises(DithooksError) as e:
-        encode_prompts(str(tmp_path / "nowhere"), ["a cat"])
-    assert "\n" not in str(e.value) and str(e.value).split(":")[-1].strip()
+        with_encoders.encode_prompts(["a cat"])
+    assert "\n" not in str(e.value) and "no T5 tokens" in str(e.value)
 
 
 def test_replica_pairs_through_the_sampler(loaded):

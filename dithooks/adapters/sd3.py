@@ -20,7 +20,7 @@ block returns no text stream, so that block has no ``context.attn.out`` / ``cont
 Hook points: the image stream under the shared names (``resid_pre``, ``adaln.*``, ``attn.in``,
 ``attn.out``, ``resid_mid``, ``mlp.in``, ``mlp.out``, ``resid_post``), the text stream under
 ``context.*``, the joint-attention processor's points (:mod:`dithooks.attention.joint_processor`)
-and the model-level ``embed.out``, ``context_embed.out``, ``cond_embed.out``, ``final.out``.
+and the model-level ``embed.out``, ``context_embed.out``, ``time_embed.out``, ``final.out``.
 Every point is read with a PyTorch hook on the module that computes it (bit for bit). A
 replaced ``resid_mid`` (read at ``norm2``'s input) is carried to the block's output tuple
 (element 1 for the image stream, 0 for ``context.resid_mid``), since the block re-uses the
@@ -121,7 +121,7 @@ SD3_MODEL: tuple[PointSpec, ...] = (
          "patch embedding plus positional embedding: the image stream entering block 0"),
     post("context_embed.out", "context_embedder", TEXT_RESID,
          "prompt embeddings projected to the model width: the text stream entering block 0"),
-    post("cond_embed.out", "time_text_embed", VECTOR,
+    post("time_embed.out", "time_text_embed", VECTOR,
          "temb = timestep embedding + pooled text projection: what every adaLN reads"),
 )
 SD3_FINAL: tuple[PointSpec, ...] = (
@@ -217,6 +217,34 @@ class SD3Adapter(ModelAdapter):
                 raise DithooksError(f"{name} has shape {tuple(neg.shape[1:])} per sample, "
                                     f"{name[len('negative_'):]} {tuple(pos.shape[1:])}")
 
+    def encode_prompts(self, pipeline, prompts, negative_prompts=None):
+        """Prompts to a :class:`~dithooks.conditioning.Conditioning` through a
+        StableDiffusion3Pipeline's own ``encode_prompt`` (CLIP-L + CLIP-G pooled, and the
+        sequence [77 CLIP tokens; T5 tokens] with ``max_sequence_length = text_tokens - 77``).
+
+        The null branch is the pipeline's: the encoders of ``negative_prompts``, default ``""``
+        (SD3's convention), not zeros. Called by
+        :meth:`dithooks.loading.LoadedModel.encode_prompts` for a pipeline folder that ships its
+        text encoders; tested with a stand-in pipeline only (real encoders need ``transformers``
+        and weights)."""
+        from ..conditioning import Conditioning
+
+        prompts = list(prompts)
+        clip = int(getattr(pipeline, "tokenizer_max_length", 77))
+        if self.text_tokens <= clip:
+            raise DithooksError(f"text_tokens = {self.text_tokens} leaves no T5 tokens after SD3's {clip} CLIP "
+                                f"tokens: set text_tokens above {clip} (default {DEFAULT_TEXT_TOKENS})")
+        negative = "" if negative_prompts is None else list(negative_prompts)
+        if isinstance(negative, list) and len(negative) not in (1, len(prompts)):
+            raise DithooksError(f"{len(negative)} negative prompts for {len(prompts)} prompts: give one, or one each")
+        if isinstance(negative, list) and len(negative) == 1:
+            negative = negative * len(prompts)
+        pe, npe, ppe, nppe = pipeline.encode_prompt(
+            prompt=prompts, prompt_2=None, prompt_3=None, num_images_per_prompt=1, do_classifier_free_guidance=True,
+            negative_prompt=negative, max_sequence_length=self.text_tokens - clip)
+        return Conditioning(prompt_embeds=pe.float().cpu(), pooled_prompt_embeds=ppe.float().cpu(),
+                            negative_prompt_embeds=npe.float().cpu(), negative_pooled_prompt_embeds=nppe.float().cpu())
+
     def timestep_input(self, t, batch: int, device) -> torch.Tensor:
         """The SD3 pipeline's convention: the scheduler timestep ``t = sigma * 1000`` as a float."""
         return torch.full((batch,), float(t), device=device, dtype=torch.float32)
@@ -226,31 +254,3 @@ class SD3Adapter(ModelAdapter):
         return {"encoder_hidden_states": rows["prompt_embeds"].to(dtype),
                 "pooled_projections": rows["pooled_prompt_embeds"].to(dtype)}
 
-
-def encode_prompts(pipeline_dir: str, prompts: list[str], negative: list[str] | None = None,
-                   device: str = "cpu", max_sequence_length: int = 256):
-    """Prompt embeddings from an SD3 pipeline folder that ships its text encoders
-    (``StableDiffusion3Pipeline.encode_prompt``), as a :class:`~dithooks.conditioning.Conditioning`.
-
-    Untested in this repository's suite: it needs ``transformers`` (not a dependency of
-    dithooks) and the pipeline's text encoders, which cannot be downloaded there."""
-    import importlib.util
-
-    from ..conditioning import Conditioning
-
-    if importlib.util.find_spec("transformers") is None:
-        raise DithooksError("encoding prompts needs the `transformers` package (pip install transformers); "
-                            "or give precomputed prompt embeddings")
-    from diffusers import StableDiffusion3Pipeline
-
-    try:
-        pipe = StableDiffusion3Pipeline.from_pretrained(pipeline_dir, transformer=None, vae=None)
-    except Exception as e:
-        lines = [ln for ln in str(e).splitlines() if ln.strip()]
-        raise DithooksError(f"cannot load an SD3 pipeline with text encoders from {pipeline_dir}: "
-                            f"{lines[0][:160] if lines else type(e).__name__}") from None
-    pe, npe, ppe, nppe = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device=device,
-                                            do_classifier_free_guidance=negative is not None,
-                                            negative_prompt=negative, max_sequence_length=max_sequence_length)
-    return Conditioning(prompt_embeds=pe, pooled_prompt_embeds=ppe, negative_prompt_embeds=npe,
-                        negative_pooled_prompt_embeds=nppe)
