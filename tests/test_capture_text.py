@@ -206,3 +206,26 @@ def test_a_point_only_some_blocks_have_is_stored_over_those_blocks_only(tmp_path
     xr = pytest.importorskip("xarray")
     ds = xr.open_zarr(tmp_path / "s.zarr")
     assert list(ds["blocks.context.resid_post"]["layer_0"].values) == [0]
+
+
+def test_sd3_flow_capture_with_a_partial_layer_array_resumes_to_the_same_store(tmp_path, sd3):
+    emb = save_embeds(tmp_path / "emb.pt", family_sd3.conditioning(2))
+
+    def cfg(out, **kw):
+        return CaptureConfig(out=str(out), layers="all", hooks=("resid_post", "context.resid_post", "attn.pattern"),
+                             sampler=SamplerSpec("flow", 4, guidance=3.0), seeds=(0, 1), storage_dtype="fp32",
+                             conditioning=str(emb), **kw)
+
+    full, part = tmp_path / "full.zarr", tmp_path / "part.zarr"
+    capture(cfg(full), loaded=sd3)
+    session = CaptureSession(cfg(part), loaded=sd3)
+    session.hooks.add_hook("blocks.1.resid_post", Interrupt(2))
+    with pytest.raises(StoreError, match=r"interrupted.*holds steps 0-1 "):
+        session.run()
+    session.hooks.remove_all()
+    res = capture(cfg(part, mode="resume"), loaded=sd3)
+    assert (res.resumed_from, res.steps_run) == (2, 2)
+    assert_stores_equal(full, part)
+    s = open_store(part)
+    assert s.array_meta("blocks.context.resid_post").dims[:4] == ("step", "layer_0", "cfg", "sample")
+    assert np.isfinite(s.select("blocks.context.resid_post").values).all()
