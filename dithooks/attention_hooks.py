@@ -21,6 +21,9 @@ from .errors import DithooksError
 from .hookpoints import block_name, split_name
 
 
+_UNSET = object()  # configure(): an option not given keeps its value
+
+
 class AttentionHooks:
     """Hook-manager extension owning ``processor`` hook points, replica coupling and windows.
 
@@ -43,34 +46,37 @@ class AttentionHooks:
         self._manager = manager
 
     # -- settings ------------------------------------------------------------------------------
-    def configure(self, *, query_tile: int | None = None, query_tokens: Sequence[int] | None = None,
-                  top_k: int | None = None, num_tokens: int | None = None) -> None:
-        """Set the processor options (validated; one-line :class:`DithooksError` on bad input).
+    def configure(self, *, query_tile: Any = _UNSET, query_tokens: Any = _UNSET, top_k: Any = _UNSET,
+                  num_tokens: int | None = None) -> None:
+        """Set the processor options given (validated; one-line :class:`DithooksError` on bad
+        input); options not given keep their value, ``None`` clears ``query_tokens``/``top_k``.
 
         ``num_tokens`` (default: the adapter's geometry) bounds ``query_tokens`` and ``top_k``.
-        Installed processors are rebuilt with the new options on the next sync."""
+        Installed processors are rebuilt with the new options."""
         if num_tokens is None and self._manager is not None:
             try:
                 num_tokens = self._manager.adapter.geometry.num_tokens
             except NotImplementedError:
                 num_tokens = None
-        if query_tile is not None:
+        tile, k, queries = self.query_tile, self.top_k, self.query_tokens
+        if query_tile is not _UNSET:
             if isinstance(query_tile, bool) or not isinstance(query_tile, numbers.Integral) or query_tile < 1:
                 raise DithooksError(f"query tile must be at least 1, got {query_tile}")
-            self.query_tile = int(query_tile)
-        if top_k is not None:
-            if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1 or (
-                    num_tokens is not None and top_k > num_tokens):
+            tile = int(query_tile)
+        if top_k is not _UNSET:
+            if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1
+                                      or (num_tokens is not None and top_k > num_tokens)):
                 top = f"1-{num_tokens}" if num_tokens is not None else ">= 1"
                 raise DithooksError(f"top-k must lie in {top} (the number of tokens), got {top_k}")
-        self.top_k = None if top_k is None else int(top_k)
-        if query_tokens:
-            bad = [q for q in query_tokens if isinstance(q, bool) or not isinstance(q, numbers.Integral)
+            k = None if top_k is None else int(top_k)
+        if query_tokens is not _UNSET:
+            bad = [q for q in (query_tokens or ()) if isinstance(q, bool) or not isinstance(q, numbers.Integral)
                    or q < 0 or (num_tokens is not None and q >= num_tokens)]
             if bad:
                 top = f"0-{num_tokens - 1}" if num_tokens is not None else ">= 0"
                 raise DithooksError(f"query token {bad[0]} is out of range: this model has tokens {top}")
-        self.query_tokens = [int(q) for q in query_tokens] if query_tokens else None
+            queries = [int(q) for q in query_tokens] if query_tokens else None
+        self.query_tile, self.top_k, self.query_tokens = tile, k, queries  # all or nothing
         if self._manager is not None:  # rebuild installed processors with the new options
             for layer in list(self._processors):
                 self._uninstall(self._manager, layer)

@@ -223,9 +223,14 @@ def test_attention_settings_are_validated(tiny_model):
     with pytest.raises(DithooksError, match="coupled layer 4 is out of range"):
         att.set_coupling(0.2, [4])
     att.configure(query_tokens=[3], top_k=2, query_tile=8)
+    with pytest.raises(DithooksError, match="query token -1"):
+        att.configure(top_k=3, query_tokens=[-1])  # all or nothing: top_k stays 2
+    att.configure(query_tile=4)  # options not given keep their value
     with hm.hooks(read={"blocks.0.attn.pattern_query": lambda v, c: None}):
         proc = att.processor(0)
-        assert (proc.query_tokens, proc.top_k, proc.query_tile) == ((3,), 2, 8)
+        assert (proc.query_tokens, proc.top_k, proc.query_tile) == ((3,), 2, 4)
+        att.configure(top_k=None)
+        assert att.processor(0) is not proc and att.processor(0).top_k is None
     with pytest.raises(DithooksError, match="unknown JVP setting"):
         hm.extension("jvp").configure(nope=1)
     with pytest.raises(DithooksError, match="JVP coupling"):
