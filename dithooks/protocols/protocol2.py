@@ -52,9 +52,10 @@ import torch
 
 from ..errors import DithooksError, StoreError
 from ..lists import parse_float_list
-from ..probes.api import Option, Output, ProbeError, parse_band
-from ..probes.builtin import DifferenceModes, _value_dims
-from ..probes.modes import DifferenceModeBasis, band_energies, band_indices
+from ..analysis.difference_modes import DifferenceModes
+from ..analysis.modes import band_energies, band_indices
+from ..probe_api import Option, Output, ProbeError, parse_band
+from ..probe_runner import probe_array_name
 from ..store.metadata import now
 from .pairs import PairedRequest
 from .store import ResultsStore
@@ -137,15 +138,7 @@ class Protocol2Modes(DifferenceModes):
 
     def observe(self, name: str, value: torch.Tensor, ctx) -> None:
         X = self.pair_differences(value, ctx)
-        basis = self.bases.get(ctx.layer)
-        if basis is None:  # step 0: this layer's fixed basis [42–44]
-            try:
-                basis = DifferenceModeBasis.fit(X, centre=self.opts["centre"], rel_tol=self.opts["rel_tol"] or None,
-                                                max_modes=self.K, dtype=self.dtype)
-            except ValueError as e:
-                raise ProbeError(f"protocol2, layer {ctx.layer}: {e}") from None
-            self.bases[ctx.layer] = basis
-            self.value_dims = _value_dims(ctx, value)
+        basis = self.layer_basis(X, value, ctx)  # fitted at step 0 [42–44], then fixed
         P = basis.project(X)  # (M, K): one projection serves the per-pair and the mean energies
         e = (P * P / basis.eigenvalues).to(torch.float64).cpu()
         i = self.run.layer_pos(ctx.layer)
@@ -541,12 +534,12 @@ def _load_run(path: Path) -> dict[str, np.ndarray]:
     from ..store.reader import open_store
 
     s = open_store(path)
-    p = "probe.difference_modes."
     need = ("pair_energy", "n_modes", "eigenvalues", "mean_free_fraction", "low_freq_fraction", "coherence_geometry")
-    missing = [n for n in need if p + n not in s.array_names()]
+    name = {n: probe_array_name(Protocol2Modes.label(), n) for n in need}
+    missing = [name[n] for n in need if name[n] not in s.array_names()]
     if missing:
-        raise StoreError(f"{path} lacks {p}{missing[0]}: was it written by protocol2?")
-    out = {n: np.asarray(s.select(p + n).values, dtype=np.float64) for n in need}
+        raise StoreError(f"{path} lacks {missing[0]}: was it written by protocol2?")
+    out = {n: np.asarray(s.select(name[n]).values, dtype=np.float64) for n in need}
     out["timestep"] = s.coord("timestep")
     out["layer"] = s.coord("layer")
     return out

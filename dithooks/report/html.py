@@ -12,7 +12,7 @@ durations, the request as stored, library versions) and then, by what it holds:
 - a capture store (``dithooks capture`` / ``probe`` / ``routing``): completeness, replica,
   attention and JVP settings, probes, and the arrays (dims, shape, dtype, size in memory and on
   disk). With ``probe.routing.*`` also the per-layer routing table, the bound counts and the
-  linearisation error (:mod:`dithooks.probes.routing_summary`) and the layer × step heatmap; with
+  linearisation error (:mod:`dithooks.analysis.routing_summary`) and the layer × step heatmap; with
   ``probe.difference_modes.*`` the band energies and R per layer at the last complete step.
 
 Nothing is fetched at view time: no scripts, no external stylesheets, fonts or images.
@@ -34,6 +34,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import DithooksError, StoreError
+from ..store.layout import STEP_COMPLETE
+
+#: registered names of the probes whose stored outputs get their own tables
+ROUTING, MODES = "routing", "difference_modes"
 
 ATTR_KEY = "dithooks"
 
@@ -239,7 +243,7 @@ def _nested_runs(path: Path) -> str:
     from ..store.reader import open_store
 
     rows = []
-    for marker in sorted(path.rglob("step_complete")):  # every capture store has this array
+    for marker in sorted(path.rglob(STEP_COMPLETE)):  # every capture store has this array
         d = marker.parent
         if d == path or not marker.is_dir():
             continue
@@ -275,9 +279,11 @@ def _capture_section(path: Path, prefix: str) -> str:
         facts.append(("probes", ", ".join(p["name"] for p in meta["probes"])))
     out = ["<h3>capture</h3>", meta_table(facts)]
     names = s.array_names()
-    if any(n.startswith("probe.routing.") for n in names):
+    from ..probe_runner import probe_array_name  # imports torch: only for capture stores
+
+    if any(n.startswith(probe_array_name(ROUTING, "")) for n in names):
         out.append(_routing_html(s, prefix))
-    if any(n.startswith("probe.difference_modes.") for n in names):
+    if any(n.startswith(probe_array_name(MODES, "")) for n in names):
         out.append(_modes_html(s))
     arrays = []
     for n in names:
@@ -290,7 +296,7 @@ def _capture_section(path: Path, prefix: str) -> str:
 
 
 def _routing_html(store, prefix: str) -> str:
-    from ..probes.routing_summary import routing_heatmap, routing_summary, routing_table, summary_lines
+    from ..analysis.routing_summary import routing_heatmap, routing_summary, routing_table, summary_lines
 
     try:
         rows = routing_table(store)
@@ -310,14 +316,16 @@ def _routing_html(store, prefix: str) -> str:
 
 
 def _modes_html(store) -> str:
-    done = np.flatnonzero(np.asarray(store.group["step_complete"][...]))
+    from ..probe_runner import probe_array_name
+
+    done = np.flatnonzero(np.asarray(store.step_complete(), dtype=bool))
     if not done.size:
         return ""
     step = int(done[-1])
-    p = "probe.difference_modes."
-    if p + "R" not in store.array_names():
+    if probe_array_name(MODES, "R") not in store.array_names():
         return ""
-    vals = {k: np.asarray(store.select(p + k, step=step).values, dtype=float) for k in ("E_lead", "E_trail", "R")}
+    vals = {k: np.asarray(store.select(probe_array_name(MODES, k), step=step).values, dtype=float)
+            for k in ("E_lead", "E_trail", "R")}
     layers = store.coord("layer").tolist()
     rows = [{"block": int(layer), "E_lead": vals["E_lead"][0, i], "E_trail": vals["E_trail"][0, i], "R": vals["R"][0, i]}
             for i, layer in enumerate(layers)]
@@ -334,7 +342,7 @@ def store_section(path: str | Path, index: int = 0) -> tuple[str, str]:
     if isinstance(meta.get("summary"), dict) or kind != "capture":
         body.append(_summary_convention(path, meta, prefix))
         body.append(_nested_runs(path))
-    if "step_complete" in {p.name for p in path.iterdir()}:
+    if STEP_COMPLETE in {p.name for p in path.iterdir()}:
         body.append(_capture_section(path, prefix))
     title = f"{path.name} ({kind})"
     return title, "".join(body)
