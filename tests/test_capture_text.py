@@ -229,3 +229,21 @@ def test_sd3_flow_capture_with_a_partial_layer_array_resumes_to_the_same_store(t
     s = open_store(part)
     assert s.array_meta("blocks.context.resid_post").dims[:4] == ("step", "layer_0", "cfg", "sample")
     assert np.isfinite(s.select("blocks.context.resid_post").values).all()
+
+
+def test_probe_outputs_of_a_text_model_name_the_prompt_coordinate(tmp_path, pixart):
+    emb = save_embeds(tmp_path / "emb.pt", family_pixart.conditioning(2))
+    capture(pixart_config(tmp_path / "s.zarr", emb, hooks=("resid_post",), probes=("residual_norms",)), loaded=pixart)
+    s = open_store(tmp_path / "s.zarr")
+    probe_arrays = [n for n in s.array_names() if n.startswith("probe.residual_norms.")]
+    assert probe_arrays
+    for name in probe_arrays:
+        m = s.array_meta(name)
+        coords = m.attrs.get("coordinates", "").split()
+        if "sample" in m.dims:
+            assert "prompt" in coords and "label" not in coords, (name, coords)
+    # residual_norms' rms equals the RMS over (token, channel) of what the store holds (fp32, recomputed)
+    resid = s.select("blocks.resid_post").values.astype(np.float64)
+    rms = s.select("probe.residual_norms.rms").values
+    assert s.array_meta("probe.residual_norms.rms").dims == ("step", "layer", "cfg", "sample")
+    np.testing.assert_allclose(rms, np.sqrt((resid ** 2).mean(axis=(-2, -1))), rtol=1e-6)
