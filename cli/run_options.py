@@ -17,7 +17,7 @@ import functools
 import inspect
 import math
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional, get_type_hints
+from typing import Annotated, Any, Callable, List, Optional, Sequence, get_type_hints
 
 import typer
 
@@ -36,7 +36,9 @@ Guidance = Annotated[float, typer.Option("--guidance", "-g", help="Classifier-fr
 Classes = Annotated[str, typer.Option("--class", "--classes", "-c", help="Class label(s): one for all samples, or one per seed (0-9, 3,5).")]
 Seeds = Annotated[str, typer.Option("--seeds", "-s", help="Seeds, one sample (or one replica pair) each: 0-7 or 0,4,9.")]
 PromptEmbeds = Annotated[Optional[Path], typer.Option("--prompt-embeds", help="Text-conditioned families (PixArt, SD3, Flux): a .pt or .safetensors file with prompt_embeds (prompts x text tokens x channels) and, as the family needs, pooled_prompt_embeds, negative_prompt_embeds, negative_pooled_prompt_embeds; --class does not apply.")]
-PromptRows = Annotated[Optional[str], typer.Option("--prompt-rows", help="Rows of --prompt-embeds, one for all seeds or one per seed: 0, 0-3 (default: row i for seed i, or row 0 when the file holds one).")]
+PromptRows = Annotated[Optional[str], typer.Option("--prompt-rows", help="Rows of --prompt-embeds (or of the --prompt list), one for all seeds or one per seed: 0, 0-3 (default: row i for seed i, or row 0 when there is one).")]
+Prompts = Annotated[List[str], typer.Option("--prompt", metavar="<str>", help="Text-conditioned families whose model folder is a pipeline with its text encoders: a prompt, encoded by the pipeline; repeat for more (one for all seeds, or one per seed).")]
+NegativePrompt = Annotated[Optional[str], typer.Option("--negative-prompt", help="With --prompt and --guidance: the prompt of the unconditional branch (default: the family's empty prompt).")]
 StorageDtype = Annotated[str, typer.Option("--dtype", help="Storage dtype of raw hooks: fp32, fp16, bf16 (probe outputs are float32).")]
 ComputeDtype = Annotated[str, typer.Option("--compute-dtype", help="Model dtype: fp32, fp16, bf16.")]
 Device = Annotated[str, typer.Option("--device", help="torch device: cpu, cuda, cuda:1, mps.")]
@@ -91,6 +93,8 @@ class SamplingOptions:
     seeds: Seeds = "0"
     prompt_embeds: PromptEmbeds = None
     prompt_rows: PromptRows = None
+    prompt: Prompts = ()
+    negative_prompt: NegativePrompt = None
     pairs: Pairs = False
     kappa: Kappa = None
     coupling: Coupling = None
@@ -233,7 +237,8 @@ def _jvp_direction(text: str) -> Any:
 
 def sampling_request(*, out: Path, model: str | None, layers: str, hooks: str, steps: int, sampler: str,
                      eta: float, guidance: float, classes: str, seeds: str, prompt_embeds: Path | None = None,
-                     prompt_rows: str | None = None, dtype: str = "fp16",
+                     prompt_rows: str | None = None, prompt: Sequence[str] = (), negative_prompt: str | None = None,
+                     dtype: str = "fp16",
                      compute_dtype: str = "fp32", compression: str = "none", device: str = "cpu",
                      resume: bool = False, overwrite: bool = False, pairs: bool = False,
                      kappa: float | None = None, coupling: float | None = None, couple_until: int | None = None,
@@ -277,9 +282,16 @@ def sampling_request(*, out: Path, model: str | None, layers: str, hooks: str, s
         if not Path(prompt_embeds).expanduser().is_file():
             raise DithooksError(f"--prompt-embeds {prompt_embeds}: no such file")
         text["conditioning"] = str(prompt_embeds)
+    prompt = tuple(prompt or ())
+    if prompt and prompt_embeds is not None:
+        raise DithooksError("--prompt and --prompt-embeds exclude each other: give prompts as text or as embeddings")
+    if negative_prompt is not None and not prompt:
+        raise DithooksError("--negative-prompt goes with --prompt (a file's negatives are its negative_prompt_embeds)")
+    if prompt:  # encoded by make_session, which loads the model (and its pipeline's text encoders)
+        text[ENCODE_PROMPTS] = (prompt, negative_prompt)
     if prompt_rows is not None:
-        if prompt_embeds is None:
-            raise DithooksError("--prompt-rows picks rows of --prompt-embeds: give that file too")
+        if prompt_embeds is None and not prompt:
+            raise DithooksError("--prompt-rows picks rows of --prompt-embeds (or of the --prompt list): give those too")
         text["prompts"] = tuple(parse_int_list(prompt_rows, "prompt rows", lo=0))
     auto = sampler.strip().lower() == "auto"  # resolved by make_session, which loads the model
     return dict(
@@ -295,6 +307,8 @@ def sampling_request(*, out: Path, model: str | None, layers: str, hooks: str, s
 
 #: request key (not a CaptureConfig field) of ``--sampler auto``: make_session picks the family's sampler
 AUTO_SAMPLER = "_auto_sampler"
+#: request key of ``--prompt``: (prompts, negative prompt), encoded by make_session
+ENCODE_PROMPTS = "_encode_prompts"
 
 
 def make_session(request: dict[str, Any], *, allow_weight_mismatch: bool = False):
@@ -306,15 +320,19 @@ def make_session(request: dict[str, Any], *, allow_weight_mismatch: bool = False
 
     request = dict(request)
     auto = request.pop(AUTO_SAMPLER, False)
+    encode = request.pop(ENCODE_PROMPTS, None)
     cfg = CaptureConfig(**request)
     loaded = None
-    if allow_weight_mismatch or auto:  # the session loads strictly by itself otherwise
+    if allow_weight_mismatch or auto or encode:  # the session loads strictly by itself otherwise
         loaded = load_model(cfg.model, device=cfg.device, dtype=_compute_dtype(cfg.compute_dtype),
                             allow_weight_mismatch=allow_weight_mismatch)
     if auto:
         name = getattr(loaded.adapter, "default_sampler", "ddim")
         if name != cfg.sampler.name:
             cfg.sampler = dataclasses.replace(cfg.sampler, name=name)
+    if encode:
+        prompts, negative = encode
+        cfg.conditioning = loaded.encode_prompts(list(prompts), None if negative is None else [negative] * len(prompts))
     return CaptureSession(cfg, loaded)
 
 

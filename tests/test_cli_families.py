@@ -115,3 +115,34 @@ def test_hooks_lists_each_block_kind(family, tmp_path):
     assert listed == {f"blocks.1.{local}" for local in per_block[1]}
     text = run("hooks", "--model", model, "--layer", "1").output
     assert "shown for block 1" in text and f"{family.FAMILY} family" in text
+
+
+def test_prompts_as_text_go_through_the_pipeline_encoder(sd3, tmp_path, monkeypatch):
+    """--prompt: the model's encode_prompts (a stand-in here: real encoders need T5/CLIP weights) gives
+    the embeddings; the capture equals one from a file holding the same tensors."""
+    from dithooks.loading import LoadedModel
+
+    model, embeds, _ = sd3
+    cond = family_sd3.conditioning(2, seed=9)
+    calls = []
+
+    def fake_encode(self, prompts, negative_prompts=None):
+        calls.append((list(prompts), negative_prompts))
+        return cond
+
+    common = ("--model", model, "--steps", "2", "--hooks", "resid_post", "--seeds", "0-1", "-q")
+    r = run("capture", *common, "--prompt", "a cat", "--prompt", "a dog", "--out", tmp_path / "text.zarr")
+    assert "ships no text encoders" in one_line_error(r)  # a bare transformer folder has no pipeline
+    monkeypatch.setattr(LoadedModel, "encode_prompts", fake_encode)
+    r = run("capture", *common, "--prompt", "a cat", "--prompt", "a dog", "--negative-prompt", "blurry",
+            "--out", tmp_path / "text.zarr")
+    assert r.exit_code == 0, r.output
+    assert calls == [(["a cat", "a dog"], ["blurry", "blurry"])]
+    r = run("capture", *common, "--prompt-embeds", save_embeds(tmp_path / "same.pt", cond), "--out", tmp_path / "file.zarr")
+    assert r.exit_code == 0, r.output
+    a = open_store(tmp_path / "text.zarr").select("blocks.resid_post").values
+    b = open_store(tmp_path / "file.zarr").select("blocks.resid_post").values
+    assert np.array_equal(a, b)
+    for args, needle in ((("--prompt", "x", "--prompt-embeds", embeds), "exclude each other"),
+                         (("--negative-prompt", "x", "--prompt-embeds", embeds), "goes with --prompt")):
+        assert needle in one_line_error(run("capture", *common, *args, "--out", tmp_path / "bad.zarr"))
