@@ -187,3 +187,20 @@ def test_staging_from_cuda_is_pinned_and_synchronised_once_per_step():
     assert st.syncs == 1
     for i, x in enumerate(xs):
         assert torch.equal(slab[i], x.half().cpu())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_nonfinite_counts_per_row_match_isfinite(dtype):
+    from dithooks.store.codecs import to_numpy
+    from dithooks.store.writer import count_nonfinite
+
+    x = torch.randn(4, 50) * 100
+    x[1, 3], x[1, 7], x[3, 0] = float("nan"), float("inf"), -float("inf")
+    if dtype != torch.float32:
+        x[2, 5] = 1e6 if dtype == torch.float16 else 3.4e38  # finite in fp32, inf once stored
+    t = x.to(dtype)
+    want = (~np.isfinite(t.float().numpy())).sum(axis=1)
+    got = count_nonfinite(to_numpy(t), dtype, (slice(5, 9),))
+    assert got == {5 + i: int(c) for i, c in enumerate(want) if c}
+    assert count_nonfinite(to_numpy(t[0]), dtype, (0,)) == {}
+    assert count_nonfinite(to_numpy(t), dtype, (7,)) == {7: int(want.sum())}

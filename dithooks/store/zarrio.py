@@ -509,14 +509,20 @@ def array_metadata(shape: tuple[int, ...], chunks: tuple[int, ...], data_type: s
     return meta
 
 
+_PARTIAL_BASE = [0, 0, 0]  # [random 128-bit base, writes so far, pid that drew the base]
+
+
 def partial_name(path: str) -> str:
     """The temporary name of an atomic write (zarr-python's ``*.<32 hex>.partial`` pattern, which
-    ``--resume`` and ``--overwrite`` know)."""
-    import uuid
-
+    ``--resume`` and ``--overwrite`` know): a random base per process plus a counter (no random
+    bytes to read per file; a forked child draws its own base)."""
+    if _PARTIAL_BASE[2] != os.getpid() or _PARTIAL_BASE[1] >> 64:
+        _PARTIAL_BASE[:] = [int.from_bytes(os.urandom(16), "little"), 0, os.getpid()]
+    _PARTIAL_BASE[1] += 1
+    token = (_PARTIAL_BASE[0] + _PARTIAL_BASE[1]) % (1 << 128)
     head, tail = os.path.split(path)
     stem = tail.rsplit(".", 1)[0] if "." in tail else tail
-    return os.path.join(head, f"{stem}.{uuid.uuid4().hex}.partial")
+    return os.path.join(head, f"{stem}.{token:032x}.partial")
 
 
 def write_atomic(path: str, pieces: list) -> int:
