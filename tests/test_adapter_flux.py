@@ -42,10 +42,14 @@ def _inputs(B=2, seed=1):
     return x, {"prompt_embeds": cond.prompt_embeds, "pooled_prompt_embeds": cond.pooled_prompt_embeds}
 
 
+QUERY_TOKENS, TOP_K = (5, 0), 3
+
+
 def _run(loaded, read=(), g=None, r=None, B=2, seed=1, x=None, rows=None):
     """denoise() once with ``read`` names hooked; returns (output, {name: value})."""
     a = loaded.adapter
     hm = HookManager(loaded.transformer, a)
+    hm.extension("attention").configure(query_tokens=list(QUERY_TOKENS), top_k=TOP_K)  # every point can fire
     seen = {}
     if x is None:
         x, rows = _inputs(B, seed)
@@ -53,15 +57,15 @@ def _run(loaded, read=(), g=None, r=None, B=2, seed=1, x=None, rows=None):
         if read:
             hm.add_hook(list(read), lambda v, ctx: seen.__setitem__(ctx.name, v.detach().clone()))
         if g is not None:
-            hm.attention.set_coupling(g)
+            hm.extension("attention").set_coupling(g)
         if r is not None:
-            hm.attention.set_window(r)
+            hm.extension("attention").set_window(r)
         try:
             out = a.denoise(x, 500.0, rows)
         finally:
             hm.remove_all()
-            hm.attention.set_coupling(None)
-            hm.attention.set_window(None)
+            hm.extension("attention").set_coupling(None)
+            hm.extension("attention").set_window(None)
     return out, seen
 
 
@@ -90,10 +94,11 @@ def test_every_point_fires_with_its_dims(loaded):
              and not n.endswith("_inter")]
     _, seen = _run(loaded, names)
     assert set(seen) == set(names)
-    sizes = a.dim_sizes()
+    sizes = a.dim_sizes(top_k=TOP_K)
     for n in names:
         p = a.point(n)
-        want = tuple(2 if d == "batch" else sizes[d] for d in p.dims)
+        sz = {**sizes, "query": len(QUERY_TOKENS)} if n.endswith("pattern_query") else sizes
+        want = tuple(2 if d == "batch" else sz[d] for d in p.dims)
         assert tuple(seen[n].shape) == want, n
 
 
@@ -467,12 +472,12 @@ def test_jvp_full_replica_difference_at_coupling(loaded):
         hm.add_hook(["blocks.*.jvp.full", "blocks.*.jvp.point", "blocks.*.jvp.direction", "blocks.*.context.resid_pre",
                      "time_embed.out"], lambda v, ctx: s.__setitem__(ctx.name, v.clone()))
         hm.state.batch_axes = (("replica", 2), ("sample", 1))
-        hm.jvp.configure(direction="replica", g=0.5)
+        hm.extension("jvp").configure(direction="replica", g=0.5)
         try:
             a.denoise(x, 500.0, rows)
         finally:
             hm.remove_all()
-            hm.jvp.configure(direction="auto", g=None)
+            hm.extension("jvp").configure(direction="auto", g=None)
             hm.state.batch_axes = ()
     for i in (0, 1):
         f = _block_fn(loaded, i, s, coupling=0.5)

@@ -89,13 +89,13 @@ def test_processor_slots_and_where_points_are_read(loaded):
 
 def test_every_hook_point_fires_with_its_dims(loaded):
     hm = HookManager(loaded.transformer, loaded.adapter)
-    hm.attention.configure(top_k=3, query_tokens=[0, 5])
-    hm.attention.set_coupling(0.0)  # a replica-major batch, so that the inter-replica blocks exist too
+    hm.extension("attention").configure(top_k=3, query_tokens=[0, 5])
+    hm.extension("attention").set_coupling(0.0)  # a replica-major batch, so that the inter-replica blocks exist too
     names = [n for n, p in loaded.adapter.hook_points().items() if p.kind in ("pre", "post", "processor")]
     try:
         seen, _ = record(hm, names, inp=pair_inputs())
     finally:
-        hm.attention.set_coupling(None)
+        hm.extension("attention").set_coupling(None)
     assert set(seen) == set(names)
     sizes = {**loaded.adapter.dim_sizes(top_k=3), "batch": 4}
     for name in names:
@@ -281,16 +281,16 @@ def test_coupling_at_g0_is_two_independent_runs(loaded):
     x, t, emb, mask = pair_inputs()
     plain = run(model, x, t, emb, mask)
     hm = HookManager(model, loaded.adapter)
-    hm.attention.set_coupling(0.0)
+    hm.extension("attention").set_coupling(0.0)
     try:
         # one processor on both attention modules; its cross-attention calls are never coupled
         assert all(type(b.attn1.processor).__name__ == "HookedPixArtAttnProcessor"
                    and b.attn2.processor is b.attn1.processor for b in model.transformer_blocks)
         out = run(model, x, t, emb, mask)
-        hm.attention.set_coupling(0.6)
+        hm.extension("attention").set_coupling(0.6)
         coupled = run(model, x, t, emb, mask)
     finally:
-        hm.attention.set_coupling(None)
+        hm.extension("attention").set_coupling(None)
     assert torch.equal(out, plain)
     for half in (slice(0, 2), slice(2, 4)):  # each replica alone: equal to batch-size GEMM blocking
         torch.testing.assert_close(out[half], run(model, x[half], t[half], emb[half], mask[half]),
@@ -305,11 +305,11 @@ def test_identical_replicas_are_a_fixed_point_of_coupling(loaded):
     x = torch.cat([x[:2], x[:2]])
     plain = run(model, x, t, emb, mask)
     hm = HookManager(model, loaded.adapter)
-    hm.attention.set_coupling(0.8)
+    hm.extension("attention").set_coupling(0.8)
     try:
         out = run(model, x, t, emb, mask)
     finally:
-        hm.attention.set_coupling(None)
+        hm.extension("attention").set_coupling(None)
     torch.testing.assert_close(out, plain, atol=1e-5, rtol=0)
 
 
@@ -319,12 +319,12 @@ def test_window_covering_the_grid_is_global_and_smaller_windows_are_local(loaded
     hm = HookManager(model, loaded.adapter)
     try:
         for r in (3, 7):  # side - 1 = 3
-            hm.attention.set_window(r)
+            hm.extension("attention").set_window(r)
             assert torch.equal(run(model, *inputs()), ref)
-        hm.attention.set_window(1)
+        hm.extension("attention").set_window(1)
         seen, local = record(hm, ["blocks.0.attn.pattern"])
     finally:
-        hm.attention.set_window(None)
+        hm.extension("attention").set_window(None)
     assert (local - ref).abs().max() > 1e-5
     A = seen["blocks.0.attn.pattern"]
     rows, cols = torch.arange(N) // 4, torch.arange(N) % 4

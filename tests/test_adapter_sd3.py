@@ -35,6 +35,22 @@ def forward(model, x):
         return model(**x).sample
 
 
+QUERY_TOKENS, TOP_K = (5, 0), 3
+
+
+def manager(model, adapter):
+    """A hook manager whose attention extension can emit every processor point (top-k, query rows)."""
+    hm = HookManager(model, adapter)
+    hm.extension("attention").configure(query_tokens=list(QUERY_TOKENS), top_k=TOP_K)
+    return hm
+
+
+def sizes_of(adapter, name):
+    """{dim: size} for ``name`` (pattern_query's query axis runs over QUERY_TOKENS)."""
+    sizes = {**adapter.dim_sizes(top_k=TOP_K), "batch": 2}
+    return {**sizes, "query": len(QUERY_TOKENS)} if name.endswith("pattern_query") else sizes
+
+
 def read_all(hm, names, x):
     got = {}
     def keep(v, ctx):
@@ -58,13 +74,12 @@ def test_loaded_through_load_model(loaded):
 
 def test_every_point_fires_with_documented_dims(loaded):
     a = loaded.adapter
-    hm = HookManager(loaded.transformer, a)
+    hm = manager(loaded.transformer, a)
     names = [n for n in a.hook_points() if not n.endswith("_inter") and ".jvp." not in n]
     got, _ = read_all(hm, names, model_inputs())
-    sizes = {**a.dim_sizes(), "batch": 2}
-    assert sorted(got) == sorted(names)
+    assert sorted(got) == sorted(names) and "blocks.1.attn.topk_idx" in got
     for n in names:
-        dims = a.point(n).dims
+        dims, sizes = a.point(n).dims, sizes_of(a, n)
         assert tuple(got[n].shape) == tuple(sizes[d] for d in dims), (n, dims, got[n].shape)
     # the last block is context_pre_only: its text stream ends at the joint attention
     assert "blocks.1.context.resid_post" not in a.hook_points()
@@ -74,7 +89,7 @@ def test_every_point_fires_with_documented_dims(loaded):
 
 def test_reading_is_passive(loaded):
     a, model = loaded.adapter, loaded.transformer
-    hm = HookManager(model, a)
+    hm = manager(model, a)
     x = model_inputs()
     ref = forward(model, x)
     module_points = [n for n, p in a.hook_points().items() if p.kind in ("pre", "post")]
@@ -279,16 +294,15 @@ def test_sd35_dual_attention_and_qk_norm():
     torch.manual_seed(1)
     model = SD3Transformer2DModel(**{**fam.CONFIG, "dual_attention_layers": (0,), "qk_norm": "rms_norm"}).eval()
     a = SD3Adapter(model, text_tokens=fam.TEXT_TOKENS)
-    hm = HookManager(model, a)
+    hm = manager(model, a)
     x = model_inputs()
     ref = forward(model, x)
     names = [n for n in a.hook_points() if ".jvp." not in n and not n.endswith("_inter")]
     assert "blocks.0.attn2.out" in names and "blocks.0.adaln.gate_msa2" in names and "blocks.1.attn2.in" not in names
     got, out = read_all(hm, names, x)
     assert sorted(got) == sorted(names) and torch.allclose(out, ref, atol=1e-5)
-    sizes = {**a.dim_sizes(), "batch": 2}
     for n in names:
-        assert tuple(got[n].shape) == tuple(sizes[d] for d in a.point(n).dims), n
+        assert tuple(got[n].shape) == tuple(sizes_of(a, n)[d] for d in a.point(n).dims), n
     blk = model.transformer_blocks[0]
     ad = F.linear(F.silu(got["time_embed.out"]), blk.norm1.linear.weight, blk.norm1.linear.bias).chunk(9, 1)
     assert torch.allclose(got["blocks.0.adaln.gate_msa2"], ad[8], atol=1e-6)

@@ -8,8 +8,8 @@ import torch
 from diffusers import SD3Transformer2DModel
 from diffusers.models.attention_processor import JointAttnProcessor2_0
 
-from dithooks.attention.joint_processor import (ALL_NAMES, NAME_DIMS, HookedJointAttnProcessor,
-                                                JointAttention, image_window_mask)
+from dithooks.attention.joint_processor import ALL_NAMES, NAME_DIMS, HookedJointAttnProcessor, JointAttention
+from dithooks.attention.window import window_mask
 
 torch.set_num_threads(1)
 L_TEXT = 5
@@ -100,7 +100,8 @@ def test_unhooked_and_trivially_hooked_are_bit_for_bit(setup):
 def test_emitted_values_match_numpy(setup):
     model, attn, hs, ehs = setup
     got = {}
-    proc = HookedJointAttnProcessor(0, emit=collect(got), wanted=ALL_NAMES - {"attn.logits_inter", "attn.pattern_inter"})
+    proc = HookedJointAttnProcessor(0, emit=collect(got), wanted=ALL_NAMES - {"attn.logits_inter", "attn.pattern_inter"},
+                                    query_tokens=[5, 0, 15], top_k=3)
     out = run(attn, proc, hs, ehs)
     ref = numpy_joint(attn, hs, ehs)
     N = hs.shape[1]
@@ -122,6 +123,13 @@ def test_emitted_values_match_numpy(setup):
     Q = torch.cat([got["attn.q"], got["attn.context_q"]], 2)
     K = torch.cat([got["attn.k"], got["attn.context_k"]], 2)
     assert torch.allclose(torch.softmax(Q @ K.transpose(-1, -2) / 4.0, -1), got["attn.pattern_joint"], atol=1e-6)
+    # the attn.pattern reductions: image queries, image keys (numpy top-k, head mean, rows)
+    Pii = P[:, :, :N, :N]
+    np.testing.assert_allclose(got["attn.pattern_headmean"].numpy(), Pii.mean(1), atol=1e-6)
+    np.testing.assert_allclose(got["attn.pattern_query"].numpy(), Pii[:, :, [5, 0, 15]], atol=1e-6)
+    order = np.argsort(-Pii, axis=-1)[..., :3]
+    np.testing.assert_array_equal(got["attn.topk_idx"].numpy(), order)
+    np.testing.assert_allclose(got["attn.topk_val"].numpy(), np.take_along_axis(Pii, order, -1), atol=1e-6)
     for name, v in got.items():
         assert v.ndim == len(NAME_DIMS[name]), name
     # the explicit path's output equals SDPA's to float error; per-stream outputs from numpy
@@ -129,13 +137,34 @@ def test_emitted_values_match_numpy(setup):
     assert torch.allclose(out[0], ref_out[0], atol=1e-5) and torch.allclose(out[1], ref_out[1], atol=1e-5)
 
 
-def test_reductions_tiled_equal_untiled(setup):
+@pytest.mark.parametrize("order", ["image_first", "text_first"])
+def test_reductions_tiled_equal_untiled(setup, order):
+    """Query tiles (3 rows, straddling the image/text boundary) give the untiled statistics; in
+    both orders the reductions describe the image rows (and image keys for the pattern ones)."""
     model, attn, hs, ehs = setup
-    a, b = {}, {}
-    run(attn, HookedJointAttnProcessor(0, emit=collect(a), wanted={"attn.n_eff", "attn.entropy"}, query_tile=3), hs, ehs)
-    run(attn, HookedJointAttnProcessor(0, emit=collect(b), wanted={"attn.n_eff", "attn.entropy", "attn.pattern"}), hs, ehs)
+    names = {"attn.n_eff", "attn.entropy", "attn.pattern_headmean", "attn.pattern_query", "attn.topk_idx",
+             "attn.topk_val"}
+    settings = dict(query_tokens=[15, 2, 7], top_k=4, order=order)
+    if order == "image_first":
+        a, b = {}, {}
+        run(attn, HookedJointAttnProcessor(0, emit=collect(a), wanted=names, query_tile=3, **settings), hs, ehs)
+        run(attn, HookedJointAttnProcessor(0, emit=collect(b), wanted=names | {"attn.pattern"}, **settings), hs, ehs)
+    else:
+        g = torch.Generator().manual_seed(5)
+        q, k, v = (torch.randn(2, 2, 16 + L_TEXT, 8, generator=g) for _ in range(3))
+        a, b = {}, {}
+        JointAttention(emit=collect(a), wanted=names, query_tile=3, **settings).attend_joint(q, k, v, L_TEXT)
+        JointAttention(emit=collect(b), wanted=names | {"attn.pattern"}, **settings).attend_joint(q, k, v, L_TEXT)
+        Pii = torch.softmax(q @ k.transpose(-1, -2) / 8 ** 0.5, -1)[:, :, L_TEXT:, L_TEXT:]  # text first
+        assert torch.allclose(b["attn.pattern"], Pii, atol=1e-6)
+        assert torch.allclose(b["attn.pattern_query"], Pii[:, :, [15, 2, 7]], atol=1e-6)
+    for n in names:
+        assert torch.allclose(a[n].float(), b[n].float(), atol=1e-6), n
     for n in ("attn.n_eff", "attn.entropy"):
-        assert torch.allclose(a[n], b[n], atol=1e-6) and a[n].shape == (2, 2, 16)
+        assert a[n].shape == (2, 2, 16)
+    assert a["attn.pattern_headmean"].shape == (2, 16, 16) and a["attn.topk_idx"].shape == (2, 2, 16, 4)
+    assert torch.allclose(b["attn.pattern_headmean"], b["attn.pattern"].mean(1), atol=1e-6)
+    assert a["attn.pattern_query"].shape == (2, 2, 3, 16)
 
 
 def _coupled_numpy(attn, hs, ehs, g, radius=None):
@@ -186,7 +215,7 @@ def test_coupled_inter_pattern_and_window_emission(setup):
                                     wanted={"attn.pattern_inter", "attn.logits", "attn.pattern_joint"})
     o = _per_head_out(attn, proc, hs, ehs)
     np.testing.assert_allclose(o, _coupled_numpy(attn, hs, ehs, 0.5, 1), rtol=1e-4, atol=1e-5)
-    win = image_window_mask(16, 1)
+    win = window_mask(16, 1)
     assert torch.isinf(got["attn.logits"][..., ~win]).all() and torch.isfinite(got["attn.logits"][..., win]).all()
     assert (got["attn.pattern_inter"][..., ~win] == 0).all()
     assert torch.allclose(got["attn.pattern_inter"].sum(-1), torch.ones(2, 2, 16), atol=1e-6)
@@ -250,6 +279,17 @@ def test_bad_settings():
         JointAttention(window=-2)
     with pytest.raises(ValueError, match="order"):
         JointAttention(order="sideways")
+    with pytest.raises(ValueError, match="need top_k"):
+        JointAttention(wanted={"attn.topk_idx"})
+    with pytest.raises(ValueError, match="needs query_tokens"):
+        JointAttention(wanted={"attn.pattern_query"})
+    with pytest.raises(ValueError, match="top_k must be >= 1"):
+        JointAttention(top_k=0)
+    with pytest.raises(ValueError, match="image tokens"):  # 5 text + 4 image tokens: index 4 is not an image token
+        JointAttention(emit=lambda n, v: None, wanted={"attn.pattern_query"}, query_tokens=[4]).attend_joint(
+            *(torch.randn(2, 1, 9, 4) for _ in range(3)), 5)
+    with pytest.raises(TypeError):  # no setting is silently ignored
+        JointAttention(topk=3)
     with pytest.raises(ValueError, match="even"):
         JointAttention(coupling=0.5).attend_joint(*(torch.randn(3, 1, 5, 4) for _ in range(3)), 1)
-    assert image_window_mask(16, 3) is None and image_window_mask(16, 2).sum() < 256
+    assert window_mask(16, 3) is None and window_mask(16, 2).sum() < 256

@@ -42,10 +42,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..gates import validate_coupling
 from .functional import (attend, couple, effective_width, row_entropy, scaled_logits, softmax_rows,
-                         swap_replica_halves)
-from .window import joint_window_mask, validate_radius, window_mask
+                         swap_replica_halves, top_k_rows)
+from .settings import ProcessorSettings
+from .window import joint_window_mask
 
 Emit = Callable[[str, torch.Tensor], "torch.Tensor | None"]
 ORDERS = ("image_first", "text_first")
@@ -56,7 +56,8 @@ BLOCK_NAMES = frozenset({"attn.pattern", "attn.pattern_image_text", "attn.patter
                          "attn.pattern_joint"})
 MATRIX_NAMES = frozenset({"attn.logits"}) | BLOCK_NAMES
 INTER_NAMES = frozenset({"attn.logits_inter", "attn.pattern_inter"})
-REDUCTION_NAMES = frozenset({"attn.n_eff", "attn.entropy"})
+REDUCTION_NAMES = frozenset({"attn.n_eff", "attn.entropy", "attn.pattern_headmean", "attn.pattern_query",
+                             "attn.topk_idx", "attn.topk_val"})
 #: names that need the explicit softmax of the joint (intra) attention
 INTRA_PATTERN_NAMES = MATRIX_NAMES | REDUCTION_NAMES
 ALL_NAMES = QKV_NAMES | CONTEXT_QKV_NAMES | MATRIX_NAMES | INTER_NAMES | REDUCTION_NAMES
@@ -79,6 +80,10 @@ NAME_DIMS: dict[str, tuple[str, ...]] = {
     "attn.pattern_inter": ("batch", "head", "query", "key"),
     "attn.n_eff": ("batch", "head", "query"),
     "attn.entropy": ("batch", "head", "query"),
+    "attn.pattern_headmean": ("batch", "query", "key"),
+    "attn.pattern_query": ("batch", "head", "query", "key"),
+    "attn.topk_idx": ("batch", "head", "query", "rank"),
+    "attn.topk_val": ("batch", "head", "query", "rank"),
 }
 
 NAME_DOCS: dict[str, str] = {
@@ -101,15 +106,16 @@ NAME_DOCS: dict[str, str] = {
     "attn.n_eff": "effective attention width 1/sum_j A_ij^2 of each image query over its whole "
                   "joint row (image and text keys), in [1, N + L]",
     "attn.entropy": "entropy -sum_j A_ij ln A_ij (nats) of each image query's whole joint row",
+    "attn.pattern_headmean": "attn.pattern (the image->image block of the joint softmax) averaged over heads",
+    "attn.pattern_query": "rows of attn.pattern (image->image block) for the processor's query_tokens "
+                          "(image token indices), in that order",
+    "attn.topk_idx": "image-key indices of the top_k largest entries of each attn.pattern row (int64, "
+                     "descending; the joint softmax's probabilities, text keys not ranked)",
+    "attn.topk_val": "the top_k largest entries of each attn.pattern row (image keys), descending",
 }
 
 
-def image_window_mask(num_tokens: int, radius: int | None, device=None) -> torch.Tensor | None:
-    """Boolean (N, N) Chebyshev mask on the square image grid (True = may attend); None when global."""
-    return window_mask(num_tokens, radius, device)
-
-
-class JointAttention:
+class JointAttention(ProcessorSettings):
     """Emission, replica coupling and Chebyshev windows for one joint-attention layer.
 
     Args:
@@ -121,55 +127,28 @@ class JointAttention:
         window: Chebyshev radius on the (square, row-major) image token grid (None = global).
         order: ``"image_first"`` (SD3: [image; text]) or ``"text_first"`` (Flux: [text; image]).
         query_tile: query rows per tile when only reductions are wanted.
+        query_tokens: image token indices whose attn.pattern rows ``attn.pattern_query`` reports.
+        top_k: ``k`` of ``attn.topk_idx`` / ``attn.topk_val``.
+
+    The settings (``wanted``, ``g``, ``window``, ``query_tile``, ``query_tokens``, ``top_k``) are
+    validated by :class:`~dithooks.attention.settings.ProcessorSettings`, as DiT's processor's.
+    The pattern reductions ``pattern_headmean``/``pattern_query``/``topk_*`` describe
+    ``attn.pattern`` (image queries, image keys, the joint softmax's probabilities);
+    ``n_eff``/``entropy`` the whole joint row.
     """
+
+    known_names = ALL_NAMES
+    names_kind = "joint-attention"
 
     def __init__(self, layer: int = 0, emit: Emit | None = None, wanted=frozenset(),
                  coupling: float | None = None, window: int | None = None,
-                 order: str = "image_first", query_tile: int = 512, **_ignored):
+                 order: str = "image_first", query_tile: int = 512, query_tokens=None, top_k: int | None = None):
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
-        if int(query_tile) < 1:
-            raise ValueError(f"query_tile must be >= 1, got {query_tile}")
         self.layer = int(layer)
         self.emit = emit
         self.order = order
-        self.query_tile = int(query_tile)
-        self.wanted = wanted
-        self.g = coupling
-        self.window = window
-
-    # -- settings (validated; the hook manager and the sampler change them between calls) ----
-    @property
-    def wanted(self) -> frozenset[str]:
-        return self._wanted
-
-    @wanted.setter
-    def wanted(self, names) -> None:
-        names = frozenset(names)
-        unknown = names - ALL_NAMES
-        if unknown:
-            raise ValueError(f"unknown joint-attention names {sorted(unknown)}; known: {sorted(ALL_NAMES)}")
-        self._wanted = names
-
-    @property
-    def g(self) -> float | None:
-        return self._g
-
-    @g.setter
-    def g(self, value: float | None) -> None:
-        self._g = None if value is None else validate_coupling(value)
-
-    @property
-    def window(self) -> int | None:
-        return self._window
-
-    @window.setter
-    def window(self, radius: int | None) -> None:
-        self._window = validate_radius(radius)
-        self._mask_cache: dict[tuple, torch.Tensor | None] = {}
-
-    def active_names(self) -> frozenset[str]:
-        return self._wanted if self.emit is not None else frozenset()
+        self._init_settings(wanted, coupling, window, query_tile, query_tokens, top_k)
 
     @property
     def hooked(self) -> bool:
@@ -242,7 +221,7 @@ class JointAttention:
         if not active & MATRIX_NAMES:  # reductions only: query tiles, never the whole S x S
             stats: list[dict] = []
             out = attend(Q, K, V, mask, tile=self.query_tile,
-                         on_tile=lambda i0, p: stats.append(self._row_stats(p, reductions)))
+                         on_tile=lambda i0, p: stats.append(self._row_stats(p, i0, reductions, img)))
             self._emit_reductions(stats, reductions, img)
             return out
         logits = scaled_logits(Q, K, mask)
@@ -256,7 +235,7 @@ class JointAttention:
             if name in active:
                 p = self._emit_block(p, name, rows, cols)
         if reductions:
-            self._emit_reductions([self._row_stats(p, reductions)], reductions, img)
+            self._emit_reductions([self._row_stats(p, 0, reductions, img)], reductions, img)
         return torch.matmul(p, V)
 
     def _explicit_inter(self, q, k, v, win, active) -> torch.Tensor:
@@ -268,21 +247,46 @@ class JointAttention:
             p = self._emit_writable("attn.pattern_inter", p)
         return torch.matmul(p, v)
 
-    @staticmethod
-    def _row_stats(p: torch.Tensor, names) -> dict[str, torch.Tensor]:
+    def _row_stats(self, p: torch.Tensor, i0: int, names, img: slice) -> dict[str, object]:
+        """Statistics of joint rows ``i0 .. i0 + p.shape[2]`` of the pattern (B, H, T, S): over the
+        whole row (n_eff, entropy) or over its image keys (the attn.pattern reductions)."""
         p = p.float()
-        out = {}
+        out: dict[str, object] = {}
         if "attn.n_eff" in names:
             out["attn.n_eff"] = effective_width(p)
         if "attn.entropy" in names:
             out["attn.entropy"] = row_entropy(p)
+        p_img = p[..., img]
+        if "attn.pattern_headmean" in names:
+            out["attn.pattern_headmean"] = p_img.mean(1)
+        if "attn.pattern_query" in names:
+            n_image = img.stop - img.start
+            idx = torch.tensor(self.query_tokens, device=p.device)
+            if idx.min() < 0 or idx.max() >= n_image:
+                raise ValueError(f"query_tokens must lie in [0, {n_image}) (image tokens), got {self.query_tokens}")
+            rows = idx + img.start  # joint positions of the image queries
+            inside = (rows >= i0) & (rows < i0 + p.shape[2])
+            out["attn.pattern_query"] = (inside.nonzero().flatten(), p_img[:, :, rows[inside] - i0])
+        if names & {"attn.topk_idx", "attn.topk_val"}:
+            val, idx = top_k_rows(p_img, self.top_k)
+            out["attn.topk_idx"], out["attn.topk_val"] = idx, val
         return out
 
     def _emit_reductions(self, stats: list[dict], names, img: slice) -> None:
+        """Emit each statistic for the image query rows (tiles joined in row order)."""
         for name in sorted(names):
-            parts = [s[name] for s in stats]
-            value = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
-            self.emit(name, value[:, :, img])  # derived statistic: a replacement has no effect
+            if name == "attn.pattern_query":
+                first = stats[0][name][1]
+                value = first.new_zeros(first.shape[:2] + (len(self.query_tokens), first.shape[-1]))
+                for st in stats:
+                    pos, vals = st[name]
+                    value[:, :, pos] = vals
+            else:
+                dim = 1 if name == "attn.pattern_headmean" else 2
+                parts = [st[name] for st in stats]
+                value = parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+                value = value[:, img] if dim == 1 else value[:, :, img]
+            self.emit(name, value)  # derived statistic: a replacement has no effect
 
     # -- emission helpers ------------------------------------------------------------------------
     def _emit_writable(self, name: str, value: torch.Tensor) -> torch.Tensor:
@@ -402,4 +406,4 @@ class HookedJointAttnProcessor(JointAttention):
 
 
 __all__ = ["ALL_NAMES", "HookedJointAttnProcessor", "JointAttention", "NAME_DIMS", "NAME_DOCS",
-           "ORDERS", "WRITABLE_NAMES", "image_window_mask", "swap_replica_halves"]
+           "ORDERS", "WRITABLE_NAMES", "swap_replica_halves"]
