@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ..errors import DithooksError
-from .base import Geometry, ModelAdapter
+from .base import Geometry, ModelAdapter, model_output, replace_model_output
 from .registry import register
 from .spec import RESID, TEXT_RESID, VECTOR, PointSpec, post, pre
 
@@ -132,17 +132,6 @@ def _per_head(spec: PointSpec, dims: str, doc: str, head_dim: int) -> PointSpec:
 
     return PointSpec(spec.local, spec.path, spec.kind, tuple(dims.split()), doc, read,
                      write if base_write is not None else None)
-
-
-def _model_output(args, kwargs, output: Any) -> torch.Tensor:
-    return output.sample if hasattr(output, "sample") else output[0]
-
-
-def _replace_model_output(args, kwargs, output: Any, new: torch.Tensor):
-    if hasattr(output, "sample"):
-        output.sample = new
-        return output
-    return (new,) + tuple(output[1:])
 
 
 # -- latent packing (FluxPipeline._pack_latents / _unpack_latents / _prepare_latent_image_ids) --
@@ -292,7 +281,7 @@ FLUX_MODEL: tuple[PointSpec, ...] = (
 FLUX_FINAL: tuple[PointSpec, ...] = (
     PointSpec("final.out", "", "post", ("batch", "token", "out_channel"),
               "model output on the packed image tokens: the flow velocity, 4*latent channels per 2x2 patch "
-              "(the sampler unpacks it to latent layout)", _model_output, _replace_model_output),
+              "(the sampler unpacks it to latent layout)", model_output, replace_model_output),
 )
 
 
