@@ -57,6 +57,11 @@ from .modes import DifferenceModeBasis
 HEAD_POINTS = ("jvp.heads.pattern", "jvp.heads.v", "jvp.heads.dv", "jvp.heads.dlogits_intra",
                "jvp.heads.dlogits_inter")
 MODE_POINTS = ("jvp.point", "jvp.direction")
+#: arguments of routing_dominance_report, in order
+REPORT_TERMS = ("jvp.heads.pattern", "jvp.heads.dlogits_intra", "jvp.heads.dlogits_inter", "jvp.heads.v",
+                "jvp.heads.dv")
+#: queued per-head terms (bytes) above which the waiting layers are reported at once
+REPORT_BATCH_BYTES = 32 * 2**20
 LIN_POINTS = ("attn.q", "attn.k", "attn.v", "attn.out")
 LINEARISATION = ("auto", "on", "off")
 
@@ -149,6 +154,9 @@ class RoutingDominance(Probe):
 
     def _new_step(self) -> None:
         self._pending: dict[int, dict[str, torch.Tensor]] = {}
+        self._queue: list[tuple[int, tuple[torch.Tensor, ...]]] = []  # layers waiting for their report
+        self._lin_queue: list[tuple] = []  # layers waiting for their linearisation error
+        self._queued_bytes = 0
         self._reports: dict[int, dict[str, torch.Tensor]] = {}
         self._g: dict[int, float] = {}
         self._gains: dict[int, dict[str, torch.Tensor]] = {}
@@ -177,14 +185,30 @@ class RoutingDominance(Probe):
             del self._pending[ctx.layer]
 
     def _report(self, layer: int, got: dict[str, torch.Tensor], ctx: HookContext) -> None:
-        rep = routing_dominance_report(
-            got["jvp.heads.pattern"], got["jvp.heads.dlogits_intra"], got["jvp.heads.dlogits_inter"],
-            got["jvp.heads.v"], got["jvp.heads.dv"], self._g[layer], dtype=self.dtype,
-            rtol=self.opts["rtol"] or None)
-        self._reports[layer] = {k: rep[k].cpu() for k in (*PER_HEAD, "N_eff")}
+        """Queue this layer's per-head terms; the queue is reported in one call per g and shape
+        (one report for every layer of a small model: its cost is per call, not per element)."""
+        terms = tuple(got[p] for p in REPORT_TERMS)
+        self._queue.append((layer, terms))
+        self._queued_bytes += sum(t.numel() * t.element_size() for t in terms)
+        if self._queued_bytes >= REPORT_BATCH_BYTES:
+            self._flush_reports()
+
+    def _flush_reports(self) -> None:
+        self._flush_linearisation()
+        groups: dict[tuple, list[tuple[int, tuple[torch.Tensor, ...]]]] = {}
+        for layer, terms in self._queue:
+            key = (self._g[layer], tuple(t.shape for t in terms), terms[0].device, terms[0].dtype)
+            groups.setdefault(key, []).append((layer, terms))
+        self._queue, self._queued_bytes = [], 0
+        for (g, *_), items in groups.items():
+            stacked = [torch.stack([terms[j] for _, terms in items]) for j in range(len(REPORT_TERMS))]
+            rep = routing_dominance_report(*stacked, g, dtype=self.dtype, rtol=self.opts["rtol"] or None)
+            for i, (layer, _) in enumerate(items):
+                self._reports[layer] = {k: rep[k][i].cpu() for k in (*PER_HEAD, "N_eff")}
 
     def _linearisation(self, layer: int, got: dict[str, torch.Tensor]) -> None:
-        """ε_lin per head (before W_O) and per layer (after W_O) from the pair's own attention values."""
+        """Queue ε_lin of this layer (per head before W_O, per layer after W_O) from the pair's own
+        attention values; computed with the queued reports, every layer's heads in one call."""
         axes = self._replica_batch or ()
         if not axes or axes[0][0] != "replica" or tuple(axes[1:]) != tuple(self._batch or ()):
             # the JVP was not taken along the replica difference (another --jvp-direction): nothing to compare
@@ -192,23 +216,40 @@ class RoutingDominance(Probe):
         info = self._info.get(layer, {})
         ran = info.get("attention") or {}  # the coupling and window the block's attention ran at
         g, window = float(ran.get("g") or 0.0), ran.get("window")
+        own = tuple(got[p] for p in ("attn.q", "attn.k", "attn.v", "attn.out"))
+        self._lin_queue.append((layer, g, window, own, tuple(got[p] for p in REPORT_TERMS), info["out_proj"]))
+        self._queued_bytes += sum(t.numel() * t.element_size() for t in own)
+        if self._queued_bytes >= REPORT_BATCH_BYTES:
+            self._flush_reports()
+
+    def _flush_linearisation(self) -> None:
+        groups: dict[tuple, list] = {}
+        for item in self._lin_queue:
+            layer, g, window, own, terms, _ = item
+            key = (g, window, tuple(t.shape for t in own + terms), own[0].device)
+            groups.setdefault(key, []).append(item)
+        self._lin_queue = []
         f64 = torch.float64
-        true = coupled_half_difference(got["attn.q"].to(f64), got["attn.k"].to(f64), got["attn.v"].to(f64),
-                                       g, window)
-        lin = linearised_difference(got["jvp.heads.pattern"], got["jvp.heads.dlogits_intra"],
-                                    got["jvp.heads.dlogits_inter"], got["jvp.heads.v"], got["jvp.heads.dv"],
-                                    g, dtype=f64)
         fro = lambda x: torch.linalg.vector_norm(x, dim=(-2, -1))  # noqa: E731
-        out = got["attn.out"].to(f64)
-        half = out.shape[0] // 2
-        true_out = (out[:half] - out[half:]) / 2  # W_O's bias cancels
-        lin_out = info["out_proj"](lin)  # W_O (ρR + ξM) / rescale, no bias, no gate
-        self._lin[layer] = {
-            "linearisation_error": (fro(true - lin) / fro(true)).cpu(),
-            "true_difference_norm": fro(true).cpu(),
-            "layer_linearisation_error": (fro(true_out - lin_out) / fro(true_out)).cpu(),
-            "layer_true_difference_norm": fro(true_out).cpu(),
-        }
+        for (g, window, *_), items in groups.items():
+            # heads are independent: the layers' heads side by side along the head axis, one call
+            def cat(j, own=True):
+                return torch.cat([(it[3] if own else it[4])[j] for it in items], dim=1).to(f64)
+            true_all = coupled_half_difference(cat(0), cat(1), cat(2), g, window)
+            lin_all = linearised_difference(*(cat(j, own=False) for j in range(len(REPORT_TERMS))), g)
+            heads = items[0][3][0].shape[1]
+            for i, (layer, _, _, own, _, out_proj) in enumerate(items):
+                true, lin = (x[:, i * heads:(i + 1) * heads] for x in (true_all, lin_all))
+                out = own[3].to(f64)
+                half = out.shape[0] // 2
+                true_out = (out[:half] - out[half:]) / 2  # W_O's bias cancels
+                lin_out = out_proj(lin)  # W_O (ρR + ξM) / rescale, no bias, no gate
+                self._lin[layer] = {
+                    "linearisation_error": (fro(true - lin) / fro(true)).cpu(),
+                    "true_difference_norm": fro(true).cpu(),
+                    "layer_linearisation_error": (fro(true_out - lin_out) / fro(true_out)).cpu(),
+                    "layer_true_difference_norm": fro(true_out).cpu(),
+                }
 
     def _modal_gains(self, layer: int, got: dict[str, torch.Tensor], ctx: HookContext) -> None:
         point, delta = got["jvp.point"].to(self.dtype), got["jvp.direction"].to(self.dtype)
@@ -237,6 +278,7 @@ class RoutingDominance(Probe):
 
     # -- outputs --------------------------------------------------------------------------------
     def end_step(self, step: int) -> Mapping[str, Output]:
+        self._flush_reports()
         if self._pending:
             layer, got = next(iter(self._pending.items()))
             missing = [p for p in self.hook_points() if p not in got]

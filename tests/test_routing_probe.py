@@ -187,6 +187,28 @@ def test_routing_without_modes_resumes_to_the_same_store(tmp_path, tiny_loaded, 
     assert make_probe("routing", {"modes": 2}).resumable is False
 
 
+def test_reports_batched_over_layers_equal_one_report_per_layer(tmp_path, tiny_loaded, tiny_model_dir, monkeypatch):
+    """The probe reports the queued layers in one call (per g and shape) within a memory budget,
+    and their linearisation errors with every layer's heads side by side; a budget of one byte
+    computes every layer on its own, with the same numbers."""
+    import dithooks.probes.routing as routing
+
+    def run(name):
+        out = tmp_path / name
+        capture(CaptureConfig(out=str(out), model=str(tiny_model_dir), layers="0-3", hooks=(),
+                              sampler=SamplerSpec("ddim", 2), labels=(1, 2), seeds=(0, 1),
+                              replicas=ReplicaSpec(g=G), probes=("routing",)), loaded=tiny_loaded)
+        return open_store(out)
+
+    batched = run("batched.zarr")
+    monkeypatch.setattr(routing, "REPORT_BATCH_BYTES", 1)
+    single = run("single.zarr")
+    names = (*routing.PER_HEAD, *routing.LIN_PER_HEAD, "layer_linearisation_error", "layer_true_difference_norm")
+    for name in names:
+        a, b = arr(batched, f"probe.routing.{name}"), arr(single, f"probe.routing.{name}")
+        np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-15, err_msg=name)
+
+
 # -- linearisation error ----------------------------------------------------------------------
 
 
