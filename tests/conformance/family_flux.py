@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 FAMILY = "flux"
+EXACT_WINDOW = True  # a window covering the grid builds no mask: SDPA on the same (B, H, S, D) views as diffusers
 TEXT_TOKENS = 5
 JOINT_DIM = 32
 POOLED_DIM = 16

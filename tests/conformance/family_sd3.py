@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 FAMILY = "sd3"
+EXACT_WINDOW = True  # a window covering the grid builds no mask: the hooked joint processor calls SDPA as diffusers does
 TEXT_TOKENS = 6
 JOINT_DIM = 32
 POOLED_DIM = 16
