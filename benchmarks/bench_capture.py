@@ -125,9 +125,10 @@ def time_variants(model_ref: str, steps: int, samples: int, repeats: int, root: 
         runs[0] += 1
         return root / f"{name}-{runs[0]}"
 
-    def clean() -> None:
+    def clean(keep: Path | None = None) -> None:
         for p in root.glob("out-*"):
-            shutil.rmtree(p, ignore_errors=True)
+            if p != keep:
+                shutil.rmtree(p, ignore_errors=True)
 
     def plain():
         Sampler(loaded, spec, device=device).run(labels, seeds)
@@ -204,7 +205,7 @@ def time_variants(model_ref: str, steps: int, samples: int, repeats: int, root: 
     plain()  # warm-up
     for _ in range(repeats):
         for k, fn in chosen.items():
-            clean()
+            clean(keep=last_npy[0])  # np.save's last output stays for the cross-check
             sync(device)
             t0, c0 = time.perf_counter(), time.process_time()
             fn()
