@@ -10,12 +10,15 @@ for every block, for the duration of a call, and says which models it applies to
 ``r >= side - 1`` covers the grid: the processor builds no mask and the result is the global
 model bit for bit (tested). ``radius=None`` means global without installing anything.
 
-Which tokens are image tokens on which grid is a property of the model family
-(:data:`TOKEN_LAYOUTS`). For DiT every token is an image token on a ``side x side`` grid. MMDiT
-joint attention (SD3, Flux), where text tokens share the attention call and must stay global
-while only image->image attention is windowed, is **not supported yet**: such a family would
-register a layout naming its image-token range, and the attention processor would need a
-joint-attention window (today it refuses cross-attention windows).
+The model is called through its adapter (:meth:`~dithooks.adapters.base.ModelAdapter.denoise`
+with the rows of a :class:`~dithooks.conditioning.Conditioning`), so any class-conditional family
+whose attention runs over its image tokens only works: the layout (:func:`token_layout`) comes
+from the adapter's geometry (every token an image token on the ``side x side`` grid), not from
+its class. A family may register its own layout in :data:`TOKEN_LAYOUTS` (by ``adapter.family``).
+Text-conditioned families (PixArt, SD3, Flux) are refused: the measurements here use class
+labels and the null class; MMDiT joint attention (SD3, Flux), where text tokens share the
+attention call and must stay global while only image->image attention is windowed, is **not
+supported yet** (such a family would register a layout naming its image-token range).
 """
 
 from __future__ import annotations
@@ -46,24 +49,39 @@ class TokenLayout:
         return self.grid_side - 1
 
 
-def _dit_layout(loaded: LoadedModel) -> TokenLayout:
-    geo = loaded.adapter.geometry
-    return TokenLayout(geo.num_tokens, geo.grid_side, slice(0, geo.num_tokens))
+def image_only_layout(loaded: LoadedModel) -> TokenLayout | None:
+    """The layout of a class-conditional family whose attention sees image tokens only (every
+    token on the ``side x side`` grid, e.g. DiT); None for any other family."""
+    adapter = loaded.adapter
+    if getattr(adapter, "conditioning", "class") != "class":
+        return None
+    try:
+        geo = adapter.geometry
+        side, n = geo.grid_side, geo.num_tokens
+    except (NotImplementedError, DithooksError):  # no latent-diffusion geometry (generic models)
+        return None
+    if geo.text_tokens or side * side != n:
+        return None
+    return TokenLayout(n, side, slice(0, n))
 
 
-#: adapter class name -> how to find its image-token grid. Families not listed are refused.
-TOKEN_LAYOUTS: dict[str, Callable[[LoadedModel], TokenLayout]] = {"DiTAdapter": _dit_layout}
+#: ``adapter.family`` -> its image-token grid, for families the default rule
+#: (:func:`image_only_layout`) does not cover. Empty: no such family yet.
+TOKEN_LAYOUTS: dict[str, Callable[[LoadedModel], TokenLayout]] = {}
 
 
 def token_layout(loaded: LoadedModel) -> TokenLayout:
     """The image-token grid of ``loaded``; a one-line error for families without a layout."""
-    name = type(loaded.adapter).__name__
-    make = TOKEN_LAYOUTS.get(name)
-    if make is None:
+    adapter = loaded.adapter
+    family = getattr(adapter, "family", type(adapter).__name__)
+    make = TOKEN_LAYOUTS.get(family, image_only_layout)
+    layout = make(loaded)
+    if layout is None:
         raise DithooksError(
-            f"local denoisers need a model family that says which tokens are image tokens on a grid; "
-            f"{type(loaded.transformer).__name__} ({name}) has none (MMDiT joint attention is not supported yet)")
-    return make(loaded)
+            f"local denoisers need a class-conditional model family whose attention runs over image tokens on "
+            f"a grid; {type(loaded.transformer).__name__} ({family}) is not one (text conditioning is not "
+            f"supported yet; MMDiT joint attention is not supported yet)")
+    return layout
 
 
 def check_radius(radius: int | None, layout: TokenLayout) -> int | None:
@@ -105,7 +123,7 @@ def parse_ints(spec: str, what: str) -> list[int]:
 def local_attention(hooks: HookManager, radius: int | None) -> Iterator[None]:
     """Every attention layer windowed to ``radius`` (None: global) inside the ``with`` block;
     the manager's previous window setting is put back afterwards, even on error."""
-    att = getattr(hooks, "attention", None)
+    att = hooks.extension("attention")
     if att is None:
         raise DithooksError(f"{type(hooks.model).__name__} exposes no attention processors: "
                             "no local denoiser can be built from it")
@@ -123,7 +141,8 @@ class Denoiser:
     ``eps(x, t, labels, radius)`` runs the model on ``x`` (B, C, H, W) at integer timestep ``t``
     (one for the batch, or one per row) with class labels (the model's null class for ε(·, ∅))
     and returns the epsilon channels (learned-variance channels dropped) on the CPU, in batches of
-    at most ``batch`` rows. ``radius=None`` is the global model.
+    at most ``batch`` rows. ``radius=None`` is the global model. The model is called through
+    ``adapter.denoise`` with the rows of the adapter's :class:`~dithooks.conditioning.Conditioning`.
     """
 
     def __init__(self, loaded: LoadedModel, hooks: HookManager | None = None, device: str | torch.device = "cpu",
@@ -133,10 +152,10 @@ class Denoiser:
         self.hooks = hooks if hooks is not None else HookManager(loaded.transformer, loaded.adapter)
         self.device = torch.device(device)
         self.batch = max(1, int(batch))
-        geo = loaded.adapter.geometry
-        self.channels = geo.in_channels
+        self.adapter = loaded.adapter
+        geo = self.adapter.geometry
+        self.channels = geo.latent_channels
         self.null_class = geo.null_class
-        self.dtype = next(loaded.transformer.parameters()).dtype
 
     @property
     def num_tokens(self) -> int:
@@ -153,13 +172,17 @@ class Denoiser:
             tt = tt.expand(x.shape[0])
         if labels.numel() != x.shape[0] or tt.numel() != x.shape[0]:
             raise DithooksError(f"{x.shape[0]} inputs with {labels.numel()} labels and {tt.numel()} timesteps")
-        outs = []
+        cond = self.adapter.make_conditioning(labels.tolist())
+        rows = {k: v.to(self.device) for k, v in cond.rows(False).items()}
+        out = torch.zeros((x.shape[0], self.channels) + tuple(x.shape[2:]))
         with local_attention(self.hooks, radius):
-            for i in range(0, x.shape[0], self.batch):
-                sl = slice(i, i + self.batch)
-                out = self.loaded.transformer(x[sl].to(self.dtype), timestep=tt[sl], class_labels=labels[sl]).sample
-                outs.append(out[:, :self.channels].float().cpu())
-        return torch.cat(outs) if outs else torch.zeros((0,) + tuple(x.shape[1:]))
+            # adapter.denoise takes one timestep per call: rows with the same t go together
+            for t_val in torch.unique(tt).tolist():
+                idx = (tt == t_val).nonzero().flatten()
+                for i in range(0, idx.numel(), self.batch):
+                    sel = idx[i:i + self.batch]
+                    out[sel.cpu()] = self.adapter.denoise(x[sel], int(t_val), {k: v[sel] for k, v in rows.items()}).cpu()
+        return out
 
     def null_labels(self, n: int) -> torch.Tensor:
         if self.null_class is None:

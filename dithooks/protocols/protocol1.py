@@ -273,9 +273,8 @@ class Protocol1:
         self.encoder = make_encoder(enc_name, image_shape=self.image_shape, device=self.device,
                                     weights=request.encoder_weights)
         self.hm = HookManager(self.loaded.transformer, self.loaded.adapter)
-        if not hasattr(self.hm, "attention"):
-            raise DithooksError(f"replica coupling needs attention processors, which "
-                                f"{type(self.loaded.transformer).__name__} does not expose")
+        # replica coupling needs attention processors: a one-line DithooksError when absent
+        self.attention = self.hm.extension("attention", required=True)
         self.timesteps = self._sampler(None).timesteps
         self.start, self.b_noise = self.initial_state()
         self.store = self._open_store()
@@ -571,7 +570,7 @@ class Protocol1:
             if self.bar is not None:
                 self.bar.update(1)
         finally:
-            self.hm.attention.set_coupling(None)
+            self.attention.set_coupling(None)
 
     # -- fits and summary ---------------------------------------------------------------------
     def finalize(self, plots: bool = True, sampling_seconds: float | None = None) -> dict:
