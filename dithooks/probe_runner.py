@@ -16,14 +16,10 @@ import torch
 from .errors import DithooksError, HookNameError
 from .hooks import HookContext
 from .probe_api import Output, Probe, ProbeError, RunInfo, make_probe
-from .store.layout import probe_attrs
+from .store.layout import probe_array_name, probe_attrs
 from .store.writer import ArraySpec
 
 Put = Callable[[ArraySpec, Any, torch.Tensor], None]
-
-
-def probe_array_name(probe: str, output: str) -> str:
-    return f"probe.{probe}.{output}"
 
 
 def _failed(probe: Probe, where: str, e: BaseException) -> ProbeError:

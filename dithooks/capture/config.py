@@ -108,6 +108,11 @@ class SampleConditioning:
     source: dict[str, Any] | None = None
 
     @property
+    def text_tokens(self) -> int | None:
+        """The prompt embeddings' length L (None for class-conditional samples)."""
+        return None if self.cond is None else int(self.cond.prompt_embeds.shape[1])
+
+    @property
     def sampler_input(self) -> Any:
         """What :meth:`dithooks.sampling.Sampler.run` takes: labels or a Conditioning."""
         return self.labels if self.kind == "class" else self.cond
@@ -150,11 +155,11 @@ def resolve_conditioning(cfg: CaptureConfig, adapter: Any) -> SampleConditioning
     if kind != "text":
         if cfg.conditioning is not None or cfg.prompts is not None:
             raise DithooksError(f"{getattr(adapter, 'family', 'this')} models are class-conditional: "
-                                "give labels, not prompt embeddings")
+                                "give class labels (--class), not prompt embeddings")
         return SampleConditioning("class", labels=tuple(int(y) for y in cfg.labels))
     if cfg.conditioning is None:
         raise DithooksError(f"{getattr(adapter, 'family', 'this')} models are text-conditioned: give prompt "
-                            "embeddings (a .pt or .safetensors file with 'prompt_embeds')")
+                            "embeddings (--prompt-embeds: a .pt or .safetensors file with 'prompt_embeds')")
     from ..conditioning import Conditioning, load_prompt_embeds
 
     if isinstance(cfg.conditioning, Conditioning):
@@ -168,7 +173,7 @@ def resolve_conditioning(cfg: CaptureConfig, adapter: Any) -> SampleConditioning
     if cfg.prompts is None:
         if rows not in (1, n):
             raise DithooksError(f"{rows} prompts for {n} seeds: give one prompt, one per seed, "
-                                "or choose rows with prompts")
+                                "or choose rows with --prompt-rows")
         prompts = tuple(range(n)) if rows == n else (0,) * n
     else:
         prompts = tuple(int(p) for p in cfg.prompts)

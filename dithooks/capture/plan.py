@@ -4,6 +4,7 @@ as stored metadata (:func:`request_metadata`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import fnmatch
 from dataclasses import dataclass
@@ -93,19 +94,16 @@ def expand_hooks(patterns: tuple[str, ...] | list[str], layers: list[int], avail
     return out
 
 
-def dim_sizes(adapter: Any, top_k: int | None) -> dict[str, int]:
+def dim_sizes(adapter: Any, top_k: int | None, text_tokens: int | None = None) -> dict[str, int]:
     """Size of every named value dim of ``adapter``'s hook points (image tokens, text tokens,
-    joint sequence, channels, latent grid), from the model's geometry."""
-    if hasattr(adapter, "dim_sizes"):
-        return dict(adapter.dim_sizes(top_k=top_k))
-    geo = adapter.geometry  # an adapter from before dims were asked of the model
-    n = geo.num_tokens
-    t = int(getattr(geo, "text_tokens", 0) or 0)
-    size = int(getattr(geo, "latent_size", None) or geo.sample_size)
-    return {"token": n, "query": n, "key": n, "channel": geo.width, "head": geo.num_heads,
-            "head_channel": geo.head_dim, "rank": top_k or 0, "out_channel": geo.out_channels,
-            "height": size, "width": size, "text_token": t, "text_query": t, "text_key": t,
-            "joint_token": n + t, "joint_query": n + t, "joint_key": n + t}
+    joint sequence, channels, latent grid), from the model's geometry (``Geometry.dim_sizes``,
+    plus the adapter's own dims). ``text_tokens``: the prompt embeddings' length L, which sizes
+    the text and joint dims of this capture (the geometry's default length otherwise)."""
+    sizes = dict(adapter.dim_sizes(top_k=top_k))
+    if text_tokens is not None:
+        geo = dataclasses.replace(adapter.geometry, text_tokens=int(text_tokens))
+        sizes.update(geo.dim_sizes(top_k=top_k))
+    return sizes
 
 
 def array_layers(hook_names: Sequence[str], captured: Sequence[int]) -> dict[str, list[int]]:
@@ -126,10 +124,11 @@ def partial_layer_dims(hook_names: Sequence[str], captured: Sequence[int]) -> di
 
 def planned_arrays(adapter: Any, hook_names: Sequence[str], *, steps: int, layers: Sequence[int],
                    batch_axes: Sequence[tuple[str, int]], jvp_direction: Any, store_dtype: torch.dtype,
-                   top_k: int | None, query_tokens: Sequence[int] | None) -> list[PlannedArray]:
+                   top_k: int | None, query_tokens: Sequence[int] | None,
+                   text_tokens: int | None = None) -> list[PlannedArray]:
     """What the raw hooks will write, sized from the model geometry before anything runs
     (``modules.*`` points, whose size is known only once they run, are left out)."""
-    sizes = dim_sizes(adapter, top_k)
+    sizes = dim_sizes(adapter, top_k, text_tokens)
     partial = array_layers(hook_names, layers)
     itemsize = torch.empty((), dtype=store_dtype).element_size()
     plan: dict[str, PlannedArray] = {}

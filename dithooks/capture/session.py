@@ -74,13 +74,7 @@ class CaptureSession:
         rows = len(cfg.seeds) * (2 if cfg.sampler.cfg else 1)
         self._window_layers = check_against_model(cfg, adapter, self.hooks, self._wants_jvp(), rows)
         self.sampler = Sampler(self.loaded, cfg.sampler, self.hooks, cfg.device, replicas=cfg.replicas)
-        if hasattr(self.sampler, "conditioning"):  # checks labels / embeddings against the model
-            self.sampler.conditioning(self.conditioning.sampler_input, len(cfg.seeds))
-        else:
-            self.sampler.check_labels(cfg.labels)
-        if self.conditioning.kind == "text" and hasattr(adapter, "text_tokens"):
-            # text axes (text_token, text_key, joint_*) are sized by the embeddings' length
-            adapter.text_tokens = int(self.conditioning.cond.prompt_embeds.shape[1])
+        self.sampler.conditioning(self.conditioning.sampler_input, len(cfg.seeds))  # checked by the adapter
         if self.probes:  # probes check the run's layout now, so a bad setup never touches disk
             self._start_probes(0)
         self.path = Path(cfg.out)
@@ -101,7 +95,8 @@ class CaptureSession:
         return planned_arrays(self.loaded.adapter, self.hook_names, steps=self.cfg.sampler.steps,
                               layers=self.layers, batch_axes=self.sampler.batch_axes(len(self.cfg.seeds)),
                               jvp_direction=self.cfg.jvp.direction, store_dtype=self.store_dtype,
-                              top_k=self.cfg.top_k, query_tokens=self.cfg.query_tokens)
+                              top_k=self.cfg.top_k, query_tokens=self.cfg.query_tokens,
+                              text_tokens=self.conditioning.text_tokens)
 
     def request(self) -> dict[str, Any]:
         """The request as stored metadata."""

@@ -170,6 +170,14 @@ def rng_spec(steps: int, row_shape: Sequence[int], replicas: bool) -> ArraySpec:
                                       "only when they changed (0 = same as the row before)"),))
 
 
+PROBE_PREFIX = "probe."
+
+
+def probe_array_name(probe: str, output: str) -> str:
+    """The array holding output ``output`` of probe ``probe``: ``probe.<probe>.<output>``."""
+    return f"{PROBE_PREFIX}{probe}.{output}"
+
+
 def probe_attrs(dims: Sequence[str], probe: str, description: str,
                 sample: Sequence[str] = ("label", "seed")) -> tuple[tuple[str, Any], ...]:
     """Attributes of a probe output array (its coordinates when it has step or sample dims)."""

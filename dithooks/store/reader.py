@@ -33,6 +33,7 @@ import numpy as np
 from ..errors import DithooksError, StoreError
 from ..hookpoints import layer_template, store_array_name, unknown_name_message
 from .codecs import decode
+from ..lists import parse_spans, split_items
 from .layout import COORDS, RNG_STATE, STEP_COMPLETE, is_coordinate, is_layer_dim
 from .metadata import ATTR_KEY, completeness
 from .zarrio import ArrayMeta, ArrayReader, Block, ChunkMissing, CorruptStoreError, blocks, out_shape, read_json
@@ -538,7 +539,6 @@ def _compact(ints: Sequence[int]) -> str:
 
 
 _INT = re.compile(r"^-?\d+$")
-_RANGE = re.compile(r"^(\d+)-(\d+)?$")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -566,19 +566,22 @@ def parse_index(spec: str | None, option: str = "--step", names: bool = False) -
             raise SelectionError(f"malformed {option} {spec!r}: a slice step cannot be 0")
         return slice(*nums)
     out: list[Any] = []
-    for item in text.split(","):
-        item = item.strip()
-        if not item:
-            raise SelectionError(f"malformed {option} {spec!r}: empty item; {usage}")
+    example = usage[len("use e.g. "):]
+    # the list syntax (items, "a-b" and open "a-" ranges) is dithooks.lists'; what an item means here
+    # (positions, block indices, names, negative indices from the end) is the reader's
+    for item in split_items(spec, option, example=example, error=SelectionError):
         if _INT.match(item):
             out.append(int(item))
-        elif m := _RANGE.match(item):
-            lo, hi = int(m.group(1)), int(m.group(2)) if m.group(2) else None
-            if hi is not None and hi < lo:
-                raise SelectionError(f"malformed {option} {spec!r}: empty range {item!r}")
-            out.append(ValueRange(lo, hi))
         elif names and _NAME.match(item):
             out.append(item)
         else:
-            raise SelectionError(f"malformed {option} {spec!r}: {item!r} is not an index; {usage}")
+            try:
+                (span,) = parse_spans(item, option, open_ended=True, example=example, error=SelectionError)
+            except SelectionError:
+                span = None
+            if span is None or span.first < 0:  # a range of positions starts at 0 or later
+                raise SelectionError(f"malformed {option} {spec!r}: {item!r} is not an index; {usage}")
+            if span.last is not None and span.last < span.first:
+                raise SelectionError(f"malformed {option} {spec!r}: empty range {item!r}")
+            out.append(ValueRange(span.first, span.last))
     return out if len(out) != 1 else out[0]

@@ -132,6 +132,12 @@ class ChunkFiles:
 ArrayMeta = ChunkFiles
 
 
+def _parse_meta(folder: Path, meta: dict) -> ZarrArrayMeta:
+    """zarrio's parser on the ``zarr.json`` already read (one read per array)."""
+    parse = getattr(ZarrArrayMeta, "from_json", None) or ZarrArrayMeta._parse
+    return parse(folder, folder.name, meta)
+
+
 def _fixed_size(codecs: list, chunk: tuple[int, ...], itemsize: int | None) -> int | None:
     names = [c.get("name") for c in codecs]
     if itemsize is None or any(n not in _FIXED_CODECS for n in names):
@@ -232,8 +238,8 @@ def inspect_store(path: str | Path, kinds: tuple[str, ...] | None = None) -> Sto
         try:
             m = _read_json(f)
             if m.get("node_type") != "array":
-                continue
-            arrays[d.name] = ChunkFiles.of(ZarrArrayMeta.load(path, d.name))
+                continue  # a nested group (protocol stores keep capture runs in subgroups)
+            arrays[d.name] = ChunkFiles.of(_parse_meta(d, m))
         except StoreError as e:  # zarrio's one-line reason names the file already
             raise DamagedStore(f"{path} is damaged: the metadata of array {d.name} ({f}) is unreadable "
                                f"({_short(e)}); {_remake(path)}") from None
