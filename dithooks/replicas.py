@@ -21,7 +21,7 @@ import torch
 
 from .gates import mixture_weights, rho, xi  # noqa: F401  (re-exported)
 
-__all__ = ["antisymmetric_pair", "replica_batch", "split_replicas", "validate_kappa", "rho", "xi",
+__all__ = ["antisymmetric_pair", "replica_batch", "validate_kappa", "rho", "xi",
            "mixture_weights"]
 
 
@@ -81,11 +81,3 @@ def replica_batch(x_a: torch.Tensor, x_b: torch.Tensor) -> torch.Tensor:
     if x_a.shape != x_b.shape:
         raise ValueError(f"replica shapes differ: {tuple(x_a.shape)} vs {tuple(x_b.shape)}")
     return torch.cat([x_a, x_b], dim=0)
-
-
-def split_replicas(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of :func:`replica_batch`: the a-half and the b-half of a replica-major batch."""
-    if x.shape[0] % 2:
-        raise ValueError(f"a replica-major batch has an even size, got {x.shape[0]}")
-    half = x.shape[0] // 2
-    return x[:half], x[half:]

@@ -9,7 +9,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from dithooks.attention.install import installed_processors
 from dithooks.attention.processor import HookedAttnProcessor
 from dithooks.gates import mixture_weights, rho, xi
-from dithooks.replicas import antisymmetric_pair, replica_batch, split_replicas
+from dithooks.replicas import antisymmetric_pair, replica_batch
 
 from .conftest import TINY_HEAD_DIM, TINY_HEADS, Recorder, call_attn, make_tiny_attn_dit, run_dit
 
@@ -30,8 +30,14 @@ def coupled(g):
     return lambda layer: HookedAttnProcessor(layer, coupling=g)
 
 
-def swap(x):
-    a, b = split_replicas(x)
+def halves(x):
+    """The a-half and the b-half of a replica-major batch ``[x_a; x_b]``."""
+    assert x.shape[0] % 2 == 0
+    return x[: x.shape[0] // 2], x[x.shape[0] // 2:]
+
+
+def swap(x):  # written out, independent of the processor's swap_replica_halves
+    a, b = halves(x)
     return torch.cat([b, a])
 
 
@@ -43,7 +49,7 @@ def test_g0_is_bit_for_bit_two_plain_forwards():
         out = run_dit(model, x, t, y)
     assert torch.equal(out, plain)
     # each replica on its own: equal up to batch-size-dependent GEMM blocking on CPU
-    a, b = split_replicas(x)
+    a, b = halves(x)
     half = len(a)
     torch.testing.assert_close(out[:half], run_dit(model, a, t[:half], y[:half]), atol=2e-6, rtol=0)
     torch.testing.assert_close(out[half:], run_dit(model, b, t[half:], y[half:]), atol=2e-6, rtol=0)
@@ -87,9 +93,9 @@ def test_coupled_attention_is_eq19(g):
     torch.testing.assert_close(explicit, fused, atol=1e-6, rtol=0)
 
     q, k, v = rec.seen["attn.q"], rec.seen["attn.k"], rec.seen["attn.v"]
-    qa, qb = split_replicas(q)
-    ka, kb = split_replicas(k)
-    va, vb = split_replicas(v)
+    qa, qb = halves(q)
+    ka, kb = halves(k)
+    va, vb = halves(v)
 
     def block(qq, kk, vv):  # its own row softmax per block [18]
         return (qq @ kk.transpose(-1, -2) / HEAD_DIM ** 0.5).softmax(-1) @ vv
@@ -113,7 +119,7 @@ def test_identical_replicas_are_a_fixed_point(g):
     """Weights sum to 1: at the symmetric state coupling changes nothing."""
     model = make_tiny_attn_dit()
     x, t, y = pair_inputs()
-    a, _ = split_replicas(x)
+    a, _ = halves(x)
     x_sym = replica_batch(a, a)
     plain = run_dit(model, x_sym, t, y)
     with installed_processors(model, range(2), coupled(g)):
@@ -127,7 +133,7 @@ def test_joint_2n_softmax_is_not_the_g0_model():
     x = torch.randn(4, N, HEADS * HEAD_DIM, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         separate = call_attn(attn, HookedAttnProcessor(0, coupling=0.0), x)
-        a, b = split_replicas(x)
+        a, b = halves(x)
         joint = call_attn(attn, AttnProcessor2_0(), torch.cat([a, b], dim=1))  # (2, 2N, D)
     joint_as_batch = torch.cat([joint[:, :N], joint[:, N:]])
     assert (joint_as_batch - separate).abs().max() > 1e-2
