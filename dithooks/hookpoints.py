@@ -93,6 +93,11 @@ def block_name(layer: int | None, local: str) -> str:
     return local if layer is None else f"blocks.{int(layer)}.{local}"
 
 
+def block_template(local: str) -> str:
+    """The template of a per-block local name: ``attn.q`` -> ``blocks.{i}.attn.q``."""
+    return "blocks.{i}." + local
+
+
 def store_array_name(name: str) -> str:
     """Name of the Zarr array holding a hook point: the layer index becomes a ``layer`` dimension.
 

@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from .errors import DithooksError
-from .hookpoints import HookPoint, block_name, split_name
+from .hookpoints import HookPoint, block_name, block_template, split_name
 from .jvp import (ALL_PARTS, AdaLNConditioning, BlockPrimal, _check_block, block_jvp, block_tangents,
                   gelu_linear_layers)
 
@@ -97,8 +97,8 @@ def jvp_points(layer: int, module_path: str, parts=None) -> dict[str, HookPoint]
     table = {**{p: (RESID, d) for p, d in PART_DOCS.items() if p in parts},
              **(HEAD_POINTS if "attn" in parts else {}), **OTHER_POINTS}
     for local, (dims, doc) in table.items():
-        name = f"blocks.{layer}.jvp.{local}"
-        pts[name] = HookPoint(name, "blocks.{i}.jvp." + local, module_path, "jvp", dims, doc, layer)
+        name = block_name(layer, "jvp." + local)
+        pts[name] = HookPoint(name, block_template("jvp." + local), module_path, "jvp", dims, doc, layer)
     return pts
 
 
@@ -246,6 +246,7 @@ class JVPHooks:
         self._taps: dict[int, _Tap] = {}
         self._jobs: dict[int, _Job] = {}
         self._generic: set[int] = set()  # layers linearised by torch.func.jvp (not adaLN-Zero DiT blocks)
+        self._signatures: dict[int, tuple] = {}  # layer -> what its hooks were built for (see sync)
         #: how many block calls took each path since the last sync: {"ride_along": n, "separate": n}
         self.calls = {"ride_along": 0, "separate": 0}
 
@@ -276,18 +277,25 @@ class JVPHooks:
                 wanted.setdefault(p.layer, set()).add(split_name(h.name)[1][len("jvp."):])
             elif h.mode == "replace":
                 inside.update(self._layers_inside(manager, p))
-        # re-register every time so this pre-hook runs after the manager's own ones on the block
-        # (a replaced resid_pre is then the state the block is linearised at)
-        for handles in self._handles.values():
-            for handle in handles:
-                handle.remove()
-        for tap in self._taps.values():
-            tap.remove()
-        self._handles, self._taps, self._jobs = {}, {}, {}
-        self.calls = {"ride_along": 0, "separate": 0}
+        # A layer's hooks are (re)built only when what it computes changed: its attached parts,
+        # whether an intervention lies inside it, or the manager's own pre-hook dispatcher on the
+        # block (ours must run after it, so that a replaced resid_pre is the state the block is
+        # linearised at: a dispatcher created after ours means re-registering ours). Rebuilding
+        # every layer on every attach made attaching N points O(N^2) (the probe runner attaches
+        # hundreds one by one).
         blocks = manager.adapter.blocks()
+        signatures = {}
+        for layer, names in wanted.items():
+            dispatcher = manager._torch_handles.get((manager.adapter.block_path(layer), "pre"))
+            signatures[layer] = (frozenset(names), layer in inside, dispatcher.id if dispatcher is not None else None)
+        for layer in list(self._handles):
+            if signatures.get(layer) != self._signatures.get(layer):
+                self._drop_layer(layer)
+        self.calls = {"ride_along": 0, "separate": 0}
         self._generic = {layer for layer in wanted if not _is_adaln_zero_block(blocks[layer])}
         for layer, names in wanted.items():
+            if layer in self._handles:
+                continue
             block, names = blocks[layer], frozenset(names)
             self._handles[layer] = [
                 block.register_forward_pre_hook(self._make_hook(layer, names), with_kwargs=True),
@@ -296,6 +304,15 @@ class JVPHooks:
             # ignores those, so such a block is linearised from its own primal (separate path)
             if layer not in inside and _can_ride_along(block):
                 self._taps[layer] = _Tap(block)
+        self._signatures = signatures
+
+    def _drop_layer(self, layer: int) -> None:
+        for handle in self._handles.pop(layer, ()):
+            handle.remove()
+        tap = self._taps.pop(layer, None)
+        if tap is not None:
+            tap.remove()
+        self._jobs.pop(layer, None)
 
     @staticmethod
     def _layers_inside(manager, p) -> set[int]:

@@ -299,3 +299,25 @@ def test_jvp_context_offers_linearise_and_out_proj(tiny_loaded):
     width = w.shape[1]
     z = torch.randn(4, attn.heads, 16, width // attn.heads)
     torch.testing.assert_close(info["out_proj"](z), z.transpose(1, 2).reshape(4, 16, width) @ w.T)
+
+
+def test_jvp_point_sees_a_resid_pre_replacement_attached_later(tiny_loaded):
+    """Attaching a resid_pre intervention after the JVP point (a new dispatcher on the block) must
+    still linearise at the replaced state; attaching many points one by one rebuilds only the
+    layers that changed."""
+    model = tiny_loaded.transformer
+    hm = HookManager(model, tiny_loaded.adapter)
+    got = {}
+    hm.add_hook("blocks.1.jvp.point", lambda v, c: got.__setitem__("point", v.clone()))
+    hm.add_hook("blocks.2.jvp.full", lambda v, c: None)
+    jvp = hm.extension("jvp")
+    handles2 = list(jvp._handles[2])
+    hm.add_intervention("blocks.1.resid_pre", lambda v, c: v * 2.0)
+    hm.add_hook("blocks.1.resid_pre", lambda v, c: got.__setitem__("pre", v.clone()))
+    assert jvp._handles[2] == handles2  # block 2 untouched by changes on block 1
+    try:
+        Sampler(tiny_loaded, SamplerSpec("ddim", 1), hm).run([1], [0])
+    finally:
+        hm.remove_all()
+    assert torch.equal(got["point"], got["pre"])
+    assert not jvp._handles and not any(b._forward_pre_hooks for b in model.transformer_blocks)

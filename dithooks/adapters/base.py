@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import DithooksError, HookNameError
-from ..hookpoints import HookPoint, block_name, resolve_names, unknown_name_message
+from ..hookpoints import HookPoint, block_name, block_template, resolve_names, unknown_name_message
 from .spec import (PointSpec, first_tensor_arg, join, plain_output, replace_first_arg,  # noqa: F401
                    replace_output)
 
@@ -280,7 +280,7 @@ class ModelAdapter:
     # -- hook points ------------------------------------------------------------------------------
     def _expand(self, spec: PointSpec, layer: int | None, prefix: str) -> HookPoint:
         name = block_name(layer, spec.local)
-        template = "blocks.{i}." + spec.local if layer is not None else spec.local
+        template = block_template(spec.local) if layer is not None else spec.local
         carry = None if spec.carry_to is None else join(prefix, spec.carry_to)
         return HookPoint(name, template, join(prefix, spec.path), spec.kind, spec.dims, spec.doc, layer,
                          spec.read, spec.write, carry, spec.carry_item if carry is not None else None)
@@ -291,7 +291,7 @@ class ModelAdapter:
         except ValueError:
             return {}
         return {block_name(layer, local): HookPoint(
-                    block_name(layer, local), "blocks.{i}." + local, path, "processor", tuple(dims), doc, layer,
+                    block_name(layer, local), block_template(local), path, "processor", tuple(dims), doc, layer,
                     write=_processor_write if writable else None)
                 for local, (dims, doc, writable) in self.processor_names(layer).items()}
 
