@@ -27,7 +27,9 @@ Three independent features, each only paid for when used:
   token grid, for intra and inter blocks alike; a window covering the grid builds no mask.
 
 The softmax scale is SDPA's default ``1/sqrt(d_head)``, as in ``AttnProcessor2_0`` (which does
-not pass ``attn.scale`` either; the two agree for DiT).
+not pass ``attn.scale`` either; the two agree for DiT). The formulas (logits and masks, the tiled
+softmax, the coupling mixture, the row reductions) are those of :mod:`dithooks.attention.functional`,
+which the joint-attention processors, the JVP and the probes share.
 """
 
 from __future__ import annotations
