@@ -2,8 +2,8 @@
 
 ``adapter_for(model)`` picks the adapter registered for the model's class name and falls back
 to :class:`GenericAdapter`, which hooks any submodule by its path (``modules.<path>.in|out``).
-A family joins with one import line below (its module decorates its adapter with
-``@register``); see docs/adapters.md.
+A family joins by adding its module name to ``FAMILY_MODULES`` below (its module decorates
+its adapter with ``@register``); see docs/adapters.md.
 """
 
 from __future__ import annotations
@@ -17,13 +17,11 @@ from .registry import ADAPTERS, register, registered_families
 from .spec import PointSpec, post, pre
 from .dit import DiTAdapter  # noqa: F401  (registers itself)
 
-# family modules: one line each; a missing (not yet written) module is skipped
-for _family in ("pixart", "sd3", "flux"):
-    try:
-        importlib.import_module(f"{__name__}.{_family}")
-    except ModuleNotFoundError as _e:
-        if _e.name != f"{__name__}.{_family}":
-            raise
+#: the family modules; each registers its adapter with @register. A new family adds its name
+#: here (an import error in a family module surfaces: nothing is skipped)
+FAMILY_MODULES = ("dit", "pixart", "sd3", "flux")
+for _family in FAMILY_MODULES:
+    importlib.import_module(f"{__name__}.{_family}")
 
 
 class GenericAdapter(ModelAdapter):
@@ -37,5 +35,5 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
     return cls(model)
 
 
-__all__ = ["ADAPTERS", "DiTAdapter", "GenericAdapter", "Geometry", "ModelAdapter", "PointSpec", "adapter_for",
+__all__ = ["ADAPTERS", "FAMILY_MODULES", "DiTAdapter", "GenericAdapter", "Geometry", "ModelAdapter", "PointSpec", "adapter_for",
            "post", "pre", "register", "registered_families"]
