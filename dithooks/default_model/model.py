@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DiTTransformer2DModel
+from diffusers import DDPMScheduler, DiTTransformer2DModel
 
-from .config import DDIM_TIMESTEP_SPACING, DEFAULT_VARIANT, SCHEDULER_CONFIG, transformer_config
+from .config import DEFAULT_VARIANT, SCHEDULER_CONFIG, transformer_config
 
 
 def disable_internal_label_dropout(model: DiTTransformer2DModel) -> None:
@@ -45,7 +45,3 @@ def build_noise_scheduler() -> DDPMScheduler:
     """The training (DDPM) noise schedule."""
     return DDPMScheduler(**SCHEDULER_CONFIG)
 
-
-def ddim_scheduler_from(config) -> DDIMScheduler:
-    """A DDIM sampler configured from a training schedule's config."""
-    return DDIMScheduler.from_config(config, timestep_spacing=DDIM_TIMESTEP_SPACING)
