@@ -30,6 +30,7 @@
     Run it with an older checkout first on ``PYTHONPATH`` for the "before" numbers.
 
     python benchmarks/bench_attention_jvp.py --routing --threads 1
+    python benchmarks/bench_attention_jvp.py --routing --device cuda   # unchanged on an accelerator
 
 Cases are timed interleaved (one repeat of each in turn) and medians reported, so background
 load on a shared machine biases every case alike.
@@ -176,12 +177,13 @@ def bench_explicit(cfg: Config, repeats: int) -> dict:
 
 
 # -- (4) the routing probe's report on top of the JVP ----------------------------------------------
-def bench_routing_report(cfg: Config, repeats: int, g: float = 0.3) -> dict:
+def bench_routing_report(cfg: Config, repeats: int, g: float = 0.3, device: str = "cpu") -> dict:
     from dithooks.jvp import HEAD_TERMS
     from dithooks.probes.attention_terms import routing_dominance_report
 
-    block = dit_block(cfg)
-    h, delta, t, y = block_inputs(cfg)
+    block = dit_block(cfg).to(device)
+    h, delta, t, y = (x.to(device) for x in block_inputs(cfg))
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     with torch.no_grad():
         terms = block_jvp(block, h, delta, timestep=t, class_labels=y, parts=("full",), heads=HEAD_TERMS, g=g)
     args = [terms[n] for n in ("heads.pattern", "heads.dlogits_intra", "heads.dlogits_inter", "heads.v", "heads.dv")]
@@ -189,6 +191,7 @@ def bench_routing_report(cfg: Config, repeats: int, g: float = 0.3) -> dict:
     def forward():
         with torch.no_grad():
             block(h, timestep=t, class_labels=y)
+        sync()
 
     def report(dtype):
         def fn():
@@ -196,14 +199,16 @@ def bench_routing_report(cfg: Config, repeats: int, g: float = 0.3) -> dict:
             {k: v.cpu() for k, v in rep.items()}  # what the probe keeps
         return fn
 
-    cases = {"forward": forward,
-             "jvp (per-head terms)": lambda: block_jvp(block, h, delta, timestep=t, class_labels=y, parts=(),
-                                                       heads=HEAD_TERMS, g=g),
+    def jvp():
+        block_jvp(block, h, delta, timestep=t, class_labels=y, parts=(), heads=HEAD_TERMS, g=g)
+        sync()
+
+    cases = {"forward": forward, "jvp (per-head terms)": jvp,
              "report fp64": report(torch.float64), "report fp32": report(torch.float32)}
     cpu: dict[str, float] = {}
     times = time_interleaved(cases, repeats, cpu=cpu)
     return {"config": cfg.name, "width": cfg.width, "heads": cfg.heads, "tokens": cfg.tokens, "batch": cfg.batch,
-            "ms": {k: 1e3 * v for k, v in times.items()}, "cpu_ms": {k: 1e3 * v for k, v in cpu.items()},
+            "device": device, "ms": {k: 1e3 * v for k, v in times.items()}, "cpu_ms": {k: 1e3 * v for k, v in cpu.items()},
             "ratio": {k: v / times["forward"] for k, v in times.items()},
             "cpu_ratio": {k: v / cpu["forward"] for k, v in cpu.items()}}
 
@@ -266,17 +271,17 @@ def bench_whole_run(name: str, repeats: int | None = None, device: str = "cpu") 
         return None
 
     # the code before the ride-along (an older checkout on PYTHONPATH) has only the separate path
-    has_ride_along = hasattr(hm.jvp.settings, "ride_along")
+    has_ride_along = hasattr(hm.extension("jvp").settings, "ride_along")
 
     def run(key=None, parts=(), ride_along=True):
         def fn():
             if has_ride_along:
-                hm.jvp.configure(ride_along=ride_along)
+                hm.extension("jvp").configure(ride_along=ride_along)
             with hm.hooks(read={f"blocks.*.jvp.{p}": noop for p in parts}):
                 out = Sampler(loaded, spec, hm, device=device).run(labels, seeds)
                 sync()
                 if key is not None:
-                    paths[key] = dict(getattr(hm.jvp, "calls", {"separate": "?"}))
+                    paths[key] = dict(getattr(hm.extension("jvp"), "calls", {"separate": "?"}))
             outputs[key] = out
         return fn
 
@@ -351,7 +356,7 @@ def main(argv=None) -> None:
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     ap.add_argument("--whole-run", action="store_true", help="only (3): the JVP in a whole sampling run")
     ap.add_argument("--models", default="digits,S,XL", help="(3): models, comma-separated (digits,S,XL)")
-    ap.add_argument("--device", default="cpu", help="(3): cpu or cuda")
+    ap.add_argument("--device", default="cpu", help="(3), (4): cpu or cuda")
     ap.add_argument("--routing", action="store_true", help="only (4): the routing probe's report per block call")
     args = ap.parse_args(argv)
     if args.threads:
@@ -359,7 +364,7 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     if args.routing:
         repeats = args.repeats or (3 if args.quick else 7)
-        rows = [bench_routing_report(c, repeats) for c in CONFIGS]
+        rows = [bench_routing_report(c, repeats, device=args.device) for c in CONFIGS]
         print(routing_markdown(rows))
         meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "repeats": repeats,
                 "machine": platform.processor() or platform.machine(), "seconds": round(time.perf_counter() - t0, 1)}
