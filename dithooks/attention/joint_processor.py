@@ -329,6 +329,23 @@ class JointAttention(ProcessorSettings):
         return self._mask_cache[key]
 
 
+def _project(attn, x: torch.Tensor, projections: tuple[str, str, str], norms: tuple[str, str],
+             head_dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """q, k, v of one stream in SDPA's layout (B, H, tokens, head_dim), q and k through their norms
+    (``None`` norms skipped), and head_dim (default: the key width / heads): JointAttnProcessor2_0's
+    lines, the same for either stream."""
+    q, k, v = (getattr(attn, name)(x) for name in projections)
+    if head_dim is None:
+        head_dim = k.shape[-1] // attn.heads
+    q, k, v = (y.view(x.shape[0], -1, attn.heads, head_dim).transpose(1, 2) for y in (q, k, v))
+    norm_q, norm_k = (getattr(attn, name) for name in norms)
+    if norm_q is not None:
+        q = norm_q(q)
+    if norm_k is not None:
+        k = norm_k(k)
+    return q, k, v, head_dim
+
+
 class HookedJointAttnProcessor(JointAttention):
     """SD3's joint-attention processor with hook points, coupling and windows.
 
@@ -354,32 +371,13 @@ class HookedJointAttnProcessor(JointAttention):
                                       "(JointAttnProcessor2_0 ignores it too)")
         residual = hidden_states
         batch_size = hidden_states.shape[0]
-
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(hidden_states)
-        value = attn.to_v(hidden_states)
-        inner_dim = key.shape[-1]
-        head_dim = inner_dim // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        # the image stream's q/k/v (to_q/k/v, norm_q/k), then the text stream's (add_*_proj, norm_added_q/k)
+        query, key, value, head_dim = _project(attn, hidden_states, ("to_q", "to_k", "to_v"), ("norm_q", "norm_k"))
 
         text_tokens = 0
         if encoder_hidden_states is not None:
-            c_query = attn.add_q_proj(encoder_hidden_states)
-            c_key = attn.add_k_proj(encoder_hidden_states)
-            c_value = attn.add_v_proj(encoder_hidden_states)
-            c_query = c_query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-            c_key = c_key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-            c_value = c_value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-            if attn.norm_added_q is not None:
-                c_query = attn.norm_added_q(c_query)
-            if attn.norm_added_k is not None:
-                c_key = attn.norm_added_k(c_key)
+            c_query, c_key, c_value, _ = _project(attn, encoder_hidden_states, ("add_q_proj", "add_k_proj", "add_v_proj"),
+                                                  ("norm_added_q", "norm_added_k"), head_dim)
             query = torch.cat([query, c_query], dim=2)
             key = torch.cat([key, c_key], dim=2)
             value = torch.cat([value, c_value], dim=2)
