@@ -289,15 +289,6 @@ class JointAttention(ProcessorSettings):
             self.emit(name, value)  # derived statistic: a replacement has no effect
 
     # -- emission helpers ------------------------------------------------------------------------
-    def _emit_writable(self, name: str, value: torch.Tensor) -> torch.Tensor:
-        new = self.emit(name, value)
-        if new is None or new is value:
-            return value
-        if not isinstance(new, torch.Tensor) or new.shape != value.shape:
-            got = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
-            raise ValueError(f"replacement for {name} has shape {got}, expected {tuple(value.shape)}")
-        return new.to(dtype=value.dtype, device=value.device)
-
     def _emit_block(self, m: torch.Tensor, name: str, rows: slice, cols: slice) -> torch.Tensor:
         """Emit the (rows, cols) block of a (B, H, S, S) matrix; write a replacement back."""
         block = m[:, :, rows, cols]

@@ -9,7 +9,10 @@ core :class:`~dithooks.attention.joint_processor.JointAttention` of SD3/Flux) ho
 * ``g`` - replica coupling (``None`` = uncoupled), checked by :func:`dithooks.gates.validate_coupling`;
 * ``window`` - a Chebyshev radius (``None`` = global), checked by
   :func:`dithooks.attention.window.validate_radius`; setting it drops cached masks;
-* ``query_tile``, ``query_tokens``, ``top_k`` - fixed at construction.
+* ``query_tile``, ``query_tokens``, ``top_k`` - fixed at construction;
+
+and emits writable values the same way (:meth:`ProcessorSettings._emit_writable`: a replacement
+of another shape is refused).
 
 The hook manager and the sampler change ``wanted``/``g``/``window`` between calls through these
 validating setters; a bad value is a ``ValueError`` (the attention extension turns it into a
@@ -19,6 +22,8 @@ one-line :class:`~dithooks.errors.DithooksError`).
 from __future__ import annotations
 
 from typing import Sequence
+
+import torch
 
 from ..gates import validate_coupling
 from .window import validate_radius
@@ -88,6 +93,16 @@ class ProcessorSettings:
     def active_names(self) -> frozenset[str]:
         """Names that will be computed and emitted on the next call (none without ``emit``)."""
         return self._wanted if self.emit is not None else frozenset()
+
+    def _emit_writable(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        """Emit a writable value; the replacement ``emit`` returns (same shape), else ``value``."""
+        new = self.emit(name, value)
+        if new is None or new is value:
+            return value
+        if not isinstance(new, torch.Tensor) or new.shape != value.shape:
+            got = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
+            raise ValueError(f"replacement for {name} has shape {got}, expected {tuple(value.shape)}")
+        return new.to(dtype=value.dtype, device=value.device)
 
 
 __all__ = ["ProcessorSettings", "QUERY_NAMES", "TOPK_NAMES"]
