@@ -165,3 +165,24 @@ def test_core_imports_from_a_plain_source_tree(tmp_path):
     assert not out["errors"], "core modules that fail to import from a plain source tree:\n" + \
         "\n".join(f"{m}: {e}" for m, e in out["errors"].items())
     assert out["loaded_forbidden"] == []
+
+
+def test_probes_reexport_the_core_implementations():
+    """probes/ keeps its public names, now thin re-exports of the core (one implementation each)."""
+    from dithooks.analysis import difference_modes as core_dm
+    from dithooks.analysis import modes as core_modes
+    from dithooks.analysis import routing_summary as core_rs
+    from dithooks.probe_api import probe_class
+    from dithooks.probes import modes, routing_summary
+    from dithooks.probes.builtin import DifferenceModes
+    from dithooks.protocols.protocol2 import Protocol2Modes
+
+    for name in modes.__all__:
+        assert getattr(modes, name) is getattr(core_modes, name)
+    for name in routing_summary.__all__:
+        assert getattr(routing_summary, name) is getattr(core_rs, name)
+    assert probe_class("difference_modes") is DifferenceModes
+    assert issubclass(DifferenceModes, core_dm.DifferenceModes) and issubclass(Protocol2Modes, core_dm.DifferenceModes)
+    assert not issubclass(Protocol2Modes, DifferenceModes)  # protocol2 extends the core class, not probes/
+    assert DifferenceModes.label() == Protocol2Modes.label() == "difference_modes"
+    assert core_rs.PREFIX == "probe.routing."
