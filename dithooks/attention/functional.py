@@ -14,7 +14,8 @@ Pattern (THEORY §1, eq [16, 18])
     without a query axis; :func:`combine_masks` joins an additive mask with a boolean one.
 Softmax Jacobian (THEORY §3, eq [87-88])
     :func:`logit_perturbations` ``dL_intra, dL_inter`` from ``q, k, dq, dk``;
-    :func:`centred_logit_perturbation` ``c = dL - rowsum(A dL)`` on the support of ``A``,
+    :func:`centred_logit_perturbation` ``c = dL - rowsum(A dL)`` on the support of ``A``
+    (:func:`full_support` says whether that is every key),
     :func:`softmax_jvp` ``dA = A c`` (rows sum to 0), :func:`softmax_jvp_matmul` ``dA V`` without
     forming ``dA`` (one N x N product fewer).
 Replica coupling (THEORY §2, eq [19])
@@ -40,7 +41,8 @@ from .window import additive_window_mask, joint_window_mask, window_mask
 
 __all__ = [
     "default_scale", "scaled_logits", "softmax_rows", "attention_pattern", "query_tiles", "attend",
-    "combine_masks", "logit_perturbations", "full_support", "centred_logit_perturbation", "softmax_jvp", "softmax_jvp_matmul",
+    "combine_masks", "logit_perturbations", "full_support", "centred_logit_perturbation", "softmax_jvp",
+    "softmax_jvp_matmul",
     "swap_replica_halves", "couple", "mixture_weights", "rho", "xi", "validate_coupling",
     "effective_width", "row_entropy", "top_k_rows", "window_mask", "additive_window_mask",
     "joint_window_mask",
