@@ -154,6 +154,7 @@ def test_conditioning_that_does_not_fit_is_refused_in_one_line(tmp_path, pixart,
         (dict(loaded=pixart, conditioning=str(emb), prompts=(0, 3)), "prompt row 3 is out of range"),
         (dict(loaded=pixart, conditioning=str(emb), prompts=(0, 1, 2)), "3 prompt rows for 2 seeds"),
         (dict(loaded=pixart, conditioning=str(tmp_path / "none.pt")), "no prompt-embeddings file"),
+        (dict(loaded=pixart, conditioning=str(emb), prompts=(0, 1), labels=(3, 4)), r"class labels \(--class\) do not apply"),
         (dict(loaded=tiny_loaded, conditioning=str(emb), prompts=(0, 1)), "class-conditional"),
     ]
     for kw, msg in cases:

@@ -160,6 +160,9 @@ def resolve_conditioning(cfg: CaptureConfig, adapter: Any) -> SampleConditioning
     if cfg.conditioning is None:
         raise DithooksError(f"{getattr(adapter, 'family', 'this')} models are text-conditioned: give prompt "
                             "embeddings (--prompt-embeds: a .pt or .safetensors file with 'prompt_embeds')")
+    if any(int(y) != 0 for y in cfg.labels):  # (0,) is the default: not asked for
+        raise DithooksError(f"{getattr(adapter, 'family', 'this')} models are text-conditioned: class labels "
+                            "(--class) do not apply; choose prompts with --prompt-rows")
     from ..conditioning import Conditioning, load_prompt_embeds
 
     if isinstance(cfg.conditioning, Conditioning):
