@@ -49,6 +49,9 @@ def user_errors(fn: Callable) -> Callable:
             fail(str(e))
         except KeyboardInterrupt:
             fail("interrupted", 130)
+        except BrokenPipeError:  # `dithooks query ... | head`: the reader has gone; stop quietly, as other tools do
+            _silence_stdout()
+            raise typer.Exit(0)
         except MemoryError:
             fail("out of memory: use fewer seeds, layers or hook points, or a smaller --dtype", 1)
         except OSError as e:  # disk full, permission denied, ... while writing or reading
@@ -60,6 +63,15 @@ def user_errors(fn: Callable) -> Callable:
                  f"{DEBUG_ENV}=1 shows the traceback)", 70)
 
     return wrapper
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's last flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (e.g. a test runner)
+        pass
 
 
 class OneLineErrors(TyperGroup):

@@ -43,13 +43,8 @@ def run_query(store: Path, hook: str, *, step=None, layer=None, sample=None, cfg
             typer.echo(f"dithooks: warning: {w.message}", err=True)
         else:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-    try:
-        print_rows(store, red, reduce, limit, as_json, as_csv, s.coord("timestep"))
-    except BrokenPipeError:  # `dithooks query ... | head`: the reader has seen enough
-        import os
-
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise typer.Exit(0) from None
+    # `dithooks query ... | head`: a reader that has seen enough ends it quietly (output.user_errors)
+    print_rows(store, red, reduce, limit, as_json, as_csv, s.coord("timestep"))
 
 
 def print_rows(store, red, reduce: str, limit: int, as_json: bool, as_csv: bool, timesteps: np.ndarray) -> None:

@@ -142,3 +142,18 @@ def test_query_refuses_incomplete_steps_and_missing_chunks(store, tmp_path):
     r = run("query", part, "final.out", "--step", "0:2", "--allow-incomplete", "--csv")
     assert r.exit_code == 0 and "nan" in r.stdout
     assert np.isfinite([float(line.split(",")[-2]) for line in r.stdout.splitlines()[1:] if line.startswith("0,")]).all()
+
+
+def test_a_closed_pipe_ends_quietly(store):
+    """`dithooks query ... | head -1`: no error line when the reader goes away (output > a pipe's buffer)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "dithooks.cli.main", "query", str(store), "blocks.resid_post",
+                             "--reduce", "none", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+    proc.stdout.read(1)  # the reader takes one byte and leaves
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    rc = proc.wait(timeout=60)
+    assert "error" not in stderr.lower() and "Traceback" not in stderr, stderr
+    assert rc == 0  # ~150 KB of JSON: the writes found the pipe closed and stopped quietly
