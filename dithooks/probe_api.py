@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
 import inspect
 import math
 from dataclasses import dataclass
@@ -269,8 +270,27 @@ def register_probe(name: str) -> Callable[[type[Probe]], type[Probe]]:
     return add
 
 
+def _mount_source_probes() -> None:
+    """Run from a source tree (not installed), ``probes/`` beside ``dithooks/`` is not yet the
+    package ``dithooks.probes`` (pyproject's package-dir maps it on install): mount it so."""
+    import sys
+    from pathlib import Path
+
+    if "dithooks.probes" in sys.modules or importlib.util.find_spec("dithooks.probes") is not None:
+        return
+    folder = Path(__file__).resolve().parent.parent / "probes"
+    if not (folder / "__init__.py").is_file():
+        return
+    spec = importlib.util.spec_from_file_location("dithooks.probes", folder / "__init__.py",
+                                                  submodule_search_locations=[str(folder)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["dithooks.probes"] = module
+    spec.loader.exec_module(module)
+
+
 def registered_probes() -> dict[str, type[Probe]]:
     """Every registered probe by name (the built-ins are imported first)."""
+    _mount_source_probes()
     for mod in BUILTIN_MODULES:
         importlib.import_module(mod)
     return dict(sorted(_REGISTRY.items()))

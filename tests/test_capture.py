@@ -273,3 +273,23 @@ def test_the_core_does_not_import_the_probes_package():
     from dithooks import probe_api
     from dithooks.probes import api
     assert api.Probe is probe_api.Probe and api.register_probe is probe_api.register_probe
+
+
+def test_the_source_tree_runs_built_in_probes_without_installing(tmp_path):
+    """From a checkout without the editable install, the core imports and finds the built-in
+    probes in probes/ (mounted as dithooks.probes, as pyproject's package-dir does on install)."""
+    import pathlib
+
+    repo = pathlib.Path(__file__).resolve().parent.parent
+    code = ("import sys\n"
+            "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in getattr(f, '__module__', '')]\n"
+            f"sys.path.insert(0, {str(repo)!r})\n"
+            "import dithooks.capture\n"
+            "from dithooks.probe_api import make_probe, registered_probes\n"
+            "assert 'residual_norms' in registered_probes()\n"
+            "p = make_probe('residual_norms')\n"
+            "print(type(p).__module__, dithooks.__file__)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    module, where = out.stdout.split()
+    assert module == "dithooks.probes.builtin" and where.startswith(str(repo / "dithooks"))
