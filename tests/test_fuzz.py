@@ -321,6 +321,18 @@ def _capture_cases() -> list[Case]:
     add("steps-abc-usage", ["--steps"], ("requires",))
     add("unknown-option", ["--nope"], ("nope",))
     add("class-per-seed-mismatch", ["--class", "1,2,3"], ("labels",))
+    # text conditioning and samplers, asked of the class-conditional tiny DiT
+    add("prompt-embeds=missing", ["--prompt-embeds", "{ws}/none.pt"], ("prompt-embeds", "no such file"))
+    add("prompt-embeds=dir", ["--prompt-embeds", "{ws}/plain_dir"], ("prompt-embeds",))
+    add("prompt-embeds=garbage", ["--prompt-embeds", "{ws}/garbage.npy"], ("prompt",))
+    add("prompt-rows-without-file", ["--prompt-rows", "0"], ("--prompt-rows",))
+    add("prompt-rows=x", ["--prompt-embeds", "{ws}/a_file.txt", "--prompt-rows", "x"], ("prompt rows",))
+    add("prompt-rows=-1", ["--prompt-embeds", "{ws}/a_file.txt", "--prompt-rows", "-1"], ("prompt rows",))
+    add("prompt+prompt-embeds", ["--prompt", "a cat", "--prompt-embeds", "{ws}/a_file.txt"], ("exclude",))
+    add("prompt-on-class-model", ["--prompt", "a cat"], ("text",))
+    add("negative-prompt-alone", ["--negative-prompt", "blurry"], ("--prompt",))
+    add("sampler=flow-on-epsilon-model", ["--sampler", "flow"], ("flow",))
+    add("sampler=bogus", ["--sampler", "bogus"], ("sampler",))
     # outputs that exist already: the store stays as it was
     c.append(Case("capture:out=store", ["capture", "--model", "{model}", "--steps", "2", "--out", "{cstore}"],
                   ("already exists",), after="intact"))
