@@ -1,7 +1,7 @@
-"""Context parallelism on 2 CPU ranks (gloo, torch.multiprocessing spawn): gathering token shards
+"""Context parallelism on 2 CPU ranks (gloo, torch.multiprocessing, forked): gathering token shards
 before recording (dithooks.scale.context_parallel).
 
-One spawn runs both parts (the ranks' imports dominate the time):
+One start of 2 ranks runs both parts:
 * a toy sequence split: uneven shards, a joint [text, image] sequence sharded per segment, and a
   toy attention whose queries are sharded (keys/values gathered): the gathered hook values equal
   the one-process computation;
@@ -123,7 +123,16 @@ def _rank_main(rank: int, world: int, port: int, out: str) -> None:
 def test_gathered_hooks_under_context_parallelism(tmp_path):
     import torch.multiprocessing as mp
 
-    mp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    # fork: the ranks inherit the imports below instead of paying them again (spawn costs ~10 s a rank
+    # on a busy machine); each rank sets one torch thread before any work
+    import diffusers  # noqa: F401
+
+    import dithooks.adapters.flux  # noqa: F401
+    import dithooks.hooks  # noqa: F401
+    import dithooks.scale.context_parallel  # noqa: F401
+    import tests.conformance.family_flux  # noqa: F401
+
+    mp.start_processes(_rank_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork")
     for r in range(2):
         got = json.loads((tmp_path / f"rank{r}.json").read_text())
         assert got["toy"] and got["flux"]
