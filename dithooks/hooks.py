@@ -186,22 +186,6 @@ class HookManager:
             raise DithooksError(f"{type(self.model).__name__} ({self.adapter.family}) has no {what}")
         return ext
 
-    @property
-    def attention(self):
-        """The attention extension (compatibility; AttributeError when absent, so ``hasattr`` works)."""
-        ext = self._named.get("attention")
-        if ext is None:
-            raise AttributeError(f"{type(self.model).__name__} exposes no attention processors")
-        return ext
-
-    @property
-    def jvp(self):
-        """The JVP extension (compatibility; AttributeError when absent, so ``hasattr`` works)."""
-        ext = self._named.get("jvp")
-        if ext is None:
-            raise AttributeError(f"{type(self.model).__name__} has no JVP hook points")
-        return ext
-
     @contextlib.contextmanager
     def suspended(self) -> Iterator[None]:
         """Within the block, no attached function runs and every hook passes values through

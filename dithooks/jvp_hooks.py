@@ -376,7 +376,7 @@ class JVPHooks:
             values["full"] = tangent
         self.calls["separate"] += 1
         info = {"g": g, "window": window, "apply_gates": self.settings.apply_gates,
-                "attention": {"g": g_live, "window": window}, "block": block}
+                "attention": {"g": g_live, "window": window}}
         for local in names:
             m.run_hooks(adapter.point(block_name(layer, "jvp." + local)), values[local], batch_axes=axes, info=info)
 
@@ -498,8 +498,7 @@ class JVPHooks:
         info = {"g": job.g, "window": job.window, "apply_gates": self.settings.apply_gates,
                 "attention": {"g": g_live, "window": window_live},
                 "linearise": _lineariser(block, job), "out_proj": _out_projection(block.attn1),
-                # kept for callers written before the fields above (prefer them: no module access)
-                "block": block, "timestep": job.t, "class_labels": job.y}
+                "timestep": job.t, "class_labels": job.y}  # the conditioning rows of this call
         for local in names:
             m.run_hooks(m.adapter.point(block_name(layer, "jvp." + local)), values[local], batch_axes=job.axes,
                         info=info)

@@ -199,14 +199,19 @@ def test_extensions_are_reached_by_name(tiny_model):
     from dithooks.adapters import ModelAdapter
 
     hm = HookManager(tiny_model)
-    assert hm.extension("attention") is hm.attention and hm.extension("jvp") is hm.jvp
+    from dithooks.attention_hooks import AttentionHooks
+    from dithooks.jvp_hooks import JVPHooks
+
+    assert isinstance(hm.extension("attention"), AttentionHooks) and isinstance(hm.extension("jvp"), JVPHooks)
+    assert hm.extension("attention") is hm.extension("attention", required=True)
+    assert not hasattr(hm, "attention") and not hasattr(hm, "jvp")  # reached by name only
     assert hm.extension("nope") is None
 
     class NoAttention(ModelAdapter):  # a table without processor or JVP points
         block_tables = {"BasicTransformerBlock": ()}
 
     bare = HookManager(tiny_model, NoAttention(tiny_model))
-    assert bare.extension("attention") is None and not hasattr(bare, "attention")
+    assert bare.extension("attention") is None
     with pytest.raises(DithooksError, match="no attention processors"):
         bare.extension("attention", required=True)
 

@@ -97,21 +97,21 @@ def test_stored_and_callable_directions(tiny_loaded):
     model = tiny_loaded.transformer
     hm = HookManager(model, tiny_loaded.adapter)
     v = torch.randn(16, 16, generator=torch.Generator().manual_seed(0))
-    hm.jvp.configure(direction={0: v}, g=0.0)
+    hm.extension("jvp").configure(direction={0: v}, g=0.0)
     seen, _ = _collect(hm, ["blocks.0.jvp.mlp", "blocks.0.jvp.point"],
                        lambda: Sampler(tiny_loaded, SamplerSpec("ddim", 1), hm).run([4], [0]))
     h = seen["blocks.0.jvp.point"][0][2]
     ref = block_jvp(model.transformer_blocks[0], h, v[None], timestep=torch.tensor([seen_t(tiny_loaded)]),
                     class_labels=torch.tensor([4]), parts=("mlp",))
     torch.testing.assert_close(seen["blocks.0.jvp.mlp"][0][2], ref["mlp"])
-    hm.jvp.configure(direction=lambda h, ctx: 2 * torch.ones_like(h))
+    hm.extension("jvp").configure(direction=lambda h, ctx: 2 * torch.ones_like(h))
     seen, _ = _collect(hm, ["blocks.0.jvp.direction"], lambda: Sampler(tiny_loaded, SamplerSpec("ddim", 1), hm).run([4], [0]))
     assert torch.equal(seen["blocks.0.jvp.direction"][0][2], 2 * torch.ones(1, 16, 16))
-    hm.jvp.configure(direction={3: v})
+    hm.extension("jvp").configure(direction={3: v})
     with pytest.raises(DithooksError, match="no JVP direction given for block 0"):
         _collect(hm, ["blocks.0.jvp.mlp"], lambda: Sampler(tiny_loaded, SamplerSpec("ddim", 1), hm).run([4], [0]))
     with pytest.raises(DithooksError, match="unknown JVP direction"):
-        hm.jvp.configure(direction="sideways")
+        hm.extension("jvp").configure(direction="sideways")
 
 
 def seen_t(loaded):
@@ -120,7 +120,7 @@ def seen_t(loaded):
 
 def test_replica_direction_without_pairs_is_a_clear_error(tiny_loaded):
     hm = HookManager(tiny_loaded.transformer, tiny_loaded.adapter)
-    hm.jvp.configure(direction="replica")
+    hm.extension("jvp").configure(direction="replica")
     with pytest.raises(DithooksError, match="needs replica pairs"):
         _collect(hm, ["blocks.0.jvp.full"], lambda: Sampler(tiny_loaded, SamplerSpec("ddim", 1), hm).run([4], [0]))
 
@@ -144,7 +144,7 @@ def _both_paths(loaded, hm, layers, run, replace=None):
     names = [f"blocks.{i}.jvp.{p}" for i in layers for p in ALL_JVP_POINTS]
     got, outs, calls = {}, {}, {}
     for ride_along in (True, False):
-        hm.jvp.configure(ride_along=ride_along)
+        hm.extension("jvp").configure(ride_along=ride_along)
         seen = {}
 
         def keep(v, ctx, seen=seen):
@@ -152,9 +152,9 @@ def _both_paths(loaded, hm, layers, run, replace=None):
 
         with hm.hooks(read={n: keep for n in names}, replace=replace):
             outs[ride_along] = run()
-            calls[ride_along] = dict(hm.jvp.calls)
+            calls[ride_along] = dict(hm.extension("jvp").calls)
         got[ride_along] = seen
-    hm.jvp.configure(ride_along=True)
+    hm.extension("jvp").configure(ride_along=True)
     return got, outs, calls
 
 
@@ -174,7 +174,7 @@ def test_ride_along_equals_separate_primal_and_is_passive(tiny_loaded, direction
     model = tiny_loaded.transformer
     hm = HookManager(model, tiny_loaded.adapter)
     stored = torch.randn(16, 16, generator=torch.Generator().manual_seed(3))
-    hm.jvp.configure(direction={"random": "random", "stored": {0: stored, 2: 2 * stored},
+    hm.extension("jvp").configure(direction={"random": "random", "stored": {0: stored, 2: 2 * stored},
                                 "callable": lambda h, ctx: torch.flip(h, dims=[1])}[direction])
     spec = SamplerSpec("ddim", 3, guidance=1.5)
     plain = Sampler(tiny_loaded, spec).run([1, 2], [0, 1])
@@ -193,7 +193,7 @@ def test_ride_along_matches_the_autograd_reference(tiny_loaded):
     parts = ("full", "attn", "routing", "modulation", "mlp", "cross", "modulation_intra", "modulation_inter")
     seen, _ = _collect(hm, [f"blocks.1.jvp.{p}" for p in parts] + ["blocks.1.jvp.point", "blocks.1.jvp.direction"],
                        lambda: Sampler(tiny_loaded, SamplerSpec("ddim", 2), hm).run([3, 5], [0, 1]))
-    assert hm.jvp.calls == {"ride_along": 0, "separate": 0}  # reset when the hooks went
+    assert hm.extension("jvp").calls == {"ride_along": 0, "separate": 0}  # reset when the hooks went
     t = torch.full((2,), Sampler(tiny_loaded, SamplerSpec("ddim", 2)).timesteps[1])
     ref = block_jvp(model.transformer_blocks[1], seen["blocks.1.jvp.point"][1][2],
                     seen["blocks.1.jvp.direction"][1][2], timestep=t, class_labels=torch.tensor([3, 5]),
@@ -205,13 +205,13 @@ def test_ride_along_matches_the_autograd_reference(tiny_loaded):
 
 def test_ride_along_under_a_window_and_with_uncoupled_replicas(tiny_loaded):
     hm = HookManager(tiny_loaded.transformer, tiny_loaded.adapter)
-    hm.attention.set_window(1, layers=[1])
-    hm.jvp.configure(direction="random", g=0.4)  # g of the linearisation only; the run is uncoupled
+    hm.extension("attention").set_window(1, layers=[1])
+    hm.extension("jvp").configure(direction="random", g=0.4)  # g of the linearisation only; the run is uncoupled
     try:
         got, _, calls = _both_paths(tiny_loaded, hm, (1,),
                                     lambda: Sampler(tiny_loaded, SamplerSpec("ddim", 2), hm).run([1], [0]))
     finally:
-        hm.attention.set_window(None)
+        hm.extension("attention").set_window(None)
     assert calls[True]["ride_along"] == 2
     _assert_same_values(got)
     # replica pairs at g = 0 run exactly uncoupled: a random direction still rides along
@@ -231,12 +231,12 @@ def test_what_cannot_ride_along_takes_the_separate_path(tiny_loaded):
     assert calls[True] == {"ride_along": 0, "separate": 2}
     _assert_same_values(got, exact=True)
     # a random direction in a coupled layer: the forward's h_mid is the coupled one
-    hm.jvp.configure(direction="random")
+    hm.extension("jvp").configure(direction="random")
     got, _, calls = _both_paths(tiny_loaded, hm, (1,), lambda: Sampler(tiny_loaded, spec, hm, replicas=rep).run([1], [0]))
     assert calls[True] == {"ride_along": 0, "separate": 2}
     _assert_same_values(got, exact=True)
     # an intervention inside the block: the JVP ignores it (as before), so it cannot reuse the forward
-    hm.jvp.configure(direction="auto")
+    hm.extension("jvp").configure(direction="auto")
     got, outs, calls = _both_paths(tiny_loaded, hm, (1, 2), lambda: Sampler(tiny_loaded, spec, hm).run([1], [0]),
                                    replace={"blocks.1.attn.v": lambda v, ctx: 0.5 * v})
     assert calls[True] == {"ride_along": 2, "separate": 2}  # block 2 still rides along

@@ -142,7 +142,7 @@ def test_window_is_restored_after_the_call(den, tiny_loaded):
     before = [type(b.attn1.processor) for b in model.transformer_blocks]
     den.eps(xs(1), 10, [0], 1)
     assert [type(b.attn1.processor) for b in model.transformer_blocks] == before
-    att = den.hooks.attention
+    att = den.hooks.extension("attention")
     att.set_window(2, [0])
     with local_attention(den.hooks, 0):
         assert att.layer_settings(3) == (None, 0)
