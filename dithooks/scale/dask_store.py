@@ -7,8 +7,8 @@ block is read through :meth:`CaptureStore.select`, so the reader's rules hold bl
 (docs/reading.md): the selection is planned once on the client (steps not marked complete are
 refused with one line unless ``allow_incomplete``; missing chunks of complete steps are refused;
 ``step="complete"`` selects exactly the complete steps), and each task reads only its chunk (for
-uncompressed chunks only its bytes). It is also faster than ``from_zarr`` on these stores (see
-docs/scaling.md: measured).
+uncompressed chunks only its bytes). It also costs less CPU than ``from_zarr`` on these stores
+(a sum of squares over a 32 MiB store of 1 MiB chunks: 0.07 vs 0.13 CPU s; docs/scaling.md).
 
 Blocks follow the store's chunks (one block per inner chunk a selection touches, usually one
 (step, layer) slab); ``split={"sample": 64}`` cuts blocks further along any dim, so a worker's
