@@ -146,3 +146,15 @@ def test_prompts_as_text_go_through_the_pipeline_encoder(sd3, tmp_path, monkeypa
     for args, needle in ((("--prompt", "x", "--prompt-embeds", embeds), "exclude each other"),
                          (("--negative-prompt", "x", "--prompt-embeds", embeds), "goes with --prompt")):
         assert needle in one_line_error(run("capture", *common, *args, "--out", tmp_path / "bad.zarr"))
+
+
+def test_bad_prompt_files_are_one_line(sd3, tmp_path):
+    model = sd3[0]
+    (tmp_path / "garbage.pt").write_bytes(b"\x00not a torch file" * 10)
+    torch.save({"embeds": torch.zeros(1, 6, 32)}, tmp_path / "nokey.pt")
+    torch.save({"prompt_embeds": torch.zeros(1, 6, 7), "pooled_prompt_embeds": torch.zeros(1, 16)}, tmp_path / "width.pt")
+    for name, needle in (("garbage.pt", "cannot read prompt embeddings"), ("nokey.pt", "no 'prompt_embeds'"),
+                         ("width.pt", "7")):
+        r = run("capture", "--model", model, "--steps", "2", "--prompt-embeds", tmp_path / name, "--out", tmp_path / "x.zarr")
+        assert needle.lower() in one_line_error(r).lower(), name
+        assert not (tmp_path / "x.zarr").exists()
