@@ -16,6 +16,7 @@ from dithooks.errors import DithooksError  # noqa: E402
 from dithooks.probes.modes import DifferenceModeBasis  # noqa: E402
 from dithooks.sampling import ReplicaSpec, SamplerSpec  # noqa: E402
 from dithooks.scale import dask_array, difference_modes, n_eff_summary, routing_summary  # noqa: E402
+from dithooks.scale.dask_store import concat_samples  # noqa: E402
 from dithooks.store.reader import IncompleteDataWarning, IncompleteStepsError, MissingChunkError, open_store  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -162,3 +163,26 @@ def test_n_eff_summary_equals_numpy(client, pairs_store):
     # keeping other dims: per (layer, cfg)
     by = n_eff_summary(s, keep=("layer", "cfg"))
     np.testing.assert_allclose(by["mean"], np.moveaxis(v, (1, 3), (0, 1)).reshape(2, 2, -1).mean(-1), rtol=1e-12)
+
+
+def test_stores_of_disjoint_seeds_are_analysed_as_one(client, tmp_path, tiny_loaded, tiny_model_dir, pairs_store):
+    """Independent captures (one per GPU, disjoint seeds) concatenated along sample."""
+    parts = []
+    for i, seeds in enumerate(((0, 1, 2), (3, 4))):
+        out = tmp_path / f"part{i}.zarr"
+        capture(CaptureConfig(out=str(out), model=str(tiny_model_dir), layers="0", hooks=("resid_post",),
+                              sampler=SamplerSpec("ddim", 3), labels=tuple(s % 3 for s in seeds), seeds=seeds,
+                              storage_dtype="fp32", replicas=ReplicaSpec(kappa=0.6, g=0.0)), loaded=tiny_loaded)
+        parts.append(out)
+    both = concat_samples(parts, "blocks.resid_post")
+    vals = [open_store(p).select("blocks.resid_post").values for p in parts]
+    ax = both.axis("sample")
+    np.testing.assert_array_equal(both.data.compute(), np.concatenate(vals, axis=ax))
+    assert list(both.coords["store"]) == [0, 0, 0, 1, 1] and list(both.coords["sample"]) == [0, 1, 2, 3, 4]
+    r = difference_modes(parts)
+    h = np.concatenate(vals, axis=ax).astype(np.float64)[:, 0]          # step replica sample token channel
+    X = (h[:, 0] - h[:, 1]).reshape(3, 5, -1)
+    E, lam = _svd_energies(X[0], X)
+    np.testing.assert_allclose(r.energy[:, 0, : len(lam)], E, rtol=1e-8)
+    with pytest.raises(DithooksError, match="has dims"):   # a guided store: another layout
+        concat_samples([parts[0], pairs_store], "blocks.resid_post")

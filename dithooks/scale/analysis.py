@@ -13,6 +13,9 @@
 * :func:`n_eff_summary` - stored ``blocks.attn.n_eff``: mean, min, max and quantiles per
   (step, layer, head) over every other dim (samples, queries, branches).
 
+Every function takes a store or a list of stores (e.g. one per GPU, disjoint seeds), analysed as
+one store whose samples are concatenated (:func:`~dithooks.scale.dask_store.concat_samples`).
+
 Memory: every task holds one block (one store chunk, or a ``split`` piece of one) plus small
 per-block results; what is gathered on the client is the per-(step, layer) output and, for the
 modes, the M×M Gram of each layer. Quantiles of N_eff come from log-spaced histograms (a second
@@ -30,13 +33,26 @@ import numpy as np
 
 from ..errors import DithooksError, StoreError
 from ..store.reader import CaptureStore, open_store
-from .dask_store import StoreArray, dask_array
+from .dask_store import StoreArray, concat_samples, dask_array
 
 __all__ = ["ModesResult", "difference_modes", "n_eff_summary", "routing_summary", "histogram_quantiles"]
 
 
-def _open(store: str | Path | CaptureStore) -> CaptureStore:
+def _open(store: Any) -> Any:
+    """A store, or a list of stores (analysed as one, concatenated along ``sample``)."""
+    if isinstance(store, (list, tuple)):
+        if not store:
+            raise StoreError("no stores given")
+        return [s if isinstance(s, CaptureStore) else open_store(s) for s in store]
     return store if isinstance(store, CaptureStore) else open_store(store)
+
+
+def _first(s: Any) -> CaptureStore:
+    return s[0] if isinstance(s, list) else s
+
+
+def _array(s: Any, name: str, **kw: Any) -> StoreArray:
+    return concat_samples(s, name, **kw) if isinstance(s, list) else dask_array(s, name, **kw)
 
 
 def _block_name(hook: str) -> str:
@@ -66,7 +82,7 @@ class ModesResult:
     info: dict = field(default_factory=dict)
 
 
-def difference_modes(store: str | Path | CaptureStore, hook: str = "resid_post", *, pairs: str = "replica",
+def difference_modes(store: Any, hook: str = "resid_post", *, pairs: str = "replica",
                      cfg: str = "cond", steps: Any = "complete", centre: bool = False, centre_using: str = "own",
                      rel_tol: float | None = None, max_modes: int | None = None, lead: Any = 0.25,
                      trail: Any = 0.25, split: Mapping[str, int] | None = None) -> ModesResult:
@@ -87,14 +103,14 @@ def difference_modes(store: str | Path | CaptureStore, hook: str = "resid_post",
     s = _open(store)
     name = _block_name(hook)
     sel: dict[str, Any] = {"step": steps}
-    dims = s.array_meta(s.resolve(name)[0]).dims
+    dims = _first(s).array_meta(_first(s).resolve(name)[0]).dims
     if "cfg" in dims:
         sel["cfg"] = cfg
     if pairs == "replica" and "replica" not in dims:
         raise DithooksError(f"difference_modes: {name} has no replica dim (not a replica run); use pairs='halves'")
     if pairs == "halves" and "replica" in dims:
         raise DithooksError("difference_modes: this is a replica run; use pairs='replica'")
-    x = dask_array(s, name, split=split, **sel)
+    x = _array(s, name, split=split, **sel)
     a = x.data.astype(np.float64)
     if "cfg" in x.dims:
         a = a[(slice(None),) * x.axis("cfg") + (0,)]
@@ -148,7 +164,7 @@ def difference_modes(store: str | Path | CaptureStore, hook: str = "resid_post",
     with np.errstate(invalid="ignore", divide="ignore"):
         E = E / lam_k[None]
     bands = _bands(E, kept, lead, trail, layers)
-    info = {"store": str(s.path), "hook": name, "pairs": pairs, "centre": centre, "centre_using": centre_using,
+    info = {"store": [str(p.path) for p in s] if isinstance(s, list) else str(s.path), "hook": name, "pairs": pairs, "centre": centre, "centre_using": centre_using,
             "rel_tol": tol, "M": M, "D": D, "fit_step": int(x.coords["step"][0])}
     return ModesResult(np.asarray(x.coords["step"]), np.asarray(layers), E, lam_k, gram, kept, *bands, info=info)
 
@@ -174,7 +190,7 @@ def _bands(E: np.ndarray, kept: np.ndarray, lead: Any, trail: Any, layers: np.nd
 
 
 # -- routing summary ----------------------------------------------------------------------------
-def routing_summary(store: str | Path | CaptureStore, *, steps: Any = "complete", quantiles: Sequence[float] = (0.1, 0.5, 0.9),
+def routing_summary(store: Any, *, steps: Any = "complete", quantiles: Sequence[float] = (0.1, 0.5, 0.9),
                     numerator: str = "jvp.routing", denominator: str = "jvp.modulation",
                     split: Mapping[str, int] | None = None) -> dict[str, Any]:
     """‖routing‖/‖modulation‖ from the stored JVP parts, per (step, layer, [cfg,] sample).
@@ -189,8 +205,8 @@ def routing_summary(store: str | Path | CaptureStore, *, steps: Any = "complete"
     ``jvp.heads.*`` points) but its layer-level, residual-stream counterpart.
     """
     s = _open(store)
-    num = dask_array(s, _block_name(numerator), step=steps, split=split)
-    den = dask_array(s, _block_name(denominator), step=steps, split=split)
+    num = _array(s, _block_name(numerator), step=steps, split=split)
+    den = _array(s, _block_name(denominator), step=steps, split=split)
     if num.dims != den.dims or num.data.shape != den.data.shape:
         raise StoreError(f"{num.name} and {den.name} differ in shape ({num.data.shape} vs {den.data.shape})")
     batch = [d for d in num.dims if d in ("step", "layer", "replica", "cfg", "sample")]
@@ -214,7 +230,7 @@ def routing_summary(store: str | Path | CaptureStore, *, steps: Any = "complete"
 
 
 # -- N_eff summary ------------------------------------------------------------------------------
-def n_eff_summary(store: str | Path | CaptureStore, hook: str = "attn.n_eff", *, steps: Any = "complete",
+def n_eff_summary(store: Any, hook: str = "attn.n_eff", *, steps: Any = "complete",
                   keep: Sequence[str] = ("step", "layer", "head"), quantiles: Sequence[float] = (0.1, 0.5, 0.9),
                   resolution: float = 2 ** -7, split: Mapping[str, int] | None = None) -> dict[str, Any]:
     """Mean, min, max and quantiles of stored N_eff per ``keep`` dims (default step, layer, head)
@@ -228,7 +244,7 @@ def n_eff_summary(store: str | Path | CaptureStore, hook: str = "attn.n_eff", *,
     import dask.array as da
 
     s = _open(store)
-    x = dask_array(s, _block_name(hook), step=steps, split=split)
+    x = _array(s, _block_name(hook), step=steps, split=split)
     missing = [d for d in keep if d not in x.dims]
     if missing:
         raise StoreError(f"{x.name} has no dim {missing[0]!r} (its dims: {', '.join(x.dims)})")

@@ -22,7 +22,7 @@ import itertools
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -30,7 +30,7 @@ from ..errors import StoreError
 from ..store.reader import CaptureStore, IncompleteDataWarning, open_store
 from ..store.zarrio import dim_blocks
 
-__all__ = ["StoreArray", "dask_array"]
+__all__ = ["StoreArray", "concat_samples", "dask_array"]
 
 
 @dataclass
@@ -171,3 +171,35 @@ def _read_region(path: str, state: str, name: str, allow: bool, dims: tuple[str,
             _STORES.pop((path, state), None)
             values = _store(path, state).select(name, allow_incomplete=allow, **sel).values
     return np.asarray(values).astype(np.dtype(dtype), copy=False)
+
+
+def concat_samples(stores: Sequence[str | Path | CaptureStore], name: str, *, dim: str = "sample",
+                   **kw: Any) -> StoreArray:
+    """One array over several stores, concatenated along ``dim`` (default ``sample``): e.g. the
+    stores of independent captures of disjoint seed ranges (one per GPU). Each store is read as
+    :func:`dask_array` reads it (same selection ``kw``, same refusals); every other dim must agree
+    in size and coordinates. The ``sample`` coordinate becomes 0..n-1 over the concatenation;
+    ``coords["store"]`` says which store each position along ``dim`` came from."""
+    import dask.array as da
+
+    parts = [dask_array(s, name, **kw) for s in stores]
+    if not parts:
+        raise StoreError("concat_samples: no stores given")
+    first = parts[0]
+    if dim not in first.dims:
+        raise StoreError(f"{first.name} has no dimension {dim!r} (its dims: {', '.join(first.dims)})")
+    ax = first.dims.index(dim)
+    for s, p in zip(stores[1:], parts[1:]):
+        if p.dims != first.dims:
+            raise StoreError(f"{s}: {p.name} has dims {p.dims}, the first store {first.dims}")
+        for d in first.dims:
+            if d != dim and (len(p.coords[d]) != len(first.coords[d]) or
+                             not np.array_equal(p.coords[d].astype(str), first.coords[d].astype(str))):
+                raise StoreError(f"{s}: {p.name} differs from the first store along {d!r}: "
+                                 f"{p.coords[d].tolist()} vs {first.coords[d].tolist()}")
+    data = da.concatenate([p.data for p in parts], axis=ax)
+    coords = dict(first.coords)
+    coords[dim] = np.arange(data.shape[ax])
+    coords["store"] = np.concatenate([np.full(p.data.shape[ax], i) for i, p in enumerate(parts)])
+    return StoreArray(first.name, data, first.dims, coords,
+                      sorted(set().union(*(p.incomplete_steps for p in parts))))
