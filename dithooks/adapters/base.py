@@ -20,8 +20,8 @@ from torch import nn
 
 from ..errors import DithooksError, HookNameError
 from ..hookpoints import HookPoint, block_name, block_template, resolve_names, unknown_name_message
-from .spec import (PointSpec, first_tensor_arg, join, plain_output, replace_first_arg,  # noqa: F401
-                   replace_output)
+from .spec import (PointSpec, first_tensor_arg, join, model_output, plain_output,  # noqa: F401
+                   replace_first_arg, replace_model_output, replace_output)
 
 
 @dataclass(frozen=True)
@@ -365,15 +365,3 @@ class ModelAdapter:
 
 def _processor_write(*_):  # processor points are written by the processor itself (see emit)
     raise AssertionError("processor hook points are replaced inside the processor")
-
-
-def model_output(args, kwargs, output: Any) -> torch.Tensor:
-    """The prediction of a diffusers model call (``.sample`` or the first tuple element)."""
-    return output.sample if hasattr(output, "sample") else output[0]
-
-
-def replace_model_output(args, kwargs, output: Any, new: torch.Tensor):
-    if hasattr(output, "sample"):
-        output.sample = new
-        return output
-    return (new,) + tuple(output[1:])

@@ -14,9 +14,9 @@ geometry; the base class supplies the rest (DiT is what its defaults reproduce).
 
 from __future__ import annotations
 
-from .base import Geometry, ModelAdapter, model_output, replace_model_output
+from .base import Geometry, ModelAdapter
 from .registry import register
-from .spec import RESID, VECTOR, PointSpec, post, pre
+from .spec import RESID, VECTOR, PointSpec, final_out, post, pre
 
 ADALN_CHUNKS = ("shift_msa", "scale_msa", "gate_msa", "shift_mlp", "scale_mlp", "gate_mlp")
 
@@ -46,9 +46,7 @@ DIT_MODEL: tuple[PointSpec, ...] = (
 )
 
 DIT_FINAL: tuple[PointSpec, ...] = (
-    PointSpec("final.out", "", "post", ("batch", "out_channel", "height", "width"),
-              "model output in latent layout: epsilon (and the variance channels when learned)",
-              model_output, replace_model_output),
+    final_out("model output in latent layout: epsilon (and the variance channels when learned)"),
 )
 
 

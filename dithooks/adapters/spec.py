@@ -128,6 +128,18 @@ def chunk_writer(j: int, n: int, dim: int = 1) -> Writer:
     return write
 
 
+def model_output(args, kwargs, output: Any) -> torch.Tensor:
+    """The prediction of a diffusers model call (``.sample`` or the first tuple element)."""
+    return output.sample if hasattr(output, "sample") else output[0]
+
+
+def replace_model_output(args, kwargs, output: Any, new: torch.Tensor):
+    if hasattr(output, "sample"):
+        output.sample = new
+        return output
+    return (new,) + tuple(output[1:])
+
+
 # -- row constructors ----------------------------------------------------------------------------
 def pre(local: str, path: str, dims: tuple[str, ...], doc: str, *, arg: str | None = None,
         position: int | None = None, writable: bool = True, carry_to: str | None = None,
@@ -152,6 +164,14 @@ def post(local: str, path: str, dims: tuple[str, ...], doc: str, *, item: int | 
     else:
         read, write = plain_output, replace_output
     return PointSpec(local, path, "post", tuple(dims), doc, read, write if writable else None)
+
+
+LATENT_OUT = ("batch", "out_channel", "height", "width")
+
+
+def final_out(doc: str, dims: tuple[str, ...] = LATENT_OUT) -> PointSpec:
+    """The model-level ``final.out`` row: the model call's prediction (``.sample``), writable."""
+    return PointSpec("final.out", "", "post", tuple(dims), doc, model_output, replace_model_output)
 
 
 def join(prefix: str, rel: str) -> str:

@@ -14,7 +14,8 @@ Checks, for every family (docs/adapters.md):
 2. reading is passive: module points, q/k/v and JVPs bit for bit, patterns within float error
    (they leave the fused kernel), and every processor is put back;
 3. patterns equal softmax(q k^T / sqrt(d)) recomputed from the emitted q, k (and the text keys
-   of joint attention: image rows are normalised over the joint sequence);
+   of joint attention: image rows are normalised over the joint sequence; cross-attention
+   patterns are the softmax of their logits, which are q k^T / sqrt(d) off the padding);
 4. coupling at g = 0 equals two independent runs (and g > 0 changes the output);
 5. a window of radius side-1 equals global attention (r = 0 does not);
 6. a short guided Sampler run in the family's own scheduler is finite and resumes exactly;
@@ -160,7 +161,8 @@ def test_patterns_are_the_softmax_of_emitted_q_k(fam):
     if attention(hm) is None:
         pytest.skip(f"{fam.name} exposes no attention processors")
     wanted = ("attn.q", "attn.k", "attn.context_q", "attn.context_k", "attn.logits", "attn.pattern",
-              "attn.pattern_image_text", "attn.pattern_text_image")
+              "attn.pattern_image_text", "attn.pattern_text_image",
+              "cross_attn.q", "cross_attn.k", "cross_attn.logits", "cross_attn.pattern")
     names = [n for n in a.hook_points() if split_name(n)[1] in wanted]
     seen, _ = read_all(hm, names, lambda: sample(fam, hm, guidance=1.0))
     checked = 0
@@ -186,6 +188,14 @@ def test_patterns_are_the_softmax_of_emitted_q_k(fam):
             text_rows = _softmax_rows((cq @ keys.transpose(-1, -2)) * scale)
             torch.testing.assert_close(got["attn.pattern_text_image"].double(), text_rows[..., :n_img],
                                        rtol=1e-4, atol=1e-6)
+        if "cross_attn.pattern" in got:  # cross-attention to text (PixArt): masks are additive biases
+            cq, ck2 = got["cross_attn.q"].double(), got["cross_attn.k"].double()
+            logits = got["cross_attn.logits"].double()
+            plain = (cq @ ck2.transpose(-1, -2)) * cq.shape[-1] ** -0.5
+            kept = logits > -1000.0  # padding carries a large negative bias
+            assert kept.any()
+            torch.testing.assert_close(logits[kept], plain[kept], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(got["cross_attn.pattern"].double(), _softmax_rows(logits), rtol=1e-4, atol=1e-6)
         if ck is None:  # plain self-attention: rows sum to one
             torch.testing.assert_close(got["attn.pattern"].double().sum(-1),
                                        torch.ones(got["attn.pattern"].shape[:-1], dtype=torch.float64))
