@@ -32,7 +32,7 @@ Layers = Annotated[str, typer.Option("--layers", "-l", help="Blocks to hook: all
 Steps = Annotated[int, typer.Option("--steps", help="Sampling steps.")]
 SamplerName = Annotated[str, typer.Option("--sampler", help="ddim, ddpm or flow (flow matching: SD3, Flux); auto: the model family's own (ddim for DiT and PixArt, flow for SD3 and Flux).")]
 Eta = Annotated[float, typer.Option("--eta", help="DDIM eta (0 deterministic, 1 ~ DDPM).")]
-Guidance = Annotated[float, typer.Option("--guidance", "-g", help="Classifier-free guidance scale; 1 = off (no null-class branch).")]
+Guidance = Annotated[float, typer.Option("--guidance", "-g", help="Classifier-free guidance scale; 1 = off (no unconditional branch: null class, or negative/empty prompt).")]
 Classes = Annotated[str, typer.Option("--class", "--classes", "-c", help="Class label(s): one for all samples, or one per seed (0-9, 3,5).")]
 Seeds = Annotated[str, typer.Option("--seeds", "-s", help="Seeds, one sample (or one replica pair) each: 0-7 or 0,4,9.")]
 PromptEmbeds = Annotated[Optional[Path], typer.Option("--prompt-embeds", help="Text-conditioned families (PixArt, SD3, Flux): a .pt or .safetensors file with prompt_embeds (prompts x text tokens x channels) and, as the family needs, pooled_prompt_embeds, negative_prompt_embeds, negative_pooled_prompt_embeds; --class does not apply.")]
@@ -277,32 +277,40 @@ def sampling_request(*, out: Path, model: str | None, layers: str, hooks: str, s
             coupled = tuple(parse_int_list(couple_layers, "coupled layers", lo=0))
         replicas = ReplicaSpec(kappa=2 ** -0.5 if kappa is None else kappa, g=coupling or 0.0,
                                couple_until=couple_until, share_noise_until=share_noise_until, layers=coupled)
-    text = {}
-    if prompt_embeds is not None:
-        if not Path(prompt_embeds).expanduser().is_file():
-            raise DithooksError(f"--prompt-embeds {prompt_embeds}: no such file")
-        text["conditioning"] = str(prompt_embeds)
-    prompt = tuple(prompt or ())
-    if prompt and prompt_embeds is not None:
-        raise DithooksError("--prompt and --prompt-embeds exclude each other: give prompts as text or as embeddings")
-    if negative_prompt is not None and not prompt:
-        raise DithooksError("--negative-prompt goes with --prompt (a file's negatives are its negative_prompt_embeds)")
-    if prompt:  # encoded by make_session, which loads the model (and its pipeline's text encoders)
-        text[ENCODE_PROMPTS] = (prompt, negative_prompt)
-    if prompt_rows is not None:
-        if prompt_embeds is None and not prompt:
-            raise DithooksError("--prompt-rows picks rows of --prompt-embeds (or of the --prompt list): give those too")
-        text["prompts"] = tuple(parse_int_list(prompt_rows, "prompt rows", lo=0))
     auto = sampler.strip().lower() == "auto"  # resolved by make_session, which loads the model
     return dict(
         out=str(out), model=model, layers=layers, hooks=tuple(h.strip() for h in hooks.split(",") if h.strip()),
-        sampler=SamplerSpec("ddim" if auto else sampler, steps, eta, guidance), **text, **({AUTO_SAMPLER: True} if auto else {}), labels=tuple(parse_int_list(classes, "classes", lo=0)),
+        sampler=SamplerSpec("ddim" if auto else sampler, steps, eta, guidance),
+        labels=tuple(parse_int_list(classes, "classes", lo=0)),
         seeds=tuple(parse_int_list(seeds, "seeds", lo=0, hi=MAX_SEED)), storage_dtype=dtype, compute_dtype=compute_dtype,
         compression=compression, device=device, mode="resume" if resume else "overwrite" if overwrite else "create",
         probes=probes, replicas=replicas, window=window, window_layers=None if window is None else window_layers,
         top_k=top_k, query_tokens=tuple(parse_int_list(query_tokens, "query tokens", lo=0)) if query_tokens is not None else None,
         query_tile=query_tile,
-        jvp=JVPSettings(direction=_jvp_direction(jvp_direction), apply_gates=jvp_gates))
+        jvp=JVPSettings(direction=_jvp_direction(jvp_direction), apply_gates=jvp_gates),
+        **_text_conditioning(prompt_embeds, prompt_rows, tuple(prompt or ()), negative_prompt),
+        **({AUTO_SAMPLER: True} if auto else {}))
+
+
+def _text_conditioning(prompt_embeds: Path | None, prompt_rows: str | None, prompt: tuple[str, ...],
+                       negative_prompt: str | None) -> dict[str, Any]:
+    """CaptureConfig's ``conditioning``/``prompts`` (and the prompts make_session encodes) of the text options."""
+    out: dict[str, Any] = {}
+    if prompt and prompt_embeds is not None:
+        raise DithooksError("--prompt and --prompt-embeds exclude each other: give prompts as text or as embeddings")
+    if negative_prompt is not None and not prompt:
+        raise DithooksError("--negative-prompt goes with --prompt (a file's negatives are its negative_prompt_embeds)")
+    if prompt_embeds is not None:
+        if not Path(prompt_embeds).expanduser().is_file():
+            raise DithooksError(f"--prompt-embeds {prompt_embeds}: no such file")
+        out["conditioning"] = str(prompt_embeds)
+    if prompt:  # encoded by make_session, which loads the model (and its pipeline's text encoders)
+        out[ENCODE_PROMPTS] = (prompt, negative_prompt)
+    if prompt_rows is not None:
+        if prompt_embeds is None and not prompt:
+            raise DithooksError("--prompt-rows picks rows of --prompt-embeds (or of the --prompt list): give those too")
+        out["prompts"] = tuple(parse_int_list(prompt_rows, "prompt rows", lo=0))
+    return out
 
 
 #: request key (not a CaptureConfig field) of ``--sampler auto``: make_session picks the family's sampler
@@ -314,7 +322,8 @@ ENCODE_PROMPTS = "_encode_prompts"
 def make_session(request: dict[str, Any], *, allow_weight_mismatch: bool = False):
     """The :class:`~dithooks.capture.CaptureSession` of a request; nothing is on disk yet.
 
-    ``--sampler auto`` loads the model here to ask its adapter for ``default_sampler``."""
+    ``--sampler auto`` and ``--prompt`` load the model here: the adapter's ``default_sampler`` and the
+    pipeline's text encoders."""
     from dithooks.capture import CaptureConfig, CaptureSession, _compute_dtype
     from dithooks.loading import load_model
 
