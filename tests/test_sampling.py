@@ -150,3 +150,13 @@ def test_prompt_embeddings_file_round_trip(tmp_path):
     torch.save({"x": emb}, tmp_path / "bad.pt")
     with pytest.raises(DithooksError, match="no 'prompt_embeds'"):
         load_prompt_embeds(tmp_path / "bad.pt")
+
+
+def test_one_conditioning_row_serves_every_seed(tiny_loaded):
+    from dithooks.conditioning import Conditioning
+
+    s = Sampler(tiny_loaded, SamplerSpec("ddim", 2, guidance=2.0))
+    one = Conditioning.from_labels([4], null_label=10)
+    assert torch.equal(s.run(one, [0, 1]), s.run([4, 4], [0, 1]))
+    with pytest.raises(DithooksError, match="conditioning for 2 samples with 3 seeds"):
+        s.run(Conditioning.from_labels([4, 5], null_label=10), [0, 1, 2])
