@@ -7,11 +7,11 @@ import Dask, torch or zarr-python - the submodules do what they need when they a
 
 from __future__ import annotations
 
-__all__ = ["StoreArray", "dask_array", "difference_modes", "n_eff_summary", "routing_summary"]
+__all__ = ["StoreArray", "concat_samples", "dask_array", "difference_modes", "n_eff_summary", "routing_summary"]
 
 
 def __getattr__(name: str):  # lazy: `import dithooks.scale` stays cheap and works without Dask
-    if name in ("StoreArray", "dask_array"):
+    if name in ("StoreArray", "concat_samples", "dask_array"):
         from . import dask_store
 
         return getattr(dask_store, name)
