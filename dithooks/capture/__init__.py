@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from ..store.layout import MIN_CHUNK_BYTES, layers_per_chunk
 from ..store.lifecycle import MODES
-from .config import DEFAULT_HOOKS, CaptureConfig, SampleConditioning, _compute_dtype, compute_dtype
+from .config import DEFAULT_HOOKS, CaptureConfig, SampleConditioning, _compute_dtype, compute_dtype  # noqa: F401
 from .plan import PATTERN_DIMS, PlannedArray, expand_hooks
 from .recorder import BATCH_BYTES, BATCH_STEPS, StepRecorder
 from .session import CaptureResult, CaptureSession, capture, is_store
