@@ -115,7 +115,7 @@ def _warm(path: str) -> int:
 
 def _warm_graph(path: str) -> None:
     import dask.array as da
-    import torch  # noqa: F401  (difference_modes' band means use probes/modes.py: imported once, not timed)
+    import torch  # noqa: F401  (difference_modes' band means use dithooks/analysis/modes.py: imported once, not timed)
 
     from dithooks.scale import dask_array
 

@@ -13,7 +13,7 @@ distributed = pytest.importorskip("distributed")
 
 from dithooks.capture import CaptureConfig, capture  # noqa: E402
 from dithooks.errors import DithooksError  # noqa: E402
-from dithooks.probes.modes import DifferenceModeBasis  # noqa: E402
+from dithooks.analysis.modes import DifferenceModeBasis  # noqa: E402
 from dithooks.sampling import ReplicaSpec, SamplerSpec  # noqa: E402
 from dithooks.scale import dask_array, difference_modes, n_eff_summary, routing_summary  # noqa: E402
 from dithooks.scale.dask_store import concat_samples  # noqa: E402
@@ -109,7 +109,7 @@ def test_difference_modes_equal_the_online_probe_and_an_svd(client, pairs_store)
         np.testing.assert_allclose(r.energy[:, li, : len(lam)], E, rtol=1e-8)
         np.testing.assert_allclose(r.eigenvalues[li, : len(lam)], lam, rtol=1e-10)
     np.testing.assert_allclose(r.energy[0][np.isfinite(r.energy[0])], 1.0, rtol=1e-10)  # E_k(0) = 1
-    # centred (own mean per step) against the torch basis of probes/modes.py
+    # centred (own mean per step) against the torch basis of dithooks/analysis/modes.py
     c = difference_modes(s, centre=True, cfg="uncond")
     hu = s.select("blocks.resid_post", cfg="uncond").values.astype(np.float64)[:, :, :, 0]
     for li in range(2):

@@ -169,10 +169,10 @@ def difference_modes(store: Any, hook: str = "resid_post", *, pairs: str = "repl
 
 
 def _bands(E: np.ndarray, kept: np.ndarray, lead: Any, trail: Any, layers: np.ndarray) -> tuple[np.ndarray, ...]:
-    """E_lead, E_trail, R per (step, layer) with the probe's own band rules (probes/modes.py)."""
+    """E_lead, E_trail, R per (step, layer) with the probe's own band rules (dithooks/analysis/modes.py)."""
     import torch
 
-    from dithooks.probes.modes import band_energies
+    from ..analysis.modes import band_energies
 
     S, L = E.shape[:2]
     out = {k: np.full((S, L), np.nan) for k in ("E_lead", "E_trail", "R")}
