@@ -36,9 +36,9 @@ import torch
 from torch import nn
 
 from ..errors import DithooksError
-from .base import Geometry, ModelAdapter, model_output, replace_model_output
+from .base import Geometry, ModelAdapter
 from .registry import register
-from .spec import RESID, TEXT_RESID, VECTOR, PointSpec, post, pre
+from .spec import RESID, TEXT_RESID, VECTOR, PointSpec, final_out, post, pre
 
 ADALN_CHUNKS = ("shift_msa", "scale_msa", "gate_msa", "shift_mlp", "scale_mlp", "gate_mlp")
 SINGLE_ADALN_CHUNKS = ("shift_msa", "scale_msa", "gate_msa")
@@ -279,9 +279,8 @@ FLUX_MODEL: tuple[PointSpec, ...] = (
 )
 
 FLUX_FINAL: tuple[PointSpec, ...] = (
-    PointSpec("final.out", "", "post", ("batch", "token", "out_channel"),
-              "model output on the packed image tokens: the flow velocity, 4*latent channels per 2x2 patch "
-              "(the sampler unpacks it to latent layout)", model_output, replace_model_output),
+    final_out("model output on the packed image tokens: the flow velocity, 4*latent channels per 2x2 patch "
+              "(the sampler unpacks it to latent layout)", dims=("batch", "token", "out_channel")),
 )
 
 

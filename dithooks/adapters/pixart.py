@@ -84,9 +84,9 @@ from torch import nn
 
 from ..errors import DithooksError
 from ..hookpoints import split_name
-from .base import Geometry, ModelAdapter, model_output, replace_model_output
+from .base import Geometry, ModelAdapter
 from .registry import register
-from .spec import RESID, TEXT_RESID, VECTOR, PointSpec, post, pre
+from .spec import RESID, TEXT_RESID, VECTOR, PointSpec, final_out, post, pre
 
 ADALN_CHUNKS = ("shift_msa", "scale_msa", "gate_msa", "shift_mlp", "scale_mlp", "gate_mlp")
 #: PixArt-α's T5 prompt length (pipeline ``max_sequence_length``); the config does not record it
@@ -206,9 +206,7 @@ def final_table(model: nn.Module) -> tuple[PointSpec, ...]:
 
 
 PIXART_FINAL: tuple[PointSpec, ...] = (
-    PointSpec("final.out", "", "post", ("batch", "out_channel", "height", "width"),
-              "model output in latent layout: epsilon, then the learned-sigma channels",
-              model_output, replace_model_output),
+    final_out("model output in latent layout: epsilon, then the learned-sigma channels"),
 )
 
 

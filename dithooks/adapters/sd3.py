@@ -41,9 +41,9 @@ import torch
 from torch import nn
 
 from ..errors import DithooksError
-from .base import Geometry, ModelAdapter, model_output, replace_model_output
+from .base import Geometry, ModelAdapter
 from .registry import register
-from .spec import RESID, TEXT_RESID, VECTOR, PointSpec, post, pre
+from .spec import RESID, TEXT_RESID, VECTOR, PointSpec, final_out, post, pre
 
 ADALN_CHUNKS = ("shift_msa", "scale_msa", "gate_msa", "shift_mlp", "scale_mlp", "gate_mlp")
 #: SD35AdaLayerNormZeroX (SD3.5 dual-attention blocks): three more for attn2
@@ -124,10 +124,7 @@ SD3_MODEL: tuple[PointSpec, ...] = (
     post("time_embed.out", "time_text_embed", VECTOR,
          "temb = timestep embedding + pooled text projection: what every adaLN reads"),
 )
-SD3_FINAL: tuple[PointSpec, ...] = (
-    PointSpec("final.out", "", "post", ("batch", "out_channel", "height", "width"),
-              "model output in latent layout: the flow-matching velocity", model_output, replace_model_output),
-)
+SD3_FINAL: tuple[PointSpec, ...] = (final_out("model output in latent layout: the flow-matching velocity"),)
 
 
 @register
