@@ -87,7 +87,12 @@ def dask_array(store: str | Path | CaptureStore, name: str, *, allow_incomplete:
     pieces = [_pieces(idx, inner, split.get(d)) for d, idx, inner in zip(m.dims, plan.index, m.inner)]
     chunks = tuple(tuple(_count(p) for p in ps) for ps in pieces)
     dtype = plan.dtype
-    layers = s.coord("layer") if "layer" in m.dims else np.array([])
+    layers: dict[int, int] = {}   # array position -> block index, for the selected layers
+    if "layer" in m.dims:
+        li = m.dims.index("layer")
+        pos = plan.index[li]
+        pos = np.arange(pos.start, pos.stop, pos.step) if isinstance(pos, slice) else np.asarray(pos)
+        layers = {int(p): int(v) for p, v in zip(pos, np.asarray(plan.coords["layer"]))}
     state = hashlib.sha1(np.packbits(done).tobytes()).hexdigest()
     key = f"dithooks-{m.name}-" + tokenize(str(s.path.resolve()), m.name, allow_incomplete, state,
                                            [[_key(p) for p in ps] for ps in pieces], str(dtype))
@@ -151,14 +156,14 @@ def _store(path: str, state: str) -> CaptureStore:
 
 
 def _read_region(path: str, state: str, name: str, allow: bool, dims: tuple[str, ...],
-                 region: tuple[slice | np.ndarray, ...], layers: np.ndarray, dtype: str) -> np.ndarray:
+                 region: tuple[slice | np.ndarray, ...], layers: dict[int, int], dtype: str) -> np.ndarray:
     """Read one block: array positions per dim, through the reader (its checks included)."""
     sel: dict[str, Any] = {}
     for d, p in zip(dims, region):
         if isinstance(p, slice):
             sel[d] = p  # slices are positions for every dim
         elif d == "layer":
-            sel[d] = [int(layers[i]) for i in p]   # lists of layers are block indices
+            sel[d] = [layers[int(i)] for i in p]   # lists of layers are block indices
         else:
             sel[d] = [int(i) for i in p]
     with warnings.catch_warnings():  # the client warned once when it planned the graph
