@@ -73,3 +73,15 @@ def test_request_validates_once_in_one_place():
                         (dict(resume=True, overwrite=True), "exclude"), (dict(prompt_rows="0"), "--prompt-rows")):
         with pytest.raises(DithooksError, match=needle):
             ro.SamplingOptions(out="x.zarr", **bad).request()
+
+
+def test_importing_the_cli_loads_no_torch():
+    """Command modules import the package lazily, inside the command (`dithooks query` stays light)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom dithooks.cli.main import app\n"
+            "print(sorted(m for m in ('torch', 'diffusers', 'zarr') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
