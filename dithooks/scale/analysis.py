@@ -88,10 +88,10 @@ def difference_modes(store: Any, hook: str = "resid_post", *, pairs: str = "repl
     """The ``difference_modes`` probe computed from a store (its options, same meaning).
 
     ``pairs``: ``replica`` (replica a − b of a replica run) or ``halves`` (sample m − sample m+M).
-    ``steps``: the steps to evaluate (default: every complete step); the basis is fitted on the
-    first selected step, which must be step 0 as in the probe (``steps`` selecting a later first
-    step fits there instead and says so in ``info``). Two passes over the data: the step-0 Gram,
-    then the cross-Grams of every step. Float64 throughout.
+    ``steps``: the steps to evaluate (default: every complete step). The basis is fitted on the
+    first selected step: step 0, as in the probe, unless the selection starts later (then
+    ``info["fit_step"]`` says which). Two passes over the data: the fit step's Gram, then the
+    cross-Grams of every step. Float64 throughout.
     """
     import dask.array as da
 
