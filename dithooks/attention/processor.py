@@ -39,10 +39,10 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..gates import validate_coupling
 from .functional import (attend, combine_masks, couple, effective_width, row_entropy, scaled_logits,
                          softmax_rows, swap_replica_halves, top_k_rows)
-from .window import validate_radius, window_mask
+from .settings import ProcessorSettings
+from .window import window_mask
 
 __all__ = ["HookedAttnProcessor", "swap_replica_halves", "ALL_NAMES", "NAME_DIMS", "NAME_DOCS",
            "WRITABLE_NAMES", "REDUCTION_NAMES", "INTER_NAMES", "PATTERN_NAMES", "QKV_NAMES"]
@@ -99,7 +99,7 @@ NAME_DOCS: dict[str, str] = {
 }
 
 
-class HookedAttnProcessor:
+class HookedAttnProcessor(ProcessorSettings):
     """Attention processor with hook emission, replica coupling [19] and a Chebyshev window.
 
     Args:
@@ -117,59 +117,16 @@ class HookedAttnProcessor:
     THEORY §5; the inter blocks are only available in full (``attn.*_inter``).
     """
 
+    known_names = ALL_NAMES
+
     def __init__(self, layer: int, emit: Emit | None = None, wanted: frozenset[str] = frozenset(),
                  coupling: float | None = None, window: int | None = None, query_tile: int = 512,
                  query_tokens: Sequence[int] | None = None, top_k: int | None = None):
         self.layer = int(layer)
         self.emit = emit
-        self.query_tokens = None if query_tokens is None else tuple(int(i) for i in query_tokens)
-        self.top_k = None if top_k is None else int(top_k)
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
-        if int(query_tile) < 1:
-            raise ValueError(f"query_tile must be >= 1, got {query_tile}")
-        self.query_tile = int(query_tile)
-        self.wanted = wanted
-        self.g = coupling
-        self.window = window
+        self._init_settings(wanted, coupling, window, query_tile, query_tokens, top_k)
 
-    # -- settings (validated: the sampler and the hook manager change them between calls) -----
-    @property
-    def wanted(self) -> frozenset[str]:
-        return self._wanted
-
-    @wanted.setter
-    def wanted(self, names) -> None:
-        names = frozenset(names)
-        unknown = names - ALL_NAMES
-        if unknown:
-            raise ValueError(f"unknown attention names {sorted(unknown)}; known: {sorted(ALL_NAMES)}")
-        if "attn.pattern_query" in names and not self.query_tokens:
-            raise ValueError("attn.pattern_query needs query_tokens")
-        if names & {"attn.topk_idx", "attn.topk_val"} and self.top_k is None:
-            raise ValueError("attn.topk_idx / attn.topk_val need top_k")
-        self._wanted = names
-
-    @property
-    def g(self) -> float | None:
-        return self._g
-
-    @g.setter
-    def g(self, value: float | None) -> None:
-        self._g = None if value is None else validate_coupling(value)
-
-    @property
-    def window(self) -> int | None:
-        return self._window
-
-    @window.setter
-    def window(self, radius: int | None) -> None:
-        self._window = validate_radius(radius)
-        self._mask_cache: dict[tuple, torch.Tensor | None] = {}
-
-    def active_names(self) -> frozenset[str]:
-        """Names that will be computed and emitted on the next call (none without ``emit``)."""
-        return self._wanted if self.emit is not None else frozenset()
+    # settings (wanted, g, window: validated setters) and _emit_writable: ProcessorSettings
 
     # -- the processor protocol --------------------------------------------------------------
     def __call__(self, attn, hidden_states: torch.Tensor,
@@ -335,15 +292,6 @@ class HookedAttnProcessor:
             self.emit(name, value)  # derived statistic: a returned replacement has no effect
 
     # -- helpers -----------------------------------------------------------------------------------
-    def _emit_writable(self, name: str, value: torch.Tensor) -> torch.Tensor:
-        new = self.emit(name, value)
-        if new is None or new is value:
-            return value
-        if not isinstance(new, torch.Tensor) or new.shape != value.shape:
-            got = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
-            raise ValueError(f"replacement for {name} has shape {got}, expected {tuple(value.shape)}")
-        return new.to(dtype=value.dtype, device=value.device)
-
     def _combine_masks(self, attention_mask, n_q: int, n_k: int, like: torch.Tensor):
         """The caller's (prepared, additive) mask combined with the window mask, or ``None``."""
         if self._window is None:
