@@ -18,9 +18,9 @@ HOOKS_HELP = ("Hook points, comma-separated: short names (resid_post, attn.out, 
 
 @ro.sampling_command(
     "out model layers hooks steps sampler eta guidance classes seeds prompt_embeds prompt prompt_rows "
-    "negative_prompt pairs kappa coupling couple_until share_noise_until couple_layers window window_layers "
-    "top_k query_tokens query_tile jvp_direction jvp_gates dtype compute_dtype compression device resume "
-    "overwrite allow_weight_mismatch png quiet as_json",
+    "negative_prompt embedded_guidance pairs kappa coupling couple_until share_noise_until couple_layers "
+    "window window_layers top_k query_tokens query_tile jvp_direction jvp_gates dtype compute_dtype compression "
+    "device resume overwrite allow_weight_mismatch png quiet as_json",
     out=Path("capture.zarr"))
 def capture(
     run: ro.SamplingOptions,

@@ -17,8 +17,8 @@ from .running import run_with_progress
 
 @ro.sampling_command(
     "name option out model layers hooks steps sampler eta guidance classes seeds prompt_embeds prompt prompt_rows "
-    "negative_prompt pairs kappa coupling couple_until share_noise_until couple_layers window window_layers "
-    "jvp_direction dtype device resume overwrite allow_weight_mismatch quiet as_json",
+    "negative_prompt embedded_guidance pairs kappa coupling couple_until share_noise_until couple_layers "
+    "window window_layers jvp_direction dtype device resume overwrite allow_weight_mismatch quiet as_json",
     out=Path("probe.zarr"), seeds="0-1")
 def probe(
     run: ro.SamplingOptions,

@@ -38,6 +38,7 @@ Seeds = Annotated[str, typer.Option("--seeds", "-s", help="Seeds, one sample (or
 PromptEmbeds = Annotated[Optional[Path], typer.Option("--prompt-embeds", help="Text-conditioned families (PixArt, SD3, Flux): a .pt or .safetensors file with prompt_embeds (prompts x text tokens x channels) and, as the family needs, pooled_prompt_embeds, negative_prompt_embeds, negative_pooled_prompt_embeds; --class does not apply.")]
 PromptRows = Annotated[Optional[str], typer.Option("--prompt-rows", help="Rows of --prompt-embeds (or of the --prompt list), one for all seeds or one per seed: 0, 0-3 (default: row i for seed i, or row 0 when there is one).")]
 Prompts = Annotated[List[str], typer.Option("--prompt", metavar="<str>", help="Text-conditioned families whose model folder is a pipeline with its text encoders: a prompt, encoded by the pipeline; repeat for more (one for all seeds, or one per seed).")]
+EmbeddedGuidance = Annotated[Optional[float], typer.Option("--embedded-guidance", help="Flux-dev: the guidance value the model takes as an input (overrides the embeddings file's; default 3.5 as FluxPipeline). Not classifier-free guidance: keep --guidance at 1.")]
 NegativePrompt = Annotated[Optional[str], typer.Option("--negative-prompt", help="With --prompt and --guidance: the prompt of the unconditional branch (default: the family's empty prompt).")]
 StorageDtype = Annotated[str, typer.Option("--dtype", help="Storage dtype of raw hooks: fp32, fp16, bf16 (probe outputs are float32).")]
 ComputeDtype = Annotated[str, typer.Option("--compute-dtype", help="Model dtype: fp32, fp16, bf16.")]
@@ -95,6 +96,7 @@ class SamplingOptions:
     prompt_rows: PromptRows = None
     prompt: Prompts = ()
     negative_prompt: NegativePrompt = None
+    embedded_guidance: EmbeddedGuidance = None
     pairs: Pairs = False
     kappa: Kappa = None
     coupling: Coupling = None
@@ -238,6 +240,7 @@ def _jvp_direction(text: str) -> Any:
 def sampling_request(*, out: Path, model: str | None, layers: str, hooks: str, steps: int, sampler: str,
                      eta: float, guidance: float, classes: str, seeds: str, prompt_embeds: Path | None = None,
                      prompt_rows: str | None = None, prompt: Sequence[str] = (), negative_prompt: str | None = None,
+                     embedded_guidance: float | None = None,
                      dtype: str = "fp16",
                      compute_dtype: str = "fp32", compression: str = "none", device: str = "cpu",
                      resume: bool = False, overwrite: bool = False, pairs: bool = False,
@@ -288,12 +291,12 @@ def sampling_request(*, out: Path, model: str | None, layers: str, hooks: str, s
         top_k=top_k, query_tokens=tuple(parse_int_list(query_tokens, "query tokens", lo=0)) if query_tokens is not None else None,
         query_tile=query_tile,
         jvp=JVPSettings(direction=_jvp_direction(jvp_direction), apply_gates=jvp_gates),
-        **_text_conditioning(prompt_embeds, prompt_rows, tuple(prompt or ()), negative_prompt),
+        **_text_conditioning(prompt_embeds, prompt_rows, tuple(prompt or ()), negative_prompt, embedded_guidance),
         **({AUTO_SAMPLER: True} if auto else {}))
 
 
 def _text_conditioning(prompt_embeds: Path | None, prompt_rows: str | None, prompt: tuple[str, ...],
-                       negative_prompt: str | None) -> dict[str, Any]:
+                       negative_prompt: str | None, embedded_guidance: float | None) -> dict[str, Any]:
     """CaptureConfig's ``conditioning``/``prompts`` (and the prompts make_session encodes) of the text options."""
     out: dict[str, Any] = {}
     if prompt and prompt_embeds is not None:
@@ -310,6 +313,11 @@ def _text_conditioning(prompt_embeds: Path | None, prompt_rows: str | None, prom
         if prompt_embeds is None and not prompt:
             raise DithooksError("--prompt-rows picks rows of --prompt-embeds (or of the --prompt list): give those too")
         out["prompts"] = tuple(parse_int_list(prompt_rows, "prompt rows", lo=0))
+    if embedded_guidance is not None:
+        check_finite(embedded_guidance, "--embedded-guidance", 0.0, 1e4)
+        if prompt_embeds is None and not prompt:
+            raise DithooksError("--embedded-guidance goes with --prompt-embeds or --prompt (Flux-dev)")
+        out[EMBEDDED_GUIDANCE] = float(embedded_guidance)
     return out
 
 
@@ -317,6 +325,8 @@ def _text_conditioning(prompt_embeds: Path | None, prompt_rows: str | None, prom
 AUTO_SAMPLER = "_auto_sampler"
 #: request key of ``--prompt``: (prompts, negative prompt), encoded by make_session
 ENCODE_PROMPTS = "_encode_prompts"
+#: request key of ``--embedded-guidance``: set on the conditioning by make_session
+EMBEDDED_GUIDANCE = "_embedded_guidance"
 
 
 def make_session(request: dict[str, Any], *, allow_weight_mismatch: bool = False):
@@ -330,6 +340,7 @@ def make_session(request: dict[str, Any], *, allow_weight_mismatch: bool = False
     request = dict(request)
     auto = request.pop(AUTO_SAMPLER, False)
     encode = request.pop(ENCODE_PROMPTS, None)
+    guidance = request.pop(EMBEDDED_GUIDANCE, None)
     cfg = CaptureConfig(**request)
     loaded = None
     if allow_weight_mismatch or auto or encode:  # the session loads strictly by itself otherwise
@@ -342,6 +353,12 @@ def make_session(request: dict[str, Any], *, allow_weight_mismatch: bool = False
     if encode:
         prompts, negative = encode
         cfg.conditioning = loaded.encode_prompts(list(prompts), None if negative is None else [negative] * len(prompts))
+    if guidance is not None:  # the file's tensors with this guidance (the metadata keeps their sha256)
+        from dithooks.conditioning import Conditioning, load_prompt_embeds
+
+        cond = cfg.conditioning
+        cond = cond if isinstance(cond, Conditioning) else load_prompt_embeds(cond)
+        cfg.conditioning = dataclasses.replace(cond, guidance=guidance)
     return CaptureSession(cfg, loaded)
 
 

@@ -158,3 +158,29 @@ def test_bad_prompt_files_are_one_line(sd3, tmp_path):
         r = run("capture", "--model", model, "--steps", "2", "--prompt-embeds", tmp_path / name, "--out", tmp_path / "x.zarr")
         assert needle.lower() in one_line_error(r).lower(), name
         assert not (tmp_path / "x.zarr").exists()
+
+
+def test_embedded_guidance_reaches_flux_dev(tmp_path):
+    """--embedded-guidance sets Flux-dev's guidance input: equal to a file carrying that guidance, not to another."""
+    model = family_flux.save_tiny(tmp_path / "dev", guidance_embeds=True)
+    cond = family_flux.conditioning(1, seed=2)
+    plain = save_embeds(tmp_path / "plain.pt", cond)
+    with_g = tmp_path / "g2.pt"
+    torch.save({**torch.load(plain), "guidance": torch.tensor(2.0)}, with_g)
+    common = ("--model", model, "--steps", "2", "--hooks", "resid_post", "-q")
+
+    def values(name, *args):
+        r = run("capture", *common, *args, "--out", tmp_path / name)
+        assert r.exit_code == 0, r.output
+        return open_store(tmp_path / name).select("blocks.resid_post").values
+
+    a = values("opt.zarr", "--prompt-embeds", plain, "--embedded-guidance", "2")
+    assert np.array_equal(a, values("file.zarr", "--prompt-embeds", with_g))
+    assert not np.array_equal(a, values("other.zarr", "--prompt-embeds", plain, "--embedded-guidance", "5"))
+    for args, needle in ((("--prompt-embeds", plain, "--embedded-guidance", "nan"), "--embedded-guidance"),
+                         (("--embedded-guidance", "2"), "goes with --prompt-embeds")):
+        assert needle in one_line_error(run("capture", *common, *args, "--out", tmp_path / "bad.zarr"))
+    schnell = family_flux.save_tiny(tmp_path / "schnell")  # guidance_embeds false
+    r = run("capture", "--model", schnell, "--steps", "2", "--prompt-embeds", plain, "--embedded-guidance", "2",
+            "--out", tmp_path / "s.zarr")
+    assert "no guidance embedding" in one_line_error(r)
