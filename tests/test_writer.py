@@ -204,3 +204,22 @@ def test_nonfinite_counts_per_row_match_isfinite(dtype):
     assert got == {5 + i: int(c) for i, c in enumerate(want) if c}
     assert count_nonfinite(to_numpy(t[0]), dtype, (0,)) == {}
     assert count_nonfinite(to_numpy(t), dtype, (7,)) == {7: int(want.sum())}
+
+
+def test_a_chunk_deleted_after_its_index_was_read_is_missing_not_a_traceback(tmp_path):
+    from dithooks.store.zarrio import ChunkMissing, CorruptStoreError
+
+    cases = _cases()
+    _write(tmp_path / "d.zarr", cases, direct=True, separator=".")
+    meta = ArrayMeta.load(tmp_path / "d.zarr", "blocks.x")
+    reader = ArrayReader(meta)
+    sel = (slice(1, 2, 1), slice(0, 2, 1), slice(0, 2, 1), slice(0, 5, 1))
+    block = next(blocks(meta, sel))
+    assert reader.exists(block.chunk)  # shard index read and cached
+    os.unlink(meta.path((1, 0, 0, 0)))
+    with pytest.raises(ChunkMissing):
+        reader.read_block(block)
+    raw = json.loads((tmp_path / "d.zarr" / "blocks.x" / "zarr.json").read_text())
+    assert ArrayMeta.from_json(meta.dir, "blocks.x", raw).inner == meta.inner
+    with pytest.raises(CorruptStoreError):
+        ArrayMeta.from_json(meta.dir, "blocks.x", {**raw, "shape": None})

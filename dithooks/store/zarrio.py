@@ -1,4 +1,11 @@
-"""A small reader for the Zarr v3 arrays that dithooks writes, chunk by chunk, without zarr-python.
+"""A small reader and writer for the Zarr v3 arrays that dithooks writes, without zarr-python.
+
+Writing (end of this module): :func:`array_metadata` (the ``zarr.json`` zarr-python writes for
+the same ``create_array`` call), :class:`ChunkEncoder` (whole chunks and shards: inner chunks, the
+shard index and CRC32C checksums, byte for byte what zarr-python writes), :func:`write_atomic`
+(temporary ``*.partial`` file, then a rename), :func:`write_array`, :func:`write_group` and
+:func:`consolidate` for a store's skeleton. The store writer (``writer.py``) uses them; tests
+compare files and metadata with zarr-python's.
 
 Why not zarr-python for reading: importing it costs ~0.7 s (``dithooks query`` must start fast),
 and its indexing pays per call and per chunk far more than the bytes cost. The layouts a capture
@@ -106,6 +113,15 @@ class ArrayMeta:
             return cls._parse(d, name, m)
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise CorruptStoreError(f"{d / 'zarr.json'} is damaged (bad or missing field: {e})") from None
+
+    @classmethod
+    def from_json(cls, d: Path, name: str, m: dict) -> "ArrayMeta":
+        """The metadata of array ``name`` in folder ``d`` from its already-read ``zarr.json``
+        ``m``; a malformed one raises :class:`CorruptStoreError` (as :meth:`load`)."""
+        try:
+            return cls._parse(Path(d), name, m)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+            raise CorruptStoreError(f"{Path(d) / 'zarr.json'} is damaged (bad or missing field: {e})") from None
 
     @classmethod
     def _parse(cls, d: Path, name: str, m: dict) -> "ArrayMeta":
@@ -330,7 +346,11 @@ class ArrayReader:
         last = sum((s.start + (c - 1) * s.step) * st for s, c, st in zip(block.local, counts, strides))
         span = last - first + item
         buf = np.empty(span // item, dtype=m.dtype)
-        with open(path, "rb", buffering=0) as f:
+        try:
+            f = open(path, "rb", buffering=0)
+        except FileNotFoundError:  # deleted since its shard index was read
+            raise ChunkMissing(self.describe(block.chunk)) from None
+        with f:
             got = os.preadv(f.fileno(), [memoryview(buf).cast("B")], off + first)
         if got != span:
             raise CorruptStoreError(f"{self.describe(block.chunk)} in {m.dir.parent} is damaged: file ends early")
@@ -338,7 +358,11 @@ class ArrayReader:
                           strides=tuple(s.step * st for s, st in zip(block.local, strides)))
 
     def _pread(self, path: str, off: int, n: int, chunk: tuple[int, ...]) -> bytes:
-        with open(path, "rb", buffering=0) as f:
+        try:
+            f = open(path, "rb", buffering=0)
+        except FileNotFoundError:  # deleted since its shard index (or size) was read
+            raise ChunkMissing(self.describe(chunk)) from None
+        with f:
             data = os.pread(f.fileno(), n, off)
         if len(data) != n:
             raise CorruptStoreError(f"{self.describe(chunk)} in {self.meta.dir.parent} is damaged: file ends early")
