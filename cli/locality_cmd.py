@@ -37,7 +37,7 @@ def _labels(classes: str, n: int) -> tuple[int, ...]:
 def _seeds(seeds: Optional[str], n: int) -> tuple[int, ...]:
     if seeds is None:
         return tuple(range(n))
-    out = tuple(ro.parse_int_list(seeds, "seeds"))
+    out = tuple(ro.parse_int_list(seeds, "seeds", lo=0, hi=ro.MAX_SEED))  # as capture's --seeds
     if len(out) != n:
         from dithooks.errors import DithooksError
         raise DithooksError(f"{len(out)} seeds for --samples {n}: give one seed per sample (or leave --seeds out)")

@@ -405,6 +405,8 @@ def _other_cases() -> list[Case]:
         add(f"hooks:--layer={layer}", ["hooks", "--model", "{model}", "--layer", layer], ("layer",))
     for m in ("missing", "trunc", "fewer_blocks", "garbage_weights"):
         add(f"hooks:--model={m}", ["hooks", "--model", "{ws}/" + m], ("model", "config", "weights", "load", m))
+    for seeds in ("-1", "0,,1", "x"):  # locality's per-sample seeds: capture's list syntax and range
+        add(f"locality_gaps:--seeds={seeds}", SMALL["locality gaps"] + ["--seeds", seeds], ("seeds",))
     for cmd in ("ls", "verify"):
         add(f"{cmd}:missing", [cmd, "{ws}/missing.zarr"], ("missing.zarr",))
         add(f"{cmd}:file", [cmd, "{ws}/a_file.txt"], ("a_file.txt", "store"))
