@@ -159,6 +159,11 @@ def load_prompt_embeds(path: str | Path) -> Conditioning:
     if not isinstance(data, dict) or "prompt_embeds" not in data:
         raise DithooksError(f"{path} holds no 'prompt_embeds' tensor")
     known = {k: data[k] for k in TENSOR_FIELDS[1:] if k in data}
+    for key, value in known.items():
+        # a NaN embedding would sample NaN latents and store them with only a warning: refuse it here
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise DithooksError(f"{path}: '{key}' has {bad} NaN/inf values; prompt embeddings must be finite")
     guidance = data.get("guidance")
     # text attention masks (PixArt's pipeline makes both) become extras under the model's key
     extras = {k: data[k] for k in MASK_FIELDS if k in data}

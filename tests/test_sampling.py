@@ -150,6 +150,12 @@ def test_prompt_embeddings_file_round_trip(tmp_path):
     torch.save({"x": emb}, tmp_path / "bad.pt")
     with pytest.raises(DithooksError, match="no 'prompt_embeds'"):
         load_prompt_embeds(tmp_path / "bad.pt")
+    for key in ("prompt_embeds", "pooled_prompt_embeds"):
+        data = {"prompt_embeds": emb.clone(), "pooled_prompt_embeds": torch.randn(3, 8)}
+        data[key].view(-1)[5] = float("nan")
+        torch.save(data, tmp_path / "nan.pt")
+        with pytest.raises(DithooksError, match=f"'{key}' has 1 NaN/inf"):
+            load_prompt_embeds(tmp_path / "nan.pt")
 
 
 def test_one_conditioning_row_serves_every_seed(tiny_loaded):
