@@ -99,6 +99,18 @@ class Geometry:
                 "joint_token": n + t, "joint_query": n + t, "joint_key": n + t}
 
 
+def transformer_geometry(config, **fields) -> Geometry:
+    """:class:`Geometry` of a diffusers transformer config: the fields every family shares
+    (``num_layers``, width = ``num_attention_heads * attention_head_dim``, heads, head_dim,
+    ``in_channels``, ``out_channels`` (default ``in_channels``), ``sample_size``, ``patch_size``,
+    ``num_classes=None``); ``fields`` add the family's own or override these."""
+    heads, head_dim = config.num_attention_heads, config.attention_head_dim
+    shared = dict(num_layers=config.num_layers, width=heads * head_dim, num_heads=heads, head_dim=head_dim,
+                  in_channels=config.in_channels, out_channels=config.out_channels or config.in_channels,
+                  sample_size=getattr(config, "sample_size", None), patch_size=config.patch_size, num_classes=None)
+    return Geometry(**{**shared, **fields})
+
+
 class ModelAdapter:
     """Knows, for one model class, where the blocks are, what each hook point means and how the
     model is called. Subclasses fill the class attributes; :meth:`_build_points` expands them.

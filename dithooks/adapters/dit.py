@@ -14,7 +14,7 @@ geometry; the base class supplies the rest (DiT is what its defaults reproduce).
 
 from __future__ import annotations
 
-from .base import Geometry, ModelAdapter
+from .base import Geometry, ModelAdapter, transformer_geometry
 from .registry import register
 from .spec import RESID, VECTOR, PointSpec, final_out, post, pre
 
@@ -67,15 +67,4 @@ class DiTAdapter(ModelAdapter):
 
     @property
     def geometry(self) -> Geometry:
-        c = self.model.config
-        return Geometry(
-            num_layers=c.num_layers,
-            width=c.num_attention_heads * c.attention_head_dim,
-            num_heads=c.num_attention_heads,
-            head_dim=c.attention_head_dim,
-            in_channels=c.in_channels,
-            out_channels=c.out_channels or c.in_channels,
-            sample_size=c.sample_size,
-            patch_size=c.patch_size,
-            num_classes=c.num_embeds_ada_norm,
-        )
+        return transformer_geometry(self.model.config, num_classes=self.model.config.num_embeds_ada_norm)

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ..errors import DithooksError
-from .base import Geometry, ModelAdapter
+from .base import Geometry, ModelAdapter, transformer_geometry
 from .registry import register
 from .spec import RESID, TEXT_RESID, VECTOR, PointSpec, final_out, post, pre
 
@@ -323,21 +323,12 @@ class FluxAdapter(ModelAdapter):
     @property
     def geometry(self) -> Geometry:
         c = self.model.config
-        return Geometry(
-            num_layers=c.num_layers + c.num_single_layers,
-            width=c.num_attention_heads * c.attention_head_dim,
-            num_heads=c.num_attention_heads,
-            head_dim=c.attention_head_dim,
-            in_channels=c.in_channels,
-            out_channels=c.out_channels or c.in_channels,
-            sample_size=self.sample_size,
+        return transformer_geometry(
+            c, num_layers=c.num_layers + c.num_single_layers,
+            sample_size=self.sample_size, latent_size=self.sample_size,
             patch_size=2 * c.patch_size,  # the pipeline's 2x2 packing, times the model's own patches
-            num_classes=None,
-            text_tokens=self.text_tokens,
-            text_width=c.joint_attention_dim,
             latent_channels=c.in_channels // (4 * c.patch_size ** 2),
-            latent_size=self.sample_size,
-        )
+            text_tokens=self.text_tokens, text_width=c.joint_attention_dim)
 
     def dim_sizes(self, **settings) -> dict[str, int]:
         sizes = super().dim_sizes(**settings)

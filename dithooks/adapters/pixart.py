@@ -84,7 +84,7 @@ from torch import nn
 
 from ..errors import DithooksError
 from ..hookpoints import split_name
-from .base import Geometry, ModelAdapter
+from .base import Geometry, ModelAdapter, transformer_geometry
 from .registry import register
 from .spec import RESID, TEXT_RESID, VECTOR, PointSpec, final_out, post, pre
 
@@ -271,19 +271,8 @@ class PixArtAdapter(ModelAdapter):
     @property
     def geometry(self) -> Geometry:
         c = self.model.config
-        return Geometry(
-            num_layers=c.num_layers,
-            width=c.num_attention_heads * c.attention_head_dim,
-            num_heads=c.num_attention_heads,
-            head_dim=c.attention_head_dim,
-            in_channels=c.in_channels,
-            out_channels=c.out_channels or c.in_channels,
-            sample_size=c.sample_size,
-            patch_size=c.patch_size,
-            num_classes=None,
-            text_tokens=self.text_tokens,
-            text_width=c.caption_channels or c.cross_attention_dim or 0,
-        )
+        return transformer_geometry(c, text_tokens=self.text_tokens,
+                                    text_width=c.caption_channels or c.cross_attention_dim or 0)
 
     # -- sampling -----------------------------------------------------------------------------------
     def check_conditioning(self, cond, cfg: bool) -> None:

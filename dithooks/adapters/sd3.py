@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from ..errors import DithooksError
-from .base import Geometry, ModelAdapter
+from .base import Geometry, ModelAdapter, transformer_geometry
 from .registry import register
 from .spec import RESID, TEXT_RESID, VECTOR, PointSpec, final_out, post, pre
 
@@ -180,19 +180,7 @@ class SD3Adapter(ModelAdapter):
     @property
     def geometry(self) -> Geometry:
         c = self.model.config
-        return Geometry(
-            num_layers=c.num_layers,
-            width=c.num_attention_heads * c.attention_head_dim,
-            num_heads=c.num_attention_heads,
-            head_dim=c.attention_head_dim,
-            in_channels=c.in_channels,
-            out_channels=c.out_channels or c.in_channels,
-            sample_size=c.sample_size,
-            patch_size=c.patch_size,
-            num_classes=None,
-            text_tokens=self.text_tokens,
-            text_width=c.joint_attention_dim,
-        )
+        return transformer_geometry(c, text_tokens=self.text_tokens, text_width=c.joint_attention_dim)
 
     # -- sampling ----------------------------------------------------------------------------
     def check_conditioning(self, cond, cfg: bool) -> None:
