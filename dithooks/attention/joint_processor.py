@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from .functional import (attend, couple, effective_width, row_entropy, scaled_logits, softmax_rows,
                          swap_replica_halves, top_k_rows)
+from .processor import NAME_DIMS as _SHARED_DIMS
 from .settings import ProcessorSettings
 from .window import joint_window_mask
 
@@ -64,27 +65,18 @@ ALL_NAMES = QKV_NAMES | CONTEXT_QKV_NAMES | MATRIX_NAMES | INTER_NAMES | REDUCTI
 #: names whose replacement (what ``emit`` returns) changes the layer's output
 WRITABLE_NAMES = QKV_NAMES | CONTEXT_QKV_NAMES | MATRIX_NAMES | INTER_NAMES
 
+#: axes of each emitted tensor: the names DiT's processor also emits keep its dims (one vocabulary,
+#: :data:`dithooks.attention.processor.NAME_DIMS`); the text-stream and joint blocks are added here
 NAME_DIMS: dict[str, tuple[str, ...]] = {
-    "attn.q": ("batch", "head", "token", "head_channel"),
-    "attn.k": ("batch", "head", "token", "head_channel"),
-    "attn.v": ("batch", "head", "token", "head_channel"),
+    **{name: dims for name, dims in _SHARED_DIMS.items() if name in ALL_NAMES},
     "attn.context_q": ("batch", "head", "text_token", "head_channel"),
     "attn.context_k": ("batch", "head", "text_token", "head_channel"),
     "attn.context_v": ("batch", "head", "text_token", "head_channel"),
-    "attn.logits": ("batch", "head", "query", "key"),
-    "attn.pattern": ("batch", "head", "query", "key"),
     "attn.pattern_image_text": ("batch", "head", "query", "text_key"),
     "attn.pattern_text_image": ("batch", "head", "text_query", "key"),
     "attn.pattern_joint": ("batch", "head", "joint_query", "joint_key"),
-    "attn.logits_inter": ("batch", "head", "query", "key"),
-    "attn.pattern_inter": ("batch", "head", "query", "key"),
-    "attn.n_eff": ("batch", "head", "query"),
-    "attn.entropy": ("batch", "head", "query"),
-    "attn.pattern_headmean": ("batch", "query", "key"),
-    "attn.pattern_query": ("batch", "head", "query", "key"),
-    "attn.topk_idx": ("batch", "head", "query", "rank"),
-    "attn.topk_val": ("batch", "head", "query", "rank"),
 }
+assert set(NAME_DIMS) == ALL_NAMES
 
 NAME_DOCS: dict[str, str] = {
     "attn.q": "image tokens' queries per head (after norm_q and rotary embedding, if any)",
