@@ -302,6 +302,29 @@ class Sampler:
     def _timestep(self, t):
         return float(t) if self.spec.name == "flow" else int(t)
 
+    def guide(self, eps_cond: torch.Tensor, eps_null: torch.Tensor) -> torch.Tensor:
+        """Classifier-free guidance: ``eps_null + w (eps_cond - eps_null)`` with this spec's ``w``."""
+        return eps_null + self.spec.guidance * (eps_cond - eps_null)
+
+    def update(self, eps: torch.Tensor, s: int, x: torch.Tensor, generators=None) -> torch.Tensor:
+        """The scheduler step of step ``s``: ``x`` at step ``s + 1`` from the (guided) prediction
+        ``eps`` (flow matching; DDPM; DDIM with this spec's eta and the clipped-model-output rule).
+        ``generators``: one per row for the sampler noise (DDPM, DDIM with eta > 0)."""
+        t = self.scheduler.timesteps[s]
+        if self.spec.name == "flow":
+            return self.scheduler.step(eps, t, x).prev_sample
+        kwargs = {"eta": self.spec.eta} if self.spec.name == "ddim" else {}
+        if self.spec.name == "ddim":
+            # with clip_sample, DDIM clips x0 but would keep the unclipped epsilon; guided
+            # epsilons overshoot and the trajectory ends in noise (w=3: 5% recognisable
+            # digits vs 100% with this). Recompute epsilon from the clipped x0.
+            clipped = self.clipped_model_output
+            if clipped is None:
+                clipped = bool(self.scheduler.config.clip_sample) or None
+            if clipped is not None:
+                kwargs["use_clipped_model_output"] = clipped
+        return self.scheduler.step(eps, t, x, generator=generators, **kwargs).prev_sample
+
     @torch.no_grad()
     def run(self, labels: Sequence[int] | Conditioning, seeds: Sequence[int], *, state: TrajectoryState | None = None,
             on_step: StepCallback | None = None, progress: Callable | None = None) -> torch.Tensor:
@@ -342,30 +365,17 @@ class Sampler:
                 eps = self.adapter.denoise(xin, t, rows)
                 eps = eps.reshape(R, ncfg, M, *eps.shape[1:])
                 if self.spec.cfg:
-                    eps = eps[:, 1] + self.spec.guidance * (eps[:, 0] - eps[:, 1])
+                    eps = self.guide(eps[:, 0], eps[:, 1])
                 else:
                     eps = eps[:, 0]
                 eps = eps.reshape(R * M, *eps.shape[2:])
-                if self.spec.name == "flow":
-                    x = self.scheduler.step(eps, t, x).prev_sample
-                else:
-                    step_gens = gens
-                    if (self.replicas is not None and self.replicas.share_noise_until is not None
-                            and s < self.replicas.share_noise_until):
-                        # b draws exactly a's noise from a copy of a's generator; b's own stream is
-                        # left untouched for the independent steps after s*
-                        step_gens = gens[:M] + [_copy_generator(g) for g in gens[:M]]
-                    kwargs = {"eta": self.spec.eta} if self.spec.name == "ddim" else {}
-                    if self.spec.name == "ddim":
-                        # with clip_sample, DDIM clips x0 but would keep the unclipped epsilon; guided
-                        # epsilons overshoot and the trajectory ends in noise (w=3: 5% recognisable
-                        # digits vs 100% with this). Recompute epsilon from the clipped x0.
-                        clipped = self.clipped_model_output
-                        if clipped is None:
-                            clipped = bool(self.scheduler.config.clip_sample) or None
-                        if clipped is not None:
-                            kwargs["use_clipped_model_output"] = clipped
-                    x = self.scheduler.step(eps, t, x, generator=step_gens, **kwargs).prev_sample
+                step_gens = gens
+                if (self.spec.name != "flow" and self.replicas is not None
+                        and self.replicas.share_noise_until is not None and s < self.replicas.share_noise_until):
+                    # b draws exactly a's noise from a copy of a's generator; b's own stream is
+                    # left untouched for the independent steps after s*
+                    step_gens = gens[:M] + [_copy_generator(g) for g in gens[:M]]
+                x = self.update(eps, s, x, step_gens)
                 if on_step is not None:
                     on_step(s, TrajectoryState(s + 1, x.detach().cpu(), [g.get_state() for g in gens]))
         finally:

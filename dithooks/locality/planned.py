@@ -6,10 +6,12 @@ whether it is conditioned (``cond``; otherwise the model's null class) and at wh
 radius it runs (``radius``; :data:`GLOBAL` = -1 is the global model). With guidance ``w != 1``
 a conditioned step uses ``ε_∅ + w (ε_c − ε_∅)`` at that step's radius.
 
-Each step runs one model call per distinct radius among the active rows (in batches), then one
-scheduler step for the active rows. The update is the one :class:`dithooks.sampling.Sampler`
-makes (same scheduler from :func:`~dithooks.sampling.make_scheduler`, same
-``use_clipped_model_output`` rule), so an always-conditioned global plan reproduces
+Each step runs one model call per distinct radius among the active rows (in batches, through
+``adapter.denoise``), then one scheduler step for the active rows. Guidance and the step are the
+:class:`dithooks.sampling.Sampler`'s own (:meth:`~dithooks.sampling.Sampler.guide`,
+:meth:`~dithooks.sampling.Sampler.update`: same scheduler, same ``use_clipped_model_output``
+rule); only the loop differs, because ``Sampler.run`` gives every row the same conditioning and
+attention at every step while a plan is per row. An always-conditioned global plan reproduces
 ``Sampler.run`` (tested); windowed conditioning, windowed global attention and
 forward-backward are all plans.
 """
@@ -22,7 +24,7 @@ from typing import Callable
 import torch
 
 from ..errors import DithooksError
-from ..sampling import SamplerSpec, make_scheduler
+from ..sampling import Sampler, SamplerSpec
 from .local_denoiser import Denoiser
 
 GLOBAL = -1
@@ -63,8 +65,13 @@ def uniform_plans(labels, steps: int, *, start: int = 0, cond: bool = True, radi
                  torch.full((n, steps), bool(cond)), torch.full((n, steps), int(radius), dtype=torch.long))
 
 
-def ddim_spec(steps: int) -> SamplerSpec:
-    return SamplerSpec("ddim", steps=int(steps), eta=0.0, guidance=1.0)
+def ddim_spec(steps: int, guidance: float = 1.0) -> SamplerSpec:
+    return SamplerSpec("ddim", steps=int(steps), eta=0.0, guidance=float(guidance))
+
+
+def ddim_sampler(loaded, steps: int, guidance: float = 1.0, hooks=None) -> Sampler:
+    """The :class:`~dithooks.sampling.Sampler` of the ``steps``-step deterministic DDIM grid."""
+    return Sampler(loaded, ddim_spec(steps, guidance), hooks)
 
 
 @torch.no_grad()
@@ -74,10 +81,8 @@ def run_plans(denoiser: Denoiser, steps: int, x: torch.Tensor, plans: Plans, gui
     if plans.steps != steps or plans.rows != x.shape[0]:
         raise DithooksError(f"plans for {plans.rows} rows x {plans.steps} steps, "
                             f"given {x.shape[0]} rows and a {steps}-step grid")
-    sched = make_scheduler(ddim_spec(steps), denoiser.loaded.scheduler_config)
-    kwargs = {"eta": 0.0}
-    if sched.config.clip_sample:
-        kwargs["use_clipped_model_output"] = True  # as Sampler.run: eps re-derived from the clipped x0
+    sampler = ddim_sampler(denoiser.loaded, steps, guidance, denoiser.hooks)
+    sched = sampler.scheduler
     x = x.detach().to(torch.float32).cpu().clone()
     null = int(denoiser.null_class) if denoiser.null_class is not None else None
     guided = float(guidance) != 1.0
@@ -110,23 +115,23 @@ def run_plans(denoiser: Denoiser, steps: int, x: torch.Tensor, plans: Plans, gui
                 e_null = out[pos.numel():]
                 cidx = torch.nonzero(c).flatten()
                 e = e.clone()
-                e[cidx] = e_null + float(guidance) * (e[cidx] - e_null)
+                e[cidx] = sampler.guide(e[cidx], e_null)
             eps[pos] = e
-        x[active] = sched.step(eps, t, x[active], **kwargs).prev_sample
+        x[active] = sampler.update(eps, s, x[active])
     return x
 
 
 def noise_to(denoiser: Denoiser, steps: int, x0: torch.Tensor, noise: torch.Tensor, step: int) -> torch.Tensor:
     """``x_t = sqrt(ᾱ_t) x0 + sqrt(1 − ᾱ_t) z`` at ``t = timesteps[step]`` of the ``steps``-step
     DDIM grid, with the model's training schedule (the forward process)."""
-    sched = make_scheduler(ddim_spec(steps), denoiser.loaded.scheduler_config)
+    sched = ddim_sampler(denoiser.loaded, steps).scheduler
     t = sched.timesteps[step]
     return sched.add_noise(x0.float(), noise.float(), torch.full((x0.shape[0],), int(t), dtype=torch.long))
 
 
 def timesteps(loaded, steps: int) -> list[int]:
     """The integer timesteps of the ``steps``-step DDIM grid (largest first)."""
-    return [int(t) for t in make_scheduler(ddim_spec(steps), loaded.scheduler_config).timesteps]
+    return ddim_sampler(loaded, steps).timesteps
 
 
 def num_train_timesteps(loaded) -> int:
