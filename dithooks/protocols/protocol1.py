@@ -34,10 +34,10 @@ import numpy as np
 import torch
 
 from ..errors import DithooksError, StoreError
-from ..lists import parse_float_list, parse_int_list
+from ..lists import parse_int_list
 from .fits import MIN_RANGE, fit_curves
 from ..store.metadata import now
-from .pairs import PairedRequest
+from .pairs import PairedRequest, parse_couplings
 from .store import ResultsStore
 
 KIND = "protocol1"
@@ -58,16 +58,7 @@ class Protocol1Interrupted(DithooksError):
 # -- the request --------------------------------------------------------------------------------
 def parse_g_grid(text: str | Sequence[float]) -> tuple[float, ...]:
     """``"0,0.1,0.3"`` -> (0.0, 0.1, 0.3): distinct couplings in [0, 1], sorted."""
-    if isinstance(text, str):
-        vals = parse_float_list(text, "coupling grid", example="0,0.1,0.3")
-    else:
-        vals = [float(v) for v in text]
-    if not vals:
-        raise DithooksError("empty coupling grid")
-    bad = [v for v in vals if not (math.isfinite(v) and 0.0 <= v <= 1.0)]
-    if bad:
-        raise DithooksError(f"coupling g must lie in [0, 1], got {bad[0]:g}")
-    return tuple(sorted(set(vals)))
+    return parse_couplings(text, "coupling grid", "0,0.1,0.3", at_most=1.0, as_set=True)
 
 
 def parse_s_star(text: str | Sequence[int], steps: int) -> tuple[int, ...]:

@@ -51,13 +51,12 @@ import numpy as np
 import torch
 
 from ..errors import DithooksError, StoreError
-from ..lists import parse_float_list
 from ..analysis.difference_modes import DifferenceModes
 from ..analysis.modes import band_energies, band_indices
 from ..probe_api import Option, Output, ProbeError, parse_band
 from ..probe_runner import probe_array_name
 from ..store.metadata import now
-from .pairs import PairedRequest
+from .pairs import PairedRequest, parse_couplings
 from .store import ResultsStore
 
 KIND = "protocol2"
@@ -207,18 +206,8 @@ def random_baseline(N: int, d: int, n_low: int, band_size: int, draws: int = RAN
 
 # -- the request -----------------------------------------------------------------------------------
 def parse_g_list(text: str | Sequence[float]) -> tuple[float, ...]:
-    if isinstance(text, str):
-        vals = parse_float_list(text, "g list", example="0,0.3,1")
-    else:
-        vals = [float(x) for x in text]
-    if not vals:
-        raise DithooksError("the g list is empty")
-    bad = [v for v in vals if not math.isfinite(v) or v < 0]
-    if bad:
-        raise DithooksError(f"coupling g = {bad[0]} is not a finite number >= 0")
-    if len(set(vals)) != len(vals):
-        raise DithooksError(f"the g list {vals} repeats a value")
-    return tuple(vals)
+    """``"0,0.3,1"`` -> (0.0, 0.3, 1.0): couplings >= 0 in the order given, none repeated."""
+    return parse_couplings(text, "g list", "0,0.3,1")
 
 
 def _band(spec: Any) -> Any:
