@@ -241,3 +241,17 @@ def test_interrupted_run_says_how_to_resume(tmp_path, tiny_model_dir, tiny_loade
 def test_bad_requests_are_refused(bad):
     with pytest.raises(DithooksError):
         Protocol2Request(**{**dict(g=(0.0, 0.3), at_step=(1,)), **bad})
+
+
+def test_coupling_lists_share_one_parser():
+    """protocol2's g list keeps order and refuses repeats and negatives; protocol1's grid is a sorted set in [0, 1]."""
+    from dithooks.protocols.protocol1 import parse_g_grid
+    from dithooks.protocols.protocol2 import parse_g_list
+
+    assert parse_g_list([0.3, 0.0, 2.5]) == (0.3, 0.0, 2.5)
+    assert parse_g_grid("1, 0, 1") == (0.0, 1.0)
+    for fn, bad, needle in ((parse_g_list, "0,-1", "must be a finite number >= 0, got -1"),
+                            (parse_g_list, [0.0, float("nan")], "finite number"),
+                            (parse_g_list, [], "empty g list"), (parse_g_grid, "0,1.5", r"in \[0, 1\], got 1.5")):
+        with pytest.raises(DithooksError, match=needle):
+            fn(bad)
