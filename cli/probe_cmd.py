@@ -49,12 +49,13 @@ def probe(
 
 def run_probe(the_probe, request: dict, quiet: bool, allow_weight_mismatch: bool = False):
     """Run a capture with ``the_probe``; returns the result and the probe's stored arrays."""
+    from dithooks.store.layout import probe_array_name
     from dithooks.store.reader import open_store
 
     session = ro.make_session(request, allow_weight_mismatch=allow_weight_mismatch)
     result = run_with_progress(session, request["sampler"].steps, the_probe.label(), quiet=quiet)
     store = open_store(request["out"])
-    prefix = f"probe.{the_probe.label()}."
+    prefix = probe_array_name(the_probe.label(), "")
     return result, [store.array_info(n) for n in store.array_names() if n.startswith(prefix)]
 
 

@@ -170,11 +170,6 @@ def iter_rows(sel: Selection, value_name: str = "value", extra: dict[str, tuple[
         yield [dict(zip(keys, vals)) for vals in zip(*cols.values())]
 
 
-def to_records(sel: Selection, value_name: str = "value", limit: int | None = None) -> list[dict[str, Any]]:
-    """One record per element (at most ``limit``): its coordinates and its value."""
-    return [r for rows in iter_rows(sel, value_name, limit=limit) for r in rows]
-
-
 def _plain_list(a: np.ndarray) -> list:
     return a.tolist() if a.dtype != object else [str(x) for x in a]
 
