@@ -87,19 +87,33 @@ def test_flat_keys_read_back_through_zarr_xarray_and_dithooks(tmp_path):
     np.testing.assert_array_equal(out, v.numpy()[1:2, 2:4])
 
 
-def test_writes_that_cover_part_of_a_chunk_go_through_zarr(tmp_path):
-    spec = ArraySpec("a", ("step", "x"), (4, 6), (2, 6), torch.float32)
-    g = zarr.open_group(str(tmp_path / "s.zarr"), mode="w", zarr_format=3)
-    w = StoreWriter(g)
-    w.put(spec, (slice(0, 2),), torch.ones(2, 6))      # one whole chunk: direct
-    w.put(spec, (3,), torch.full((6,), 3.0))           # half a chunk: zarr-python
-    w.flush()
-    w.close()
-    t = w._arrays["a"]
-    assert (t.direct_writes, t.zarr_writes) == (1, 1)
-    a = np.asarray(zarr.open_array(str(tmp_path / "s.zarr" / "a"), mode="r")[...])
-    np.testing.assert_array_equal(a[:2], 1.0)
-    assert np.isnan(a[2]).all() and (a[3] == 3.0).all()
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_writes_that_cover_part_of_a_chunk_update_it_like_zarr(tmp_path, compression):
+    spec = ArraySpec("a", ("step", "x"), (8, 6), (4, 6), torch.float32)
+    sharded = ArraySpec("s", ("step", "x"), (4, 6), (1, 6), torch.float32, (), (2, 6))
+    writes = [(spec, (slice(0, 4),), torch.ones(4, 6)),        # one whole chunk: direct
+              (spec, (5,), torch.full((6,), 5.0)),             # part of a chunk never written: fill + row
+              (spec, (slice(1, 3),), torch.full((2, 6), 2.0)),  # part of a written chunk: read, update
+              (sharded, (1,), torch.full((6,), 7.0))]          # part of a shard: zarr-python
+    out = {}
+    for direct in (True, False):
+        g = zarr.open_group(str(tmp_path / f"{direct}.zarr"), mode="w", zarr_format=3)
+        w = StoreWriter(g, compression=compression)
+        w.direct = direct
+        for s, i, v in writes:
+            w.put(s, i, v)
+        w.flush()
+        w.close()
+        out[direct] = {n: np.asarray(zarr.open_array(str(tmp_path / f"{direct}.zarr" / n), mode="r")[...])
+                       for n in ("a", "s")}
+        if direct:
+            assert (w._arrays["a"].direct_writes, w._arrays["a"].zarr_writes) == (3, 0)
+            assert (w._arrays["s"].direct_writes, w._arrays["s"].zarr_writes) == (0, 1)
+    for n in ("a", "s"):
+        np.testing.assert_array_equal(out[True][n], out[False][n])
+    a = out[True]["a"]
+    assert (a[0] == 1).all() and (a[1:3] == 2).all() and (a[3] == 1).all() and np.isnan(a[4]).all()
+    assert (a[5] == 5).all() and np.isnan(a[6:]).all()
 
 
 def test_set_marks_an_existing_array(tmp_path):
@@ -223,3 +237,16 @@ def test_a_chunk_deleted_after_its_index_was_read_is_missing_not_a_traceback(tmp
     assert ArrayMeta.from_json(meta.dir, "blocks.x", raw).inner == meta.inner
     with pytest.raises(CorruptStoreError):
         ArrayMeta.from_json(meta.dir, "blocks.x", {**raw, "shape": None})
+
+
+def test_an_array_folder_cut_short_before_its_metadata_is_not_foreign(tmp_path):
+    """A capture killed (or stopped) between creating an array's folder and writing its zarr.json
+    leaves an empty folder: --overwrite may delete it (and must still refuse a user's file)."""
+    from dithooks.store.files import foreign_entries
+
+    cases = _cases()
+    _write(tmp_path / "d.zarr", cases, direct=True, separator=".")
+    (tmp_path / "d.zarr" / "latents2").mkdir()
+    assert foreign_entries(tmp_path / "d.zarr") == []
+    (tmp_path / "d.zarr" / "latents2" / "notes.txt").write_text("mine")
+    assert foreign_entries(tmp_path / "d.zarr") == ["latents2/"]

@@ -115,6 +115,8 @@ def foreign_entries(folder: str | Path, rel: str = "") -> list[str]:
                         continue
                     else:
                         out.append(f"{r}/{q.name}" + ("/" if q.is_dir() else ""))
+            elif not rel and not any(p.iterdir()):
+                continue  # empty: an array whose creation was cut short before its zarr.json
             else:
                 out.append(r + "/")
         else:

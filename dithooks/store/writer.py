@@ -38,7 +38,7 @@ import zarr
 
 from ..errors import StoreError
 from .codecs import compressor_config, compressors, to_numpy, zarr_dtype
-from .zarrio import ArrayMeta, ChunkEncoder, array_metadata, write_json_atomic
+from .zarrio import ArrayMeta, ArrayReader, ChunkEncoder, array_metadata, write_json_atomic
 
 
 @dataclass(frozen=True)
@@ -324,7 +324,7 @@ class DirectTarget(ArrayTarget):
     def write(self, index: Any, data: np.ndarray) -> None:
         if self.encoder is not None:
             got = region_of(index, self.meta.shape)
-            if got is not None and self.encoder.aligned(got[0]):
+            if got is not None:
                 region, block = got
                 data = np.asarray(data)
                 if data.shape != block:
@@ -332,13 +332,43 @@ class DirectTarget(ArrayTarget):
                         data = data.reshape(block)
                     else:
                         data = np.broadcast_to(data, block)
-                self.encoder.write(region, data)
-                self.direct_writes += 1
-                return
+                if self.encoder.aligned(region):
+                    self.encoder.write(region, data)
+                    self.direct_writes += 1
+                    return
+                if self._update(region, data):
+                    self.direct_writes += 1
+                    return
         if self._zarr is None:
             self._zarr = self._open_zarr()
         self._zarr[index] = data
         self.zarr_writes += 1
+
+    def _update(self, region: tuple[tuple[int, int], ...], data: np.ndarray) -> bool:
+        """A write that covers part of some (unsharded) chunks: each touched chunk is read (the
+        fill value if it was never written), updated and written whole, atomically. False when
+        the layout does not allow it (sharded). Edge chunks are stored whole (padded with the
+        fill value), as zarr-python stores them."""
+        import itertools
+
+        from .zarrio import Block, ChunkMissing
+
+        m = self.meta
+        if m.sharded:
+            return False
+        reader = ArrayReader(m)
+        ranges = [range(a // o, -(-b // o)) for (a, b), o in zip(region, m.outer)]
+        for outer in itertools.product(*ranges):
+            lo = tuple(c * o for c, o in zip(outer, m.outer))
+            try:
+                chunk = np.array(reader.read_block(Block(outer, tuple(slice(0, o, 1) for o in m.outer), ())))
+            except ChunkMissing:
+                chunk = np.full(m.outer, m.fill_value, dtype=m.dtype)
+            inside = tuple(slice(max(a, l) - l, min(b, l + o) - l) for (a, b), l, o in zip(region, lo, m.outer))
+            src = tuple(slice(max(a, l) - a, min(b, l + o) - a) for (a, b), l, o in zip(region, lo, m.outer))
+            chunk[inside] = data[src]
+            self.encoder.write(tuple((l, l + o) for l, o in zip(lo, m.outer)), chunk)
+        return True
 
 
 def describe_write_error(e: BaseException) -> str:
