@@ -248,6 +248,7 @@ def cross_check(npy_dir: Path, nn_cache: list, steps: int, nblocks: int) -> str:
 def peak_rss_child(model_dir: Path | str, steps: int, out: Path) -> float:
     """Peak resident memory (MiB) of a fresh process capturing ``steps`` steps."""
     code = f"""
+import resource
 from dithooks.capture import CaptureConfig, capture
 from dithooks.sampling import SamplerSpec
 capture(CaptureConfig(out={str(out)!r}, model={str(model_dir)!r}, layers='all', hooks=('resid_post','attn.out','mlp.out'),

@@ -16,9 +16,9 @@ non-finite values it writes per array and row (:attr:`StoreWriter.nonfinite`).
 How it writes (format unchanged, readable by zarr-python and xarray): on a local store, arrays
 are created by writing their ``zarr.json`` and whole chunks / shards are encoded and written by
 :class:`zarrio.ChunkEncoder`, one atomic file write (temporary ``*.partial`` file, then a rename)
-per chunk or shard, the interpreter lock released during the write. zarr-python is used only
-for what that does not cover: writes that do not cover whole chunks, layouts it did not make,
-stores that are not folders. zarr-python's own path costs the sampling thread far more: its event
+per chunk or shard, the interpreter lock released during the write; a write that covers part of
+an unsharded chunk reads, updates and rewrites the chunk. zarr-python is used only for what that
+does not cover: part of a shard, layouts the encoder does not write, stores that are not folders. zarr-python's own path costs the sampling thread far more: its event
 loop and thread pool compete for the interpreter lock, and it reads a shard back before replacing
 it (docs/benchmarks.md).
 """
