@@ -637,3 +637,33 @@ def test_modal_gains_from_responses():
     out3 = modal_gains(t(v.reshape(K, 3, 4)), t((v @ Rt.T).reshape(K, 3, 4)),
                        t((v @ Mt.T).reshape(K, 3, 4)), feature_ndim=2)
     np.testing.assert_allclose(out3["pi"].numpy(), pi, rtol=1e-12)
+
+
+def test_report_in_place_work_is_passive_and_matches_the_out_of_place_path():
+    """The report centres δL and forms δA in the buffers of its own casts (issue #11): the caller's
+    tensors are never written, and the result equals the path without casts (fp64 inputs, every
+    temporary new) and the numpy reference, masked (zero) pattern entries included."""
+    g = 0.3
+    name, A, dLi, dLe, V, dV = BOUND_CASES[0]
+    masked = A.copy()
+    masked[:, -3:] = 0.0  # keys nobody reads (a mask): the bracket is zeroed there
+    masked /= masked.sum(-1, keepdims=True)
+    for name, A, dLi, dLe, V, dV in BOUND_CASES + [("masked", masked, dLi, dLe, V, dV)]:
+        args64 = [t(x) for x in (A, dLi, dLe, V, dV)]
+        args32 = [x.float() for x in args64]
+        keep64, keep32 = [x.clone() for x in args64], [x.clone() for x in args32]
+        rep64 = routing_dominance_report(*args64, g)  # no cast: nothing owned, nothing in place
+        rep32 = routing_dominance_report(*args32, g)  # cast copies: worked on in place
+        for x, k in zip(args64 + args32, keep64 + keep32):
+            assert torch.equal(x, k), name  # inputs untouched
+        # same numbers from the fp32-rounded inputs, either path
+        rep_ref = routing_dominance_report(*(x.double() for x in args32), g)
+        for key in ("Delta_max", "Delta_max_intra", "Delta_max_inter", "modulation_norm", "routing_norm",
+                    "measured_ratio", "measured_ratio_intra", "a", "dA_row_sum_residual"):
+            np.testing.assert_allclose(rep32[key].numpy(), rep_ref[key].numpy(), rtol=1e-12, atol=1e-15,
+                                       err_msg=f"{name} {key}")
+        dLg = np.asarray(dLi) + g * np.asarray(dLe)
+        ref = np_appendix_b(A, dLg, V, dV)
+        c = np.where(A > 0, dLg - (A * dLg).sum(-1, keepdims=True), 0.0)  # the bracket on A's support
+        np.testing.assert_allclose(rep64["Delta"].numpy(), np.abs(c).max(-1), rtol=1e-12, atol=1e-15, err_msg=name)
+        np.testing.assert_allclose(rep64["measured_ratio"].numpy(), ref["measured"], rtol=1e-10, err_msg=name)
