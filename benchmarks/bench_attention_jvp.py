@@ -27,7 +27,8 @@
     configs of (1)), the per-head terms the probe reads (``jvp.heads.*`` at g = 0.3) are handed to
     ``routing_dominance_report`` as the probe does, at ``precision`` fp64 (default) and fp32; reported
     in units of the block forward, wall and CPU time. Target: <= 1.5 block forwards on top of the JVP.
-    Run it with an older checkout first on ``PYTHONPATH`` for the "before" numbers.
+    ``--routing-reference old.py`` also times an older ``probes/attention_terms.py`` in the same
+    process, interleaved (``git show <commit>:probes/attention_terms.py > old.py``).
 
     python benchmarks/bench_attention_jvp.py --routing --threads 1
     python benchmarks/bench_attention_jvp.py --routing --device cuda   # unchanged on an accelerator
@@ -177,9 +178,23 @@ def bench_explicit(cfg: Config, repeats: int) -> dict:
 
 
 # -- (4) the routing probe's report on top of the JVP ----------------------------------------------
-def bench_routing_report(cfg: Config, repeats: int, g: float = 0.3, device: str = "cpu") -> dict:
+def load_reference_report(path: str):
+    """``routing_dominance_report`` of another version of ``probes/attention_terms.py`` (a file, e.g.
+    ``git show <commit>:probes/attention_terms.py > old.py``), loaded beside today's in this process
+    (its relative imports resolve to today's ``dithooks.probes``): before/after timed interleaved."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dithooks.probes._reference_attention_terms", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.routing_dominance_report
+
+
+def bench_routing_report(cfg: Config, repeats: int, g: float = 0.3, device: str = "cpu",
+                         reference: str | None = None) -> dict:
     from dithooks.jvp import HEAD_TERMS
     from dithooks.probes.attention_terms import routing_dominance_report
+    reference_report = load_reference_report(reference) if reference else None
 
     block = dit_block(cfg).to(device)
     h, delta, t, y = (x.to(device) for x in block_inputs(cfg))
@@ -193,9 +208,9 @@ def bench_routing_report(cfg: Config, repeats: int, g: float = 0.3, device: str 
             block(h, timestep=t, class_labels=y)
         sync()
 
-    def report(dtype):
+    def report(dtype, fn_report=routing_dominance_report):
         def fn():
-            rep = routing_dominance_report(*args, g, dtype=dtype)
+            rep = fn_report(*args, g, dtype=dtype)
             {k: v.cpu() for k, v in rep.items()}  # what the probe keeps
         return fn
 
@@ -205,6 +220,9 @@ def bench_routing_report(cfg: Config, repeats: int, g: float = 0.3, device: str 
 
     cases = {"forward": forward, "jvp (per-head terms)": jvp,
              "report fp64": report(torch.float64), "report fp32": report(torch.float32)}
+    if reference_report is not None:
+        cases["reference fp64"] = report(torch.float64, reference_report)
+        cases["reference fp32"] = report(torch.float32, reference_report)
     cpu: dict[str, float] = {}
     times = time_interleaved(cases, repeats, cpu=cpu)
     return {"config": cfg.name, "width": cfg.width, "heads": cfg.heads, "tokens": cfg.tokens, "batch": cfg.batch,
@@ -358,13 +376,16 @@ def main(argv=None) -> None:
     ap.add_argument("--models", default="digits,S,XL", help="(3): models, comma-separated (digits,S,XL)")
     ap.add_argument("--device", default="cpu", help="(3), (4): cpu or cuda")
     ap.add_argument("--routing", action="store_true", help="only (4): the routing probe's report per block call")
+    ap.add_argument("--routing-reference", metavar="FILE", default=None,
+                    help="(4): also time routing_dominance_report of this older probes/attention_terms.py")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     if args.routing:
         repeats = args.repeats or (3 if args.quick else 7)
-        rows = [bench_routing_report(c, repeats, device=args.device) for c in CONFIGS]
+        rows = [bench_routing_report(c, repeats, device=args.device, reference=args.routing_reference)
+                for c in CONFIGS]
         print(routing_markdown(rows))
         meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "repeats": repeats,
                 "machine": platform.processor() or platform.machine(), "seconds": round(time.perf_counter() - t0, 1)}

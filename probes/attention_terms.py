@@ -397,7 +397,9 @@ def routing_dominance_report(
 
     def centred(dL, dL_in):
         if full and dL is not dL_in:  # c = δL − rowsum(A ⊙ δL), in δL's own cast
-            return dL.sub_(torch.einsum("...ij,...ij->...i", A, dL)[..., None])
+            # einsum forms no N×N temporary (large inputs); mul-sum has less per-call overhead (small)
+            rowdot = torch.einsum("...ij,...ij->...i", A, dL) if A.numel() >= 1 << 16 else (A * dL).sum(-1)
+            return dL.sub_(rowdot[..., None])
         return centred_logit_perturbation(A, dL, full=full)
 
     c_intra = centred(dL_intra, inputs_dL[0])
