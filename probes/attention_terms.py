@@ -260,8 +260,17 @@ def mean_free_operator_norm(A: torch.Tensor) -> torch.Tensor:
     (a symmetric eigenvalue problem: about half the time of the SVD, and as accurate for the
     largest singular value, relative error ~eps); O(N³) per head.
     """
-    AP = A - A.mean(dim=-1, keepdim=True)  # (A P_∥)_ij = (Σ_k A_ik)/N for every column j
-    gram = AP @ AP.transpose(-2, -1)
+    return _mean_free_operator_norm(A)
+
+
+def _mean_free_operator_norm(A: torch.Tensor, work: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+                             ) -> torch.Tensor:
+    """:func:`mean_free_operator_norm`; ``work``: two free buffers shaped and typed like ``A`` (or
+    None) for ``A P_⊥`` and its Gram matrix (the routing report passes its spent δA buffers)."""
+    AP = torch.sub(A, A.mean(dim=-1, keepdim=True), out=work[0]) if work[0] is not None \
+        else A - A.mean(dim=-1, keepdim=True)  # (A P_∥)_ij = (Σ_k A_ik)/N for every column j
+    gram = torch.matmul(AP, AP.transpose(-2, -1), out=work[1]) if work[1] is not None \
+        else AP @ AP.transpose(-2, -1)
     return torch.linalg.eigvalsh(gram)[..., -1].clamp_min(0).sqrt()
 
 
@@ -426,7 +435,9 @@ def routing_dominance_report(
     dAV, dA_ones = dA_wide[..., :d], dA_wide[..., d]
     # paper-literal: δA_intra alone (c_intra's buffer is free once c_g is formed)
     dAV_intra = dAV if c_g is c_intra else c_intra.mul_(A) @ V
-    a = mean_free_operator_norm(A)
+    # a = ‖A P_⊥‖_op, A P_⊥ and its Gram matrix formed in the spent δA buffers
+    spare = (dA_g, None if c_g is c_intra else c_intra)
+    a = _mean_free_operator_norm(A, spare if all(x is None or x.is_contiguous() for x in spare) else (None, None))
     routing_norm = _fro(AdV)
     modulation_norm = _fro(dAV)
     rho, xi = routing_gate(g), modulation_gate(g)
