@@ -250,3 +250,68 @@ def test_an_array_folder_cut_short_before_its_metadata_is_not_foreign(tmp_path):
     assert foreign_entries(tmp_path / "d.zarr") == []
     (tmp_path / "d.zarr" / "latents2" / "notes.txt").write_text("mine")
     assert foreign_entries(tmp_path / "d.zarr") == ["latents2/"]
+
+
+def _inline_writes(tmp_path: Path, name: str, inline: bool, writes) -> StoreWriter:
+    g = zarr.open_group(str(tmp_path / name), mode="w", zarr_format=3)
+    g.create_array(name="step_complete", shape=(3,), chunks=(1,), dtype="bool", fill_value=False, compressors=None)
+    w = StoreWriter(g)
+    w.separator = "."
+    w.inline = inline
+    for s, i, v in writes:
+        w.put(s, i, v)
+    w.set("step_complete", slice(0, 3), True)
+    w.flush()
+    w.close()
+    return w
+
+
+def test_inline_mode_writes_the_same_files_as_the_writer_thread(tmp_path):
+    """Inline (encode on the caller's thread, file writes queued) against the writer thread doing
+    everything: the same files, byte for byte, including a read-modify-write of a chunk that a
+    queued write has not reached yet (the queue is drained before the read)."""
+    part = ArraySpec("p", ("step", "x"), (8, 6), (4, 6), torch.float32)
+    writes = _cases() + [(part, (slice(0, 4),), torch.ones(4, 6)),       # queued whole chunk
+                         (part, (slice(1, 3),), torch.full((2, 6), 2.0))]  # then part of it: read back
+    _inline_writes(tmp_path, "t.zarr", False, writes)
+    w = _inline_writes(tmp_path, "i.zarr", True, writes)
+    assert w.inline and all(t.zarr_writes == 0 for t in w._arrays.values())
+    files = sorted(p.relative_to(tmp_path / "t.zarr") for p in (tmp_path / "t.zarr").rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path / "i.zarr") for p in (tmp_path / "i.zarr").rglob("*") if p.is_file())
+    for rel in files:
+        assert (tmp_path / "t.zarr" / rel).read_bytes() == (tmp_path / "i.zarr" / rel).read_bytes(), rel
+    p = np.asarray(zarr.open_array(str(tmp_path / "i.zarr" / "p"), mode="r")[...])
+    assert (p[0] == 1).all() and (p[1:3] == 2).all() and (p[3] == 1).all() and np.isnan(p[4:]).all()
+
+
+def test_inline_mode_keeps_the_order_of_files_and_raises_write_errors(tmp_path, monkeypatch):
+    import errno
+
+    from dithooks.store import writer as writer_mod
+    from dithooks.store.writer import WriterFailed
+
+    done = []
+    real = writer_mod.write_atomic
+
+    def record(path, pieces):
+        done.append(os.path.relpath(path, tmp_path / "o.zarr"))
+        return real(path, pieces)
+
+    monkeypatch.setattr(writer_mod, "write_atomic", record)
+    spec = ArraySpec("a", ("step", "x"), (3, 4), (1, 4), torch.float32)
+    _inline_writes(tmp_path, "o.zarr", True, [(spec, (slice(0, 3),), torch.ones(3, 4))])
+    assert done == [f"a/c.{i}.0" for i in range(3)] + [f"step_complete/c/{i}" for i in range(3)]
+
+    def full(path, pieces):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writer_mod, "write_atomic", full)
+    g = zarr.open_group(str(tmp_path / "f.zarr"), mode="w", zarr_format=3)
+    w = StoreWriter(g)
+    w.inline = True
+    w.put(spec, (0,), torch.ones(4))  # encoded here; the failing file write is on the writer thread
+    with pytest.raises(WriterFailed, match="disk is full"):
+        w.flush()
+    with pytest.raises(WriterFailed, match="disk is full"):
+        w.put(spec, (1,), torch.ones(4))
+    w.close()

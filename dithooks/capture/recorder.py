@@ -17,6 +17,9 @@ from ..store.writer import ArraySpec
 # steps buffered per store write (small models): at most BATCH_STEPS steps and BATCH_BYTES
 BATCH_STEPS = 16
 BATCH_BYTES = 8 * 2**20
+# steps smaller than this are written on the sampling thread (StoreWriter.inline): for small
+# writes the interpreter-lock handoffs with a writer thread cost more than the writes
+INLINE_STEP_BYTES = 2**20
 
 
 class StepRecorder:
@@ -46,6 +49,7 @@ class StepRecorder:
         self.staging = HostStaging()
         self._specs: dict[str, ArraySpec] = {}
         self._slabs: dict[str, torch.Tensor] = {}
+        self._plans: dict[str, tuple] = {}  # hook point -> (array, row, slab shape, value shape)
         # finished steps not yet written: (step, {array: values}, state); see flush_pending
         self._pending: list[tuple[int, dict[str, torch.Tensor], Any]] = []
         self._batch: int | None = None
@@ -69,24 +73,46 @@ class StepRecorder:
         self._specs[arr] = spec
         return spec
 
-    def record(self, value: torch.Tensor, ctx: HookContext) -> None:
+    def _plan(self, value: torch.Tensor, ctx: HookContext) -> tuple:
+        """What ``record`` needs for a hook point, worked out on its first call: the array, the
+        layer's row in the slab (None: no layer dim), the slab's shape and the value's shape."""
         spec = self._spec(ctx.name, ctx, value)
         shape = tuple(n for _, n in ctx.batch_axes) + tuple(value.shape[1:])
         if ctx.layer is None:
-            slab = self._slabs[spec.name] = self.staging.take(shape, self.store_dtype, value)
-            self.staging.copy(slab, value)
-            return
-        slab = self._slabs.get(spec.name)
+            plan = (spec.name, None, shape, value.shape)
+        else:
+            plan = (spec.name, self._layer_pos[spec.name][ctx.layer], (spec.shape[1],) + shape, value.shape)
+        self._plans[ctx.name] = plan
+        return plan
+
+    def record(self, value: torch.Tensor, ctx: HookContext) -> None:
+        """A read hook: copy ``value`` into its row of this step's slab (dtype converted in the
+        copy). The per-point work (array, row, shapes) is planned once; this is the hot path."""
+        plan = self._plans.get(ctx.name)
+        if plan is None or plan[3] != value.shape:
+            plan = self._plan(value, ctx)
+        name, row, shape, _ = plan
+        slab = self._slabs.get(name)
         if slab is None:  # this step's values of every captured layer, written at step end
-            slab = self._slabs[spec.name] = self.staging.take((spec.shape[1],) + shape, self.store_dtype, value)
-        self.staging.copy(slab[self._layer_pos[spec.name][ctx.layer]], value)
+            slab = self._slabs[name] = self.staging.take(shape, self.store_dtype, value)
+        dst = slab if row is None else slab[row]
+        if value.is_cpu:
+            if value.requires_grad:
+                value = value.detach()
+            dst.copy_(value if dst.shape == value.shape else value.reshape(dst.shape))
+        else:
+            self.staging.copy(dst, value)
 
     # -- steps -------------------------------------------------------------------------------
-    def _batch_size(self, step_values: dict[str, torch.Tensor], state: Any) -> int:
-        """Steps written per store write: every write costs ~10 ms of interpreter time however
-        small, so small models batch up to BATCH_STEPS steps within BATCH_BYTES of memory."""
+    @staticmethod
+    def _step_bytes(step_values: dict[str, torch.Tensor], state: Any) -> int:
         step_bytes = sum(v.numel() * v.element_size() for v in step_values.values())
-        step_bytes += state.latents.numel() * state.latents.element_size()
+        return step_bytes + state.latents.numel() * state.latents.element_size()
+
+    def _batch_size(self, step_values: dict[str, torch.Tensor], state: Any) -> int:
+        """Steps written per store write: every write costs interpreter time however small, so
+        small models batch up to BATCH_STEPS steps within BATCH_BYTES of memory."""
+        step_bytes = self._step_bytes(step_values, state)
         return int(max(1, min(BATCH_STEPS, BATCH_BYTES // max(1, step_bytes))))
 
     def stored_dims(self) -> dict[str, int]:
@@ -103,6 +129,7 @@ class StepRecorder:
                 self.probes.emit_finish(self.writer.put, self.stored_dims())
         if self._batch is None:
             self._batch = self._batch_size(values, state)
+            self.writer.inline = self._step_bytes(values, state) < INLINE_STEP_BYTES
         self._pending.append((step, values, state))
         if len(self._pending) >= self._batch or step == self.steps - 1:
             self.flush_pending()

@@ -38,7 +38,7 @@ import zarr
 
 from ..errors import StoreError
 from .codecs import compressor_config, compressors, to_numpy, zarr_dtype
-from .zarrio import ArrayMeta, ArrayReader, ChunkEncoder, array_metadata, write_json_atomic
+from .zarrio import ArrayMeta, ArrayReader, ChunkEncoder, array_metadata, write_atomic, write_json_atomic
 
 
 @dataclass(frozen=True)
@@ -119,30 +119,64 @@ class StoreWriter:
         self._arrays: dict[str, zarr.Array] = {}
         self.bytes_written = 0
         self.peak_pending_bytes = 0
+        # see the ``inline`` property
+        self._inline_mode = False
         self._thread = threading.Thread(target=self._run, name="dithooks-store-writer", daemon=True)
         self._thread.start()
 
     # -- sampling thread ---------------------------------------------------------------------
+    @property
+    def inline(self) -> bool:
+        """False (default): ``put``/``set`` hand everything to the writer thread. True: they
+        encode on the caller's thread (many small writes: the writer thread's Python work would
+        compete with sampling for the interpreter lock, docs/benchmarks.md) and hand the writer
+        thread only the file writes (``open``/``writev``/``rename``, which release the lock), in
+        order, so a step's mark still reaches the disk after its data. Switching waits for what
+        is queued."""
+        return self._inline_mode
+
+    @inline.setter
+    def inline(self, on: bool) -> None:
+        if bool(on) != self._inline_mode:
+            self.flush()
+            self._inline_mode = bool(on)
+
     def put(self, spec: ArraySpec, index: tuple, value: torch.Tensor) -> None:
         """Queue ``value`` (a CPU tensor the caller no longer touches) for ``array[index]``."""
+        if self._inline_mode:
+            return self._inline("write", spec, index, value)
         nbytes = value.numel() * value.element_size()
+        self._account(nbytes)
+        self._queue.put(("write", spec, index, value, nbytes))
+
+    def _account(self, nbytes: int) -> None:
+        """Wait until ``nbytes`` more fit in the queue's memory bound, then count them."""
         with self._cond:
             while self._pending > 0 and self._pending + nbytes > self.max_pending_bytes and self._error is None:
                 self._cond.wait()
             self._raise_if_failed()
             self._pending += nbytes
             self.peak_pending_bytes = max(self.peak_pending_bytes, self._pending)
-        self._queue.put(("write", spec, index, value, nbytes))
+
+    def _write_file(self, path: str, pieces: list) -> int:
+        """The encoder's sink in inline mode: the file write, queued for the writer thread."""
+        nbytes = sum(memoryview(p).nbytes for p in pieces)
+        self._account(nbytes)
+        self._queue.put(("call", lambda: write_atomic(path, pieces), None, None, nbytes))
+        return nbytes
 
     def set(self, name: str, index: Any, value: Any) -> None:
         """Queue ``array[index] = value`` for an array that already exists in the store (e.g. the
         ``step_complete`` marks: ``set("step_complete", slice(3, 5), True)``); ``value`` is small
         (no memory accounting) and broadcast to the selection."""
+        if self._inline_mode:
+            return self._inline("set", name, index, value)
         self._raise_if_failed()
         self._queue.put(("set", name, index, value, 0))
 
     def call(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` on the writer thread after everything queued before it."""
+        """Run ``fn`` on the writer thread after everything queued before it (in inline mode too:
+        after the file writes queued before it)."""
         self._raise_if_failed()
         self._queue.put(("call", fn, None, None, 0))
 
@@ -167,6 +201,18 @@ class StoreWriter:
         if self._error is not None:
             raise WriterFailed(describe_write_error(self._error)) from self._error
 
+    def _inline(self, kind: str, a: Any, b: Any, c: Any) -> None:
+        """Encode one write on this thread (its file writes are queued in order); an error stops
+        the writer as it does on the writer thread, and is raised here at once."""
+        self._raise_if_failed()
+        try:
+            self._do(kind, a, b, c)
+        except WriterFailed:
+            raise
+        except Exception as e:
+            self._error = e
+            self._raise_if_failed()
+
     # -- writer thread -----------------------------------------------------------------------
     def array(self, spec: ArraySpec) -> "ArrayTarget":
         """The array ``spec`` names, created (metadata only) if it does not exist yet."""
@@ -185,7 +231,7 @@ class StoreWriter:
             if tuple(meta.shape) != tuple(spec.shape):
                 raise StoreError(f"array {spec.name} in the store has shape {tuple(meta.shape)}, "
                                  f"this capture makes {tuple(spec.shape)}")
-            arr = DirectTarget(meta, lambda: self._zarr_array(spec))
+            arr = DirectTarget(meta, lambda: self._zarr_array(spec), self._direct_io)
         self._arrays[spec.name] = arr
         return arr
 
@@ -198,9 +244,23 @@ class StoreWriter:
         if root is None:
             arr = ZarrTarget(self.group[name].with_config(ARRAY_CONFIG))
         else:
-            arr = DirectTarget(ArrayMeta.load(root, name), lambda: self.group[name].with_config(ARRAY_CONFIG))
+            arr = DirectTarget(ArrayMeta.load(root, name), lambda: self.group[name].with_config(ARRAY_CONFIG),
+                               self._direct_io)
         self._arrays[name] = arr
         return arr
+
+    def _direct_io(self) -> tuple[Callable[[str, list], int], Callable[[], None]]:
+        """(where encoded files go, what to call before reading or writing other than through
+        the encoder) for the current mode: on the writer thread, write at once; inline, queue
+        the file and wait for the queue before anything else touches the files."""
+        if self._inline_mode and threading.current_thread() is not self._thread:
+            return self._write_file, self._drain
+        return write_atomic, _nothing
+
+    def _drain(self) -> None:
+        """Inline mode: wait until the queued file writes are on disk."""
+        if self._queue.unfinished_tasks:
+            self.flush()
 
     def metadata(self, spec: ArraySpec) -> dict:
         """The ``zarr.json`` of a new array (what zarr-python's ``create_array`` writes for it)."""
@@ -229,6 +289,19 @@ class StoreWriter:
             compressors=([compressor] if compressor is not None else []) + [zarr.codecs.Crc32cCodec()],
             fill_value=fill_value(spec.dtype), attributes=attrs, config=ARRAY_CONFIG)
 
+    def _do(self, kind: str, a: Any, b: Any, c: Any) -> None:
+        if kind == "write":
+            data = to_numpy(c)
+            self.array(a).write(b, data)
+            self.bytes_written += data.nbytes
+            bad = count_nonfinite(data, a.dtype, b)
+            if bad:
+                self.nonfinite.setdefault(a.name, {}).update(bad)
+        elif kind == "set":
+            self.existing(a).write(b, np.asarray(c))
+        else:
+            a()
+
     def _run(self) -> None:
         while True:
             item = self._queue.get()
@@ -237,20 +310,11 @@ class StoreWriter:
             kind, a, b, c, nbytes = item
             try:
                 if self._error is None:
-                    if kind == "write":
-                        data = to_numpy(c)
-                        self.array(a).write(b, data)
-                        self.bytes_written += data.nbytes
-                        bad = count_nonfinite(data, a.dtype, b)
-                        if bad:
-                            self.nonfinite.setdefault(a.name, {}).update(bad)
-                    elif kind == "set":
-                        self.existing(a).write(b, np.asarray(c))
-                    else:
-                        a()
+                    self._do(kind, a, b, c)
             except BaseException as e:  # kept and raised on the sampling thread
                 self._error = e
             finally:
+                self._queue.task_done()
                 if nbytes:
                     with self._cond:
                         self._pending -= nbytes
@@ -309,12 +373,20 @@ class ZarrTarget(ArrayTarget):
         self.zarr[index] = data
 
 
+def _nothing() -> None:
+    pass
+
+
 class DirectTarget(ArrayTarget):
     """Whole chunks and shards written by :class:`zarrio.ChunkEncoder`; anything else (a write
-    that covers part of a chunk, a layout the encoder does not write) through zarr-python."""
+    that covers part of a chunk, a layout the encoder does not write) through zarr-python.
+    ``io()``: (the encoder's sink, what to call before any other access to the files), see
+    :meth:`StoreWriter._direct_io`."""
 
-    def __init__(self, meta: ArrayMeta, open_zarr: Callable[[], zarr.Array]):
+    def __init__(self, meta: ArrayMeta, open_zarr: Callable[[], zarr.Array],
+                 io: Callable[[], tuple] = lambda: (write_atomic, _nothing)):
         self.meta = meta
+        self.io = io
         self.encoder = ChunkEncoder(meta) if ChunkEncoder.supports(meta) else None
         self._open_zarr = open_zarr
         self._zarr: zarr.Array | None = None
@@ -322,7 +394,9 @@ class DirectTarget(ArrayTarget):
         self.zarr_writes = 0
 
     def write(self, index: Any, data: np.ndarray) -> None:
+        sink, drain = self.io()
         if self.encoder is not None:
+            self.encoder.sink = sink
             got = region_of(index, self.meta.shape)
             if got is not None:
                 region, block = got
@@ -336,9 +410,11 @@ class DirectTarget(ArrayTarget):
                     self.encoder.write(region, data)
                     self.direct_writes += 1
                     return
+                drain()  # a read-modify-write reads what queued writes may still replace
                 if self._update(region, data):
                     self.direct_writes += 1
                     return
+        drain()
         if self._zarr is None:
             self._zarr = self._open_zarr()
         self._zarr[index] = data

@@ -30,7 +30,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -610,6 +610,9 @@ class ChunkEncoder:
             else:
                 self._steps.append(("crc", None))
         self._dirs: set[str] = set()
+        # where a file's pieces go: written at once, or handed to another thread (the pieces
+        # may be views of the caller's data, which must then stay untouched until written)
+        self.sink: Callable[[str, list], int] = write_atomic
 
     @staticmethod
     def supports(meta: ArrayMeta) -> bool:
@@ -663,7 +666,7 @@ class ChunkEncoder:
             path = m.path(outer)
             self._mkdirs(path)
             if not m.sharded:
-                total += write_atomic(path, self.encode(block))
+                total += self.sink(path, self.encode(block))
                 continue
             pieces: list = []
             index = np.empty(m.per_shard + (2,), dtype="<u8")
@@ -677,7 +680,7 @@ class ChunkEncoder:
                 pieces += enc
             raw = index.tobytes()
             pieces += [raw, np.uint32(_crc32c([raw])).astype("<u4").tobytes()]
-            total += write_atomic(path, pieces)
+            total += self.sink(path, pieces)
         return total
 
 
