@@ -25,7 +25,8 @@
 
 (4) ``--routing``: the ``routing`` probe's per-call report on top of the JVP. For one block (the
     configs of (1)), the per-head terms the probe reads (``jvp.heads.*`` at g = 0.3) are handed to
-    ``routing_dominance_report`` as the probe does, at ``precision`` fp64 (default) and fp32; reported
+    ``routing_dominance_report`` as the probe does, at ``precision`` fp64 (default) and fp32, and in fp64
+    with the probe's option ``a=upper`` (a rigorous upper bound on ``a``, no eigenvalue solver); reported
     in units of the block forward, wall and CPU time. Target: <= 1.5 block forwards on top of the JVP.
     ``--routing-reference old.py`` also times an older ``probes/attention_terms.py`` in the same
     process, interleaved (``git show <commit>:probes/attention_terms.py > old.py``).
@@ -208,9 +209,9 @@ def bench_routing_report(cfg: Config, repeats: int, g: float = 0.3, device: str 
             block(h, timestep=t, class_labels=y)
         sync()
 
-    def report(dtype, fn_report=routing_dominance_report):
+    def report(dtype, fn_report=routing_dominance_report, **kw):
         def fn():
-            rep = fn_report(*args, g, dtype=dtype)
+            rep = fn_report(*args, g, dtype=dtype, **kw)
             {k: v.cpu() for k, v in rep.items()}  # what the probe keeps
         return fn
 
@@ -219,7 +220,8 @@ def bench_routing_report(cfg: Config, repeats: int, g: float = 0.3, device: str 
         sync()
 
     cases = {"forward": forward, "jvp (per-head terms)": jvp,
-             "report fp64": report(torch.float64), "report fp32": report(torch.float32)}
+             "report fp64": report(torch.float64), "report fp32": report(torch.float32),
+             "report fp64 a=upper": report(torch.float64, a_method="upper")}
     if reference_report is not None:
         cases["reference fp64"] = report(torch.float64, reference_report)
         cases["reference fp32"] = report(torch.float32, reference_report)

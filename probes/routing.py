@@ -118,6 +118,8 @@ class RoutingDominance(Probe):
         "n_eff_rows": Option(False, "store N_eff of every query row (layer, batch, head, query)"),
         "precision": Option("fp64", "compute dtype of the report: fp64 or fp32"),
         "rtol": Option(0.0, "relative slack of the bound checks (0: 1e3·eps of the precision)"),
+        "a": Option("exact", "a = ‖A P_⊥‖_op of [103]: exact (eigenvalue solver) or upper (a rigorous upper "
+                             "bound without one, ~half the report time at 256 tokens; [104]/[105] stay proven, looser)"),
         "linearisation": Option("auto", "measure how far R+M is from the actual (O^a−O^b)/2 of the pair: "
                                         "auto (replica runs), on (refuse other runs), off"),
     }
@@ -127,6 +129,8 @@ class RoutingDominance(Probe):
             raise ProbeError("probe routing: modes must be ≥ 0")
         if self.opts["precision"] not in ("fp64", "fp32"):
             raise ProbeError(f"probe routing: precision must be fp64 or fp32, not {self.opts['precision']!r}")
+        if self.opts["a"] not in ("exact", "upper"):
+            raise ProbeError(f"probe routing: a must be exact or upper, not {self.opts['a']!r}")
         if self.opts["rtol"] < 0:
             raise ProbeError("probe routing: rtol must be ≥ 0")
         if self.opts["linearisation"] not in LINEARISATION:
@@ -202,7 +206,8 @@ class RoutingDominance(Probe):
         self._queue, self._queued_bytes = [], 0
         for (g, *_), items in groups.items():
             stacked = [torch.stack([terms[j] for _, terms in items]) for j in range(len(REPORT_TERMS))]
-            rep = routing_dominance_report(*stacked, g, dtype=self.dtype, rtol=self.opts["rtol"] or None)
+            rep = routing_dominance_report(*stacked, g, dtype=self.dtype, rtol=self.opts["rtol"] or None,
+                                           a_method=self.opts["a"])
             for i, (layer, _) in enumerate(items):
                 self._reports[layer] = {k: rep[k][i].cpu() for k in (*PER_HEAD, "N_eff")}
 
@@ -297,6 +302,8 @@ class RoutingDominance(Probe):
                 else torch.zeros((L,) + batch_shape + (H,), dtype=torch.bool)
             for layer, rep in self._reports.items():
                 arr[self.run.layer_pos(layer)] = rep[key].reshape(batch_shape + (H,))
+            if key == "a" and self.opts["a"] == "upper":
+                doc = "ā ≥ ‖A P_⊥‖_op: rigorous upper bound (Schatten-8 norm of A P_⊥, option a=upper) used in [104]/[105]"
             out[key] = Output(arr, ("layer",) + batch_dims + ("head",), doc)
         # layer level: heads combined as √Σ_h ‖·‖_h² (THEORY §5)
         for key, doc in (("routing_norm", "‖A δV‖ over heads"), ("modulation_norm", "‖δA_g V‖ over heads"),

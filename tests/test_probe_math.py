@@ -3,6 +3,7 @@ identities (THEORY §3–5). Everything is small and float64; the whole file run
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -21,6 +22,7 @@ from dithooks.probes.attention_terms import (
     logit_spread,
     mean_free,
     mean_free_operator_norm,
+    mean_free_operator_norm_upper,
     modal_gains,
     modulation_frobenius_bound,
     modulation_gate,
@@ -667,3 +669,51 @@ def test_report_in_place_work_is_passive_and_matches_the_out_of_place_path():
         c = np.where(A > 0, dLg - (A * dLg).sum(-1, keepdims=True), 0.0)  # the bracket on A's support
         np.testing.assert_allclose(rep64["Delta"].numpy(), np.abs(c).max(-1), rtol=1e-12, atol=1e-15, err_msg=name)
         np.testing.assert_allclose(rep64["measured_ratio"].numpy(), ref["measured"], rtol=1e-10, err_msg=name)
+
+
+def test_mean_free_operator_norm_upper_bounds_a_and_keeps_the_bound_proven():
+    """ā (Schatten-8 of A P_⊥, rounding added) is ≥ the SVD's a on every pattern, ≤ N^{1/8} a,
+    equal to a when A P_⊥ has rank one; the report with a_method='upper' only loosens [104]/[105]."""
+    rng = np.random.default_rng(21)
+    for N in (8, 33, 64):
+        for kind in ("random", "peaked", "sink", "uniformish", "identity"):
+            L = rng.standard_normal((3, N, N)) * 3
+            if kind == "peaked":
+                L[:, np.arange(N), rng.integers(0, N, N)] += 8.0
+            elif kind == "sink":
+                L[:, :, 0] += 40.0  # every row reads key 0: A P_⊥ has rank one
+            elif kind == "uniformish":
+                L *= 1e-3
+            elif kind == "identity":
+                L = np.broadcast_to(np.eye(N) * 50.0, L.shape).copy()  # flat spectrum: the loosest case
+            A = np_softmax(L)
+            P = np_perp(N)
+            a_svd = np.array([np.linalg.svd(A[h] @ P, compute_uv=False)[0] for h in range(3)])
+            a_up = mean_free_operator_norm_upper(t(A)).numpy()
+            assert (a_up >= a_svd * (1 - 1e-15)).all(), (N, kind, a_up, a_svd)
+            assert (a_up <= a_svd * N ** 0.125 * (1 + 1e-10)).all(), (N, kind)
+            if kind == "sink":
+                np.testing.assert_allclose(a_up, a_svd, rtol=1e-10)
+            if kind == "identity":  # σ_i all equal (= 1): ā = (N−1)^{1/8} a exactly
+                np.testing.assert_allclose(a_up, a_svd * (N - 1) ** 0.125, rtol=1e-10)
+    # in the report: only a and what is built on it change, each in the safe direction
+    for (name, A, dLi, dLe, V, dV), g in itertools.product(BOUND_CASES[::3], (0.0, 0.3)):
+        # fp32 inputs: the report works in its float64 casts' buffers (g = 0: one δA buffer spare)
+        ex = routing_dominance_report(*(t(x).float() for x in (A, dLi, dLe, V, dV)), g)
+        up = routing_dominance_report(*(t(x).float() for x in (A, dLi, dLe, V, dV)), g, a_method="upper")
+        np.testing.assert_allclose(float(up["a"]), float(mean_free_operator_norm_upper(
+            (lambda A_: A_ / A_.sum(-1, keepdim=True))(t(A).float().double()))), rtol=1e-14)
+        assert bool(ex["a_exact"]) and not bool(up["a_exact"])
+        assert float(up["a"]) >= float(ex["a"]) * (1 - 1e-15), name
+        assert float(up["routing_lower_bound"]) <= float(ex["routing_lower_bound"]) + 1e-15, name
+        assert float(up["bound"]) >= float(ex["bound"]) * (1 - 1e-12), name  # looser (or vacuous)
+        for key in CHECK_KEYS:
+            assert bool(up[key]), (name, key)
+        for key in ("measured_ratio", "Delta_max", "frobenius_bound", "modulation_norm"):
+            assert torch.equal(up[key], ex[key]), (name, key)
+    with pytest.raises(ValueError, match="a_method"):
+        routing_dominance_report(*(t(x) for x in BOUND_CASES[0][1:]), 0.3, a_method="svd")
+
+
+CHECK_KEYS = ("bound_holds", "bound_intra_holds", "row_bound_holds", "frobenius_bound_holds",
+              "routing_lower_bound_holds")

@@ -132,6 +132,8 @@ def test_bad_options_are_refused():
         make_probe("routing", {"modes": "-1"})
     with pytest.raises(ProbeError, match="precision"):
         make_probe("routing", {"precision": "fp8"})
+    with pytest.raises(ProbeError, match="a must be exact or upper"):
+        make_probe("routing", {"a": "svd"})
 
 
 def test_routing_command_table_json_csv_and_plot(tmp_path, tiny_model_dir):
