@@ -43,6 +43,13 @@ wrong: ``‖A‖_op`` is always ≥ 1 (``A 1 = 1``), too loose; ``‖P_⊥ A P_�
 constant component of ``A x`` and can be 0 while ``a = √(N−1)`` (every row attending the
 same key), which would make [104] false. ``a`` may exceed 1; then the denominator of [105]
 can be ≤ 0 and the bound is vacuous (reported as ``inf`` with ``bound_valid = False``).
+
+``a`` is an eigenvalue of an N×N matrix with no exact shortcut: ``A P_⊥`` is not a product of
+N×d_h factors (A is the elementwise softmax of the rank-d_h ``Q Kᵀ``, generically of full rank),
+so no d_h×d_h Gram matrix has its spectrum. It costs ~1.6 block forwards at 256 tokens (S width,
+float64). ``a_method="upper"`` (probe option ``a=upper``) replaces it by a rigorous upper bound
+ā ≥ a (:func:`mean_free_operator_norm_upper`), which keeps [104] and [105] proven: both are
+monotone in ``a`` in the safe direction (a larger ``a`` only lowers the lower bound).
 """
 
 from __future__ import annotations
