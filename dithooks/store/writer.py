@@ -294,13 +294,21 @@ class StoreWriter:
             data = to_numpy(c)
             self.array(a).write(b, data)
             self.bytes_written += data.nbytes
-            bad = count_nonfinite(data, a.dtype, b)
-            if bad:
-                self.nonfinite.setdefault(a.name, {}).update(bad)
+            if self._inline_mode and threading.current_thread() is not self._thread:
+                # counted on the writer thread too (numpy releases the interpreter lock), before
+                # the marks queued after it; the data stays untouched until its files are written
+                self._queue.put(("call", lambda: self._count(data, a, b), None, None, 0))
+            else:
+                self._count(data, a, b)
         elif kind == "set":
             self.existing(a).write(b, np.asarray(c))
         else:
             a()
+
+    def _count(self, data: np.ndarray, spec: ArraySpec, index: Any) -> None:
+        bad = count_nonfinite(data, spec.dtype, index)
+        if bad:
+            self.nonfinite.setdefault(spec.name, {}).update(bad)
 
     def _run(self) -> None:
         while True:
