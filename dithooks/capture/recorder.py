@@ -48,8 +48,8 @@ class StepRecorder:
         # host slabs the hooks copy into (pinned + non-blocking from a GPU, one sync per step)
         self.staging = HostStaging()
         self._specs: dict[str, ArraySpec] = {}
-        self._slabs: dict[str, torch.Tensor] = {}
-        self._plans: dict[str, tuple] = {}  # hook point -> (array, row, slab shape, value shape)
+        self._slabs: dict[str, tuple] = {}  # array -> (this step's slab, its layer rows or None)
+        self._plans: dict[str, tuple] = {}  # hook point -> (array, row, slab shape, value shape, same)
         # finished steps not yet written: (step, {array: values}, state); see flush_pending
         self._pending: list[tuple[int, dict[str, torch.Tensor], Any]] = []
         self._batch: int | None = None
@@ -79,9 +79,10 @@ class StepRecorder:
         spec = self._spec(ctx.name, ctx, value)
         shape = tuple(n for _, n in ctx.batch_axes) + tuple(value.shape[1:])
         if ctx.layer is None:
-            plan = (spec.name, None, shape, value.shape)
+            plan = (spec.name, None, shape, value.shape, shape == tuple(value.shape))
         else:
-            plan = (spec.name, self._layer_pos[spec.name][ctx.layer], (spec.shape[1],) + shape, value.shape)
+            plan = (spec.name, self._layer_pos[spec.name][ctx.layer], (spec.shape[1],) + shape, value.shape,
+                    shape == tuple(value.shape))
         self._plans[ctx.name] = plan
         return plan
 
@@ -91,15 +92,16 @@ class StepRecorder:
         plan = self._plans.get(ctx.name)
         if plan is None or plan[3] != value.shape:
             plan = self._plan(value, ctx)
-        name, row, shape, _ = plan
-        slab = self._slabs.get(name)
-        if slab is None:  # this step's values of every captured layer, written at step end
-            slab = self._slabs[name] = self.staging.take(shape, self.store_dtype, value)
-        dst = slab if row is None else slab[row]
+        name, row, shape, _, same = plan
+        rows = self._slabs.get(name)
+        if rows is None:  # this step's values of every captured layer, written at step end
+            slab = self.staging.take(shape, self.store_dtype, value)
+            rows = self._slabs[name] = (slab, None if row is None else slab.unbind(0))
+        dst = rows[0] if row is None else rows[1][row]
         if value.is_cpu:
             if value.requires_grad:
                 value = value.detach()
-            dst.copy_(value if dst.shape == value.shape else value.reshape(dst.shape))
+            dst.copy_(value if same else value.reshape(dst.shape))
         else:
             self.staging.copy(dst, value)
 
@@ -122,7 +124,8 @@ class StepRecorder:
         """After step ``step``: queue its probe outputs, buffer its hooked values and state; write
         the buffer (then mark those steps complete) every few steps and after the last."""
         self.staging.end_step()  # the step's device-to-host copies are done (one wait, on GPU)
-        values, self._slabs = self._slabs, {}
+        values = {name: slab for name, (slab, _) in self._slabs.items()}
+        self._slabs = {}
         if self.probes:
             self.probes.emit_step(step, self.writer.put, self.stored_dims())
             if step == self.steps - 1:  # once-only outputs, before the last mark
