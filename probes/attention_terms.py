@@ -288,21 +288,52 @@ def mean_free_operator_norm_upper(A: torch.Tensor) -> torch.Tensor:
     return _mean_free_operator_norm_upper(A)
 
 
+def _exact_float32_matmul(device: torch.device) -> bool:
+    """Whether float32 matrix products round as IEEE single precision here (no TF32/bfloat16)."""
+    if torch.get_float32_matmul_precision() != "highest":
+        return False
+    return device.type == "cpu" or (device.type == "cuda" and not torch.backends.cuda.matmul.allow_tf32)
+
+
 def _mean_free_operator_norm_upper(A: torch.Tensor, work: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
                                    ) -> torch.Tensor:
+    # The two N×N products run in float32 (half the time of float64) when float32 products are
+    # IEEE-exact here; every rounding is bounded and added, so ā ≥ a still holds for the computed
+    # float64 A P_⊥ =: M. With M' = fl32(M), G' = M'M'ᵀ, Ĝ = fl32(M'M'ᵀ), F̂ = fl32(ĜᵀĜ), γ = γ_N(fp32):
+    #   a = σ₁(M) ≤ σ₁(M') + ‖M' − M‖_F ≤ √λ_max(G') + u₃₂‖M‖_F          (Weyl)
+    #   λ_max(G') ≤ ‖Ĝ‖₂ + ‖Ĝ − G'‖_F ≤ ‖Ĝ‖₂ + γ‖M'‖_F²                (|fl(XY) − XY| ≤ γ|X||Y|)
+    #   ‖Ĝ‖₂² = λ_max(ĜᵀĜ) ≤ ‖ĜᵀĜ‖_F ≤ ‖F̂‖_F + γ‖Ĝ‖_F²
+    # Norms are taken in float64 and inflated by their own rounding bound.
     N = A.shape[-1]
-    u = torch.finfo(A.dtype).eps / 2
-    gam = lambda n: n * u / (1 - n * u)  # noqa: E731  γ_n of the standard rounding model
-    fro = lambda x: torch.linalg.vector_norm(x, dim=(-2, -1)) * (1 + 2 * gam(x.shape[-1] * x.shape[-2]))  # noqa: E731
+    f64 = torch.float64 if A.dtype == torch.float64 else A.dtype
+    low = torch.float32 if A.dtype == torch.float64 and _exact_float32_matmul(A.device) else A.dtype
+    u_hi = torch.finfo(A.dtype).eps / 2
+    u_lo = torch.finfo(low).eps / 2
+    gam = lambda n, u: n * u / (1 - n * u)  # noqa: E731  γ_n of the standard rounding model
+    fro = lambda x: (torch.linalg.vector_norm(x, dim=(-2, -1), dtype=f64)  # noqa: E731
+                     * (1 + 2 * gam(x.shape[-1] * x.shape[-2], torch.finfo(f64).eps / 2)))
     mean = A.mean(dim=-1, keepdim=True)
     M = torch.sub(A, mean, out=work[0]) if work[0] is not None else A - mean
     fro_M = fro(M)
-    G = torch.matmul(M, M.transpose(-2, -1), out=work[1]) if work[1] is not None else M @ M.transpose(-2, -1)
+    rounding_M = u_lo * fro_M if low != A.dtype else torch.zeros_like(fro_M)  # ‖M' − M‖_F ≤ u₃₂‖M‖_F
+    fro_M_low = fro_M * (1 + u_lo)  # ≥ ‖M'‖_F
+    # buffers: M', Ĝ and F̂ in the spare ones when given (float32 halves of a float64 buffer)
+    bufs = [None, None, None]
+    if all(w is not None and w.is_contiguous() for w in work):
+        if low == A.dtype:
+            bufs = [M, work[1], work[0]]
+        elif torch.finfo(low).bits * 2 == torch.finfo(A.dtype).bits:
+            n = M.numel()
+            halves = work[1].view(-1).view(low)
+            bufs = [halves[:n].view(M.shape), halves[n:].view(M.shape), work[0].view(-1).view(low)[:n].view(M.shape)]
+    Ml = M if low == A.dtype else (bufs[0].copy_(M) if bufs[0] is not None else M.to(low))
+    mm = lambda x, y, out: torch.matmul(x, y, out=out) if out is not None else x @ y  # noqa: E731
+    G = mm(Ml, Ml.transpose(-2, -1), bufs[1])
     fro_G = fro(G)
-    # ĜᵀĜ (Ĝ need not be exactly symmetric), into M's buffer: M is spent
-    F = torch.matmul(G.transpose(-2, -1), G, out=work[0]) if work[0] is not None else G.transpose(-2, -1) @ G
-    lam = torch.sqrt(fro(F) + gam(N) * fro_G * fro_G) + gam(N) * fro_M * fro_M  # ≥ ‖Ĝ‖_2 + ‖Ĝ − G‖_2 ≥ λ_max(G)
-    return torch.sqrt(lam) * (1 + 8 * u)
+    F = mm(G.transpose(-2, -1), G, bufs[2])  # ĜᵀĜ (Ĝ need not be exactly symmetric); M is spent
+    g_N = gam(N, u_lo)
+    lam = torch.sqrt(fro(F) + g_N * fro_G * fro_G) + g_N * fro_M_low * fro_M_low  # ≥ λ_max(G')
+    return ((torch.sqrt(lam) + rounding_M) * (1 + 8 * u_hi)).to(A.dtype)
 
 
 def _mean_free_operator_norm(A: torch.Tensor, work: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)

@@ -692,10 +692,22 @@ def test_mean_free_operator_norm_upper_bounds_a_and_keeps_the_bound_proven():
             a_up = mean_free_operator_norm_upper(t(A)).numpy()
             assert (a_up >= a_svd * (1 - 1e-15)).all(), (N, kind, a_up, a_svd)
             assert (a_up <= a_svd * N ** 0.125 * (1 + 1e-10)).all(), (N, kind)
+            # the products run in float32 with their rounding added: ā exceeds the exact Schatten-8
+            # norm by ~γ_N(fp32) ‖A P_⊥‖_F²/a² (relative), ~N·6e-8 for rank one, ~N²·6e-8 when flat
             if kind == "sink":
-                np.testing.assert_allclose(a_up, a_svd, rtol=1e-10)
-            if kind == "identity":  # σ_i all equal (= 1): ā = (N−1)^{1/8} a exactly
-                np.testing.assert_allclose(a_up, a_svd * (N - 1) ** 0.125, rtol=1e-10)
+                np.testing.assert_allclose(a_up, a_svd, rtol=1e-7 * N)
+            if kind == "identity":  # σ_i all equal (= 1): ā = (N−1)^{1/8} a
+                np.testing.assert_allclose(a_up, a_svd * (N - 1) ** 0.125, rtol=1e-7 * N * N)
+            if kind in ("sink", "identity"):  # float32 products not IEEE (TF32/bf16 allowed): float64 ones
+                prec = torch.get_float32_matmul_precision()
+                try:
+                    torch.set_float32_matmul_precision("medium")
+                    a_64 = mean_free_operator_norm_upper(t(A)).numpy()
+                finally:
+                    torch.set_float32_matmul_precision(prec)
+                exact = a_svd if kind == "sink" else a_svd * (N - 1) ** 0.125
+                np.testing.assert_allclose(a_64, exact, rtol=1e-12)
+                assert (a_64 >= a_svd * (1 - 1e-15)).all() and (a_64 <= a_up).all()
     # in the report: only a and what is built on it change, each in the safe direction
     for (name, A, dLi, dLe, V, dV), g in itertools.product(BOUND_CASES[::3], (0.0, 0.3)):
         # fp32 inputs: the report works in its float64 casts' buffers (g = 0: one δA buffer spare)
