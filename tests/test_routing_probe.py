@@ -313,3 +313,28 @@ def test_linearisation_error_vanishes_at_second_order_in_kappa(tmp_path, tiny_mo
         ratio = np.median(errs[big] / errs[small])
         assert 3.5 < ratio < 4.5, (big, small, ratio)
     assert np.max(errs[0.01]) < 1e-3
+
+
+def test_option_a_upper_stores_an_upper_bound_on_a(tmp_path, tiny_loaded, tiny_model_dir, routing_store):
+    """a=upper: the stored a is ≥ the SVD's a of the stored pattern (and within a few %), says so in
+    its description, and leaves the ingredients that do not use a unchanged."""
+    out = tmp_path / "upper.zarr"
+    capture(CaptureConfig(out=str(out), model=str(tiny_model_dir), layers="0-3", hooks=("jvp.heads.pattern",),
+                          sampler=SamplerSpec("ddim", 3, guidance=2.0), labels=(1, 2, 3), seeds=(0, 1, 2),
+                          storage_dtype="fp32", replicas=ReplicaSpec(kappa=0.5, g=G, couple_until=2),
+                          probes=(("routing", {"a": "upper", "linearisation": "off"}),)), loaded=tiny_loaded)
+    s = open_store(out)
+    A = arr(s, "blocks.jvp.heads.pattern")
+    A = A / A.sum(-1, keepdims=True)
+    a_svd = np.linalg.svd(A @ (np.eye(A.shape[-1]) - 1 / A.shape[-1]), compute_uv=False)[..., 0]
+    a_up = arr(s, "probe.routing.a")
+    assert (a_up >= a_svd * (1 - 1e-6)).all()  # stored as float32
+    assert (a_up <= a_svd * 1.1).all()
+    assert "upper bound" in s.array_meta(s.resolve("probe.routing.a")[0]).attrs["description"]
+    assert "upper bound" not in routing_store.array_meta(routing_store.resolve("probe.routing.a")[0]).attrs["description"]
+    np.testing.assert_allclose(arr(s, "probe.routing.modulation_norm"), arr(routing_store, "probe.routing.modulation_norm"),
+                               rtol=1e-6)
+    b_up, b_ex = arr(s, "probe.routing.bound"), arr(routing_store, "probe.routing.bound")
+    assert np.all((b_up >= b_ex * (1 - 1e-5)) | np.isinf(b_up))  # [105] with ā: looser or vacuous, never tighter
+    assert np.all(np.isfinite(b_up) <= np.isfinite(b_ex))
+    assert arr(s, "probe.routing.bound_holds").all()
