@@ -1,0 +1,124 @@
+"""Many workers capture into one store (dithooks/capture/multi.py): 2 CPU worker processes give
+the same values as one process, readers see one dataset, a dead worker's region is named and
+``--resume`` completes it to the same bytes."""
+
+import json
+
+import numpy as np
+import pytest
+import zarr
+
+from dithooks.capture import CaptureConfig, capture
+from dithooks.capture.multi import (REGION_COMPLETE, capture_workers, region_report, run_region, split_regions)
+from dithooks.errors import DithooksError, StoreError
+from dithooks.sampling import SamplerSpec
+from dithooks.store.reader import open_store
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+HOOKS = ("resid_post", "attn.out", "final.out")
+
+
+def config(out, model_dir, **kw):
+    base = dict(out=str(out), model=str(model_dir), layers="0-1", hooks=HOOKS,
+                sampler=SamplerSpec("ddpm", 3, eta=1.0, guidance=2.0), labels=(1, 2, 3, 4),
+                seeds=(10, 11, 12, 13), storage_dtype="fp32")
+    base.update(kw)
+    return CaptureConfig(**base)
+
+
+def data_arrays(path):
+    g = zarr.open_group(str(path), mode="r")
+    return {k: np.asarray(a[...]) for k, a in g.arrays()}
+
+
+def assert_same_values(multi, single):
+    a, b = data_arrays(multi), data_arrays(single)
+    assert set(a) - set(b) == {REGION_COMPLETE}
+    assert set(b) <= set(a)
+    for k in b:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert a[k].tobytes() == b[k].tobytes(), k  # bit for bit (NaN patterns included)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, tiny_model_dir):
+    out = tmp_path_factory.mktemp("single") / "one.zarr"
+    capture(config(out, tiny_model_dir))
+    return out
+
+
+def test_split_regions():
+    assert split_regions(4, 2) == [(0, 2), (2, 4)]
+    assert split_regions(5, 2) == [(0, 3), (3, 5)]
+    with pytest.raises(DithooksError):
+        split_regions(2, 3)
+    with pytest.raises(DithooksError):
+        split_regions(4, 3)  # 2+2 leaves the third worker nothing
+
+
+def test_two_workers_equal_one_process(tmp_path, tiny_model_dir, single):
+    out = tmp_path / "multi.zarr"
+    summary = capture_workers(config(out, tiny_model_dir), 2)
+    assert summary["status"] == "complete" and summary["incomplete_regions"] == []
+    assert_same_values(out, single)
+    # no two workers share a chunk file: every data array is chunked by region along sample
+    for name in ("blocks.resid_post", "latents", "rng_state", "final.out"):
+        meta = json.loads((out / name / "zarr.json").read_text())
+        dims = meta["dimension_names"]
+        grid = meta["chunk_grid"]["configuration"]["chunk_shape"]
+        assert grid[dims.index("sample")] == 2, name
+    m1 = zarr.open_group(str(out), mode="r").attrs["dithooks"]
+    m0 = zarr.open_group(str(single), mode="r").attrs["dithooks"]
+    assert m1["regions"] == [[0, 2], [2, 4]] and m1["status"] == "complete"
+    differ = {k for k in set(m0) | set(m1) if m0.get(k) != m1.get(k)}
+    # time stamps, the extra key and the command (both Python here) are all that differ
+    assert differ <= {"started", "finished", "runs", "regions"}
+    # readers see one dataset
+    store = open_store(out)
+    x = store.select("blocks.resid_post", step=1, layer=0)
+    ref = open_store(single).select("blocks.resid_post", step=1, layer=0)
+    assert np.array_equal(np.asarray(x.values), np.asarray(ref.values))
+    import xarray as xr
+
+    ds = xr.open_zarr(str(out))
+    assert ds["blocks.resid_post"].sizes["sample"] == 4
+    assert list(ds["seed"].values) == [10, 11, 12, 13]
+
+
+def test_cli_ls_query_verify_read_it(tmp_path, tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from dithooks.cli.main import app
+
+    out = tmp_path / "m.zarr"
+    capture_workers(config(out, tiny_model_dir, sampler=SamplerSpec("ddim", 2)), 2)
+    r = CliRunner()
+    res = r.invoke(app, ["verify", str(out)])
+    assert res.exit_code == 0, res.output
+    res = r.invoke(app, ["ls", str(out)])
+    assert res.exit_code == 0 and "complete" in res.output, res.output
+    res = r.invoke(app, ["query", str(out), "blocks.resid_post", "--step", "1", "--layer", "0"])
+    assert res.exit_code == 0, res.output
+
+
+def test_dead_worker_is_named_and_resume_completes_it(tmp_path, tiny_model_dir, single):
+    out = tmp_path / "multi.zarr"
+    cfg = config(out, tiny_model_dir)
+    with pytest.raises(StoreError, match=r"region 1 \(samples 2-3\) holds steps 0-0 of 0-2"):
+        capture_workers(cfg, 2, fail={1: 1})
+    rep = region_report(out)
+    assert rep["regions"][0]["steps"] == [0, 1, 2] and rep["regions"][1]["steps"] == [0]
+    assert rep["regions"][1]["status"] == "failed"
+    assert rep["complete_steps"] == [0]
+    sc = np.asarray(zarr.open_array(str(out / "step_complete"), mode="r")[...])
+    assert sc.tolist() == [True, False, False]
+    meta = zarr.open_group(str(out), mode="r").attrs["dithooks"]
+    assert meta["status"] == "failed" and "region 1" in meta["error"]
+    # the killed worker alone, restarted: redoes its region's steps 1-2 only
+    res = run_region(config(out, tiny_model_dir, mode="resume"), 1)
+    assert res.resumed_from == 1 and res.steps_run == 2
+    # ... and the launcher's resume merges (worker 0 has nothing left to do)
+    summary = capture_workers(config(out, tiny_model_dir, mode="resume"), 2)
+    assert summary["status"] == "complete"
+    assert_same_values(out, single)
