@@ -41,6 +41,24 @@ def assert_same_values(multi, single):
         assert a[k].tobytes() == b[k].tobytes(), k  # bit for bit (NaN patterns included)
 
 
+def assert_same_as_regions(multi, parts, rtol=0.0):
+    """Every array of ``multi`` equals the single-process stores ``parts`` (one per region, in
+    order) joined along ``sample``: bit for bit when rtol is 0."""
+    a = data_arrays(multi)
+    g = zarr.open_group(str(parts[0]), mode="r")
+    for k in data_arrays(parts[0]):
+        if k in ("sample",):
+            continue
+        dims = g[k].metadata.dimension_names
+        if "sample" not in dims:
+            continue
+        joined = np.concatenate([data_arrays(p)[k] for p in parts], axis=dims.index("sample"))
+        if rtol == 0.0:
+            assert a[k].tobytes() == joined.tobytes(), k
+        else:
+            np.testing.assert_allclose(a[k], joined, rtol=rtol, atol=rtol, err_msg=k)
+
+
 @pytest.fixture(scope="module")
 def single(tmp_path_factory, tiny_model_dir):
     out = tmp_path_factory.mktemp("single") / "one.zarr"
@@ -122,3 +140,64 @@ def test_dead_worker_is_named_and_resume_completes_it(tmp_path, tiny_model_dir, 
     summary = capture_workers(config(out, tiny_model_dir, mode="resume"), 2)
     assert summary["status"] == "complete"
     assert_same_values(out, single)
+
+
+def _cli_args(out, model_dir, *extra):
+    return ["capture", "--out", str(out), "--model", str(model_dir), "--layers", "0-1", "--hooks", "resid_post",
+            "--steps", "2", "--seeds", "0-3", "--dtype", "fp32", *extra]
+
+
+def test_cli_workers_equals_one_process(tmp_path, tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from dithooks.cli.main import app
+
+    r = CliRunner()
+    res = r.invoke(app, _cli_args(tmp_path / "two.zarr", tiny_model_dir, "--workers", "2", "--json"))
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["status"] == "complete"
+    # guidance 1: the model's batch is 2 rows per worker, 4 in one process, and this CPU's matmuls
+    # round differently at those batch sizes (~1e-6; the same happens without dithooks: a sampler
+    # run of seeds 0-1 differs from the first rows of a run of 0-3). Each region is bit for bit
+    # the single-process capture of its own seeds; the whole agrees to float rounding.
+    for i, seeds in enumerate(("0-1", "2-3")):
+        args = _cli_args(tmp_path / f"r{i}.zarr", tiny_model_dir, "--quiet")
+        args[args.index("--seeds") + 1] = seeds
+        res = r.invoke(app, args)
+        assert res.exit_code == 0, res.output
+    assert_same_as_regions(tmp_path / "two.zarr", [tmp_path / "r0.zarr", tmp_path / "r1.zarr"])
+    res = r.invoke(app, _cli_args(tmp_path / "one.zarr", tiny_model_dir, "--quiet"))
+    assert res.exit_code == 0, res.output
+    assert_same_as_regions(tmp_path / "two.zarr", [tmp_path / "one.zarr"], rtol=1e-4)
+    res = r.invoke(app, _cli_args(tmp_path / "two.zarr", tiny_model_dir, "--workers", "2"))
+    assert res.exit_code != 0 and "already exists" in res.output
+    res = r.invoke(app, _cli_args(tmp_path / "x.zarr", tiny_model_dir, "--workers", "5"))
+    assert res.exit_code != 0 and "more than the 4 seeds" in res.output and "Traceback" not in res.output
+
+
+def test_torchrun_two_ranks_on_cpu(tmp_path, tiny_model_dir):
+    import os
+
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchrun = Path(sys.executable).parent / "torchrun"
+    exe = Path(sys.executable).parent / "dithooks"
+    if not torchrun.exists() or not exe.exists():
+        pytest.skip("torchrun or the dithooks script is not installed")
+    from typer.testing import CliRunner
+
+    from dithooks.cli.main import app
+
+    g2 = ("--guidance", "2")  # batch-invariant on this CPU (see test_cli_workers_equals_one_process)
+    res = CliRunner().invoke(app, _cli_args(tmp_path / "one.zarr", tiny_model_dir, "--quiet", *g2))
+    assert res.exit_code == 0, res.output
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "--no-python", str(exe),
+                        *_cli_args(tmp_path / "tr.zarr", tiny_model_dir, "--quiet", *g2)],
+                       capture_output=True, text=True, env=env, timeout=240)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert_same_values(tmp_path / "tr.zarr", tmp_path / "one.zarr")
+    assert zarr.open_group(str(tmp_path / "tr.zarr"), mode="r").attrs["dithooks"]["regions"] == [[0, 2], [2, 4]]
+

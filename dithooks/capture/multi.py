@@ -430,10 +430,16 @@ def _fail_after(k: int):
 
 
 def _worker_main(cfg: CaptureConfig, region: int, threads: int | None, fail_after: int | None) -> None:
-    run_region(cfg, region, threads=threads, fail_after=fail_after)
+    import sys
+
+    try:
+        run_region(cfg, region, threads=threads, fail_after=fail_after)
+    except (Exception, KeyboardInterrupt) as e:  # one line; the region's status.json has the rest
+        print(f"dithooks: worker {region}: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
-def capture_workers(cfg: CaptureConfig, workers: int, loaded: Any = None, threads: int | None = 1,
+def capture_workers(cfg: CaptureConfig, workers: int, loaded: Any = None, threads: int | None = None,
                     fail: dict[int, int] | None = None) -> dict[str, Any]:
     """``dithooks capture --workers N``: create (or reopen, ``--resume``) the store, run one local
     process per region (multiprocessing, spawn), then merge. ``fail``: region -> raise after that
@@ -442,6 +448,8 @@ def capture_workers(cfg: CaptureConfig, workers: int, loaded: Any = None, thread
     import multiprocessing as mp
 
     t0 = time.perf_counter()
+    if threads is None:  # the CPU cores shared out (torch would give each worker all of them)
+        threads = max(1, (os.cpu_count() or 1) // workers)
     ms = MultiStore(cfg, workers, loaded).open()
     try:
         ctx = mp.get_context("spawn")
@@ -469,4 +477,66 @@ def capture_workers(cfg: CaptureConfig, workers: int, loaded: Any = None, thread
     if summary["status"] != "complete":
         raise StoreError(f"multi-worker capture incomplete: {summary['error']}; "
                          f"continue with --resume (same options and --workers {len(ms.regions)})")
+    return summary
+
+
+def torchrun_rank() -> tuple[int, int] | None:
+    """``(RANK, WORLD_SIZE)`` when run by torchrun with more than one process, else None."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+    except ValueError:
+        raise DithooksError("RANK and WORLD_SIZE must be integers (torchrun sets them)") from None
+    return (rank, world) if world > 1 else None
+
+
+def capture_torchrun(cfg: CaptureConfig, loaded: Any = None, rank: int | None = None,
+                     world: int | None = None) -> dict[str, Any]:
+    """One rank of a torchrun launch (``torchrun --nproc-per-node W -m dithooks capture ...
+    --device cuda:$LOCAL_RANK``): rank 0 creates (or reopens) the store, every rank captures
+    region ``RANK``, rank 0 merges. The ranks meet at barriers of a gloo process group (it
+    carries no tensors, so CPU and GPU ranks alike). Returns the summary on every rank."""
+    import torch.distributed as dist
+
+    if rank is None or world is None:
+        rank, world = torchrun_rank() or (0, 1)
+    own = not dist.is_initialized()
+    if own:
+        dist.init_process_group("gloo")
+    t0 = time.perf_counter()
+    ms, failure = None, None
+    try:
+        if rank == 0:
+            try:
+                ms = MultiStore(cfg, world, loaded).open()
+            except Exception as e:  # every rank waits for this answer
+                failure = str(e) if isinstance(e, DithooksError) else f"{type(e).__name__}: {e}"
+        box = [failure]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is not None:
+            raise StoreError(box[0])
+        try:
+            run_region(cfg, rank, loaded)
+        except (Exception, KeyboardInterrupt) as e:  # the others still meet us at the barrier
+            failure = str(e)
+        dist.barrier()
+        summary: dict[str, Any] = {}
+        if rank == 0:
+            try:
+                summary = ms.finalise()
+            finally:
+                ms.release()
+            summary["seconds"] = round(time.perf_counter() - t0, 3)
+            summary["workers"] = world
+        box = [summary]
+        dist.broadcast_object_list(box, src=0)
+        summary = box[0]
+    finally:
+        if ms is not None:
+            ms.release()
+        if own:
+            dist.destroy_process_group()
+    if summary.get("status") != "complete":
+        raise StoreError(f"multi-worker capture incomplete: {summary.get('error') or failure}; "
+                         f"continue with --resume (same options, same number of ranks)")
     return summary
