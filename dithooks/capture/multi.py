@@ -380,6 +380,7 @@ class MultiStore:
             error = "; ".join(describe_region(self.regions, r, marks[:, r], statuses[r]) for r in incomplete)
         self.meta = self.session.store.finish(self.group, self.meta, status, error, nonfinite_json(nonfinite))
         return {"status": status, "error": error, "incomplete_regions": incomplete,
+                "worker_seconds": [st.get("seconds") for st in statuses],
                 "nonfinite": nonfinite_totals(nonfinite), **completeness(done)}
 
 
@@ -413,7 +414,10 @@ def run_region(cfg: CaptureConfig, region: int, loaded: Any = None, threads: int
         import torch
 
         torch.set_num_threads(threads)
-    return RegionSession(cfg, region, loaded).run(progress=_fail_after(fail_after) if fail_after is not None else None)
+    session = RegionSession(cfg, region, loaded)
+    res = session.run(progress=_fail_after(fail_after) if fail_after is not None else None)
+    write_status(session.status_file, {"seconds": round(res.seconds, 3), "steps_run": res.steps_run})
+    return res
 
 
 class WorkerKilled(RuntimeError):
