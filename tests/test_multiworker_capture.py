@@ -60,9 +60,9 @@ def assert_same_as_regions(multi, parts, rtol=0.0):
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory, tiny_model_dir):
+def single(tmp_path_factory, tiny_model_dir, tiny_loaded):
     out = tmp_path_factory.mktemp("single") / "one.zarr"
-    capture(config(out, tiny_model_dir))
+    capture(config(out, tiny_model_dir), tiny_loaded)
     return out
 
 
@@ -75,9 +75,10 @@ def test_split_regions():
         split_regions(4, 3)  # 2+2 leaves the third worker nothing
 
 
-def test_two_workers_equal_one_process(tmp_path, tiny_model_dir, single):
+def test_two_workers_equal_one_process(tmp_path, tiny_model_dir, tiny_loaded, single):
     out = tmp_path / "multi.zarr"
-    summary = capture_workers(config(out, tiny_model_dir), 2)
+    # the regions one after another in this process (spawned processes: the CLI and torchrun tests)
+    summary = capture_workers(config(out, tiny_model_dir), 2, tiny_loaded, spawn=False)
     assert summary["status"] == "complete" and summary["incomplete_regions"] == []
     assert_same_values(out, single)
     # no two workers share a chunk file: every data array is chunked by region along sample
@@ -104,13 +105,13 @@ def test_two_workers_equal_one_process(tmp_path, tiny_model_dir, single):
     assert list(ds["seed"].values) == [10, 11, 12, 13]
 
 
-def test_cli_ls_query_verify_read_it(tmp_path, tiny_model_dir):
+def test_cli_ls_query_verify_read_it(tmp_path, tiny_model_dir, tiny_loaded):
     from typer.testing import CliRunner
 
     from dithooks.cli.main import app
 
     out = tmp_path / "m.zarr"
-    capture_workers(config(out, tiny_model_dir, sampler=SamplerSpec("ddim", 2)), 2)
+    capture_workers(config(out, tiny_model_dir, sampler=SamplerSpec("ddim", 2)), 2, tiny_loaded, spawn=False)
     r = CliRunner()
     res = r.invoke(app, ["verify", str(out)])
     assert res.exit_code == 0, res.output
@@ -120,11 +121,11 @@ def test_cli_ls_query_verify_read_it(tmp_path, tiny_model_dir):
     assert res.exit_code == 0, res.output
 
 
-def test_dead_worker_is_named_and_resume_completes_it(tmp_path, tiny_model_dir, single):
+def test_dead_worker_is_named_and_resume_completes_it(tmp_path, tiny_model_dir, tiny_loaded, single):
     out = tmp_path / "multi.zarr"
     cfg = config(out, tiny_model_dir)
     with pytest.raises(StoreError, match=r"region 1 \(samples 2-3\) holds steps 0-0 of 0-2"):
-        capture_workers(cfg, 2, fail={1: 1})
+        capture_workers(cfg, 2, tiny_loaded, fail={1: 1}, spawn=False)
     rep = region_report(out)
     assert rep["regions"][0]["steps"] == [0, 1, 2] and rep["regions"][1]["steps"] == [0]
     assert rep["regions"][1]["status"] == "failed"
@@ -134,11 +135,11 @@ def test_dead_worker_is_named_and_resume_completes_it(tmp_path, tiny_model_dir, 
     meta = zarr.open_group(str(out), mode="r").attrs["dithooks"]
     assert meta["status"] == "failed" and "region 1" in meta["error"]
     # the killed worker alone, restarted: redoes its region's steps 1-2 only
-    res = run_region(config(out, tiny_model_dir, mode="resume"), 1)
+    res = run_region(config(out, tiny_model_dir, mode="resume"), 1, tiny_loaded)
     assert res.resumed_from == 1 and res.steps_run == 2
     # ... and the launcher's resume merges (worker 0 has nothing left to do)
-    summary = capture_workers(config(out, tiny_model_dir, mode="resume"), 2)
-    assert summary["status"] == "complete"
+    summary = capture_workers(config(out, tiny_model_dir, mode="resume"), 2, tiny_loaded, spawn=False)
+    assert summary["status"] == "complete" and summary["worker_seconds"][0] is not None
     assert_same_values(out, single)
 
 
@@ -201,3 +202,23 @@ def test_torchrun_two_ranks_on_cpu(tmp_path, tiny_model_dir):
     assert_same_values(tmp_path / "tr.zarr", tmp_path / "one.zarr")
     assert zarr.open_group(str(tmp_path / "tr.zarr"), mode="r").attrs["dithooks"]["regions"] == [[0, 2], [2, 4]]
 
+
+
+def test_uneven_regions_and_replica_pairs(tmp_path, tiny_model_dir, tiny_loaded):
+    """5 seeds on 2 workers (regions of 3 and 2: the last shard is an edge shard) and replica
+    pairs (sample is not the first batch dim): each region equals its own single-process capture."""
+    from dithooks.sampling import ReplicaSpec
+
+    for kw, seeds in (({}, (10, 11, 12, 13, 14)), ({"replicas": ReplicaSpec(kappa=0.5)}, (10, 11, 12))):
+        name = "pairs" if kw else "uneven"
+        base = dict(sampler=SamplerSpec("ddim", 2), labels=(1,), seeds=seeds, **kw)
+        out = tmp_path / f"{name}.zarr"
+        capture_workers(config(out, tiny_model_dir, **base), 2, tiny_loaded, spawn=False)
+        regions = split_regions(len(seeds), 2)
+        parts = []
+        for i, (lo, hi) in enumerate(regions):
+            p = tmp_path / f"{name}{i}.zarr"
+            capture(config(p, tiny_model_dir, **{**base, "seeds": seeds[lo:hi]}), tiny_loaded)
+            parts.append(p)
+        assert_same_as_regions(out, parts)
+        assert open_store(out).meta["status"] == "complete"

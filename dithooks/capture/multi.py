@@ -444,10 +444,11 @@ def _worker_main(cfg: CaptureConfig, region: int, threads: int | None, fail_afte
 
 
 def capture_workers(cfg: CaptureConfig, workers: int, loaded: Any = None, threads: int | None = None,
-                    fail: dict[int, int] | None = None) -> dict[str, Any]:
+                    fail: dict[int, int] | None = None, spawn: bool = True) -> dict[str, Any]:
     """``dithooks capture --workers N``: create (or reopen, ``--resume``) the store, run one local
     process per region (multiprocessing, spawn), then merge. ``fail``: region -> raise after that
-    many steps (tests). Returns :meth:`MultiStore.finalise`'s summary plus ``seconds``; raises
+    many steps (tests). ``spawn`` False: the regions run one after another in this process
+    (with ``loaded``; the same store, for tests and debugging). Returns :meth:`MultiStore.finalise`'s summary plus ``seconds``; raises
     StoreError when a region is incomplete."""
     import multiprocessing as mp
 
@@ -456,6 +457,17 @@ def capture_workers(cfg: CaptureConfig, workers: int, loaded: Any = None, thread
         threads = max(1, (os.cpu_count() or 1) // workers)
     ms = MultiStore(cfg, workers, loaded).open()
     try:
+        if not spawn:
+            try:
+                for r in range(len(ms.regions)):
+                    try:
+                        run_region(dataclasses.replace(ms.cfg, mode="resume"), r, loaded,
+                                   fail_after=(fail or {}).get(r))
+                    except (WorkerKilled, StoreError):
+                        pass  # recorded in the region's status.json, reported by finalise
+            finally:
+                summary = ms.finalise()
+            return _summarise(summary, ms, t0)
         ctx = mp.get_context("spawn")
         procs = [ctx.Process(target=_worker_main, name=f"dithooks-region-{r}",
                              args=(ms.cfg, r, threads, (fail or {}).get(r)))
@@ -476,6 +488,10 @@ def capture_workers(cfg: CaptureConfig, workers: int, loaded: Any = None, thread
             summary = ms.finalise()
     finally:
         ms.release()
+    return _summarise(summary, ms, t0)
+
+
+def _summarise(summary: dict[str, Any], ms: MultiStore, t0: float) -> dict[str, Any]:
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     summary["workers"] = len(ms.regions)
     if summary["status"] != "complete":
