@@ -134,6 +134,18 @@ def test_dead_worker_is_named_and_resume_completes_it(tmp_path, tiny_model_dir, 
     assert sc.tolist() == [True, False, False]
     meta = zarr.open_group(str(out), mode="r").attrs["dithooks"]
     assert meta["status"] == "failed" and "region 1" in meta["error"]
+    from typer.testing import CliRunner
+
+    from dithooks.cli.main import app
+
+    res = CliRunner().invoke(app, ["ls", str(out)])
+    assert "failed" in res.output and "region 1 (samples 2-3) holds steps 0-0 of 0-2" in res.output, res.output
+    # a region being written is refused to a second writer of it, with one line
+    from dithooks.store.lock import StoreLock, StoreLocked
+
+    with StoreLock(out / ".dithooks-regions" / "1"):
+        with pytest.raises(StoreLocked, match="is being written by"):
+            run_region(config(out, tiny_model_dir, mode="resume"), 1, tiny_loaded)
     # the killed worker alone, restarted: redoes its region's steps 1-2 only
     res = run_region(config(out, tiny_model_dir, mode="resume"), 1, tiny_loaded)
     assert res.resumed_from == 1 and res.steps_run == 2
@@ -222,3 +234,18 @@ def test_uneven_regions_and_replica_pairs(tmp_path, tiny_model_dir, tiny_loaded)
             parts.append(p)
         assert_same_as_regions(out, parts)
         assert open_store(out).meta["status"] == "complete"
+
+
+def test_refused_before_anything_is_written(tmp_path, tiny_model_dir, tiny_loaded):
+    from dithooks.capture.multi import MultiStore
+
+    with pytest.raises(DithooksError, match="probes cannot run in a multi-worker capture"):
+        MultiStore(config(tmp_path / "p.zarr", tiny_model_dir, probes=("residual_norms",)), 2, tiny_loaded)
+    single_store = tmp_path / "s.zarr"
+    capture(config(single_store, tiny_model_dir, sampler=SamplerSpec("ddim", 1)), tiny_loaded)
+    with pytest.raises(StoreError, match="single-process store"):
+        run_region(config(single_store, tiny_model_dir, sampler=SamplerSpec("ddim", 1)), 0, tiny_loaded)
+    with pytest.raises(StoreError, match="single-process store"):
+        capture_workers(config(single_store, tiny_model_dir, sampler=SamplerSpec("ddim", 1), mode="resume"), 2,
+                        tiny_loaded, spawn=False)
+    assert not (tmp_path / "p.zarr").exists()
