@@ -9,7 +9,7 @@ import typer
 
 from . import run_options as ro
 from .output import human_bytes, print_json, user_errors
-from .running import run_with_progress
+from .running import run_with_progress, sigterm_as_interrupt
 
 HOOKS_HELP = ("Hook points, comma-separated: short names (resid_post, attn.out, adaln.gate_msa, attn.n_eff, "
               "jvp.routing) apply to every selected layer; full names (final.out, blocks.3.mlp.out) and globs too. "
@@ -60,6 +60,7 @@ def capture(
 def _capture_multi(session, run: ro.SamplingOptions, workers: int, png: Optional[Path]) -> None:
     from dithooks.capture.multi import capture_torchrun, capture_workers, torchrun_rank
 
+    sigterm_as_interrupt()  # the workers keep their finished steps (as Ctrl-C)
     ranked = torchrun_rank()
     if ranked is not None:
         if workers > 1:

@@ -434,8 +434,13 @@ def _fail_after(k: int):
 
 
 def _worker_main(cfg: CaptureConfig, region: int, threads: int | None, fail_after: int | None) -> None:
+    import signal
     import sys
 
+    def interrupt(signum, frame):  # the launcher's terminate(): keep the finished steps, as Ctrl-C does
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         run_region(cfg, region, threads=threads, fail_after=fail_after)
     except (Exception, KeyboardInterrupt) as e:  # one line; the region's status.json has the rest
