@@ -146,6 +146,15 @@ def test_dead_worker_is_named_and_resume_completes_it(tmp_path, tiny_model_dir, 
     with StoreLock(out / ".dithooks-regions" / "1"):
         with pytest.raises(StoreLocked, match="is being written by"):
             run_region(config(out, tiny_model_dir, mode="resume"), 1, tiny_loaded)
+    # a worker interrupted (Ctrl-C / the launcher's SIGTERM) says what its region holds
+    from dithooks.capture.multi import RegionSession
+
+    def interrupt_at_once(steps):
+        raise KeyboardInterrupt
+        yield from steps
+
+    with pytest.raises(StoreError, match=r"capture interrupted: region 1 \(samples 2-3\) holds steps 0-0 of 0-2"):
+        RegionSession(config(out, tiny_model_dir), 1, tiny_loaded).run(progress=interrupt_at_once)
     # the killed worker alone, restarted: redoes its region's steps 1-2 only
     res = run_region(config(out, tiny_model_dir, mode="resume"), 1, tiny_loaded)
     assert res.resumed_from == 1 and res.steps_run == 2

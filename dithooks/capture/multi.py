@@ -238,12 +238,25 @@ class RegionSession(CaptureSession):
             marks = _region_marks(self.path)[:, self.region]
             start = int(np.argmin(marks)) if not marks.all() else len(marks)
             self._meta = meta
+            self._ran = True  # from here on, run() ends by writing the region's status
             write_status(self.status_file, {"status": "running", "error": None, "started": now(),
                                             "finished": None, "pid": os.getpid(), "from_step": start})
             return group, start
         except BaseException:
             self.release_store()
             raise
+
+    def run(self, progress: Any = None) -> CaptureResult:
+        self._ran = False
+        try:
+            return super().run(progress)
+        except StoreError:
+            status = read_status(self.status_file)
+            if not self._ran or status.get("status") not in ("interrupted", "failed"):
+                raise
+            marks = _region_marks(self.path)[:, self.region]
+            raise StoreError(f"capture {status['status']}: {describe_region(self.regions, self.region, marks, status)}; "
+                             "continue with --resume (same options)") from None
 
     def release_store(self) -> None:
         lock, self._region_lock = self._region_lock, None
