@@ -254,6 +254,14 @@ def test_refused_before_anything_is_written(tmp_path, tiny_model_dir, tiny_loade
     capture(config(single_store, tiny_model_dir, sampler=SamplerSpec("ddim", 1)), tiny_loaded)
     with pytest.raises(StoreError, match="single-process store"):
         run_region(config(single_store, tiny_model_dir, sampler=SamplerSpec("ddim", 1)), 0, tiny_loaded)
+    multi = tmp_path / "m.zarr"
+    capture_workers(config(multi, tiny_model_dir, sampler=SamplerSpec("ddim", 1)), 2, tiny_loaded, spawn=False)
+    with pytest.raises(StoreError, match="other labels"):
+        run_region(config(multi, tiny_model_dir, sampler=SamplerSpec("ddim", 1), labels=(1, 2, 3, 5)), 1, tiny_loaded)
+    with pytest.raises(StoreError, match="other seeds"):
+        run_region(config(multi, tiny_model_dir, sampler=SamplerSpec("ddim", 1), seeds=(1, 2, 3, 4)), 1, tiny_loaded)
+    with pytest.raises(StoreError, match="hooks differs"):
+        run_region(config(multi, tiny_model_dir, sampler=SamplerSpec("ddim", 1), hooks=("resid_post",)), 1, tiny_loaded)
     with pytest.raises(StoreError, match="single-process store"):
         capture_workers(config(single_store, tiny_model_dir, sampler=SamplerSpec("ddim", 1), mode="resume"), 2,
                         tiny_loaded, spawn=False)

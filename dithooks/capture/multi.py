@@ -202,6 +202,8 @@ class RegionSession(CaptureSession):
             raise DithooksError(f"region {region} does not exist: {cfg.out} has {len(regions)} regions")
         if list(meta.get("seeds") or []) != [int(s) for s in cfg.seeds]:
             raise StoreError(f"{cfg.out} was made for other seeds than this request")
+        if meta.get("labels") is not None and list(meta["labels"]) != [int(y) for y in cfg.labels]:
+            raise StoreError(f"{cfg.out} was made for other labels than this request")
         self.region, (self.lo, self.hi) = region, regions[region]
         self.full_cfg, self.regions = cfg, regions
         super().__init__(region_config(cfg, self.lo, self.hi), loaded)
