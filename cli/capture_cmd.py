@@ -9,28 +9,36 @@ import typer
 
 from . import run_options as ro
 from .output import human_bytes, print_json, user_errors
-from .running import run_with_progress
+from .running import run_with_progress, sigterm_as_interrupt
 
 HOOKS_HELP = ("Hook points, comma-separated: short names (resid_post, attn.out, adaln.gate_msa, attn.n_eff, "
               "jvp.routing) apply to every selected layer; full names (final.out, blocks.3.mlp.out) and globs too. "
               "See `dithooks hooks`.")
+WORKERS_HELP = ("Worker processes, each capturing a contiguous range of the seeds into the one store (see "
+                "docs/scaling.md). Under torchrun (WORLD_SIZE > 1) each rank is one worker instead: pass "
+                "--device cuda:$LOCAL_RANK.")
 
 
 @ro.sampling_command(
     "out model layers hooks steps sampler eta guidance classes seeds prompt_embeds prompt prompt_rows "
     "negative_prompt embedded_guidance pairs kappa coupling couple_until share_noise_until couple_layers "
     "window window_layers top_k query_tokens query_tile jvp_direction jvp_gates dtype compute_dtype compression "
-    "device resume overwrite allow_weight_mismatch png quiet as_json",
+    "device workers resume overwrite allow_weight_mismatch png quiet as_json",
     out=Path("capture.zarr"))
 def capture(
     run: ro.SamplingOptions,
     hooks: str = typer.Option("resid_post", "--hooks", help=HOOKS_HELP),
     compression: str = typer.Option("none", "--compression", help="none, zstd or lz4."),
     png: Optional[Path] = typer.Option(None, "--png", help="Also save a PNG grid of the decoded samples here."),
+    workers: int = typer.Option(1, "--workers", min=1, help=WORKERS_HELP),
 ):
     """Sample with hooks attached and stream the hooked values into a Zarr store."""
     ro.check_output_file(png, "--png", (".png",))
     session = run.session(run.request(hooks=hooks, compression=compression))
+    from dithooks.capture.multi import torchrun_rank
+
+    if workers > 1 or torchrun_rank() is not None:
+        return _capture_multi(session, run, workers, png)
     result = run_with_progress(session, run.steps, "capture", quiet=run.quiet or run.as_json)
     if png is not None:
         _save_png(session, run.out, run.steps, png)
@@ -47,6 +55,29 @@ def capture(
         typer.echo(f"wrote {result.path}: {result.steps_run} steps ({result.steps_total} total), "
                    f"{len(result.hooks)} hook points, {human_bytes(result.bytes_written)} "
                    f"in {result.seconds:.1f} s")
+
+
+def _capture_multi(session, run: ro.SamplingOptions, workers: int, png: Optional[Path]) -> None:
+    from dithooks.capture.multi import capture_torchrun, capture_workers, torchrun_rank
+
+    sigterm_as_interrupt()  # the workers keep their finished steps (as Ctrl-C)
+    ranked = torchrun_rank()
+    if ranked is not None:
+        if workers > 1:
+            raise typer.BadParameter("under torchrun each rank is one worker: leave out --workers")
+        summary = capture_torchrun(session.cfg, session.loaded, *ranked)
+        if ranked[0] != 0:
+            return
+    else:
+        summary = capture_workers(session.cfg, workers, session.loaded)
+    if png is not None:
+        _save_png(session, run.out, run.steps, png)
+    summary = {"store": str(run.out), **summary}
+    if run.as_json:
+        print_json(summary)
+    else:
+        typer.echo(f"wrote {run.out}: {summary['workers']} workers, steps {summary['complete_steps']} complete, "
+                   f"in {summary['seconds']:.1f} s")
 
 
 def _save_png(session, out: Path, steps: int, png: Path) -> None:

@@ -59,6 +59,11 @@ class CaptureSession:
     Everything that can be refused is refused in ``__init__``, before the store is touched.
     """
 
+    # what writes the run's arrays and step marks (a multi-worker region run replaces them:
+    # dithooks/capture/multi.py)
+    _writer_class: Callable[..., Any] = StoreWriter
+    _log_class: Callable[..., Any] = StepLog
+
     def __init__(self, cfg: CaptureConfig, loaded: LoadedModel | None = None):
         self.store_dtype = check_config(cfg)
         self.cfg = cfg
@@ -162,10 +167,10 @@ class CaptureSession:
         if start >= steps:
             self._finish(group, "complete", nonfinite=nonfinite)
             return CaptureResult(self.path, 0, steps, 0.0, 0, self.hook_names, start, nonfinite_totals(nonfinite))
-        self.writer = StoreWriter(group, compression=cfg.compression, max_pending_bytes=cfg.max_pending_bytes,
+        self.writer = self._writer_class(group, compression=cfg.compression, max_pending_bytes=cfg.max_pending_bytes,
                                   nonfinite=nonfinite)
         state, last_rng = self._state_at(group, start)
-        log = self._log = StepLog(group, self.writer, self._meta, steps=steps, num_samples=len(cfg.seeds),
+        log = self._log = self._log_class(group, self.writer, self._meta, steps=steps, num_samples=len(cfg.seeds),
                                   replicas=cfg.replicas is not None, sample_coords=self.sample_coords,
                                   nonfinite=nonfinite, last_rng=last_rng)
         rec = self._recorder = StepRecorder(log, steps=steps, layers=self.layers, store_dtype=self.store_dtype,

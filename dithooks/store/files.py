@@ -23,6 +23,8 @@ from pathlib import Path
 from .lock import LOCK_NAME, hostname, pid_alive
 
 FIGURES = "figures"
+# a multi-worker capture's per-region locks and statuses (dithooks/capture/multi.py)
+REGIONS_DIR = ".dithooks-regions"
 PARTIAL = re.compile(r"^.+\.[0-9a-f]{32}\.partial$")  # zarr's atomic-write temporaries
 _LOCK_TMP = re.compile(re.escape(LOCK_NAME) + r"\.[0-9a-f]{32}\.(tmp|stale)$")
 _CHUNK = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -100,7 +102,7 @@ def foreign_entries(folder: str | Path, rel: str = "") -> list[str]:
             if not (p.name == "zarr.json" or PARTIAL.match(p.name) or top):
                 out.append(r)
         elif p.is_dir():
-            if not rel and p.name == FIGURES:
+            if not rel and p.name in (FIGURES, REGIONS_DIR):
                 continue
             node = _zarr_node(p)
             if node == "group":

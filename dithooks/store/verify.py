@@ -31,7 +31,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import StoreError
-from .files import FIGURES, PARTIAL, is_temp_name
+from .files import FIGURES, PARTIAL, REGIONS_DIR, is_temp_name
 from .layout import COORDS, STEP_COMPLETE, row_role
 from .lock import LOCK_NAME
 from .metadata import ATTR_KEY
@@ -219,7 +219,7 @@ def inspect_store(path: str | Path, kinds: tuple[str, ...] | None = None) -> Sto
     if group.get("node_type") != "group":
         raise StoreError(f"{path} is a Zarr {group.get('node_type')}, not a dithooks store")
     meta = (group.get("attributes") or {}).get(ATTR_KEY)
-    arrays_dirs = [p for p in entries if p.is_dir() and p.name != FIGURES]
+    arrays_dirs = [p for p in entries if p.is_dir() and p.name not in (FIGURES, REGIONS_DIR)]
     if not isinstance(meta, dict):
         if not arrays_dirs:
             raise DamagedStore(f"{path} is a half-made store (its creation was interrupted before its metadata "
