@@ -1,7 +1,10 @@
 """A background writer that streams captured tensors into a Zarr group.
 
 Hook functions run on the sampling thread and only hand a CPU copy to :meth:`StoreWriter.put`;
-the Zarr encoding and file I/O happen on one writer thread. The queue is bounded in bytes, so
+the Zarr encoding and file I/O happen on one writer thread. For small writes (a capture's steps
+below ``recorder.INLINE_STEP_BYTES``) :attr:`StoreWriter.inline` encodes on the caller's thread
+and hands the writer thread only the file writes, which release the interpreter lock: the
+writer thread's Python work would otherwise compete with sampling for the lock. The queue is bounded in bytes, so
 a writer that falls behind slows sampling down instead of letting memory grow with the number
 of steps. Work is done in order, so a step is marked complete only after all its data is on
 disk. A write error (a full disk, say) stops the writer and is raised on the sampling thread at
