@@ -17,13 +17,16 @@ HOOKS_HELP = ("Hook points, comma-separated: short names (resid_post, attn.out, 
 WORKERS_HELP = ("Worker processes, each capturing a contiguous range of the seeds into the one store (see "
                 "docs/scaling.md). Under torchrun (WORLD_SIZE > 1) each rank is one worker instead: pass "
                 "--device cuda:$LOCAL_RANK.")
+SCHEDULER_HELP = ("Run the --workers on a Dask distributed cluster, one task per worker: 'local' (a LocalCluster "
+                  "of N worker processes) or a scheduler address (tcp://host:8786; its workers need dithooks "
+                  "and the model and store paths).")
 
 
 @ro.sampling_command(
     "out model layers hooks steps sampler eta guidance classes seeds prompt_embeds prompt prompt_rows "
     "negative_prompt embedded_guidance pairs kappa coupling couple_until share_noise_until couple_layers "
     "window window_layers top_k query_tokens query_tile jvp_direction jvp_gates dtype compute_dtype compression "
-    "device workers resume overwrite allow_weight_mismatch png quiet as_json",
+    "device workers scheduler resume overwrite allow_weight_mismatch png quiet as_json",
     out=Path("capture.zarr"))
 def capture(
     run: ro.SamplingOptions,
@@ -31,14 +34,17 @@ def capture(
     compression: str = typer.Option("none", "--compression", help="none, zstd or lz4."),
     png: Optional[Path] = typer.Option(None, "--png", help="Also save a PNG grid of the decoded samples here."),
     workers: int = typer.Option(1, "--workers", min=1, help=WORKERS_HELP),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help=SCHEDULER_HELP),
 ):
     """Sample with hooks attached and stream the hooked values into a Zarr store."""
     ro.check_output_file(png, "--png", (".png",))
+    if scheduler is not None and workers < 2:
+        raise typer.BadParameter("--scheduler runs the --workers on a Dask cluster: give --workers N (N >= 2)")
     session = run.session(run.request(hooks=hooks, compression=compression))
     from dithooks.capture.multi import torchrun_rank
 
     if workers > 1 or torchrun_rank() is not None:
-        return _capture_multi(session, run, workers, png)
+        return _capture_multi(session, run, workers, png, scheduler)
     result = run_with_progress(session, run.steps, "capture", quiet=run.quiet or run.as_json)
     if png is not None:
         _save_png(session, run.out, run.steps, png)
@@ -57,17 +63,20 @@ def capture(
                    f"in {result.seconds:.1f} s")
 
 
-def _capture_multi(session, run: ro.SamplingOptions, workers: int, png: Optional[Path]) -> None:
-    from dithooks.capture.multi import capture_torchrun, capture_workers, torchrun_rank
+def _capture_multi(session, run: ro.SamplingOptions, workers: int, png: Optional[Path],
+                   scheduler: Optional[str] = None) -> None:
+    from dithooks.capture.multi import capture_dask, capture_torchrun, capture_workers, torchrun_rank
 
     sigterm_as_interrupt()  # the workers keep their finished steps (as Ctrl-C)
     ranked = torchrun_rank()
     if ranked is not None:
-        if workers > 1:
-            raise typer.BadParameter("under torchrun each rank is one worker: leave out --workers")
+        if workers > 1 or scheduler is not None:
+            raise typer.BadParameter("under torchrun each rank is one worker: leave out --workers and --scheduler")
         summary = capture_torchrun(session.cfg, session.loaded, *ranked)
         if ranked[0] != 0:
             return
+    elif scheduler is not None:
+        summary = capture_dask(session.cfg, workers, scheduler, session.loaded)
     else:
         summary = capture_workers(session.cfg, workers, session.loaded)
     if png is not None:

@@ -266,3 +266,72 @@ def test_refused_before_anything_is_written(tmp_path, tiny_model_dir, tiny_loade
         capture_workers(config(single_store, tiny_model_dir, sampler=SamplerSpec("ddim", 1), mode="resume"), 2,
                         tiny_loaded, spawn=False)
     assert not (tmp_path / "p.zarr").exists()
+
+
+# -- Dask distributed launcher (--scheduler) ------------------------------------------------------
+def test_dask_local_cluster_equals_local_workers(tmp_path, tiny_model_dir, tiny_loaded):
+    """`--workers 2 --scheduler local` (a LocalCluster of 2 worker processes, each loading the model
+    from its path) writes the same bytes as the local launcher's 2 regions (same regions, so the
+    same batch sizes)."""
+    pytest.importorskip("distributed")
+    from typer.testing import CliRunner
+
+    from dithooks.cli.main import app
+
+    local = tmp_path / "local.zarr"
+    capture_workers(config(local, tiny_model_dir, sampler=SamplerSpec("ddim", 2), hooks=("resid_post",),
+                           labels=(0,), seeds=(0, 1, 2, 3)), 2, tiny_loaded, spawn=False)
+    out = tmp_path / "dask.zarr"
+    res = CliRunner().invoke(app, _cli_args(out, tiny_model_dir, "--workers", "2", "--scheduler", "local",
+                                            "--sampler", "ddim", "--classes", "0", "--json"))
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output[res.output.index("{"):])
+    assert summary["status"] == "complete" and summary["workers"] == 2
+    a, b = data_arrays(out), data_arrays(local)
+    assert set(a) == set(b)
+    for k in b:
+        assert a[k].dtype == b[k].dtype and a[k].tobytes() == b[k].tobytes(), k
+    assert zarr.open_group(str(out), mode="r").attrs["dithooks"]["regions"] == [[0, 2], [2, 4]]
+
+
+def test_dask_failed_task_is_named_and_dask_resume_completes_it(tmp_path, tiny_model_dir, tiny_loaded, single):
+    pytest.importorskip("distributed")
+    from typer.testing import CliRunner
+
+    from dithooks.capture.multi import capture_dask
+    from dithooks.cli.main import app
+
+    out = tmp_path / "d.zarr"
+    # the task raises (a simulated crash after 1 step): reported, per region, in one line
+    with pytest.raises(StoreError, match=r"incomplete: region 1 \(samples 2-3\) holds steps 0-0 of 0-2 "
+                                         r"\(failed: WorkerKilled: worker stopped after 1 steps \(test\)\); continue with --resume "
+                                         r"\(same options and --workers 2 --scheduler local\)"):
+        capture_dask(config(out, tiny_model_dir), 2, "local", fail={1: 1})
+    rep = region_report(out)
+    assert rep["regions"][0]["steps"] == [0, 1, 2] and rep["regions"][1]["steps"] == [0]
+    res = CliRunner().invoke(app, ["ls", str(out)])
+    assert "failed" in res.output and "region 1 (samples 2-3) holds steps 0-0 of 0-2" in res.output, res.output
+    summary = capture_dask(config(out, tiny_model_dir, mode="resume"), 2, "local")
+    assert summary["status"] == "complete"
+    assert_same_values(out, single)
+
+
+def test_dask_scheduler_errors_are_one_line(tmp_path, tiny_model_dir, monkeypatch):
+    pytest.importorskip("distributed")
+    from typer.testing import CliRunner
+
+    import dithooks.capture.multi as multi
+    from dithooks.cli.main import app
+
+    r = CliRunner()
+    res = r.invoke(app, _cli_args(tmp_path / "a.zarr", tiny_model_dir, "--scheduler", "local"))
+    assert res.exit_code != 0 and "give --workers N" in res.output and "Traceback" not in res.output
+    res = r.invoke(app, _cli_args(tmp_path / "b.zarr", tiny_model_dir, "--workers", "2", "--scheduler", "nowhere"))
+    assert res.exit_code != 0 and "must be 'local' or a scheduler address" in res.output
+    assert "Traceback" not in res.output
+    monkeypatch.setattr(multi, "CONNECT_TIMEOUT", 1.0)
+    res = r.invoke(app, _cli_args(tmp_path / "c.zarr", tiny_model_dir, "--workers", "2",
+                                  "--scheduler", "tcp://127.0.0.1:9"))
+    assert res.exit_code != 0 and "cannot reach the Dask scheduler tcp://127.0.0.1:9" in res.output, res.output
+    assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
+    assert not (tmp_path / "b.zarr").exists() and not (tmp_path / "c.zarr").exists()

@@ -19,7 +19,8 @@ the skeleton's creator and the finaliser (:func:`finalise`), which merges the wo
 statuses and non-finite counts and consolidates. A worker restarted (``--resume``) redoes its
 region's steps from its first unmarked one.
 
-Launchers: :func:`capture_workers` (``dithooks capture --workers N``: N local processes) and
+Launchers: :func:`capture_workers` (``dithooks capture --workers N``: N local processes),
+:func:`capture_dask` (``--workers N --scheduler local|ADDRESS``: one Dask task per region) and
 :func:`capture_torchrun` (one process per rank under torchrun).
 """
 
@@ -463,6 +464,22 @@ def _worker_main(cfg: CaptureConfig, region: int, threads: int | None, fail_afte
         sys.exit(1)
 
 
+def _launch(cfg: CaptureConfig, workers: int, loaded: Any, run_regions: Any, again: str = "") -> dict[str, Any]:
+    """What every local launcher does around its workers: create (or reopen, ``--resume``) the
+    skeleton under the store lock, ``run_regions(ms)``, then merge (also when it raised) and
+    release. Returns the summary; raises StoreError when a region is incomplete."""
+    t0 = time.perf_counter()
+    ms = MultiStore(cfg, workers, loaded).open()
+    try:
+        try:
+            run_regions(ms)
+        finally:
+            summary = ms.finalise()
+    finally:
+        ms.release()
+    return _summarise(summary, ms, t0, again)
+
+
 def capture_workers(cfg: CaptureConfig, workers: int, loaded: Any = None, threads: int | None = None,
                     fail: dict[int, int] | None = None, spawn: bool = True) -> dict[str, Any]:
     """``dithooks capture --workers N``: create (or reopen, ``--resume``) the store, run one local
@@ -472,22 +489,17 @@ def capture_workers(cfg: CaptureConfig, workers: int, loaded: Any = None, thread
     StoreError when a region is incomplete."""
     import multiprocessing as mp
 
-    t0 = time.perf_counter()
     if threads is None:  # the CPU cores shared out (torch would give each worker all of them)
         threads = max(1, (os.cpu_count() or 1) // workers)
-    ms = MultiStore(cfg, workers, loaded).open()
-    try:
-        if not spawn:
+
+    def in_turn(ms: MultiStore) -> None:
+        for r in range(len(ms.regions)):
             try:
-                for r in range(len(ms.regions)):
-                    try:
-                        run_region(dataclasses.replace(ms.cfg, mode="resume"), r, loaded,
-                                   fail_after=(fail or {}).get(r))
-                    except (WorkerKilled, StoreError):
-                        pass  # recorded in the region's status.json, reported by finalise
-            finally:
-                summary = ms.finalise()
-            return _summarise(summary, ms, t0)
+                run_region(dataclasses.replace(ms.cfg, mode="resume"), r, loaded, fail_after=(fail or {}).get(r))
+            except (WorkerKilled, StoreError):
+                pass  # recorded in the region's status.json, reported by finalise
+
+    def processes(ms: MultiStore) -> None:
         ctx = mp.get_context("spawn")
         procs = [ctx.Process(target=_worker_main, name=f"dithooks-region-{r}",
                              args=(ms.cfg, r, threads, (fail or {}).get(r)))
@@ -504,19 +516,95 @@ def capture_workers(cfg: CaptureConfig, workers: int, loaded: Any = None, thread
             for p in procs:
                 p.join()
             raise
-        finally:
-            summary = ms.finalise()
+
+    return _launch(cfg, workers, loaded, processes if spawn else in_turn)
+
+
+# -- Dask ----------------------------------------------------------------------------------------
+def _dask_region(cfg: CaptureConfig, region: int, threads: int | None, fail_after: int | None) -> dict[str, Any]:
+    """The task of one region on a Dask worker: :func:`run_region`, its failure returned as one
+    line (the region's status.json has the rest), so no traceback reaches worker or client logs."""
+    try:
+        res = run_region(cfg, region, threads=threads, fail_after=fail_after)
+        return {"region": region, "error": None, "steps_run": res.steps_run}
+    except (Exception, KeyboardInterrupt) as e:
+        return {"region": region, "error": str(e) if isinstance(e, DithooksError) else f"{type(e).__name__}: {e}"}
+
+
+CONNECT_TIMEOUT = 20.0  # seconds to reach a --scheduler address
+
+
+def dask_client(scheduler: str, workers: int, threads: int = 1, timeout: float | None = None) -> tuple[Any, Any]:
+    """``(client, cluster)``: ``"local"`` starts a LocalCluster of ``workers`` worker processes
+    (``threads`` threads each; the cluster is returned to be closed); anything else is a
+    scheduler address (``tcp://host:8786``) to connect to (cluster None). One line when it fails."""
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError:
+        raise DithooksError("--scheduler needs Dask distributed: pip install 'dithooks[scale]'") from None
+    if scheduler == "local":
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True,
+                               dashboard_address=None)
+        try:
+            return Client(cluster), cluster
+        except BaseException:
+            cluster.close()
+            raise
+    if "://" not in scheduler:
+        raise DithooksError(f"--scheduler must be 'local' or a scheduler address such as tcp://host:8786, "
+                            f"got {scheduler!r}")
+    try:
+        return Client(scheduler, timeout=CONNECT_TIMEOUT if timeout is None else timeout), None
+    except Exception as e:
+        raise DithooksError(f"cannot reach the Dask scheduler {scheduler}: {type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")) from None
+
+
+def capture_dask(cfg: CaptureConfig, workers: int, scheduler: str = "local", loaded: Any = None,
+                 threads: int | None = None, fail: dict[int, int] | None = None,
+                 timeout: float | None = None) -> dict[str, Any]:
+    """``dithooks capture --workers N --scheduler local|ADDRESS``: as :func:`capture_workers`, but
+    each region is one task (``client.submit(run_region, ...)``) on a Dask cluster: a
+    LocalCluster of N worker processes, or an existing scheduler's workers (they need dithooks,
+    the model path and the store path, i.e. a shared file system). The launcher connects first
+    (a bad address writes nothing), then creates the skeleton, then merges after the tasks."""
+    if threads is None:
+        threads = max(1, (os.cpu_count() or 1) // workers) if scheduler == "local" else None
+    split_regions(len(cfg.seeds), workers)  # refuse a bad --workers before starting a cluster
+    client, cluster = dask_client(scheduler, workers, threads or 1, timeout)
+
+    def tasks(ms: MultiStore) -> None:
+        run_cfg = dataclasses.replace(ms.cfg, mode="resume")
+        futures = [client.submit(_dask_region, run_cfg, r, threads, (fail or {}).get(r), pure=False)
+                   for r in range(len(ms.regions))]
+        try:
+            for r, f in enumerate(futures):
+                try:
+                    out = f.result()
+                except Exception as e:  # the task's worker died (KilledWorker) or was lost
+                    out = {"error": f"{type(e).__name__}: {e}"}
+                status_file = region_dir(ms.path, r) / "status.json"
+                if out.get("error") and read_status(status_file).get("status") not in ("failed", "interrupted"):
+                    # it failed before its region was opened (e.g. no model there): say so in the store
+                    write_status(status_file, {"status": "failed", "error": out["error"], "finished": now()})
+        except BaseException:
+            client.cancel(futures)
+            raise
+
+    try:
+        return _launch(cfg, workers, loaded, tasks, again=f" --scheduler {scheduler}")
     finally:
-        ms.release()
-    return _summarise(summary, ms, t0)
+        client.close()
+        if cluster is not None:
+            cluster.close()
 
 
-def _summarise(summary: dict[str, Any], ms: MultiStore, t0: float) -> dict[str, Any]:
+def _summarise(summary: dict[str, Any], ms: MultiStore, t0: float, again: str = "") -> dict[str, Any]:
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     summary["workers"] = len(ms.regions)
     if summary["status"] != "complete":
         raise StoreError(f"multi-worker capture incomplete: {summary['error']}; "
-                         f"continue with --resume (same options and --workers {len(ms.regions)})")
+                         f"continue with --resume (same options and --workers {len(ms.regions)}{again})")
     return summary
 
 
