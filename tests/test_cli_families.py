@@ -184,3 +184,18 @@ def test_embedded_guidance_reaches_flux_dev(tmp_path):
     r = run("capture", "--model", schnell, "--steps", "2", "--prompt-embeds", plain, "--embedded-guidance", "2",
             "--out", tmp_path / "s.zarr")
     assert "no guidance embedding" in one_line_error(r)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("routing", "--steps", "2"), "sd3 blocks do not offer jvp.heads"),    # DiT's JVP split only
+    (("capture", "--steps", "2", "--hooks", "jvp.routing", "--prompt-embeds", "{embeds}"),
+     "sd3 blocks do not offer jvp.routing (they offer jvp.full)"),
+    (("protocol1", "--encoder", "pixels"), "protocol1 runs on class-conditional models"),
+    (("protocol2", "--at-step", "1"), "protocol2 runs on class-conditional models"),
+])
+def test_dit_only_experiments_refuse_text_families_by_name(sd3, tmp_path, args, needle):
+    model, embeds, _ = sd3
+    args = [str(a).format(embeds=embeds) for a in args]
+    r = run(*args, "--model", model, "--out", tmp_path / "x.zarr")
+    assert needle in one_line_error(r)
+    assert not (tmp_path / "x.zarr").exists()

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import DithooksError, HookNameError
-from ..hookpoints import HookPoint, block_name, block_template, resolve_names, unknown_name_message
+from ..hookpoints import HookPoint, block_name, block_template, resolve_names, split_name, unknown_name_message
 from .spec import (PointSpec, first_tensor_arg, join, model_output, plain_output,  # noqa: F401
                    replace_first_arg, replace_model_output, replace_output)
 
@@ -353,11 +353,36 @@ class ModelAdapter:
             patterns = [p for p in patterns.split(",") if p.strip()]
         generic = [p for p in patterns if p.strip().startswith("modules.")]
         named = [p for p in patterns if not p.strip().startswith("modules.")]
+        self.check_offered(named)
         out = resolve_names(named, self._points) if named else []
         for g in generic:
             self._generic_point(g.strip())
             out.append(g.strip())
         return out
+
+    def require_class_conditional(self, what: str) -> None:
+        """Refuse, in one line, to run ``what`` (an experiment written for class-conditional DiTs:
+        Protocols I and II) on a text-conditioned family."""
+        if self.conditioning != "class":
+            raise DithooksError(f"{what} runs on class-conditional models (class labels, a null class for "
+                                f"guidance); this {self.family} model is {self.conditioning}-conditioned")
+
+    def check_offered(self, patterns):
+        """``patterns`` unchanged, after refusing JVP points this family does not offer by name, with
+        what it does offer (rather than as unknown hook points): SD3 blocks have ``jvp.full`` only,
+        so the routing probe's ``jvp.heads.*`` or ``jvp.routing`` are refused as such."""
+        from ..jvp_hooks import LOCAL_NAMES  # every blocks.{i}.jvp.* name any family can have
+
+        have = {local for layer, local in map(split_name, self._points) if layer is not None}
+        for name in ([patterns] if isinstance(patterns, str) else patterns):
+            parts = name.strip().split(".", 2)
+            local = parts[2] if len(parts) == 3 and parts[0] == "blocks" else name.strip()
+            if local in LOCAL_NAMES and local not in have:
+                offered = ", ".join(f"jvp.{q}" for q in sorted(self.jvp_support)) or "no JVP points"
+                raise HookNameError(f"{self.family} blocks do not offer {local} (they offer {offered}); the "
+                                    "attn/mlp/routing/modulation split and its per-head points need DiT's "
+                                    "adaLN-Zero block (docs/adapters.md)")
+        return patterns
 
     def _generic_point(self, name: str) -> HookPoint:
         body, _, which = name[len("modules."):].rpartition(".")

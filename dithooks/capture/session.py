@@ -69,13 +69,16 @@ class CaptureSession:
         self.cfg = cfg
         self.loaded = loaded or load_model(cfg.model, device=cfg.device, dtype=compute_dtype(cfg.compute_dtype))
         adapter = self.loaded.adapter
-        self.conditioning = resolve_conditioning(cfg, adapter)
-        self.sample_coords = sample_coords(self.conditioning.kind)
         self.layers = parse_layers(cfg.layers, adapter.num_layers)
         self.hooks = HookManager(self.loaded.transformer, adapter)
         available = list(adapter.hook_points())
-        self.hook_names = adapter.resolve(expand_hooks(cfg.hooks, self.layers, available))
-        self.probes = ProbeRunner(cfg.probes, lambda pats: adapter.resolve(expand_hooks(pats, self.layers, available)))
+        # what is asked for first (a hook or a probe this family cannot give is the real refusal),
+        # then what it is conditioned on
+        self.hook_names = adapter.resolve(expand_hooks(adapter.check_offered(cfg.hooks), self.layers, available))
+        self.probes = ProbeRunner(cfg.probes, lambda pats: adapter.resolve(
+            expand_hooks(adapter.check_offered(pats), self.layers, available)))
+        self.conditioning = resolve_conditioning(cfg, adapter)
+        self.sample_coords = sample_coords(self.conditioning.kind)
         rows = len(cfg.seeds) * (2 if cfg.sampler.cfg else 1)
         self._window_layers = check_against_model(cfg, adapter, self.hooks, self._wants_jvp(), rows)
         self.sampler = Sampler(self.loaded, cfg.sampler, self.hooks, cfg.device, replicas=cfg.replicas)

@@ -245,6 +245,7 @@ class Protocol1:
         from ..loading import load_model
 
         self.loaded = loaded if loaded is not None else load_model(request.model, device=str(self.device))
+        self.loaded.adapter.require_class_conditional("protocol1")
         geo = self.loaded.adapter.geometry
         if geo.num_classes is not None:
             bad = [y for y in request.labels if not 0 <= y < geo.num_classes]

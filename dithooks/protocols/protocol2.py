@@ -349,6 +349,7 @@ class Protocol2:
             from ..loading import load_model
 
             self._loaded = load_model(self.request.model, device=self.device, with_vae=False)
+            self._loaded.adapter.require_class_conditional("protocol2")
         return self._loaded
 
     def _open_store(self) -> ResultsStore:
