@@ -373,7 +373,10 @@ class ModelAdapter:
         so the routing probe's ``jvp.heads.*`` or ``jvp.routing`` are refused as such."""
         from ..jvp_hooks import LOCAL_NAMES  # every blocks.{i}.jvp.* name any family can have
 
-        have = {local for layer, local in map(split_name, self._points) if layer is not None}
+        have = self.__dict__.get("_block_locals")
+        if have is None:  # the points never change after construction: work this out once
+            have = self._block_locals = frozenset(
+                local for layer, local in map(split_name, self._points) if layer is not None)
         for name in ([patterns] if isinstance(patterns, str) else patterns):
             parts = name.strip().split(".", 2)
             local = parts[2] if len(parts) == 3 and parts[0] == "blocks" else name.strip()
