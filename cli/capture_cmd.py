@@ -20,13 +20,16 @@ WORKERS_HELP = ("Worker processes, each capturing a contiguous range of the seed
 SCHEDULER_HELP = ("Run the --workers on a Dask distributed cluster, one task per worker: 'local' (a LocalCluster "
                   "of N worker processes) or a scheduler address (tcp://host:8786; its workers need dithooks "
                   "and the model and store paths).")
+CONTEXT_PARALLEL_HELP = ("ulysses=W: diffusers' context parallelism over the W ranks of a torchrun launch (one model "
+                         "split along the tokens; Flux). Hook values are gathered across ranks; rank 0 alone writes "
+                         "the store (see docs/scaling.md section 4).")
 
 
 @ro.sampling_command(
     "out model layers hooks steps sampler eta guidance classes seeds prompt_embeds prompt prompt_rows "
     "negative_prompt embedded_guidance pairs kappa coupling couple_until share_noise_until couple_layers "
     "window window_layers top_k query_tokens query_tile jvp_direction jvp_gates dtype compute_dtype compression "
-    "device workers scheduler resume overwrite allow_weight_mismatch png quiet as_json",
+    "device workers scheduler context_parallel resume overwrite allow_weight_mismatch png quiet as_json",
     out=Path("capture.zarr"))
 def capture(
     run: ro.SamplingOptions,
@@ -35,17 +38,44 @@ def capture(
     png: Optional[Path] = typer.Option(None, "--png", help="Also save a PNG grid of the decoded samples here."),
     workers: int = typer.Option(1, "--workers", min=1, help=WORKERS_HELP),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help=SCHEDULER_HELP),
+    context_parallel: Optional[str] = typer.Option(None, "--context-parallel", help=CONTEXT_PARALLEL_HELP),
 ):
     """Sample with hooks attached and stream the hooked values into a Zarr store."""
     ro.check_output_file(png, "--png", (".png",))
     if scheduler is not None and workers < 2:
         raise typer.BadParameter("--scheduler runs the --workers on a Dask cluster: give --workers N (N >= 2)")
+    if context_parallel is not None:
+        if workers > 1 or scheduler is not None:
+            raise typer.BadParameter("--context-parallel splits one model over the torchrun ranks: leave out "
+                                     "--workers and --scheduler")
+        return _capture_context_parallel(run, hooks, compression, png, context_parallel)
     session = run.session(run.request(hooks=hooks, compression=compression))
     from dithooks.capture.multi import torchrun_rank
 
     if workers > 1 or torchrun_rank() is not None:
         return _capture_multi(session, run, workers, png, scheduler)
     result = run_with_progress(session, run.steps, "capture", quiet=run.quiet or run.as_json)
+    _report(session, run, result, png)
+
+
+def _capture_context_parallel(run: ro.SamplingOptions, hooks: str, compression: str, png: Optional[Path],
+                              spec: str) -> None:
+    from dithooks.capture.context_parallel import ContextParallel
+
+    sigterm_as_interrupt()
+    cp = ContextParallel.start(spec, run.device)
+    try:
+        session = cp.session(lambda: run.session(run.request(hooks=hooks, compression=compression)))
+        if cp.rank != 0:  # the other ranks sample with rank 0 and write nothing
+            session.run()
+            return
+        result = run_with_progress(session, run.steps, "capture", quiet=run.quiet or run.as_json)
+    finally:
+        cp.close()
+    _report(session, run, result, png)
+
+
+def _report(session, run: ro.SamplingOptions, result, png: Optional[Path]) -> None:
     if png is not None:
         _save_png(session, run.out, run.steps, png)
     summary = {"store": str(result.path), "steps_run": result.steps_run, "steps_total": result.steps_total,

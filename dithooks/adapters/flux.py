@@ -65,6 +65,13 @@ class FluxCall:
         self.text_tokens: int | None = None
         self.image_tokens: int | None = None
         self.img_ids: torch.Tensor | None = None
+        # token counts the blocks see: the same, or a rank's shard under context parallelism
+        # (recorded by pre-hooks on x_embedder/context_embedder, which run after diffusers' split)
+        self.local_text: int | None = None
+        self.local_image: int | None = None
+
+    def record_local(self, part: str, args) -> None:
+        setattr(self, f"local_{part}", int(args[0].shape[1]) if args and args[0].ndim == 3 else None)
 
     def record(self, module, args, kwargs) -> None:
         hs = kwargs.get("hidden_states", args[0] if len(args) > 0 else None)
@@ -73,6 +80,7 @@ class FluxCall:
         self.image_tokens = None if hs is None else int(hs.shape[1])
         self.text_tokens = None if ehs is None else int(ehs.shape[1])
         self.img_ids = None if ids is None else (ids[0] if ids.ndim == 3 else ids)
+        self.local_text = self.local_image = None
         return None
 
     def split(self, joint_len: int) -> int:
@@ -81,6 +89,9 @@ class FluxCall:
             raise DithooksError("a Flux single-stream hook point was read outside a model call "
                                 "(the text/image split is not known)")
         if self.text_tokens + self.image_tokens != joint_len:
+            if self.local_text is not None and self.local_image is not None \
+                    and self.local_text + self.local_image == joint_len:
+                return self.local_text  # this rank's [text shard; image shard] (context parallelism)
             raise DithooksError(f"Flux single block sees {joint_len} tokens, but the model call has "
                                 f"{self.text_tokens} text + {self.image_tokens} image tokens")
         return self.text_tokens
@@ -95,6 +106,10 @@ def flux_call(model: nn.Module) -> FluxCall:
     if call is None:
         call = FluxCall()
         model.register_forward_pre_hook(call.record, with_kwargs=True)
+        for part, path in (("image", "x_embedder"), ("text", "context_embedder")):
+            sub = getattr(model, path, None)
+            if isinstance(sub, nn.Module):
+                sub.register_forward_pre_hook(lambda m, args, part=part: call.record_local(part, args))
         _CALLS[model] = call
     return call
 
