@@ -103,11 +103,13 @@ def _cast(x: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | N
     return x.to(dtype)
 
 
-# The routing report's N×N work buffers (its casts of A, δL_intra, δL_inter) are kept between calls,
-# per thread, up to REPORT_WORKSPACE_BYTES in all: a fresh multi-MB array costs its page faults on
-# every call (the allocator hands large freed blocks back to the system), measured ~10 ms of a ~60 ms
-# report at S width (256 tokens, 12 heads). clear_report_workspace() frees them.
-REPORT_WORKSPACE_BYTES = 256 << 20
+# The routing report's large work buffers (its float64 copies of A, δL_intra, δL_inter, and its N×d
+# operands and products) are kept between calls, per thread: a fresh multi-MB array costs its page
+# faults on every call (the allocator hands large freed blocks back to the system), measured ~15 ms of
+# a ~60 ms report at S width (256 tokens, 12 heads). Each kept buffer is at most WORKSPACE_SLOT_BYTES
+# (larger arrays are allocated per call, as before); at most 9 are kept per thread.
+# clear_report_workspace() frees this thread's.
+WORKSPACE_SLOT_BYTES = 64 << 20
 _workspace = threading.local()
 
 
@@ -116,20 +118,25 @@ def clear_report_workspace() -> None:
     _workspace.__dict__.pop("buffers", None)
 
 
-def _own_copy(x: torch.Tensor | None, dtype: torch.dtype | None, slot: str, budget: int) -> torch.Tensor | None:
-    """``x`` cast to ``dtype`` (its own dtype if None) in a buffer the caller may write: a kept CPU work
-    buffer when ``x`` fits ``budget`` bytes, else a fresh tensor. Never ``x`` itself."""
-    if x is None:
-        return None
-    dtype = x.dtype if dtype is None else dtype
-    nbytes = x.numel() * torch.empty((), dtype=dtype).element_size()
-    if x.device.type != "cpu" or nbytes > budget or x.numel() == 0:
-        return x.to(dtype, copy=True)
+def _work(slot: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised ``shape`` tensor the caller may write: a view of this thread's kept buffer
+    ``slot`` for CPU arrays of 16 Ki elements up to WORKSPACE_SLOT_BYTES, else a fresh one."""
+    n = math.prod(shape)
+    if n < 1 << 14 or device.type != "cpu" or n * dtype.itemsize > WORKSPACE_SLOT_BYTES:
+        return torch.empty(shape, dtype=dtype, device=device)  # small: fresh is cheaper; large: not kept
     buffers = _workspace.__dict__.setdefault("buffers", {})
     buf = buffers.get((slot, dtype))
-    if buf is None or buf.numel() < x.numel():
-        buf = buffers[(slot, dtype)] = torch.empty(x.numel(), dtype=dtype)
-    return buf[:x.numel()].view(x.shape).copy_(x)
+    if buf is None or buf.numel() < n:
+        buf = buffers[(slot, dtype)] = torch.empty(n, dtype=dtype)
+    return buf[:n].view(shape)
+
+
+def _own_copy(x: torch.Tensor | None, dtype: torch.dtype | None, slot: str) -> torch.Tensor | None:
+    """``x`` cast to ``dtype`` (its own dtype if None) in a tensor the caller may write (:func:`_work`),
+    never ``x`` itself."""
+    if x is None:
+        return None
+    return _work(slot, tuple(x.shape), x.dtype if dtype is None else dtype, x.device).copy_(x)
 
 
 def _fro(x: torch.Tensor) -> torch.Tensor:
@@ -526,8 +533,10 @@ def logit_spread(A: torch.Tensor, dL: torch.Tensor) -> torch.Tensor:
 # The formulas of [98], [99], [104], [105] from their ingredients: the public helpers below and
 # routing_dominance_report (which computes every ingredient once) share them.
 def _spread(c: torch.Tensor) -> torch.Tensor:
-    # max |c_ij| over keys = max(max c, −min c): the same number as vector_norm(ord=inf) (NaN propagates
-    # alike: amax, amin and maximum all propagate it), with no N×N |c| temporary (abs() made one)
+    # max |c_ij| over keys: the same number as vector_norm(ord=inf) (NaN propagates alike), ~5x faster
+    # on CPU. Large c: max(max c, −min c), no N×N |c| temporary; small: abs().amax, fewer calls.
+    if c.numel() < 1 << 16:
+        return c.abs().amax(dim=-1)
     return torch.maximum(c.amax(dim=-1), c.amin(dim=-1).neg_())
 
 
@@ -637,11 +646,14 @@ def routing_dominance_report(
     # A and δL, kept between calls): a fresh multi-MB array costs its page faults on every call.
     if a_method not in ("exact", "upper"):
         raise ValueError(f"a_method must be 'exact' or 'upper', not {a_method!r}")
-    # A, δL_intra, δL_inter: copies this function owns (kept work buffers, see _own_copy), written in place
-    budget = REPORT_WORKSPACE_BYTES // 3
-    A, dL_intra, dL_inter = (_own_copy(t, dtype, slot, budget)
-                             for t, slot in ((A, "A"), (dL_intra, "dL_intra"), (dL_inter, "dL_inter")))
-    V, dV = (_cast(t, dtype) for t in (V, dV))
+    # A, δL_intra, δL_inter: copies this function owns (kept work buffers, see _work), written in place;
+    # V is copied into the first d columns of [V, 1] (δA_g V and δA_g 1 in one product)
+    A, dL_intra, dL_inter, dV = (_own_copy(t, dtype, slot) for t, slot in
+                                 ((A, "A"), (dL_intra, "dL_intra"), (dL_inter, "dL_inter"), (dV, "dV")))
+    d = V.shape[-1]
+    V_ones = _work("V_ones", (*V.shape[:-1], d + 1), V.dtype if dtype is None else dtype, V.device)
+    V = V_ones[..., :d].copy_(V)
+    V_ones[..., d] = 1
     rtol = _default_rtol(A.dtype) if rtol is None else rtol
     N = A.shape[-1]
 
@@ -674,19 +686,22 @@ def routing_dominance_report(
     n_min = n_eff.amin(dim=-1)
     delta = _spread(c_g)
     delta_max = delta.amax(dim=-1)
-    perp_V = mean_free(V)
-    norm_V, norm_dV, norm_perp_V = _fro(V), _fro(dV), _fro(perp_V)
+    # P_⊥V and P_⊥δV (coherence_fraction, mean_free) in one work buffer, for their norms only
+    perp = _work("perp", tuple(dV.shape), dV.dtype, dV.device)
+    norm_V, norm_dV = _fro(V), _fro(dV)
+    norm_perp_V = _fro(torch.sub(V, V.mean(dim=-2, keepdim=True), out=perp))
     eps_V = _safe_div(norm_perp_V, norm_V)
-    eps_d = coherence_fraction(dV)
+    eps_d = _safe_div(_fro(torch.sub(dV, dV.mean(dim=-2, keepdim=True), out=perp)), norm_dV)
 
     # ---- measured terms --------------------------------------------------------------
-    AdV = A @ dV
-    d = V.shape[-1]
+    mm = lambda x, y, slot, cols: torch.matmul(  # noqa: E731  products into work buffers
+        x, y, out=_work(slot, (*torch.broadcast_shapes(x.shape[:-2], y.shape[:-2]), N, cols), A.dtype, A.device))
+    AdV = mm(A, dV, "AdV", d)
     dA_g = c_g.mul_(A)
-    dA_wide = dA_g @ torch.cat([V, torch.ones_like(V[..., :1])], dim=-1)  # [δA_g V, δA_g 1]
+    dA_wide = mm(dA_g, V_ones, "dA_wide", d + 1)  # [δA_g V, δA_g 1]
     dAV, dA_ones = dA_wide[..., :d], dA_wide[..., d]
     # paper-literal: δA_intra alone (c_intra's buffer is free once c_g is formed)
-    dAV_intra = dAV if c_g is c_intra else c_intra.mul_(A) @ V
+    dAV_intra = dAV if c_g is c_intra else mm(c_intra.mul_(A), V, "dAV_intra", d)
     # a = ‖A P_⊥‖_op, A P_⊥ and its Gram matrix formed in the spent δA buffers
     spare = (dA_g, None if c_g is c_intra else c_intra)
     spare = spare if all(x is None or x.is_contiguous() for x in spare) else (None, None)
