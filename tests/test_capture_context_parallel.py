@@ -73,7 +73,10 @@ def _rank_main(rank: int, world: int, ports: list, model: str, tmp: str) -> None
     from dithooks.capture.context_parallel import capture_context_parallel
     from dithooks.errors import DithooksError
 
+    import faulthandler
+
     torch.set_num_threads(1)
+    faulthandler.dump_traceback_later(120, exit=True)  # a deadlock fails the test instead of hanging it
     result: dict = {}
     calls: list = []
     if rank != 0:
@@ -85,23 +88,21 @@ def _rank_main(rank: int, world: int, ports: list, model: str, tmp: str) -> None
     got = capture_context_parallel(_cfg(model, os.path.join(tmp, "cp.zarr")), "ulysses=2")
     result["returned"] = None if got is None else got.steps_run
     dist.destroy_process_group()
-    # 2. rank 1 fails in its second model call: every rank stops with one line, rank 0's store
-    #    says failed and keeps step 0
+    # 2. --resume of a store a one-process capture left at step 1: rank 0 sends the stored
+    #    state to rank 1
     os.environ["MASTER_PORT"] = str(ports[1])
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    got = capture_context_parallel(_cfg(model, os.path.join(tmp, "part.zarr"), mode="resume"), "ulysses=2")
+    result["resumed"] = None if got is None else [got.resumed_from, got.steps_run]
+    dist.destroy_process_group()
+    result["store_calls"] = calls
+    # 3. rank 1 fails in its second model call: every rank stops with one line, rank 0's store
+    #    says failed and keeps step 0. Last: the failing rank's process ends (which is what
+    #    unblocks the other ranks' collectives; a CLI rank ends after its one-line error)
+    os.environ["MASTER_PORT"] = str(ports[2])
+    dist.init_process_group("gloo", rank=rank, world_size=world)
     if rank == 1:
-        from diffusers import FluxTransformer2DModel
-
-        seen = []
-        orig = FluxTransformer2DModel.forward
-
-        def failing(self, *a, **k):
-            seen.append(1)
-            if len(seen) == 2:
-                raise RuntimeError("injected failure")
-            return orig(self, *a, **k)
-
-        FluxTransformer2DModel.forward = failing
+        _fail_second_call()
     try:
         capture_context_parallel(_cfg(model, os.path.join(tmp, "fail.zarr")), "ulysses=2")
         result["failure"] = None
@@ -109,11 +110,23 @@ def _rank_main(rank: int, world: int, ports: list, model: str, tmp: str) -> None
         result["failure"] = str(e)
     except BaseException as e:  # noqa: BLE001 - reported to the test, which fails on it
         result["failure"] = f"NOT ONE LINE: {type(e).__name__}: {e}"
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    result["store_calls"] = calls
     with open(os.path.join(tmp, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
+
+
+def _fail_second_call() -> None:
+    from diffusers import FluxTransformer2DModel
+
+    seen = []
+    orig = FluxTransformer2DModel.forward
+
+    def failing(self, *a, **k):
+        seen.append(1)
+        if len(seen) == 2:
+            raise RuntimeError("injected failure")
+        return orig(self, *a, **k)
+
+    FluxTransformer2DModel.forward = failing
 
 
 def test_context_parallel_capture_equals_one_process(tmp_path):
@@ -129,7 +142,17 @@ def test_context_parallel_capture_equals_one_process(tmp_path):
     model = family_flux.save_tiny(tmp_path / "tiny-flux")
     ref = capture(_cfg(model, tmp_path / "ref.zarr"))  # one process, no parallelism
     assert ref.steps_run == STEPS
-    mp.start_processes(_rank_main, args=(2, [_free_port(), _free_port()], str(model), str(tmp_path)), nprocs=2,
+    from diffusers import FluxTransformer2DModel
+
+    orig = FluxTransformer2DModel.forward
+    _fail_second_call()  # a one-process capture that stops after step 0, for the --resume case
+    try:
+        with pytest.raises(RuntimeError, match="injected"):
+            capture(_cfg(model, tmp_path / "part.zarr"))
+    finally:
+        FluxTransformer2DModel.forward = orig
+    assert list(open_store(tmp_path / "part.zarr").step_complete()) == [True, False, False]
+    mp.start_processes(_rank_main, args=(2, [_free_port() for _ in range(3)], str(model), str(tmp_path)), nprocs=2,
                        join=True, start_method="fork")
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
     assert r0["returned"] == STEPS and r1["returned"] is None
@@ -157,7 +180,17 @@ def test_context_parallel_capture_equals_one_process(tmp_path):
     assert r1["failure"] == "rank 1 failed: RuntimeError: injected failure" or \
         "injected failure" in r1["failure"], r1["failure"]
     assert "injected failure" in r0["failure"] and "rank 1" in r0["failure"], r0["failure"]
+    print(r0["failure"], r1["failure"], sep="\n")
     assert "\n" not in r0["failure"] and "NOT ONE LINE" not in r0["failure"] + r1["failure"]
     f = open_store(tmp_path / "fail.zarr")
     assert f.meta["status"] == "failed" and "rank 1 failed: RuntimeError: injected failure" in f.meta["error"]
     assert list(f.step_complete()) == [True, False, False]
+
+    # the one-process partial store, resumed under context parallelism (rank 1 sampled from rank
+    # 0's stored state): complete, and equal to the one-process capture as above
+    assert r0["resumed"] == [1, STEPS - 1] and r1["resumed"] is None
+    c = zarr.open_group(str(tmp_path / "part.zarr"), mode="r")
+    assert open_store(tmp_path / "part.zarr").meta["status"] == "complete"
+    for name in ("blocks.resid_post", "blocks.parallel.out", "final.out", "latents"):
+        np.testing.assert_allclose(np.asarray(c[name][...]), np.asarray(a[name][...]), rtol=1e-5, atol=1e-5,
+                                   err_msg=name)
