@@ -136,7 +136,10 @@ def _own_copy(x: torch.Tensor | None, dtype: torch.dtype | None, slot: str) -> t
     never ``x`` itself."""
     if x is None:
         return None
-    return _work(slot, tuple(x.shape), x.dtype if dtype is None else dtype, x.device).copy_(x)
+    dtype = x.dtype if dtype is None else dtype
+    if x.numel() < 1 << 14:
+        return x.to(dtype, copy=True)
+    return _work(slot, tuple(x.shape), dtype, x.device).copy_(x)
 
 
 def _fro(x: torch.Tensor) -> torch.Tensor:
@@ -694,8 +697,11 @@ def routing_dominance_report(
     eps_d = _safe_div(_fro(torch.sub(dV, dV.mean(dim=-2, keepdim=True), out=perp)), norm_dV)
 
     # ---- measured terms --------------------------------------------------------------
-    mm = lambda x, y, slot, cols: torch.matmul(  # noqa: E731  products into work buffers
-        x, y, out=_work(slot, (*torch.broadcast_shapes(x.shape[:-2], y.shape[:-2]), N, cols), A.dtype, A.device))
+    def mm(x, y, slot, cols):  # large products into work buffers
+        if A.numel() < 1 << 16 or x.shape[:-2] != y.shape[:-2]:
+            return x @ y
+        return torch.matmul(x, y, out=_work(slot, (*x.shape[:-2], N, cols), A.dtype, A.device))
+
     AdV = mm(A, dV, "AdV", d)
     dA_g = c_g.mul_(A)
     dA_wide = mm(dA_g, V_ones, "dA_wide", d + 1)  # [δA_g V, δA_g 1]
