@@ -201,3 +201,51 @@ def test_report_at_lanczos_size_matches_numpy():
     np.testing.assert_allclose(rep["a"].numpy(), np_a(A), rtol=1e-12)
     assert rep["routing_lower_bound_holds"].all() and rep["bound_holds"].all()
     assert rep["bound_valid"].any()
+
+
+def _report_inputs(seed, B=4, N=128, d=32):
+    rng = np.random.default_rng(seed)
+    A = np_softmax(rng.standard_normal((B, N, N)) * 2)
+    dLi, dLe = rng.standard_normal((2, B, N, N))
+    V, dV = rng.standard_normal((2, B, N, d))
+    return [torch.as_tensor(x, dtype=torch.float32) for x in (A, dLi, dLe, V, dV)]
+
+
+def test_report_work_buffers_never_alias_results(monkeypatch):
+    """The report keeps its large work buffers between calls (per thread): a later call must not change
+    an earlier result, and the numbers equal those computed with no kept buffers."""
+    first, second = _report_inputs(1), _report_inputs(2)
+    # large enough for the kept buffers and the products into them (N×N and N×(d+1) arrays)
+    assert first[0].numel() >= 1 << 16 and first[3][..., :1].numel() * 33 >= 1 << 14
+    at.clear_report_workspace()
+    rep1 = routing_dominance_report(*first, 0.3)
+    snap = {k: v.clone() for k, v in rep1.items()}
+    rep2 = routing_dominance_report(*second, 0.3)
+    for k in rep1:
+        torch.testing.assert_close(rep1[k], snap[k], rtol=0, atol=0, equal_nan=True, msg=k)
+    monkeypatch.setattr(at, "WORKSPACE_SLOT_BYTES", 0)  # every array fresh, as before the buffers
+    fresh2 = routing_dominance_report(*second, 0.3)
+    for k in rep2:
+        torch.testing.assert_close(rep2[k], fresh2[k], rtol=1e-14, atol=0, equal_nan=True, msg=k)
+    np.testing.assert_allclose(rep2["a"].numpy(), np_a(second[0].double().numpy()
+                                                       / second[0].double().numpy().sum(-1, keepdims=True)), rtol=1e-12)
+
+
+def test_report_work_buffers_are_per_thread():
+    import threading
+
+    inputs = [_report_inputs(s) for s in range(4)]
+    serial = [routing_dominance_report(*x, 0.3)["measured_ratio"] for x in inputs]
+    out = [None] * 4
+
+    def run(i):
+        for _ in range(3):
+            out[i] = routing_dominance_report(*inputs[i], 0.3)["measured_ratio"]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    for i in range(4):
+        torch.testing.assert_close(out[i], serial[i], rtol=1e-14, atol=0)
