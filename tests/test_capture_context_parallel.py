@@ -38,14 +38,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _cfg(model, out, **kw):
+def _cfg(model, out, text=TEXT, **kw):
     from dithooks.capture import CaptureConfig
     from dithooks.conditioning import Conditioning
     from dithooks.sampling import SamplerSpec
     from tests.conformance import family_flux
 
     g = torch.Generator().manual_seed(0)
-    cond = Conditioning(prompt_embeds=torch.randn(2, TEXT, family_flux.JOINT_DIM, generator=g),
+    cond = Conditioning(prompt_embeds=torch.randn(2, text, family_flux.JOINT_DIM, generator=g),
                         pooled_prompt_embeds=torch.randn(2, family_flux.POOLED_DIM, generator=g))
     base = dict(out=str(out), model=str(model), layers="all", hooks=HOOKS, sampler=SamplerSpec("flow", STEPS),
                 seeds=(0, 1), storage_dtype="fp32", conditioning=cond)
@@ -194,3 +194,83 @@ def test_context_parallel_capture_equals_one_process(tmp_path):
     for name in ("blocks.resid_post", "blocks.parallel.out", "final.out", "latents"):
         np.testing.assert_allclose(np.asarray(c[name][...]), np.asarray(a[name][...]), rtol=1e-5, atol=1e-5,
                                    err_msg=name)
+
+
+# -- refusals (one process: checked before any process group is needed) --------------------------------------
+@pytest.fixture(scope="module")
+def flux_dir(tmp_path_factory):
+    from tests.conformance import family_flux
+
+    return family_flux.save_tiny(tmp_path_factory.mktemp("cp") / "tiny-flux")
+
+
+def test_context_parallel_option_is_parsed_or_refused_in_one_line():
+    from dithooks.capture.context_parallel import CPSpec, parse_context_parallel
+    from dithooks.errors import DithooksError
+
+    assert parse_context_parallel("ulysses=2") == CPSpec("ulysses", 2) and str(CPSpec("ulysses", 4)) == "ulysses=4"
+    for bad, msg in (("ulysses", "takes ulysses=W"), ("ulysses=1", "W >= 2"), ("tp=2", "takes ulysses=W"),
+                     ("ring=2", "ring attention needs an attention backend that returns the log-sum-exp")):
+        with pytest.raises(DithooksError, match=msg) as e:
+            parse_context_parallel(bad)
+        assert "\n" not in str(e.value)
+
+
+def test_what_cannot_be_right_under_context_parallelism_is_refused(tmp_path, flux_dir, tiny_model_dir):
+    from dithooks.capture import CaptureSession
+    from dithooks.capture.context_parallel import CPSpec, ContextParallel, check_context_parallel
+    from dithooks.errors import DithooksError
+    from dithooks.loading import load_model
+    from dithooks.sampling import ReplicaSpec
+
+    loaded = load_model(str(flux_dir))
+    two = CPSpec("ulysses", 2)
+    out = tmp_path / "x.zarr"
+    check_context_parallel(CaptureSession(_cfg(flux_dir, out), loaded), two)  # the test's own request passes
+    cases = [
+        (dict(hooks=("resid_post", "attn.q")), "blocks.0.attn.q: attention-internal points are computed by dithooks' "
+                                               "attention processors over a rank's local tokens only"),
+        (dict(hooks=("attn.pattern",)), "attention-internal points"),
+        (dict(hooks=("jvp.full",), layers="0"), "JVP points are not supported under --context-parallel"),
+        (dict(hooks=("modules.x_embedder.out",)), "raw module points are not supported"),
+        (dict(probes=("residual_norms",)), "probes cannot run under --context-parallel"),
+        (dict(window=1), "--window is not supported under --context-parallel"),
+        (dict(replicas=ReplicaSpec(kappa=0.3, g=0.5)), "replica pairs/coupling are not supported"),
+    ]
+    for kw, msg in cases:
+        with pytest.raises(DithooksError, match=msg) as e:
+            check_context_parallel(CaptureSession(_cfg(flux_dir, out, **kw), loaded), two)
+        assert "\n" not in str(e.value)
+    with pytest.raises(DithooksError, match="diffusers cuts the 5 text tokens into 2 equal shards"):
+        check_context_parallel(CaptureSession(_cfg(flux_dir, out, text=5), loaded), two)
+    with pytest.raises(DithooksError, match="splits the 2 attention heads over 4 ranks"):
+        check_context_parallel(CaptureSession(_cfg(flux_dir, out), loaded), CPSpec("ulysses", 4))
+    # a family whose diffusers model has no _cp_plan
+    from dithooks.capture import CaptureConfig
+    from dithooks.sampling import SamplerSpec
+
+    dit = CaptureSession(CaptureConfig(out=str(out), model=str(tiny_model_dir), sampler=SamplerSpec("ddim", 2)))
+    with pytest.raises(DithooksError, match=r"^dit does not support context parallelism in diffusers 0\.42"):
+        check_context_parallel(dit, two)
+    # no process group and no torchrun: say how to launch it
+    os.environ.pop("WORLD_SIZE", None)
+    with pytest.raises(DithooksError, match="launch it with torchrun --nproc-per-node 2"):
+        ContextParallel.start("ulysses=2")
+    assert not out.exists()
+
+
+def test_cli_refuses_context_parallel_with_workers_and_without_torchrun(tmp_path, flux_dir):
+    from typer.testing import CliRunner
+
+    from dithooks.cli.main import app
+
+    emb = tmp_path / "emb.pt"
+    torch.save({"prompt_embeds": torch.randn(2, TEXT, 32), "pooled_prompt_embeds": torch.randn(2, 16)}, emb)
+    base = ["capture", "--out", str(tmp_path / "c.zarr"), "--model", str(flux_dir), "--prompt-embeds", str(emb),
+            "--seeds", "0-1", "--steps", "2", "--context-parallel", "ulysses=2"]
+    for extra, msg in ((["--workers", "2"], "--context-parallel splits one model over the torchrun ranks"),
+                       ([], "launch it with torchrun --nproc-per-node 2")):
+        r = CliRunner().invoke(app, base + extra, env={"WORLD_SIZE": "1"})
+        assert r.exit_code != 0 and msg in " ".join(r.output.split()), r.output
+        assert "Traceback" not in r.output
+    assert not (tmp_path / "c.zarr").exists()
