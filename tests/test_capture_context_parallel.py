@@ -162,6 +162,9 @@ def test_context_parallel_capture_equals_one_process(tmp_path):
 
     a, b = zarr.open_group(str(tmp_path / "ref.zarr"), mode="r"), zarr.open_group(str(tmp_path / "cp.zarr"), mode="r")
     assert open_store(tmp_path / "cp.zarr").meta["status"] == "complete"
+    from dithooks.store.verify import verify_store
+
+    assert verify_store(tmp_path / "cp.zarr").ok
     names = {k for k, _ in a.arrays()}
     assert names == {k for k, _ in b.arrays()}
     assert {"blocks.attn.z", "blocks.context.parallel.out", "blocks.mlp.act", "final.out", "latents"} <= names
@@ -180,7 +183,6 @@ def test_context_parallel_capture_equals_one_process(tmp_path):
     assert r1["failure"] == "rank 1 failed: RuntimeError: injected failure" or \
         "injected failure" in r1["failure"], r1["failure"]
     assert "injected failure" in r0["failure"] and "rank 1" in r0["failure"], r0["failure"]
-    print(r0["failure"], r1["failure"], sep="\n")
     assert "\n" not in r0["failure"] and "NOT ONE LINE" not in r0["failure"] + r1["failure"]
     f = open_store(tmp_path / "fail.zarr")
     assert f.meta["status"] == "failed" and "rank 1 failed: RuntimeError: injected failure" in f.meta["error"]

@@ -18,11 +18,12 @@ value - on rank 0 only by default, so one process records. The hook stays passiv
 model goes on with is the rank's own shard, untouched). The gather is a collective: every rank
 must attach the same hooks, which SPMD code does by construction.
 
-Not covered (see docs/scaling.md): dithooks' own attention processors (q/k/v, patterns, windows,
-coupling) compute attention from the local tokens only and do not take part in diffusers'
-all-to-all, so attention hook points and interventions are not valid under context parallelism;
-the Flux adapter slices single-block joint sequences by the *full* text length it read at the
-model's call, which is wrong on a shard. Capture does not use this yet.
+``dithooks capture --context-parallel ulysses=W`` records through :func:`gather_tokens`
+(:mod:`dithooks.capture.context_parallel`; the Flux adapter cuts single blocks' joint sequences
+at the local text length, so its points are plain shards there). Not valid under context
+parallelism, and refused by the capture (see docs/scaling.md §4): dithooks' own attention
+processors (q/k/v, patterns, windows, coupling) compute attention from the local tokens only and
+do not take part in diffusers' all-to-all, so attention-internal points and interventions are wrong.
 """
 
 from __future__ import annotations
