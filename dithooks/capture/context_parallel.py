@@ -238,20 +238,24 @@ def token_dim(point: Any) -> int | None:
 
 
 class _GatheringHooks:
-    """The session's hook manager, whose ``hooks(read=...)`` gathers each value's token shards
-    (every rank) and calls the read function with the whole value on rank 0 only."""
+    """The session's hook manager, whose read hooks (``hooks(read=...)`` and ``add_hook``) gather
+    each value's token shards (every rank) and call the read function with the whole value on
+    rank 0 only. Which dim to gather is looked up from the point the hook fires on."""
 
-    def __init__(self, manager: Any, adapter: Any, rank: int, cp: ContextParallel):
-        self._manager, self._adapter, self._rank, self._cp = manager, adapter, rank, cp
+    def __init__(self, manager: Any, rank: int, cp: ContextParallel):
+        self._manager, self._rank, self._cp = manager, rank, cp
+        self._dims: dict[str, int | None] = {}
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._manager, name)
 
-    def _wrap(self, name: str, fn: Callable[[torch.Tensor, HookContext], Any]) -> Callable:
-        dim = token_dim(self._adapter.point(name))
-        rank, cp = self._rank, self._cp
+    def _wrap(self, fn: Callable[[torch.Tensor, HookContext], Any]) -> Callable:
+        rank, cp, dims = self._rank, self._cp, self._dims
 
         def read(value: torch.Tensor, ctx: HookContext) -> None:
+            dim = dims.get(ctx.name, -1)
+            if dim == -1:
+                dim = dims[ctx.name] = token_dim(ctx.point)
             if dim is not None:
                 try:
                     value = gather_tokens(value, dim)
@@ -264,11 +268,17 @@ class _GatheringHooks:
 
         return read
 
+    def add_hook(self, names: Any, fn: Callable) -> Any:
+        return self._manager.add_hook(names, self._wrap(fn))
+
+    def add_intervention(self, names: Any, fn: Callable) -> Any:
+        raise DithooksError("interventions are not supported under context parallelism")
+
     @contextlib.contextmanager
     def hooks(self, read: dict | None = None, replace: dict | None = None) -> Iterator[Any]:
         if replace:
             raise DithooksError("interventions are not supported under context parallelism")
-        with self._manager.hooks(read={n: self._wrap(n, fn) for n, fn in (read or {}).items()}) as m:
+        with self._manager.hooks(read={n: self._wrap(fn) for n, fn in (read or {}).items()}) as m:
             yield m
 
 
@@ -351,7 +361,7 @@ class ContextParallelSession(CaptureSession):
         self = cls.__new__(cls)
         self.__dict__.update(base.__dict__)
         self.cp = cp
-        self.hooks = _GatheringHooks(base.hooks, base.loaded.adapter, cp.rank, cp)
+        self.hooks = _GatheringHooks(base.hooks, cp.rank, cp)
         self.sampler = _Sampler(base.sampler, cp)
         self._opened: tuple[int, Any] | None = None
         return self
