@@ -26,8 +26,10 @@
 (4) ``--routing``: the ``routing`` probe's per-call report on top of the JVP. For one block (the
     configs of (1)), the per-head terms the probe reads (``jvp.heads.*`` at g = 0.3) are handed to
     ``routing_dominance_report`` as the probe does, at ``precision`` fp64 (default) and fp32, and in fp64
-    with the probe's option ``a=upper`` (a rigorous upper bound on ``a``, no eigenvalue solver); reported
-    in units of the block forward, wall and CPU time. Target: <= 1.5 block forwards on top of the JVP.
+    with the probe's option ``a=upper`` (a rigorous upper bound on ``a``, no eigenvalue solver), and in
+    fp64 with ``a`` by the dense eigensolver instead of Lanczos (``a dense``: the same report otherwise);
+    reported in units of the block forward, wall and CPU time (the tiny block: 5x the repeats, its
+    calls take ~2 ms). Target: <= 1.5 block forwards on top of the JVP.
     ``--routing-reference old.py`` also times an older ``probes/attention_terms.py`` in the same
     process, interleaved (``git show <commit>:probes/attention_terms.py > old.py``).
 
@@ -194,6 +196,7 @@ def load_reference_report(path: str):
 def bench_routing_report(cfg: Config, repeats: int, g: float = 0.3, device: str = "cpu",
                          reference: str | None = None) -> dict:
     from dithooks.jvp import HEAD_TERMS
+    from dithooks.probes import attention_terms
     from dithooks.probes.attention_terms import routing_dominance_report
     reference_report = load_reference_report(reference) if reference else None
 
@@ -209,9 +212,15 @@ def bench_routing_report(cfg: Config, repeats: int, g: float = 0.3, device: str 
             block(h, timestep=t, class_labels=y)
         sync()
 
-    def report(dtype, fn_report=routing_dominance_report, **kw):
+    def report(dtype, fn_report=routing_dominance_report, dense_a=False, **kw):
         def fn():
-            rep = fn_report(*args, g, dtype=dtype, **kw)
+            min_n = attention_terms.LANCZOS_MIN_N
+            if dense_a:  # a by Gram matrix + eigvalsh at every size
+                attention_terms.LANCZOS_MIN_N = 1 << 30
+            try:
+                rep = fn_report(*args, g, dtype=dtype, **kw)
+            finally:
+                attention_terms.LANCZOS_MIN_N = min_n
             {k: v.cpu() for k, v in rep.items()}  # what the probe keeps
         return fn
 
@@ -221,7 +230,8 @@ def bench_routing_report(cfg: Config, repeats: int, g: float = 0.3, device: str 
 
     cases = {"forward": forward, "jvp (per-head terms)": jvp,
              "report fp64": report(torch.float64), "report fp32": report(torch.float32),
-             "report fp64 a=upper": report(torch.float64, a_method="upper")}
+             "report fp64 a=upper": report(torch.float64, a_method="upper"),
+             "report fp64 a dense": report(torch.float64, dense_a=True)}
     if reference_report is not None:
         cases["reference fp64"] = report(torch.float64, reference_report)
         cases["reference fp32"] = report(torch.float32, reference_report)
@@ -386,8 +396,8 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     if args.routing:
         repeats = args.repeats or (3 if args.quick else 7)
-        rows = [bench_routing_report(c, repeats, device=args.device, reference=args.routing_reference)
-                for c in CONFIGS]
+        rows = [bench_routing_report(c, repeats * (5 if c.name == "tiny" else 1), device=args.device,
+                                     reference=args.routing_reference) for c in CONFIGS]
         print(routing_markdown(rows))
         meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "repeats": repeats,
                 "machine": platform.processor() or platform.machine(), "seconds": round(time.perf_counter() - t0, 1)}

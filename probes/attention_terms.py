@@ -651,12 +651,17 @@ def routing_dominance_report(
         raise ValueError(f"a_method must be 'exact' or 'upper', not {a_method!r}")
     # A, δL_intra, δL_inter: copies this function owns (kept work buffers, see _work), written in place;
     # V is copied into the first d columns of [V, 1] (δA_g V and δA_g 1 in one product)
-    A, dL_intra, dL_inter, dV = (_own_copy(t, dtype, slot) for t, slot in
-                                 ((A, "A"), (dL_intra, "dL_intra"), (dL_inter, "dL_inter"), (dV, "dV")))
+    A, dL_intra, dL_inter = _own_copy(A, dtype, "A"), _own_copy(dL_intra, dtype, "dL_intra"), \
+        _own_copy(dL_inter, dtype, "dL_inter")
     d = V.shape[-1]
-    V_ones = _work("V_ones", (*V.shape[:-1], d + 1), V.dtype if dtype is None else dtype, V.device)
-    V = V_ones[..., :d].copy_(V)
-    V_ones[..., d] = 1
+    if V.numel() < 1 << 14:  # small: fewer calls
+        V, dV = _cast(V, dtype), _cast(dV, dtype)
+        V_ones = torch.cat([V, torch.ones_like(V[..., :1])], dim=-1)
+    else:
+        dV = _own_copy(dV, dtype, "dV")
+        V_ones = _work("V_ones", (*V.shape[:-1], d + 1), V.dtype if dtype is None else dtype, V.device)
+        V = V_ones[..., :d].copy_(V)
+        V_ones.select(-1, d).fill_(1)
     rtol = _default_rtol(A.dtype) if rtol is None else rtol
     N = A.shape[-1]
 

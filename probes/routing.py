@@ -118,8 +118,8 @@ class RoutingDominance(Probe):
         "n_eff_rows": Option(False, "store N_eff of every query row (layer, batch, head, query)"),
         "precision": Option("fp64", "compute dtype of the report: fp64 or fp32"),
         "rtol": Option(0.0, "relative slack of the bound checks (0: 1e3·eps of the precision)"),
-        "a": Option("exact", "a = ‖A P_⊥‖_op of [103]: exact (eigenvalue solver) or upper (a rigorous upper "
-                             "bound without one, ~half the report time at 256 tokens; [104]/[105] stay proven, looser)"),
+        "a": Option("exact", "a = ‖A P_⊥‖_op of [103]: exact (Lanczos from 64 tokens, dense eigensolver below, "
+                             "to ~1e-12) or upper (a rigorous upper bound ā ≥ a; [104]/[105] stay proven, looser)"),
         "linearisation": Option("auto", "measure how far R+M is from the actual (O^a−O^b)/2 of the pair: "
                                         "auto (replica runs), on (refuse other runs), off"),
     }
