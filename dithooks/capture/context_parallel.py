@@ -41,7 +41,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ..errors import DithooksError, StoreError
+from ..errors import DithooksError
 from ..hooks import HookContext
 from ..scale.context_parallel import gather_tokens
 from .session import CaptureResult, CaptureSession
@@ -433,7 +433,8 @@ class ContextParallelSession(CaptureSession):
         if start >= cfg.sampler.steps:
             return None
         if state is None:  # step 0: the same draws as rank 0 (seeded per sample)
-            state = initial_state(self.loaded, cfg.seeds, float(getattr(self.sampler.scheduler, "init_noise_sigma", 1.0)))
+            sigma = float(getattr(self.sampler.scheduler, "init_noise_sigma", 1.0))
+            state = initial_state(self.loaded, cfg.seeds, sigma)
         read = {n: _ignore for n in self.hook_names}
         with self.hooks.hooks(read=read):
             self.sampler.run(self.conditioning.sampler_input, cfg.seeds, state=state)
