@@ -96,6 +96,20 @@ class AttachedHook:
         return f"#{self.id} {self.mode:<7} {self.name}  <- {fn_name}"
 
 
+class _Dispatch:
+    """What one module's torch hook does now; :meth:`HookManager._sync` keeps it current.
+
+    ``reads``: when every function attached to the module's points only reads and no replaced
+    value is carried into the module (the capture case), one entry per point - ``(point, its
+    reader, its hooks, [cached context])`` - run by :meth:`HookManager._run_reads` without the
+    general path's per-call work; None otherwise (the general path)."""
+
+    __slots__ = ("reads",)
+
+    def __init__(self) -> None:
+        self.reads: tuple | None = None
+
+
 class HookManager:
     """Attaches user functions to an adapter's named hook points on one model."""
 
@@ -107,6 +121,7 @@ class HookManager:
         self._ids = itertools.count(1)
         # (module path, kind) -> torch handle; one dispatcher per module and kind
         self._torch_handles: dict[tuple[str, str], Any] = {}
+        self._dispatch: dict[tuple[str, str], _Dispatch] = {}  # same keys: what each dispatcher does
         # (module path, tuple item or None) -> pending (new - old) to add to that module's output
         # (see HookPoint.carry_to / carry_item)
         self._carry: dict[tuple[str, int | None], torch.Tensor] = {}
@@ -156,10 +171,10 @@ class HookManager:
         """Attach for the duration of a ``with`` block; removes exactly what it added."""
         added: list[AttachedHook] = []
         try:
-            for name, fn in (read or {}).items():
-                added += self.add_hook(name, fn)
-            for name, fn in (replace or {}).items():
-                added += self.add_intervention(name, fn)
+            # everything attached first and the torch hooks made to match once (attaching N
+            # points one by one re-synced N times)
+            added = self._add_many([(name, fn, "read") for name, fn in (read or {}).items()]
+                                   + [(name, fn, "replace") for name, fn in (replace or {}).items()])
             yield self
         finally:
             self.remove(added)
@@ -198,26 +213,34 @@ class HookManager:
 
     # -- internals ---------------------------------------------------------------------------
     def _add(self, names: str | list[str], fn: HookFn, mode: str) -> list[AttachedHook]:
-        if not callable(fn):
-            raise DithooksError(f"hook function for {names!r} is not callable")
-        resolved = self.adapter.resolve([names] if isinstance(names, str) else list(names))
-        added = []
-        for name in resolved:
-            point = self.adapter.point(name)
-            if mode == "replace" and not point.writable:
-                raise DithooksError(f"hook point {name!r} is read-only")
-            if point.kind not in ("pre", "post") and point.kind not in self._extensions:
-                raise DithooksError(f"hook point {name!r} needs the {point.kind!r} extension, "
-                                    "which is not enabled on this manager")
-            h = AttachedHook(next(self._ids), name, mode, fn)
-            self._hooks[h.id] = h
-            added.append(h)
+        return self._add_many([(names, fn, mode)])
+
+    def _add_many(self, requests: list[tuple[str | list[str], HookFn, str]]) -> list[AttachedHook]:
+        """Attach every ``(names, fn, mode)`` request, then sync the torch hooks once; a request
+        that fails leaves nothing of the call attached."""
+        added: list[AttachedHook] = []
         try:
-            self._sync()
+            for names, fn, mode in requests:
+                if not callable(fn):
+                    raise DithooksError(f"hook function for {names!r} is not callable")
+                resolved = self.adapter.resolve([names] if isinstance(names, str) else list(names))
+                for name in resolved:
+                    point = self.adapter.point(name)
+                    if mode == "replace" and not point.writable:
+                        raise DithooksError(f"hook point {name!r} is read-only")
+                    if point.kind not in ("pre", "post") and point.kind not in self._extensions:
+                        raise DithooksError(f"hook point {name!r} needs the {point.kind!r} extension, "
+                                            "which is not enabled on this manager")
+                    h = AttachedHook(next(self._ids), name, mode, fn)
+                    self._hooks[h.id] = h
+                    added.append(h)
+            if added:
+                self._sync()
         except Exception:  # a request the model cannot serve leaves nothing half-attached
-            for h in added:
-                self._hooks.pop(h.id, None)
-            self._sync()
+            if added:
+                for h in added:
+                    self._hooks.pop(h.id, None)
+                self._sync()
             raise
         return added
 
@@ -240,24 +263,42 @@ class HookManager:
         for key in list(self._torch_handles):
             if key not in wanted:
                 self._torch_handles.pop(key).remove()
+                self._dispatch.pop(key, None)
         for key in wanted:
             if key in self._torch_handles:
                 continue
             path, kind = key
             module = self.model.get_submodule(path)
+            slot = self._dispatch[key] = _Dispatch()
             if kind == "pre":
-                handle = module.register_forward_pre_hook(self._make_pre(path), with_kwargs=True)
+                handle = module.register_forward_pre_hook(self._make_pre(path, slot), with_kwargs=True)
             else:
-                handle = module.register_forward_hook(self._make_post(path), with_kwargs=True)
+                handle = module.register_forward_hook(self._make_post(path, slot), with_kwargs=True)
             self._torch_handles[key] = handle
         self._by_name = {}
         for h in self._hooks.values():
             self._by_name.setdefault(h.name, []).append(h)
         self._by_module = {key: pts for key, pts in wanted.items()}
+        self._plan_dispatch(wanted)
         for ext in self._extensions.values():
             ext.sync(self)
         if not self._hooks:
             self._carry.clear()
+
+    def _plan_dispatch(self, wanted: dict[tuple[str, str], list[HookPoint]]) -> None:
+        """Give each dispatcher its read-only plan where one applies (see :class:`_Dispatch`)."""
+        carried = set()
+        for h in self._hooks.values():
+            if h.mode == "replace":
+                p = self.adapter.point(h.name)
+                if p.carry_to is not None:
+                    carried.add(p.carry_to)
+        for key, slot in self._dispatch.items():
+            entries = [(p, self._by_name.get(p.name, [])) for p in wanted.get(key, [])]
+            if key[0] in carried or any(h.mode != "read" for _, hs in entries for h in hs):
+                slot.reads = None
+            else:
+                slot.reads = tuple((p, p.read, tuple(hs), [None]) for p, hs in entries)
 
     def hooks_for(self, name: str) -> list[AttachedHook]:
         return self._by_name.get(name, [])
@@ -283,9 +324,7 @@ class HookManager:
             out = h.fn(value, ctx)
             if h.mode == "read":
                 if out is not None:
-                    raise DithooksError(
-                        f"read hook {h.describe()} returned a value; reading is passive - "
-                        "use add_intervention() to replace a value")
+                    raise self._passive_error(h)
                 continue
             if out is None:
                 continue
@@ -299,9 +338,33 @@ class HookManager:
     def _points_on(self, path: str, kind: str) -> list[HookPoint]:
         return self._by_module.get((path, kind), [])
 
-    def _make_pre(self, path: str):
+    def _passive_error(self, h: AttachedHook) -> DithooksError:
+        return DithooksError(f"read hook {h.describe()} returned a value; reading is passive - "
+                             "use add_intervention() to replace a value")
+
+    def _run_reads(self, reads: tuple, args: tuple, kwargs: dict, output: Any) -> None:
+        """The read-only path (:class:`_Dispatch`): read each point, call its functions with a
+        context made once per point and step (its fields are those of :meth:`context`)."""
+        s = self.state
+        step, timestep, axes = s.step, s.timestep, s.batch_axes
+        for point, read, hooks, cache in reads:
+            ctx = cache[0]
+            if ctx is None or ctx.step != step or ctx.timestep != timestep or ctx.batch_axes != axes:
+                ctx = cache[0] = HookContext(point.name, point.layer, step, timestep, axes, point, {})
+            value = read(args, kwargs, output)
+            for h in hooks:
+                if h.fn(value, ctx) is not None:
+                    raise self._passive_error(h)
+
+    def _make_pre(self, path: str, slot: _Dispatch):
+        run_reads = self._run_reads
+
         def pre_hook(module, args, kwargs):
             if self._suspended:
+                return None
+            reads = slot.reads
+            if reads is not None:
+                run_reads(reads, args, kwargs, None)
                 return None
             changed_any = False
             for point in self._points_on(path, "pre"):
@@ -316,9 +379,15 @@ class HookManager:
             return (args, kwargs) if changed_any else None
         return pre_hook
 
-    def _make_post(self, path: str):
+    def _make_post(self, path: str, slot: _Dispatch):
+        run_reads = self._run_reads
+
         def post_hook(module, args, kwargs, output):
             if self._suspended:
+                return None
+            reads = slot.reads
+            if reads is not None and not self._carry:
+                run_reads(reads, args, kwargs, output)
                 return None
             changed_any = False
             for key in [k for k in self._carry if k[0] == path]:

@@ -22,6 +22,28 @@ BATCH_BYTES = 8 * 2**20
 INLINE_STEP_BYTES = 2**20
 
 
+class _ArraySlot:
+    """One array's slab of the current step: ``[layer,] *batch, *value`` in the storage dtype, and
+    its rows (one per captured layer; the slab itself without a layer dim); None between steps."""
+
+    __slots__ = ("name", "shape", "with_layer", "slab", "rows")
+
+    def __init__(self, name: str, shape: tuple[int, ...], with_layer: bool):
+        self.name, self.shape, self.with_layer = name, shape, with_layer
+        self.slab: torch.Tensor | None = None
+        self.rows: tuple | None = None
+
+
+class _PointPlan:
+    """``record``'s plan for one hook point: its array's slot, its row there, the value shape it
+    was planned for, and whether the value needs no reshape (``same``)."""
+
+    __slots__ = ("slot", "row", "value_shape", "same")
+
+    def __init__(self, slot: _ArraySlot, row: int, value_shape: torch.Size, same: bool):
+        self.slot, self.row, self.value_shape, self.same = slot, row, value_shape, same
+
+
 class StepRecorder:
     """Turns hooked values into store writes for one run.
 
@@ -48,8 +70,9 @@ class StepRecorder:
         # host slabs the hooks copy into (pinned + non-blocking from a GPU, one sync per step)
         self.staging = HostStaging()
         self._specs: dict[str, ArraySpec] = {}
-        self._slabs: dict[str, tuple] = {}  # array -> (this step's slab, its layer rows or None)
-        self._plans: dict[str, tuple] = {}  # hook point -> (array, row, slab shape, value shape, same)
+        self._slots: dict[str, _ArraySlot] = {}  # array -> its slab of this step (see record)
+        self._slabs: dict[str, _ArraySlot] = {}  # the arrays that have a slab this step
+        self._plans: dict[str, _PointPlan] = {}  # hook point -> its plan (see _plan)
         # finished steps not yet written: (step, {array: values}, state); see flush_pending
         self._pending: list[tuple[int, dict[str, torch.Tensor], Any]] = []
         self._batch: int | None = None
@@ -73,35 +96,44 @@ class StepRecorder:
         self._specs[arr] = spec
         return spec
 
-    def _plan(self, value: torch.Tensor, ctx: HookContext) -> tuple:
-        """What ``record`` needs for a hook point, worked out on its first call: the array, the
-        layer's row in the slab (None: no layer dim), the slab's shape and the value's shape."""
+    def _plan(self, value: torch.Tensor, ctx: HookContext) -> "_PointPlan":
+        """What ``record`` needs for a hook point, worked out on its first call: the array's slot,
+        the layer's row in the slab (0 without a layer dim), the value's shape."""
         spec = self._spec(ctx.name, ctx, value)
         shape = tuple(n for _, n in ctx.batch_axes) + tuple(value.shape[1:])
-        if ctx.layer is None:
-            plan = (spec.name, None, shape, value.shape, shape == tuple(value.shape))
-        else:
-            plan = (spec.name, self._layer_pos[spec.name][ctx.layer], (spec.shape[1],) + shape, value.shape,
-                    shape == tuple(value.shape))
-        self._plans[ctx.name] = plan
+        slot = self._slots.get(spec.name)
+        if slot is None:
+            with_layer = ctx.layer is not None
+            slot = self._slots[spec.name] = _ArraySlot(spec.name, ((spec.shape[1],) if with_layer else ()) + shape,
+                                                       with_layer)
+        row = 0 if ctx.layer is None else self._layer_pos[spec.name][ctx.layer]
+        plan = self._plans[ctx.name] = _PointPlan(slot, row, value.shape, shape == tuple(value.shape))
         return plan
+
+    def _take(self, slot: "_ArraySlot", value: torch.Tensor) -> tuple:
+        """This step's slab of ``slot``'s array (every captured layer's values, written at step
+        end) and its rows."""
+        slab = self.staging.take(slot.shape, self.store_dtype, value)
+        slot.slab, slot.rows = slab, (slab.unbind(0) if slot.with_layer else (slab,))
+        self._slabs[slot.name] = slot
+        return slot.rows
 
     def record(self, value: torch.Tensor, ctx: HookContext) -> None:
         """A read hook: copy ``value`` into its row of this step's slab (dtype converted in the
-        copy). The per-point work (array, row, shapes) is planned once; this is the hot path."""
+        copy). The per-point work (array, row, shapes) is planned once; this is the hot path
+        (called once per point and model call: keep it short)."""
         plan = self._plans.get(ctx.name)
-        if plan is None or plan[3] != value.shape:
+        if plan is None or plan.value_shape != value.shape:
             plan = self._plan(value, ctx)
-        name, row, shape, _, same = plan
-        rows = self._slabs.get(name)
-        if rows is None:  # this step's values of every captured layer, written at step end
-            slab = self.staging.take(shape, self.store_dtype, value)
-            rows = self._slabs[name] = (slab, None if row is None else slab.unbind(0))
-        dst = rows[0] if row is None else rows[1][row]
+        slot = plan.slot
+        rows = slot.rows
+        if rows is None:
+            rows = self._take(slot, value)
+        dst = rows[plan.row]
         if value.is_cpu:
             if value.requires_grad:
                 value = value.detach()
-            dst.copy_(value if same else value.reshape(dst.shape))
+            dst.copy_(value if plan.same else value.reshape(dst.shape))
         else:
             self.staging.copy(dst, value)
 
@@ -124,7 +156,9 @@ class StepRecorder:
         """After step ``step``: queue its probe outputs, buffer its hooked values and state; write
         the buffer (then mark those steps complete) every few steps and after the last."""
         self.staging.end_step()  # the step's device-to-host copies are done (one wait, on GPU)
-        values = {name: slab for name, (slab, _) in self._slabs.items()}
+        values = {}
+        for name, slot in self._slabs.items():
+            values[name], slot.slab, slot.rows = slot.slab, None, None
         self._slabs = {}
         if self.probes:
             self.probes.emit_step(step, self.writer.put, self.stored_dims())
