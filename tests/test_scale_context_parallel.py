@@ -37,6 +37,9 @@ def _toy(rank: int, world: int) -> dict:
     off, n = equipartition(7, world)[rank]
     got, offs = gather_tokens(full[:, off:off + n], 1, return_offsets=True)
     assert torch.equal(got, full) and offs == [[(0, 4), (4, 3)]]
+    even = torch.randn(2, 8, 3, generator=g)  # equal shards: lengths not exchanged
+    got, offs = gather_tokens(even[:, 4 * rank:4 * rank + 4], 1, equal=True, return_offsets=True)
+    assert torch.equal(got, even) and offs == [[(0, 4), (4, 4)]]
     # a joint sequence: text (3 tokens) and image (5 tokens) sharded separately, concatenated per rank
     text, image = torch.randn(2, 3, 4, generator=g), torch.randn(2, 5, 4, generator=g)
     (to, tn), (io, in_) = equipartition(3, world)[rank], equipartition(5, world)[rank]

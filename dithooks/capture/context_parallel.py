@@ -258,7 +258,7 @@ class _GatheringHooks:
                 dim = dims[ctx.name] = token_dim(ctx.point)
             if dim is not None:
                 try:
-                    value = gather_tokens(value, dim)
+                    value = gather_tokens(value, dim, equal=True)  # equal shards: checked
                 except Exception as e:
                     if _is_peer_failure(e):
                         raise cp.peer_error(e) from None

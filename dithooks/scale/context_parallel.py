@@ -55,8 +55,11 @@ def shard_offsets(local: int, group: Any = None) -> list[tuple[int, int]]:
     return [(sum(lengths[:r]), lengths[r]) for r in range(world)]
 
 
-def _gather_one(value: torch.Tensor, dim: int, group: Any) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-    offsets = shard_offsets(value.shape[dim], group)
+def _gather_one(value: torch.Tensor, dim: int, group: Any,
+                equal: bool = False) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    n = value.shape[dim]
+    offsets = ([(r * n, n) for r in range(dist.get_world_size(group))] if equal
+               else shard_offsets(n, group))
     most = max(n for _, n in offsets)
     v = value.detach()
     if v.shape[dim] < most:  # all_gather needs equal shapes: pad, then cut each shard back
@@ -69,13 +72,15 @@ def _gather_one(value: torch.Tensor, dim: int, group: Any) -> tuple[torch.Tensor
 
 
 def gather_tokens(value: torch.Tensor, dim: int = 1, group: Any = None, segments: Sequence[int] | None = None,
-                  return_offsets: bool = False) -> Any:
+                  return_offsets: bool = False, equal: bool = False) -> Any:
     """The whole value from every rank's token shard ``value`` (a collective: call on every rank).
 
     ``dim``: the token dim (1 for ``(batch, token, channel)``). ``segments``: for a sequence that
     is a concatenation of separately sharded sequences (a joint block's ``[text, image]``), this
     rank's local length of each; each segment is gathered on its own and the results concatenated
     segment by segment. With ``return_offsets``, also each segment's per-rank ``(offset, length)``.
+    ``equal``: every rank's shard is known to be as long as this one (diffusers' equipartition),
+    so the lengths are not exchanged (one collective instead of two).
     The value is not changed (a copy is gathered)."""
     if not dist.is_available() or not dist.is_initialized():
         full = value.detach().clone()
@@ -87,7 +92,7 @@ def gather_tokens(value: torch.Tensor, dim: int = 1, group: Any = None, segments
         raise ValueError(f"segments {list(segments)} do not add up to the token dim ({value.shape[dim]})")
     pieces, offsets, at = [], [], 0
     for n in segments:
-        full, offs = _gather_one(value.narrow(dim, at, n), dim, group)
+        full, offs = _gather_one(value.narrow(dim, at, n), dim, group, equal)
         pieces.append(full)
         offsets.append(offs)
         at += n
