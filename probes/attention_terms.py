@@ -495,18 +495,27 @@ def _gram_top_eigenvalue_lanczos(M: torch.Tensor, k_max: int = LANCZOS_K_MAX, to
         lam[idx[open_]] = top[open_]  # the latest Ritz value where not yet converged
         done[idx[ok & open_]] = True
         going = open_ & ~ok & finite  # NaN/inf heads stop here, unconverged
+        # log of how far each head's residual is from the tolerance, and its rate per step since the
+        # last check: a head predicted to need more than k_max steps (a flat top of the spectrum, e.g.
+        # a local-attention pattern A ≈ I + E: hundreds of steps) is given up, to the dense solver
+        need = torch.log((rho / (tol * top)).clamp_min(1.0))
+        steps = torch.full_like(need, 2.0)
+        if last is not None:
+            rate = (last[1] - need) / (k - last[0])
+            steps = torch.where(rate > 0, need / rate.clamp_min(torch.finfo(dtype).tiny), 2.0).clamp_max(1e6)
+            if k >= 2 * first_check:
+                going &= (rate > 0) & (k + steps <= k_max)
+            else:  # early rates understate the (superlinear) convergence and may not yet be positive
+                going &= (rate <= 0) | (k + steps <= 2 * k_max)
         n_left = int(going.sum())
         if n_left == 0:
             break
-        # next check: when the slowest head's ρ/(tol θ) would reach 1 at the rate since the last check
-        need = math.log(max(float((rho[going] / (tol * top[going])).amax()), 1.0))
-        steps = 2
-        if last is not None and math.isfinite(need) and need < last[1]:
-            steps = max(1, min(6, math.ceil(need * (k - last[0]) / (last[1] - need))))
-        check, last = k + steps, (k, need)
+        # next check: when the slowest head would reach the tolerance at its rate
+        check, last = k + max(1, min(6, math.ceil(float(steps[going].amax())))), (k, need)
         if 4 * n_left <= len(idx):  # few left: carry on with those only (copying M costs ~ a step)
             keep = going.nonzero()[:, 0]
             idx, Q, alpha, beta, scale = idx[keep], Q[keep], alpha[keep], beta[keep], scale[keep]
+            last = (k, need[keep])
             M = M.index_select(0, keep)
             Mt = M.transpose(-2, -1)
     return lam, done
