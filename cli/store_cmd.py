@@ -128,7 +128,11 @@ def ls(store: Path, verify: bool = False, as_json: bool = False) -> int:
                       "dtype": a.dtype, "size": human_bytes(a.nbytes_logical),
                       "on disk": human_bytes(a.nbytes_stored)} for a in arrays])
         return rc
-    typer.echo(f"model     {m.get('model_id')} ({m.get('model_class')}, {m.get('model_config', {}).get('num_layers')} blocks)")
+    cfg = m.get("model_config", {})
+    blocks = f"{cfg.get('num_layers')} blocks"
+    if cfg.get("num_single_layers"):  # Flux: double-stream blocks, then single-stream ones
+        blocks = f"{cfg['num_layers'] + cfg['num_single_layers']} blocks: {cfg['num_layers']} double, {cfg['num_single_layers']} single"
+    typer.echo(f"model     {m.get('model_id')} ({m.get('model_class')}, {blocks})")
     typer.echo(f"sampler   {smp.get('name')} {smp.get('steps')} steps, eta {smp.get('eta')}, guidance {smp.get('guidance')}")
     if m.get("conditioning") == "text":  # text families: rows of a prompt-embeddings file
         source = m.get("prompt_embeds_file") or "in-memory embeddings"

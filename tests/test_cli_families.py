@@ -175,6 +175,9 @@ def test_embedded_guidance_reaches_flux_dev(tmp_path):
         return open_store(tmp_path / name).select("blocks.resid_post").values
 
     a = values("opt.zarr", "--prompt-embeds", plain, "--embedded-guidance", "2")
+    cfg = json.loads((model / "config.json").read_text())   # ls counts double- and single-stream blocks
+    n, m = cfg["num_layers"], cfg["num_single_layers"]
+    assert f"{n + m} blocks: {n} double, {m} single" in run("ls", tmp_path / "opt.zarr").output
     assert np.array_equal(a, values("file.zarr", "--prompt-embeds", with_g))
     assert not np.array_equal(a, values("other.zarr", "--prompt-embeds", plain, "--embedded-guidance", "5"))
     for args, needle in ((("--prompt-embeds", plain, "--embedded-guidance", "nan"), "--embedded-guidance"),
