@@ -454,6 +454,7 @@ def _gram_top_eigenvalue_lanczos(M: torch.Tensor, k_max: int = LANCZOS_K_MAX, to
     lam = torch.zeros(b, dtype=dtype, device=device)
     done = torch.zeros(b, dtype=torch.bool, device=device)
     idx = torch.arange(b, device=device)  # the heads still iterating
+    quit = torch.zeros(b, dtype=torch.bool, device=device)  # of those, the ones given up (see below)
     Q = torch.empty(b, k_max + 1, N, dtype=dtype, device=device)  # rows: the Krylov basis
     # start: M's row norms (the queries whose mean-free rows are large weigh most in the top left
     # singular vector: ~2 steps fewer on the patterns measured) plus a fixed random vector, so that
@@ -494,7 +495,7 @@ def _gram_top_eigenvalue_lanczos(M: torch.Tensor, k_max: int = LANCZOS_K_MAX, to
         open_ = ~done[idx]
         lam[idx[open_]] = top[open_]  # the latest Ritz value where not yet converged
         done[idx[ok & open_]] = True
-        going = open_ & ~ok & finite  # NaN/inf heads stop here, unconverged
+        going = open_ & ~ok & finite & ~quit  # NaN/inf heads stop here, unconverged
         # log of how far each head's residual is from the tolerance, and its rate per step since the
         # last check: a head predicted to need more than k_max steps (a flat top of the spectrum, e.g.
         # a local-attention pattern A ≈ I + E: hundreds of steps) is given up, to the dense solver
@@ -504,17 +505,20 @@ def _gram_top_eigenvalue_lanczos(M: torch.Tensor, k_max: int = LANCZOS_K_MAX, to
             rate = (last[1] - need) / (k - last[0])
             steps = torch.where(rate > 0, need / rate.clamp_min(torch.finfo(dtype).tiny), 2.0).clamp_max(1e6)
             if k >= 2 * first_check:
-                going &= (rate > 0) & (k + steps <= k_max)
+                hopeless = (rate <= 0) | (k + steps > k_max)
             else:  # early rates understate the (superlinear) convergence and may not yet be positive
-                going &= (rate <= 0) | (k + steps <= 2 * k_max)
+                hopeless = (rate > 0) & (k + steps > 2 * k_max)
+            quit |= going & hopeless
+            going &= ~hopeless
         n_left = int(going.sum())
         if n_left == 0:
             break
         # next check: when the slowest head would reach the tolerance at its rate
         check, last = k + max(1, min(6, math.ceil(float(steps[going].amax())))), (k, need)
-        if 4 * n_left <= len(idx):  # few left: carry on with those only (copying M costs ~ a step)
+        if 2 * n_left <= len(idx):  # half or fewer left: carry on with those only (copying them costs
+            # ≤ half a step, each later step is at least halved)
             keep = going.nonzero()[:, 0]
-            idx, Q, alpha, beta, scale = idx[keep], Q[keep], alpha[keep], beta[keep], scale[keep]
+            idx, Q, alpha, beta, scale, quit = idx[keep], Q[keep], alpha[keep], beta[keep], scale[keep], quit[keep]
             last = (k, need[keep])
             M = M.index_select(0, keep)
             Mt = M.transpose(-2, -1)
