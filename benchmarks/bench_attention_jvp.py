@@ -29,7 +29,8 @@
     with the probe's option ``a=upper`` (a rigorous upper bound on ``a``, no eigenvalue solver), and in
     fp64 with ``a`` by the dense eigensolver instead of Lanczos (``a dense``: the same report otherwise);
     reported in units of the block forward, wall and CPU time (the tiny block: 5x the repeats, its
-    calls take ~2 ms). Target: <= 1.5 block forwards on top of the JVP.
+    calls take ~2 ms). Target: <= 1.5 block forwards on top of the JVP. Then (CPU) ``a`` alone, dense
+    solver against the default (Lanczos), on the blocks' patterns and on synthetic local-window ones.
     ``--routing-reference old.py`` also times an older ``probes/attention_terms.py`` in the same
     process, interleaved (``git show <commit>:probes/attention_terms.py > old.py``).
 
@@ -243,6 +244,59 @@ def bench_routing_report(cfg: Config, repeats: int, g: float = 0.3, device: str 
             "cpu_ratio": {k: v / cpu["forward"] for k, v in cpu.items()}}
 
 
+def local_window_patterns(widths, side: int = 16, seed: int = 0) -> torch.Tensor:
+    """Local attention on a side×side token grid: softmax of −dist²/(2 w²) plus noise (0.3 N(0,1)),
+    float64. Narrow windows give A ≈ I + E, a flat top of the spectrum of A P_⊥."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    pos = torch.stack([yy.flatten(), xx.flatten()], -1).double()
+    d2 = ((pos[:, None] - pos[None]) ** 2).sum(-1)
+    return torch.stack([torch.softmax(-d2 / (2 * w * w) + 0.3 * torch.randn(d2.shape, generator=g, dtype=torch.float64), -1)
+                        for w in widths])
+
+
+def bench_operator_norm(repeats: int) -> list[dict]:
+    """``a = ‖A P_⊥‖_op`` alone: the dense solver (Gram + eigvalsh) against the default (Lanczos from 64
+    tokens, dense fallback), interleaved, CPU ms; on the S-like and XL-width blocks' patterns (random
+    init, g = 0.3) and on synthetic local-window patterns (12 heads, 256 tokens)."""
+    from dithooks.jvp import HEAD_TERMS
+    from dithooks.probes import attention_terms
+
+    sets = {}
+    for cfg in CONFIGS[1:]:
+        block = dit_block(cfg)
+        h, delta, t, y = block_inputs(cfg)
+        with torch.no_grad():
+            A = block_jvp(block, h, delta, timestep=t, class_labels=y, parts=(), heads=HEAD_TERMS, g=0.3)["heads.pattern"]
+        A = A.double()
+        sets[f"{cfg.name} block"] = (A / A.sum(-1, keepdim=True)).reshape(-1, cfg.tokens, cfg.tokens)
+    sets["local, width 0.5 (flat top)"] = local_window_patterns([0.5] * 12)
+    sets["local, widths 0.5-4"] = local_window_patterns([0.5, 1, 2, 4] * 3)
+    rows = []
+    for name, A in sets.items():
+        M = A - A.mean(-1, keepdim=True)
+        dense = attention_terms._mean_free_operator_norm_dense(A)
+        auto = attention_terms._mean_free_operator_norm(A)
+        _, done = attention_terms._gram_top_eigenvalue_lanczos(M)
+        cpu: dict[str, float] = {}
+        time_interleaved({"dense": lambda: attention_terms._mean_free_operator_norm_dense(A),
+                          "lanczos": lambda: attention_terms._mean_free_operator_norm(A)}, repeats, cpu=cpu)
+        rows.append({"set": name, "heads": A.shape[0], "tokens": A.shape[-1], "dense_ms": 1e3 * cpu["dense"],
+                     "lanczos_ms": 1e3 * cpu["lanczos"], "converged": int(done.sum()),
+                     "max_rel_diff": float(((auto - dense).abs() / dense).max())})
+    return rows
+
+
+def operator_norm_markdown(rows: list[dict]) -> str:
+    lines = ["### a = ‖A P_⊥‖_op alone (CPU ms, medians)", "",
+             "| patterns | heads × tokens | dense | default (Lanczos) | ratio | heads converged by Lanczos | max rel. diff |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['set']} | {r['heads']} × {r['tokens']} | {r['dense_ms']:.1f} | {r['lanczos_ms']:.1f} | "
+                     f"{r['lanczos_ms'] / r['dense_ms']:.2f} | {r['converged']}/{r['heads']} | {r['max_rel_diff']:.1e} |")
+    return "\n".join(lines)
+
+
 def routing_markdown(rows: list[dict]) -> str:
     cases = [c for c in rows[0]["ms"] if c != "forward"]
     lines = ["### (4) routing probe: report per block call, in block forwards (median ms)", "",
@@ -399,12 +453,15 @@ def main(argv=None) -> None:
         rows = [bench_routing_report(c, repeats * (5 if c.name == "tiny" else 1), device=args.device,
                                      reference=args.routing_reference) for c in CONFIGS]
         print(routing_markdown(rows))
+        a_rows = bench_operator_norm(repeats) if args.device == "cpu" else []
+        if a_rows:
+            print("\n" + operator_norm_markdown(a_rows))
         meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "repeats": repeats,
                 "machine": platform.processor() or platform.machine(), "seconds": round(time.perf_counter() - t0, 1)}
         print(f"\n{meta}")
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"meta": meta, "routing": rows}, f, indent=2)
+                json.dump({"meta": meta, "routing": rows, "operator_norm": a_rows}, f, indent=2)
         return
     if args.whole_run:
         names = [m.strip() for m in args.models.split(",") if m.strip()]
