@@ -88,6 +88,7 @@ class _NNsightCached(torch.nn.Module):
         from nnsight import NNsight
 
         self.inner = transformer
+        self.config = transformer.config  # the adapter reads the model's geometry from it
         self.envoy = NNsight(transformer)
         self.blocks = [self.envoy.transformer_blocks[i] for i in range(len(transformer.transformer_blocks))]
         self.store = store
@@ -115,9 +116,15 @@ def time_variants(model_ref: str, steps: int, samples: int, repeats: int, root: 
     skipped = {}
     if "nnsight cache" in variants and (why := nnsight_available()) is not None:
         skipped["nnsight cache"] = f"nnsight does not import ({why})"
-    # nnsight wraps its own deep copy (same weights), so the other contenders run the bare model
-    nn_loaded = (dataclasses.replace(loaded, transformer=_NNsightCached(copy.deepcopy(loaded.transformer), nn_cache))
-                 if "nnsight cache" in variants and "nnsight cache" not in skipped else None)
+    # nnsight wraps its own deep copy (same weights), so the other contenders run the bare model;
+    # the sampler calls the model through the adapter, so the adapter (a shallow copy) gets the
+    # wrapper too (before 2026-12-01 (e) it kept the bare model: that contender ran plain sampling)
+    nn_loaded = None
+    if "nnsight cache" in variants and "nnsight cache" not in skipped:
+        wrapper = _NNsightCached(copy.deepcopy(loaded.transformer), nn_cache)
+        nn_adapter = copy.copy(loaded.adapter)
+        nn_adapter.model = wrapper
+        nn_loaded = dataclasses.replace(loaded, transformer=wrapper, adapter=nn_adapter)
     runs = [0]
 
     def fresh(name: str) -> Path:

@@ -113,8 +113,11 @@ def resolve_names(patterns: Iterable[str], available: Iterable[str]) -> list[str
     Keeps the order of first appearance. An unknown name raises :class:`HookNameError` listing the
     closest valid names.
     """
-    avail = list(available)
-    avail_set = set(avail)
+    if isinstance(available, (dict, set, frozenset)):  # a mapping's keys: looked up as they are
+        avail, members = available, available
+    else:  # (an adapter passes its point table: copying 1000+ names per call was most of the cost)
+        avail = list(available)
+        members = set(avail)
     out: list[str] = []
     seen: set[str] = set()
     for pat in patterns:
@@ -122,9 +125,9 @@ def resolve_names(patterns: Iterable[str], available: Iterable[str]) -> list[str
         if any(c in pat for c in "*?["):
             hits = [n for n in avail if fnmatch.fnmatchcase(n, pat)]
         else:
-            hits = [pat] if pat in avail_set else []
+            hits = [pat] if pat in members else []
         if not hits:
-            raise HookNameError(unknown_name_message(pat, avail))
+            raise HookNameError(unknown_name_message(pat, list(avail)))
         for h in hits:
             if h not in seen:
                 seen.add(h)

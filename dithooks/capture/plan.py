@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import fnmatch
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -38,6 +39,15 @@ def _short_name(template: str) -> str:
     return template[len("blocks.{i}."):] if template.startswith("blocks.{i}.") else template
 
 
+@functools.lru_cache(maxsize=8)
+def _name_tables(available: tuple[str, ...]) -> tuple[frozenset, list[str], frozenset]:
+    """``available``'s templates, short per-block names and names as a set: the same model's
+    table serves every capture (and the probes' names) of a process, worked out once."""
+    templates = frozenset(layer_template(n)[0] for n in available)
+    short = sorted(_short_name(t) for t in templates if t.startswith("blocks.{i}."))
+    return templates, short, frozenset(available)
+
+
 def expand_hooks(patterns: tuple[str, ...] | list[str], layers: list[int], available: list[str]) -> list[str]:
     """Turn short names (``resid_post``, ``attn.out``) into per-layer names for ``layers``.
 
@@ -52,9 +62,7 @@ def expand_hooks(patterns: tuple[str, ...] | list[str], layers: list[int], avail
     from ..layers import format_layers
 
     out: list[str] = []
-    templates = {layer_template(n)[0] for n in available}
-    short = sorted(_short_name(t) for t in templates if t.startswith("blocks.{i}."))
-    known = set(available)
+    templates, short, known = _name_tables(tuple(available))
     chosen = set(layers)
     for p in patterns:
         p = p.strip()

@@ -20,18 +20,29 @@ BATCH_BYTES = 8 * 2**20
 # steps smaller than this are written on the sampling thread (StoreWriter.inline): for small
 # writes the interpreter-lock handoffs with a writer thread cost more than the writes
 INLINE_STEP_BYTES = 2**20
+# written batch buffers kept per array for reuse (one is filled while the last is written)
+KEEP_BUFFERS = 2
 
 
 class _ArraySlot:
     """One array's slab of the current step: ``[layer,] *batch, *value`` in the storage dtype, and
-    its rows (one per captured layer; the slab itself without a layer dim); None between steps."""
+    its rows (one per captured layer; the slab itself without a layer dim); None between steps.
 
-    __slots__ = ("name", "shape", "with_layer", "slab", "rows")
+    A step's slab is a view of a *batch buffer* ``[steps, *slab]`` that holds the steps written
+    together (see ``StepRecorder.flush_pending``: the buffer is written as it is, no stacking
+    copy), made with its views once and reused once written (``free``)."""
+
+    __slots__ = ("name", "shape", "with_layer", "slab", "rows", "buf", "views", "used", "free", "device")
 
     def __init__(self, name: str, shape: tuple[int, ...], with_layer: bool):
         self.name, self.shape, self.with_layer = name, shape, with_layer
         self.slab: torch.Tensor | None = None
         self.rows: tuple | None = None
+        self.buf: torch.Tensor | None = None  # the open batch buffer
+        self.views: list[tuple] = []  # its steps' (slab, rows)
+        self.used = 0  # its steps taken so far
+        self.free: list[tuple] = []  # written buffers, (buf, views), to reuse
+        self.device: torch.Tensor | None = None  # an empty tensor on the values' device (pinning)
 
 
 class _PointPlan:
@@ -72,6 +83,7 @@ class StepRecorder:
         self._specs: dict[str, ArraySpec] = {}
         self._slots: dict[str, _ArraySlot] = {}  # array -> its slab of this step (see record)
         self._slabs: dict[str, _ArraySlot] = {}  # the arrays that have a slab this step
+        self._buffers: list[tuple] = []  # batch buffers opened since the last flush: (slot, buf, views)
         self._plans: dict[str, _PointPlan] = {}  # hook point -> its plan (see _plan)
         # finished steps not yet written: (step, {array: values}, state); see flush_pending
         self._pending: list[tuple[int, dict[str, torch.Tensor], Any]] = []
@@ -110,13 +122,35 @@ class StepRecorder:
         plan = self._plans[ctx.name] = _PointPlan(slot, row, value.shape, shape == tuple(value.shape))
         return plan
 
-    def _take(self, slot: "_ArraySlot", value: torch.Tensor) -> tuple:
+    def _take(self, slot: _ArraySlot, value: torch.Tensor) -> tuple:
         """This step's slab of ``slot``'s array (every captured layer's values, written at step
-        end) and its rows."""
-        slab = self.staging.take(slot.shape, self.store_dtype, value)
-        slot.slab, slot.rows = slab, (slab.unbind(0) if slot.with_layer else (slab,))
+        end) and its rows: the next step of the open batch buffer."""
+        if slot.buf is None or slot.used == len(slot.views):
+            if slot.device is None:
+                slot.device = torch.empty(0, device=value.device)
+            self._open_buffer(slot, self._batch or 1)
+        slot.slab, slot.rows = slot.views[slot.used]
+        slot.used += 1
         self._slabs[slot.name] = slot
         return slot.rows
+
+    def _open_buffer(self, slot: _ArraySlot, steps: int) -> None:
+        """Give ``slot`` a batch buffer of ``steps`` steps (a written one when one is free)."""
+        while slot.free:
+            buf, views = slot.free.pop()
+            if len(views) == steps:
+                break
+        else:
+            buf = self.staging.take((steps,) + slot.shape, self.store_dtype, slot.device)
+            views = [(one, one.unbind(0) if slot.with_layer else (one,)) for one in buf.unbind(0)]
+        slot.buf, slot.views, slot.used = buf, views, 0
+        self._buffers.append((slot, buf, views))
+
+    def _recycle(self, buffers: list[tuple]) -> None:
+        """Buffers whose steps are written (the writer calls this after their writes)."""
+        for slot, buf, views in buffers:
+            if len(slot.free) < KEEP_BUFFERS:
+                slot.free.append((buf, views))
 
     def record(self, value: torch.Tensor, ctx: HookContext) -> None:
         """A read hook: copy ``value`` into its row of this step's slab (dtype converted in the
@@ -167,24 +201,59 @@ class StepRecorder:
         if self._batch is None:
             self._batch = self._batch_size(values, state)
             self.writer.inline = self._step_bytes(values, state) < INLINE_STEP_BYTES
+            if self._batch > 1 and not self._pending:
+                self._widen(values)
         self._pending.append((step, values, state))
         if len(self._pending) >= self._batch or step == self.steps - 1:
             self.flush_pending()
 
+    def _widen(self, values: dict[str, torch.Tensor]) -> None:
+        """After the first step (its buffers of one step, the batch size unknown before it): move
+        its slabs into buffers of the batch size, so that each batch lies in one buffer."""
+        for name, slab in values.items():
+            slot = self._slots[name]
+            if slot.buf is None or len(slot.views) != 1 or slot.views[0][0] is not slab:
+                continue
+            self._buffers = [b for b in self._buffers if b[0] is not slot]  # the one-step buffer: dropped
+            self._open_buffer(slot, self._batch)
+            first = slot.views[0][0]
+            first.copy_(slab)
+            slot.used, values[name] = 1, first
+
+    def _block(self, slabs: list[torch.Tensor]) -> torch.Tensor | None:
+        """``slabs`` as one tensor without a copy: the first steps of one batch buffer, else None."""
+        for _, buf, views in self._buffers:
+            if views[0][0] is slabs[0]:
+                if len(slabs) <= len(views) and all(views[i][0] is s for i, s in enumerate(slabs)):
+                    return buf[:len(slabs)]
+                return None
+        return None
+
     def flush_pending(self) -> None:
-        """Write the buffered steps (consecutive, each complete) and then mark them complete."""
+        """Write the buffered steps (consecutive, each complete) and then mark them complete.
+
+        Each array's steps go to the writer as the batch buffer they were recorded into (a view,
+        no copy; stacked only when they do not lie in one buffer); the buffers are reused once
+        the writer has written them."""
         if not self._pending:
             return
         s0, n = self._pending[0][0], len(self._pending)
         rows = slice(s0, s0 + n)
         for name in self._pending[0][1]:
             slabs = [values[name] for _, values, _ in self._pending]
-            if n == 1:  # no copy: the writer takes the slab, which is reused once written
-                self.writer.put(self._specs[name], (rows,), slabs[0].unsqueeze(0))
-                self.writer.call(lambda s=slabs: self.staging.recycle(s))
-            else:
-                self.writer.put(self._specs[name], (rows,), torch.stack(slabs))
-                self.staging.recycle(slabs)
+            block = self._block(slabs)
+            self.writer.put(self._specs[name], (rows,), torch.stack(slabs) if block is None else block)
         self.log.write_states([state for _, _, state in self._pending])
         self.log.mark_complete(rows)
         self._pending = []
+        # the next step starts a new buffer and these are reused once written - except the buffer
+        # of a step still being recorded (a flush between steps is the rule; an interruption
+        # may flush in the middle of one): it stays open, its later steps stacked when written
+        recording = [slot for slot in self._slabs.values()]
+        written = [b for b in self._buffers if not any(b[0] is r and b[1] is r.buf for r in recording)]
+        self._buffers = [b for b in self._buffers if all(b is not w for w in written)]
+        for slot in self._slots.values():
+            if not any(slot is r for r in recording):
+                slot.buf, slot.views, slot.used = None, [], 0
+        if written:
+            self.writer.call(lambda b=written: self._recycle(b))
