@@ -96,18 +96,24 @@ def block_inputs(cfg: Config, seed: int = 1):
     return h, delta, t, y
 
 
-def time_interleaved(cases: dict, repeats: int, warmup: int = 2, cpu: dict | None = None) -> dict[str, float]:
+def time_interleaved(cases: dict, repeats: int, warmup: int = 2, cpu: dict | None = None,
+                     rotate: bool = False) -> dict[str, float]:
     """Median wall time (s) of each zero-argument callable, timed in turn each repeat.
 
     ``cpu``, if given, receives the median CPU time of this process (s) per case: on a shared,
-    loaded machine it is far less disturbed by other processes than wall time."""
+    loaded machine it is far less disturbed by other processes than wall time. ``rotate``: each
+    repeat starts one case later, so no case always runs right after the same one (the first
+    report after the JVP measured ~0.1 block forwards more on the tiny block than the same call
+    later in the round: caches)."""
     for _ in range(warmup):
         for fn in cases.values():
             fn()
     samples: dict[str, list[float]] = {name: [] for name in cases}
     cpu_samples: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(repeats):
-        for name, fn in cases.items():
+    items = list(cases.items())
+    for r in range(repeats):
+        order = items[r % len(items):] + items[:r % len(items)] if rotate else items
+        for name, fn in order:
             c0, t0 = time.process_time(), time.perf_counter()
             fn()
             samples[name].append(time.perf_counter() - t0)
@@ -237,7 +243,7 @@ def bench_routing_report(cfg: Config, repeats: int, g: float = 0.3, device: str 
         cases["reference fp64"] = report(torch.float64, reference_report)
         cases["reference fp32"] = report(torch.float32, reference_report)
     cpu: dict[str, float] = {}
-    times = time_interleaved(cases, repeats, cpu=cpu)
+    times = time_interleaved(cases, repeats, cpu=cpu, rotate=True)
     return {"config": cfg.name, "width": cfg.width, "heads": cfg.heads, "tokens": cfg.tokens, "batch": cfg.batch,
             "device": device, "ms": {k: 1e3 * v for k, v in times.items()}, "cpu_ms": {k: 1e3 * v for k, v in cpu.items()},
             "ratio": {k: v / times["forward"] for k, v in times.items()},
@@ -280,7 +286,8 @@ def bench_operator_norm(repeats: int) -> list[dict]:
         _, done = attention_terms._gram_top_eigenvalue_lanczos(M)
         cpu: dict[str, float] = {}
         time_interleaved({"dense": lambda: attention_terms._mean_free_operator_norm_dense(A),
-                          "lanczos": lambda: attention_terms._mean_free_operator_norm(A)}, repeats, cpu=cpu)
+                          "lanczos": lambda: attention_terms._mean_free_operator_norm(A)}, repeats, cpu=cpu,
+                         rotate=True)
         rows.append({"set": name, "heads": A.shape[0], "tokens": A.shape[-1], "dense_ms": 1e3 * cpu["dense"],
                      "lanczos_ms": 1e3 * cpu["lanczos"], "converged": int(done.sum()),
                      "max_rel_diff": float(((auto - dense).abs() / dense).max())})
