@@ -470,12 +470,12 @@ def _gram_top_eigenvalue_lanczos(M: torch.Tensor, k_max: int = LANCZOS_K_MAX, to
     check, last = min(first_check, k_max), None  # the next step with a convergence check; (k, log need)
     for j in range(k_max):
         q = Q[:, j:j + 1]                                   # [b, 1, N]
-        w = torch.matmul(torch.matmul(q, M), Mt)            # (M Mᵀ q)ᵀ
+        w = torch.bmm(torch.bmm(q, M), Mt)                  # (M Mᵀ q)ᵀ (bmm: no matmul dispatch per call)
         basis = Q[:, :j + 1]
-        h = torch.matmul(basis, w.transpose(-2, -1))        # [b, j+1, 1]
-        w -= torch.matmul(h.transpose(-2, -1), basis)
-        h2 = torch.matmul(basis, w.transpose(-2, -1))       # second pass: orthogonal to rounding
-        w -= torch.matmul(h2.transpose(-2, -1), basis)
+        h = torch.bmm(basis, w.transpose(-2, -1))           # [b, j+1, 1]
+        w = torch.baddbmm(w, h.transpose(-2, -1), basis, alpha=-1)
+        h2 = torch.bmm(basis, w.transpose(-2, -1))          # second pass: orthogonal to rounding
+        w = torch.baddbmm(w, h2.transpose(-2, -1), basis, alpha=-1)
         aj = h[:, j, 0] + h2[:, j, 0]
         bj = torch.linalg.vector_norm(w, dim=-1)[:, 0]
         alpha[:, j], beta[:, j] = aj, bj
