@@ -709,7 +709,7 @@ def routing_dominance_report(
     c_inter = centred(dL_inter) if dL_inter is not None else None
     delta_max_intra = _spread(c_intra).amax(dim=-1)
     delta_max_inter = _spread(c_inter).amax(dim=-1) if c_inter is not None else torch.zeros_like(delta_max_intra)
-    c_g = c_intra if c_inter is None or g == 0 else c_inter.mul_(g).add_(c_intra)  # c_inter done after its spread
+    c_g = c_intra if c_inter is None or g == 0 else torch.add(c_intra, c_inter, alpha=g, out=c_inter)  # one pass
 
     # ---- ingredients -----------------------------------------------------------------
     n_eff = effective_width(A)
