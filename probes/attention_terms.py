@@ -91,6 +91,7 @@ __all__ = [
     "routing_dominance_bound",
     "routing_dominance_report",
     "routing_dominance_report_from_qkv",
+    "clear_report_workspace",
     "combine_head_norms",
     "modal_gains",
 ]
