@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .adapters import ModelAdapter, adapter_for
+from .adapters.spec import plain_output
 from .errors import DithooksError
 from .hookpoints import HookPoint
 
@@ -101,7 +102,8 @@ class _Dispatch:
 
     ``reads``: when every function attached to the module's points only reads and no replaced
     value is carried into the module (the capture case), one entry per point - ``(point, its
-    reader, its hooks, [cached context])`` - run by :meth:`HookManager._run_reads` without the
+    reader (None: the output itself), its hooks, [cached context])`` - run by
+    :meth:`HookManager._run_reads` (inlined in the post-hook dispatcher) without the
     general path's per-call work; None otherwise (the general path)."""
 
     __slots__ = ("reads",)
@@ -298,7 +300,9 @@ class HookManager:
             if key[0] in carried or any(h.mode != "read" for _, hs in entries for h in hs):
                 slot.reads = None
             else:
-                slot.reads = tuple((p, p.read, tuple(hs), [None]) for p, hs in entries)
+                # reader None: the value is the module's output itself (no call needed)
+                slot.reads = tuple((p, None if p.read is plain_output else p.read, tuple(hs), [None])
+                                   for p, hs in entries)
 
     def hooks_for(self, name: str) -> list[AttachedHook]:
         return self._by_name.get(name, [])
@@ -351,7 +355,7 @@ class HookManager:
             ctx = cache[0]
             if ctx is None or ctx.step != step or ctx.timestep != timestep or ctx.batch_axes != axes:
                 ctx = cache[0] = HookContext(point.name, point.layer, step, timestep, axes, point, {})
-            value = read(args, kwargs, output)
+            value = output if read is None else read(args, kwargs, output)
             for h in hooks:
                 if h.fn(value, ctx) is not None:
                     raise self._passive_error(h)
@@ -380,14 +384,24 @@ class HookManager:
         return pre_hook
 
     def _make_post(self, path: str, slot: _Dispatch):
-        run_reads = self._run_reads
-
         def post_hook(module, args, kwargs, output):
             if self._suspended:
                 return None
             reads = slot.reads
             if reads is not None and not self._carry:
-                run_reads(reads, args, kwargs, output)
+                # _run_reads, inlined: this runs once per hooked module call, right after the
+                # module's own work has pushed the interpreter's state out of the caches
+                s = self.state
+                for point, read, hooks, cache in reads:
+                    ctx = cache[0]
+                    if (ctx is None or ctx.step != s.step or ctx.timestep != s.timestep
+                            or ctx.batch_axes != s.batch_axes):
+                        ctx = cache[0] = HookContext(point.name, point.layer, s.step, s.timestep, s.batch_axes,
+                                                     point, {})
+                    value = output if read is None else read(args, kwargs, output)
+                    for h in hooks:
+                        if h.fn(value, ctx) is not None:
+                            raise self._passive_error(h)
                 return None
             changed_any = False
             for key in [k for k in self._carry if k[0] == path]:
