@@ -74,6 +74,12 @@ def _check_multi_config(cfg: CaptureConfig) -> None:
                             "capture with --workers, then run the probes offline, or capture in one process")
     if cfg.conditioning is not None or cfg.prompts is not None:
         raise DithooksError("multi-worker capture supports class-conditional models only for now")
+    from ..store.storage import is_url
+
+    if is_url(str(cfg.out)):
+        raise DithooksError(f"multi-worker capture writes to a folder only for now, not to object storage "
+                            f"({cfg.out}): capture in one process (no --workers, no torchrun), or to a shared "
+                            "folder and copy the store")
 
 
 # -- writing one region --------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from .files import FIGURES, PARTIAL, REGIONS_DIR, is_temp_name
 from .layout import COORDS, STEP_COMPLETE, row_role
 from .lock import LOCK_NAME
 from .metadata import ATTR_KEY
+from .storage import ObjectPath, as_path, read_range, total_bytes, zarr_store
 from .zarrio import ArrayMeta as ZarrArrayMeta
 _FIXED_CODECS = {"bytes", "crc32c", "transpose"}
 _EMPTY = 2**64 - 1
@@ -197,7 +198,7 @@ def _remake(path: Path) -> str:
 def inspect_store(path: str | Path, kinds: tuple[str, ...] | None = None) -> StoreLayout:
     """Read a store's metadata from its files; a half-made or damaged store is a one-line
     :class:`DamagedStore`, a folder that is no store at all a :class:`StoreError`."""
-    path = Path(path)
+    path = as_path(path)
     if not path.exists():
         raise StoreError(f"no store at {path}")
     if not path.is_dir():
@@ -221,7 +222,7 @@ def inspect_store(path: str | Path, kinds: tuple[str, ...] | None = None) -> Sto
     meta = (group.get("attributes") or {}).get(ATTR_KEY)
     arrays_dirs = [p for p in entries if p.is_dir() and p.name not in (FIGURES, REGIONS_DIR)]
     if not isinstance(meta, dict):
-        if not arrays_dirs:
+        if not arrays_dirs or (group.get("attributes") or {}).get("dithooks_creating"):
             raise DamagedStore(f"{path} is a half-made store (its creation was interrupted before its metadata "
                                f"was written): nothing in it can be read or resumed; {_remake(path)}")
         raise StoreError(f"{path} is a Zarr store but not a dithooks store (no '{ATTR_KEY}' metadata)")
@@ -271,7 +272,7 @@ def _read_step_complete(path: Path, a: ChunkFiles) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            arr = zarr.open_array(str(path / "step_complete"), mode="r")
+            arr = zarr.open_array(zarr_store(path / "step_complete", read_only=True), mode="r")
             return np.asarray(arr[...], dtype=bool)
     except Exception as e:  # a corrupt chunk of it: unknown what is on disk
         raise DamagedStore(f"{path} is damaged: step_complete cannot be read ({_short(e)}); "
@@ -339,12 +340,17 @@ def check_file(a: ChunkFiles, file: Path, strict: bool) -> str | None:
     if size < a.index_bytes:
         return f"shard file truncated ({size} bytes)"
     try:
-        with open(file, "rb") as f:
-            if a.index_at_end:
-                f.seek(size - a.index_bytes)
-            index = f.read(a.index_bytes)
+        if isinstance(file, ObjectPath):
+            index = read_range(file.url, size - a.index_bytes if a.index_at_end else 0, a.index_bytes)
+        else:
+            with open(file, "rb") as f:
+                if a.index_at_end:
+                    f.seek(size - a.index_bytes)
+                index = f.read(a.index_bytes)
     except OSError as e:
         return f"unreadable ({e.strerror})"
+    if len(index) != a.index_bytes:
+        return f"shard file truncated ({size} bytes)"
     body = index[:-4] if a.index_crc else index
     if a.index_crc:
         crc = _crc32c(body)
@@ -396,7 +402,7 @@ def verify_store(path: str | Path, decode: bool = True, layout: StoreLayout | No
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            group = zarr.open_group(str(layout.path), mode="r", use_consolidated=False)
+            group = zarr.open_group(zarr_store(layout.path, read_only=True), mode="r", use_consolidated=False)
     for name, a in layout.arrays.items():
         if progress:
             progress(name)
@@ -449,11 +455,4 @@ def verify_store(path: str | Path, decode: bool = True, layout: StoreLayout | No
 
 
 def stored_bytes(path: str | Path) -> int:
-    total = 0
-    for root, _, files in os.walk(path):
-        for f in files:
-            try:
-                total += os.stat(os.path.join(root, f)).st_size
-            except OSError:
-                pass
-    return total
+    return total_bytes(as_path(path))

@@ -21,7 +21,8 @@ are created by writing their ``zarr.json`` and whole chunks / shards are encoded
 :class:`zarrio.ChunkEncoder`, one atomic file write (temporary ``*.partial`` file, then a rename)
 per chunk or shard, the interpreter lock released during the write; a write that covers part of
 an unsharded chunk reads, updates and rewrites the chunk. zarr-python is used only for what that
-does not cover: part of a shard, layouts the encoder does not write, stores that are not folders. zarr-python's own path costs the sampling thread far more: its event
+does not cover: part of a shard, layouts the encoder does not write, memory stores. On an object store
+(``s3://``, :mod:`.storage`) the same encoder writes each chunk or shard as one PUT. zarr-python's own path costs the sampling thread far more: its event
 loop and thread pool compete for the interpreter lock, and it reads a shard back before replacing
 it (docs/benchmarks.md).
 """
@@ -336,8 +337,19 @@ class StoreWriter:
 
 
 def store_root(group: zarr.Group) -> Path | None:
-    """The folder of a group on a local store, else None."""
+    """The folder of a group on a local store (a :class:`~pathlib.Path`), or its location on an
+    object store (a :class:`.storage.ObjectPath`: chunks are then PUT whole, one object each),
+    else None."""
     store = getattr(group, "store", None)
+    if isinstance(store, zarr.storage.FsspecStore):
+        from .storage import ObjectPath
+
+        protocol = store.fs.protocol
+        protocol = protocol[0] if isinstance(protocol, (tuple, list)) else protocol
+        if protocol in ("file", "local", "memory"):
+            return None
+        root = ObjectPath(f"{protocol}://{store.path.strip('/')}")
+        return root / group.path if group.path else root
     root = getattr(store, "root", None)
     if root is None or not isinstance(store, zarr.storage.LocalStore):
         return None
