@@ -121,6 +121,8 @@ def filesystem(url: str, asynchronous: bool = False) -> Any:
     kw = dict(opts)
     if protocol in ("s3", "s3a"):
         kw.setdefault("use_listings_cache", False)
+        # whole-object reads in one GET (with more, s3fs asks for the size first: a HEAD per read)
+        kw.setdefault("max_concurrency", 1)
     if asynchronous:
         kw["asynchronous"] = True
     try:
@@ -170,22 +172,56 @@ class _Guard:
         return False
 
 
+class _Listing:
+    """Every object under one prefix, from one recursive LIST: what :class:`ObjectPath` answers
+    ``exists``/``is_dir``/``is_file``/``stat``/``iterdir`` from for paths under that prefix."""
+
+    __slots__ = ("root", "files", "dirs")
+
+    def __init__(self, root: str, found: dict[str, dict]):
+        self.root = root.rstrip("/")
+        self.files: dict[str, tuple[int, float]] = {}
+        self.dirs: set[str] = {self.root}
+        for name, info in found.items():
+            name = str(name).rstrip("/")
+            if info.get("type", "file") != "file" or not name.startswith(self.root + "/"):
+                continue
+            self.files[name] = (int(info.get("size") or 0), _mtime(info))
+            parent = name.rsplit("/", 1)[0]
+            while len(parent) > len(self.root) and parent not in self.dirs:
+                self.dirs.add(parent)
+                parent = parent.rsplit("/", 1)[0]
+
+    def covers(self, key: str) -> bool:
+        return key == self.root or key.startswith(self.root + "/")
+
+    def children(self, key: str) -> list[tuple[str, str]]:
+        """(full key, "file" | "directory") of the entries directly under ``key``."""
+        base = key.rstrip("/") + "/"
+        out = {}
+        for name in list(self.files) + list(self.dirs):
+            if name.startswith(base) and "/" not in name[len(base):]:
+                out[name] = "file" if name in self.files else "directory"
+        return sorted(out.items())
+
+
 class ObjectPath:
     """A location in an object store, with the part of :class:`pathlib.Path` the store code
     uses. A "folder" is a key prefix: it exists when some key lies under it, and needs no
-    creating. Entries from :meth:`iterdir` / :meth:`rglob` remember their kind and size (one
-    listing, no request per entry)."""
+    creating. :meth:`iterdir` and :meth:`rglob` list everything under the prefix once (one
+    recursive LIST); the paths they return, and paths made from those with ``/``, answer
+    ``exists``/``is_dir``/``is_file``/``stat``/``iterdir`` from that listing (a snapshot, as a
+    directory listing is), while reads (:meth:`read_bytes`) always go to the store."""
 
-    __slots__ = ("url", "_kind", "_size", "_mtime")
+    __slots__ = ("url", "_listing")
 
-    def __init__(self, url: str, storage_options: dict[str, Any] | None = None, _kind: str | None = None,
-                 _size: int | None = None, _mtime: float | None = None):
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None, _listing: _Listing | None = None):
         m = _URL.match(str(url))
         if m is None:
             raise StoreError(f"{url} is not a URL")
         rest = m["rest"].rstrip("/")
         self.url = f"{m['scheme'].lower()}://{rest}"
-        self._kind, self._size, self._mtime = _kind, _size, _mtime
+        self._listing = _listing
         if storage_options is not None:
             with _LOCK:
                 _PREFIX_OPTIONS[self.url] = dict(storage_options)
@@ -204,9 +240,15 @@ class ObjectPath:
     def storage_options(self) -> dict[str, Any]:
         return options_for(self.url)
 
+    def _at(self, url: str) -> "ObjectPath":
+        """``url`` with this path's listing when the listing covers it."""
+        lst = self._listing
+        key = url.split("://", 1)[1]
+        return ObjectPath(url, _listing=lst if lst is not None and lst.covers(key) else None)
+
     def __truediv__(self, name: Any) -> "ObjectPath":
         name = str(name).strip("/")
-        return ObjectPath(f"{self.url}/{name}") if name else self
+        return self._at(f"{self.url}/{name}") if name else self
 
     @property
     def name(self) -> str:
@@ -215,7 +257,7 @@ class ObjectPath:
     @property
     def parent(self) -> "ObjectPath":
         scheme, key = self.url.split("://", 1)
-        return ObjectPath(f"{scheme}://{key.rsplit('/', 1)[0]}") if "/" in key else self
+        return self._at(f"{scheme}://{key.rsplit('/', 1)[0]}") if "/" in key else self
 
     def __str__(self) -> str:
         return self.url
@@ -232,7 +274,7 @@ class ObjectPath:
     def __lt__(self, other: "ObjectPath") -> bool:
         return self.url < other.url
 
-    def __reduce__(self):  # pickles by URL; the options travel with it
+    def __reduce__(self):  # pickles by URL (no listing); the options travel with it
         return (_unpickle, (self.url, self.storage_options))
 
     def resolve(self) -> "ObjectPath":
@@ -244,22 +286,38 @@ class ObjectPath:
     def is_absolute(self) -> bool:
         return True
 
+    def fresh(self) -> "ObjectPath":
+        """This location without a listing (the next query asks the store)."""
+        return ObjectPath(self.url)
+
+    def listed(self) -> "ObjectPath":
+        """This location with a fresh listing of everything under it (one recursive LIST)."""
+        with _guard("list", self.url):
+            try:
+                found = self.fs.find(self.key, detail=True)
+            except FileNotFoundError:
+                found = {}
+        return ObjectPath(self.url, _listing=_Listing(self.key, found))
+
     # -- queries -------------------------------------------------------------------------------
     def exists(self) -> bool:
-        if self._kind is not None:
-            return True
+        lst = self._listing
+        if lst is not None:
+            return self.key in lst.files or self.key in lst.dirs
         with _guard("read", self.url):
             return bool(self.fs.exists(self.key))
 
     def is_dir(self) -> bool:
-        if self._kind is not None:
-            return self._kind == "directory"
+        lst = self._listing
+        if lst is not None:
+            return self.key in lst.dirs
         with _guard("read", self.url):
             return bool(self.fs.isdir(self.key))
 
     def is_file(self) -> bool:
-        if self._kind is not None:
-            return self._kind == "file"
+        lst = self._listing
+        if lst is not None:
+            return self.key in lst.files
         with _guard("read", self.url):
             try:
                 return self.fs.info(self.key).get("type") == "file"
@@ -270,41 +328,33 @@ class ObjectPath:
         return False
 
     def stat(self) -> _Stat:
-        if self._size is not None:
-            return _Stat(self._size, self._mtime or 0.0)
+        lst = self._listing
+        if lst is not None:
+            if self.key not in lst.files:
+                if self.key in lst.dirs:
+                    return _Stat(0, 0.0)
+                raise FileNotFoundError(self.url)
+            return _Stat(*lst.files[self.key])
         with _guard("read", self.url):
             info = self.fs.info(self.key)
         return _Stat(int(info.get("size") or 0), _mtime(info))
 
-    def _child(self, info: dict) -> "ObjectPath":
-        name = str(info["name"]).rstrip("/")
-        kind = "directory" if info.get("type") == "directory" else "file"
-        scheme = self.url.split("://", 1)[0]
-        return ObjectPath(f"{scheme}://{name}", _kind=kind,
-                          _size=int(info.get("size") or 0) if kind == "file" else None, _mtime=_mtime(info))
-
     def iterdir(self) -> Iterator["ObjectPath"]:
-        with _guard("list", self.url):
-            try:
-                entries = self.fs.ls(self.key, detail=True)
-            except FileNotFoundError:
-                entries = []
-        for info in entries:
-            child = self._child(info)
-            if child.url != self.url:
-                yield child
+        lst = self._listing if self._listing is not None else self.listed()._listing
+        scheme = self.url.split("://", 1)[0]
+        for key, _ in lst.children(self.key):
+            yield ObjectPath(f"{scheme}://{key}", _listing=lst)
 
     def rglob(self, pattern: str = "*") -> Iterator["ObjectPath"]:
-        """Every key under this prefix (``pattern`` must be ``*``); files only."""
+        """Every object under this prefix (``pattern`` must be ``*``); objects only."""
         if pattern != "*":  # pragma: no cover - the store code uses "*" only
             raise ValueError("ObjectPath.rglob supports '*' only")
-        with _guard("list", self.url):
-            try:
-                found = self.fs.find(self.key, detail=True)
-            except FileNotFoundError:
-                found = {}
-        for info in found.values():
-            yield self._child(info)
+        lst = self._listing if self._listing is not None else self.listed()._listing
+        scheme = self.url.split("://", 1)[0]
+        base = self.key + "/"
+        for key in sorted(lst.files):
+            if key.startswith(base):
+                yield ObjectPath(f"{scheme}://{key}", _listing=lst)
 
     def read_bytes(self) -> bytes:
         with _guard("read", self.url):
@@ -313,7 +363,7 @@ class ObjectPath:
     def read_text(self, encoding: str = "utf-8") -> str:
         return self.read_bytes().decode(encoding)
 
-    # -- changes -------------------------------------------------------------------------------
+    # -- changes (they do not update a listing: take a fresh one) -----------------------------------
     def mkdir(self, *args: Any, **kwargs: Any) -> None:
         """Nothing to create: a prefix exists once a key lies under it."""
 

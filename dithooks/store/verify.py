@@ -403,11 +403,13 @@ def verify_store(path: str | Path, decode: bool = True, layout: StoreLayout | No
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             group = zarr.open_group(zarr_store(layout.path, read_only=True), mode="r", use_consolidated=False)
+    # object stores: which objects exist, and their sizes, from one listing (not a HEAD per object)
+    base = layout.path.listed() if isinstance(layout.path, ObjectPath) else layout.path
     for name, a in layout.arrays.items():
         if progress:
             progress(name)
         rep.arrays += 1
-        folder = layout.path / name
+        folder = base / name
         if layout.kind != "capture":
             role, rows = "other", []
         else:
