@@ -211,12 +211,20 @@ def test_dask_and_xarray_read_the_s3_store(s3, digits, local):
     np.testing.assert_array_equal(g["final.out"][...], zarr.open_group(str(local), mode="r")["final.out"][...])
 
 
-def test_storage_options_given_in_python(s3, monkeypatch, local):
-    """Without the environment: the endpoint as storage_options of the reader."""
+def test_storage_options_given_in_python(s3, monkeypatch, digits, local):
+    """Without the environment: the endpoint as storage_options of the reader, and registered
+    for a prefix before a capture."""
+    from dithooks.store.storage import set_storage_options
+
     url = f"s3://{BUCKET}/cli.zarr"
-    monkeypatch.delenv("AWS_ENDPOINT_URL")
-    s = open_store(url, storage_options={"endpoint_url": s3, "key": "testing", "secret": "testing"})
+    for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(k)
+    opts = {"endpoint_url": s3, "key": "testing", "secret": "testing"}
+    s = open_store(url, storage_options=opts)
     np.testing.assert_array_equal(s.select("final.out").values, open_store(local).select("final.out").values)
+    set_storage_options(f"s3://{BUCKET}/opts", opts)
+    CaptureSession(cfg(f"s3://{BUCKET}/opts/run.zarr", sampler=SamplerSpec("ddim", 2)), digits).run()
+    assert open_store(f"s3://{BUCKET}/opts/run.zarr").completeness()["complete"]
 
 
 # -- resume, lock, refusals --------------------------------------------------------------------------

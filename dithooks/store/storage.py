@@ -41,6 +41,7 @@ _URL = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]+)://(?P<rest>.*)$")
 # what pathlib makes of a URL: "s3://b/k" -> "s3:/b/k" (typer's Path options do this)
 _COLLAPSED = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]+):/(?P<rest>[^/].*)$")
 ENV_OPTIONS = "DITHOOKS_STORAGE_OPTIONS"
+PUT_CONCURRENCY = 8  # parts of one large object uploaded at once (multipart)
 
 _LOCK = threading.Lock()
 _FS: dict[tuple[str, str, bool], Any] = {}          # (protocol, options as JSON, async) -> file system
@@ -70,6 +71,18 @@ def default_options() -> dict[str, Any]:
     if not isinstance(opts, dict):
         raise StoreError(f"{ENV_OPTIONS} must be a JSON object, e.g. '{{\"endpoint_url\": \"http://host:9000\"}}'")
     return opts
+
+
+def set_storage_options(prefix: str, options: dict[str, Any]) -> None:
+    """Use fsspec ``options`` for every URL under ``prefix`` (``s3://bucket`` or a store's URL) in
+    this process: captures (``CaptureConfig(out=...)``), readers, zarr-python through
+    :func:`zarr_store`. The longest registered prefix wins; unregistered URLs use
+    ``DITHOOKS_STORAGE_OPTIONS`` and the environment."""
+    m = _URL.match(str(prefix))
+    if m is None:
+        raise StoreError(f"{prefix} is not a URL (e.g. s3://bucket)")
+    with _LOCK:
+        _PREFIX_OPTIONS[f"{m['scheme'].lower()}://{m['rest'].rstrip('/')}"] = dict(options)
 
 
 def options_for(url: str) -> dict[str, Any]:
@@ -223,8 +236,7 @@ class ObjectPath:
         self.url = f"{m['scheme'].lower()}://{rest}"
         self._listing = _listing
         if storage_options is not None:
-            with _LOCK:
-                _PREFIX_OPTIONS[self.url] = dict(storage_options)
+            set_storage_options(self.url, storage_options)
 
     # -- naming --------------------------------------------------------------------------------
     @property
@@ -406,9 +418,11 @@ def put(url: str, pieces: list) -> int:
     makes visible all at once or not at all (no temporary name needed). Returns its size."""
     data = b"".join(memoryview(p).cast("B") for p in pieces)
     fs, key = _split(url)
+    # objects past s3fs's multipart threshold (100 MiB) go up in parts, several at a time
+    kw = {"max_concurrency": PUT_CONCURRENCY} if getattr(fs, "max_concurrency", None) is not None else {}
     with _guard("write", url):
         try:
-            fs.pipe_file(key, data)
+            fs.pipe_file(key, data, **kw)
         except FileNotFoundError as e:  # the bucket
             raise StoreError(f"cannot write {url}: {_describe(e)}") from None
     return len(data)
