@@ -183,6 +183,12 @@ def test_cli_capture_ls_query_verify(s3, local):
     r = run("verify", url)
     assert r.exit_code == 1 and "blocks.resid_post step 2" in r.output, r.output
     assert "damaged" in run("ls", url).output
+    bad = bytearray(good)
+    bad[100] ^= 0xFF  # same size: only decoding (its CRC32C) finds it
+    p.write_bytes(bytes(bad))
+    assert run("verify", url, "--quick").exit_code == 0
+    r = run("verify", url)
+    assert r.exit_code == 1 and "blocks.resid_post step 2: does not decode" in r.output, r.output
     p.write_bytes(good)
     assert run("verify", url).exit_code == 0
 

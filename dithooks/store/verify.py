@@ -323,10 +323,11 @@ def _crc32c(data: bytes) -> int | None:
     return int(google_crc32c.value(data))
 
 
-def check_file(a: ChunkFiles, file: Path, strict: bool) -> str | None:
-    """What is wrong with one chunk/shard file without decoding it (None: looks whole)."""
+def check_file(a: ChunkFiles, file: Path, strict: bool, data: bytes | None = None) -> str | None:
+    """What is wrong with one chunk/shard file without decoding it (None: looks whole).
+    ``data``: the file's bytes, when they were read already (object stores: one GET)."""
     try:
-        size = file.stat().st_size
+        size = file.stat().st_size if data is None else len(data)
     except FileNotFoundError:
         return "missing chunk file" if a.inner is None else "missing shard file"
     except OSError as e:
@@ -340,7 +341,9 @@ def check_file(a: ChunkFiles, file: Path, strict: bool) -> str | None:
     if size < a.index_bytes:
         return f"shard file truncated ({size} bytes)"
     try:
-        if isinstance(file, ObjectPath):
+        if data is not None:
+            index = data[size - a.index_bytes:] if a.index_at_end else data[:a.index_bytes]
+        elif isinstance(file, ObjectPath):
             index = read_range(file.url, size - a.index_bytes if a.index_at_end else 0, a.index_bytes)
         else:
             with open(file, "rb") as f:
@@ -370,6 +373,30 @@ def check_file(a: ChunkFiles, file: Path, strict: bool) -> str | None:
     return None
 
 
+def _decode_object(a: ChunkFiles, idx: tuple[int, ...], data: bytes) -> int:
+    """Decode every chunk of one chunk or shard file from its bytes (checksums, decompression,
+    sizes: zarrio's reader); returns how many; raises on the first that does not decode."""
+    from .zarrio import MISSING, ArrayReader, Block
+
+    r = ArrayReader(a.meta)
+    if a.inner is None:
+        r._decode(data, Block(tuple(idx), (), ()))
+        return 1
+    n = a.inner_per_file
+    lo = len(data) - a.index_bytes if a.index_at_end else 0
+    index = np.frombuffer(data[lo:lo + 16 * n], dtype="<u8").reshape(-1, 2)
+    per = a.meta.per_shard
+    done = 0
+    for k, inner in enumerate(itertools.product(*(range(p) for p in per))):
+        off, nbytes = index[k]
+        if off == MISSING and nbytes == MISSING:
+            continue
+        chunk = tuple(i * p + j for i, p, j in zip(idx, per, inner))
+        r._decode(data[int(off):int(off) + int(nbytes)], Block(chunk, (), ()))
+        done += 1
+    return done
+
+
 def _rows_needed(layout: StoreLayout, a: ChunkFiles) -> tuple[str, list[tuple[int, int]]]:
     """How ``a``'s rows map onto steps: (role, [(row, step)]) of the rows that must be whole
     (roles: :func:`layout.row_role`)."""
@@ -397,6 +424,7 @@ def verify_store(path: str | Path, decode: bool = True, layout: StoreLayout | No
     rep = VerifyReport(str(layout.path), layout.kind, layout.steps_total,
                        int(done.sum()) if done is not None else 0, decode)
     group = None
+    remote = isinstance(layout.path, ObjectPath)
     if decode:
         import zarr
 
@@ -435,8 +463,21 @@ def verify_store(path: str | Path, decode: bool = True, layout: StoreLayout | No
             if not must and not file.exists():
                 continue
             rep.files_checked += 1
-            what = check_file(a, file, layout.strict)
-            if what is None and group is not None:
+            if remote and decode and a.meta.native:  # one GET: checked and decoded from the bytes
+                try:
+                    data = file.read_bytes()
+                except FileNotFoundError:
+                    data = None
+                what = check_file(a, file, layout.strict, data) if data is not None else \
+                    ("missing chunk file" if a.inner is None else "missing shard file")
+                if what is None:
+                    try:
+                        rep.chunks_decoded += _decode_object(a, idx, data)
+                    except Exception as e:
+                        what = f"does not decode ({_short(e)})"
+            else:
+                what = check_file(a, file, layout.strict)
+            if what is None and group is not None and not (remote and a.meta.native):
                 try:
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
