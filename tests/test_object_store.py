@@ -250,6 +250,7 @@ def test_failed_capture_resumes_to_the_unbroken_store(s3, digits, local):
     assert s.meta["status"] == "failed" and s.step_complete().tolist() == [True, True, False, False]
     r = run("ls", url)
     assert "failed" in r.output and "--resume" in r.output, r.output
+    assert run("verify", url, "--quick").exit_code == 0  # every marked step's objects are there
     # as a process killed outright leaves it: a lock whose owner (on this host) is dead
     from dithooks.store.lock import hostname
 
@@ -262,6 +263,29 @@ def test_failed_capture_resumes_to_the_unbroken_store(s3, digits, local):
     assert_same_store(url, local)
     m = open_store(url).meta
     assert m["status"] == "complete" and len(m["runs"]) == 2
+
+
+def test_a_failed_put_is_one_line_and_its_step_is_never_marked(s3, digits, local, monkeypatch):
+    """PUTs run several at a time; a step is marked only after all of its PUTs succeeded."""
+    import dithooks.store.storage as storage
+
+    url = f"s3://{BUCKET}/putfail.zarr"
+    real = storage.put
+
+    def put(u, pieces):
+        if "/blocks.resid_post/c.2." in u:
+            raise OSError(5, "Input/output error (test)")
+        return real(u, pieces)
+
+    monkeypatch.setattr(storage, "put", put)
+    with pytest.raises(StoreError, match=r"capture failed \(OSError: \[Errno 5\] Input/output error \(test\)\)"):
+        CaptureSession(cfg(url), digits).run()
+    monkeypatch.setattr(storage, "put", real)
+    done = open_store(url).step_complete()
+    assert not done[2:].any()
+    assert run("verify", url, "--quick").exit_code == 0
+    CaptureSession(cfg(url, mode="resume"), digits).run()
+    assert_same_store(url, local)
 
 
 def test_resume_redoes_a_step_whose_object_is_gone(s3, digits, local):
