@@ -5,7 +5,6 @@ to a local folder, object by object (bytes) and array by array (values)."""
 
 import json
 import logging
-import os
 import socket
 import subprocess
 import sys
@@ -19,7 +18,7 @@ moto_server = pytest.importorskip("moto.server")
 from typer.testing import CliRunner  # noqa: E402
 
 from dithooks.capture import CaptureConfig, CaptureSession  # noqa: E402
-from dithooks.errors import DithooksError, StoreError  # noqa: E402
+from dithooks.errors import StoreError  # noqa: E402
 from dithooks.sampling import SamplerSpec  # noqa: E402
 from dithooks.store.lock import LOCK_NAME, StoreLock  # noqa: E402
 from dithooks.store.reader import open_store  # noqa: E402

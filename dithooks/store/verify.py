@@ -22,7 +22,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
