@@ -111,11 +111,11 @@ def _capture_multi(session, run: ro.SamplingOptions, workers: int, png: Optional
         summary = capture_workers(session.cfg, workers, session.loaded)
     if png is not None:
         _save_png(session, run.out, run.steps, png)
-    summary = {"store": str(run.out), **summary}
+    summary = {"store": str(session.path), **summary}  # session.path: the URL of an s3:// --out
     if run.as_json:
         print_json(summary)
     else:
-        typer.echo(f"wrote {run.out}: {summary['workers']} workers, steps {summary['complete_steps']} complete, "
+        typer.echo(f"wrote {session.path}: {summary['workers']} workers, steps {summary['complete_steps']} complete, "
                    f"in {summary['seconds']:.1f} s")
 
 

@@ -107,7 +107,9 @@ def query(
     allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help="Read steps not marked complete and missing or damaged chunks as NaN (with a warning) instead of refusing."),
 ):
     """Slice one hook point by step/layer/sample and reduce it to a table (streamed chunk by chunk)."""
-    run_query(store, hook, step=step, layer=layer, sample=sample, cfg=cfg, replica=replica, reduce=reduce,
+    from dithooks.store.storage import as_path
+
+    run_query(as_path(store), hook, step=step, layer=layer, sample=sample, cfg=cfg, replica=replica, reduce=reduce,
               over=over, as_json=as_json, as_csv=as_csv, limit=limit, allow_incomplete=allow_incomplete)
 
 

@@ -237,6 +237,14 @@ def _jvp_direction(text: str) -> Any:
     return torch.from_numpy(arr)
 
 
+def _store_location(out: Path) -> Any:
+    """``--out``: a folder, or an object-store URL (``s3://...``, which typer's Path would
+    collapse to ``s3:/...``)."""
+    from dithooks.store.storage import as_path
+
+    return as_path(out)
+
+
 def sampling_request(*, out: Path, model: str | None, layers: str, hooks: str, steps: int, sampler: str,
                      eta: float, guidance: float, classes: str, seeds: str, prompt_embeds: Path | None = None,
                      prompt_rows: str | None = None, prompt: Sequence[str] = (), negative_prompt: str | None = None,
@@ -282,7 +290,7 @@ def sampling_request(*, out: Path, model: str | None, layers: str, hooks: str, s
                                couple_until=couple_until, share_noise_until=share_noise_until, layers=coupled)
     auto = sampler.strip().lower() == "auto"  # resolved by make_session, which loads the model
     return dict(
-        out=str(out), model=model, layers=layers, hooks=tuple(h.strip() for h in hooks.split(",") if h.strip()),
+        out=str(_store_location(out)), model=model, layers=layers, hooks=tuple(h.strip() for h in hooks.split(",") if h.strip()),
         sampler=SamplerSpec("ddim" if auto else sampler, steps, eta, guidance),
         labels=tuple(parse_int_list(classes, "classes", lo=0)),
         seeds=tuple(parse_int_list(seeds, "seeds", lo=0, hi=MAX_SEED)), storage_dtype=dtype, compute_dtype=compute_dtype,

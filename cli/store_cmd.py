@@ -204,6 +204,9 @@ def ls_(
     as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
 ):
     """What a store holds: arrays, dims, shapes, sizes, metadata, completeness, NaN/inf counts."""
+    from dithooks.store.storage import as_path
+
+    store = as_path(store)  # a folder, or an object-store URL (s3://bucket/run.zarr)
     rc = ls(store, verify=verify, as_json=as_json)
     if rc:
         raise typer.Exit(rc)
@@ -215,6 +218,9 @@ def verify_(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ):
     """Check that every chunk of every complete step exists and decodes; list those that do not (exit 1)."""
+    from dithooks.store.storage import as_path
+
+    store = as_path(store)  # a folder, or an object-store URL
     rc = verify(store, quick=quick, as_json=as_json)
     if rc:
         raise typer.Exit(rc)

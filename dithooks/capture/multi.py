@@ -41,6 +41,7 @@ from ..store.layout import LATENTS, RNG_STATE, STEP_COMPLETE, is_layer_dim, laye
 from ..store.lock import StoreLock
 from ..store.metadata import ATTR_KEY, RESUME_KEYS, completeness, now
 from ..store.steps import StepLog, nonfinite_from_meta, nonfinite_json, nonfinite_totals
+from ..store.storage import as_path, zarr_store
 from ..store.writer import ArraySpec, StoreWriter
 from .config import CaptureConfig, check_config
 from .session import CaptureResult, CaptureSession
@@ -65,7 +66,7 @@ def split_regions(num_samples: int, workers: int) -> list[tuple[int, int]]:
 
 
 def region_dir(path: Path, region: int) -> Path:
-    return Path(path) / REGIONS_DIR / str(region)
+    return as_path(path) / REGIONS_DIR / str(region)
 
 
 def _check_multi_config(cfg: CaptureConfig) -> None:
@@ -152,7 +153,8 @@ class RegionStepLog(StepLog):
 def _region_marks(root: Path) -> np.ndarray:
     import zarr
 
-    return np.asarray(zarr.open_array(str(root / REGION_COMPLETE), mode="r")[...], dtype=bool)
+    return np.asarray(zarr.open_array(zarr_store(as_path(root) / REGION_COMPLETE, read_only=True),
+                                      mode="r")[...], dtype=bool)
 
 
 def mark_steps_complete(writer: StoreWriter, rows: slice) -> None:
@@ -168,7 +170,7 @@ def mark_steps_complete(writer: StoreWriter, rows: slice) -> None:
 
 def read_status(path: Path | None) -> dict[str, Any]:
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(as_path(path).read_text())
     except Exception:
         return {}
 
@@ -197,7 +199,7 @@ class RegionSession(CaptureSession):
         cfg = dataclasses.replace(cfg)
         check_config(cfg)  # labels per seed, before the seeds are split
         _check_multi_config(cfg)
-        meta = read_multi_meta(Path(cfg.out))
+        meta = read_multi_meta(as_path(cfg.out))
         regions = [tuple(r) for r in meta[REGIONS_KEY]]
         if not 0 <= region < len(regions):
             raise DithooksError(f"region {region} does not exist: {cfg.out} has {len(regions)} regions")
@@ -229,7 +231,7 @@ class RegionSession(CaptureSession):
         self._region_lock = StoreLock(region_dir(self.path, self.region),
                                       command=command_text(self._command)).acquire()
         try:
-            group = zarr.open_group(str(self.path), mode="r+", zarr_format=3)
+            group = zarr.open_group(zarr_store(self.path), mode="r+", zarr_format=3)
             meta = dict(group.attrs[ATTR_KEY])
             request = self.request()
             for key in RESUME_KEYS:
@@ -307,7 +309,7 @@ def read_multi_meta(path: Path) -> dict[str, Any]:
     import zarr
 
     try:
-        meta = dict(zarr.open_group(str(path), mode="r").attrs[ATTR_KEY])
+        meta = dict(zarr.open_group(zarr_store(path, read_only=True), mode="r").attrs[ATTR_KEY])
     except Exception:
         raise StoreError(f"{path} is not a dithooks store") from None
     if REGIONS_KEY not in meta:
@@ -357,7 +359,7 @@ class MultiStore:
             for key in RESUME_KEYS:
                 if meta.get(key) != request.get(key):
                     raise StoreError(f"cannot resume {self.path}: its {key} differs from this request")
-            group = zarr.open_group(str(self.path), mode="r+", zarr_format=3)
+            group = zarr.open_group(zarr_store(self.path), mode="r+", zarr_format=3)
             meta.update(status="running", error=None, finished=None, runs=list(meta.get("runs", [])) + [now()])
             group.attrs[ATTR_KEY] = meta
             s._meta = meta
@@ -411,9 +413,9 @@ def describe_region(regions: Sequence[tuple[int, int]], r: int, marks: np.ndarra
 
 def region_report(path: Path) -> dict[str, Any]:
     """Which regions hold which steps (a store mid-way or complete)."""
-    meta = read_multi_meta(Path(path))
+    meta = read_multi_meta(as_path(path))
     regions = [tuple(r) for r in meta[REGIONS_KEY]]
-    marks = _region_marks(Path(path))
+    marks = _region_marks(as_path(path))
     return {"regions": [{"region": r, "samples": list(regions[r]),
                          "steps": [int(s) for s in np.flatnonzero(marks[:, r])],
                          "status": read_status(region_dir(path, r) / "status.json").get("status")}

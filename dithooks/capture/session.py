@@ -32,6 +32,7 @@ from ..store.lifecycle import StoreLifecycle
 from ..store.metadata import ATTR_KEY, FORMAT_VERSION, completeness, how_to_continue, invocation, library_versions, now
 from ..store.resume import reopen, trajectory_at
 from ..store.skeleton import Coordinates, write_skeleton
+from ..store.storage import as_path
 from ..store.steps import StepLog, nonfinite_from_meta, nonfinite_totals
 from ..store.writer import StoreWriter, WriterFailed
 from .config import CaptureConfig, check_against_model, check_config, compute_dtype, resolve_conditioning
@@ -85,7 +86,7 @@ class CaptureSession:
         self.sampler.conditioning(self.conditioning.sampler_input, len(cfg.seeds))  # checked by the adapter
         if self.probes:  # probes check the run's layout now, so a bad setup never touches disk
             self._start_probes(0)
-        self.path = Path(cfg.out)
+        self.path = as_path(cfg.out)  # a folder, or an object-store URL (dithooks/store/storage.py)
         self._command = invocation()  # which dithooks command (if any) runs this capture
         self.store = StoreLifecycle(self.path, cfg.mode, self._command)
         self.writer: StoreWriter | None = None

@@ -7,6 +7,10 @@ complete, so a store at the target is never half-made. ``--overwrite`` moves the
 ``.<name>.dithooks-old-<host>-<pid>`` before the new one is renamed in, then deletes it. Such folders
 left by a killed process are removed by the next writer of that store.
 
+On an object store (:mod:`.storage`) there are no such folders (a prefix cannot be renamed):
+the store is written in place, its root metadata last (:mod:`.lifecycle`), and no write leaves
+a temporary object (a PUT is atomic by itself).
+
 ``--overwrite`` deletes only what dithooks wrote (:func:`foreign_entries` lists the rest):
 Zarr metadata and chunk files of its arrays (and Zarr's ``*.partial`` files of an interrupted
 write), its lock, and a ``figures/`` folder that experiment commands may write inside a store.
@@ -21,6 +25,7 @@ import shutil
 from pathlib import Path
 
 from .lock import LOCK_NAME, hostname, pid_alive
+from .storage import ObjectPath, as_path
 
 FIGURES = "figures"
 # a multi-worker capture's per-region locks and statuses (dithooks/capture/multi.py)
@@ -49,6 +54,8 @@ def is_temp_name(name: str) -> bool:
 def remove_leftovers(target: Path, keep: tuple[Path, ...] = ()) -> list[Path]:
     """Delete the build/replace folders of ``target`` left by dead processes on this host."""
     removed = []
+    if isinstance(target, ObjectPath):  # stores on object storage are built in place
+        return removed
     try:
         entries = list(target.parent.iterdir())
     except OSError:
@@ -91,7 +98,7 @@ def _chunks_foreign(folder: Path, rel: str) -> list[str]:
 
 def foreign_entries(folder: str | Path, rel: str = "") -> list[str]:
     """Paths (relative to ``folder``) that do not look like something dithooks wrote."""
-    folder = Path(folder)
+    folder = as_path(folder)
     out: list[str] = []
     for p in sorted(folder.iterdir()):
         r = f"{rel}{p.name}"
@@ -141,6 +148,8 @@ def remove_partials(folder: str | Path) -> int:
     """Delete Zarr's ``*.partial`` files (writes cut short by a kill) under ``folder``; call it
     only while holding the store's lock, when no write of ours is in flight."""
     removed = 0
+    if isinstance(as_path(folder), ObjectPath):
+        return removed  # object stores: a PUT leaves no temporary object
     for root, dirs, files in os.walk(folder):
         dirs[:] = [d for d in dirs if d != FIGURES or root != str(folder)]
         for f in files:

@@ -6,6 +6,15 @@ The store is held under its writer's lock (``.dithooks.lock``, :mod:`.lock`) fro
 temporary name next to the target and renamed into place once its skeleton is complete, so a
 killed or failed creation never leaves a half-made store at the target (:mod:`.files`).
 ``--overwrite`` deletes only what dithooks wrote.
+
+On an object store (``s3://bucket/run.zarr``, :mod:`.storage`) a prefix cannot be renamed, so a
+store is built in place instead: the writer's lock is taken first (a conditional PUT, which
+also decides between two processes creating the same store), then the skeleton is written with
+the root metadata that makes it a dithooks store last. A creation killed before that leaves a
+half-made store, which ``dithooks ls`` reports as such and ``--overwrite`` replaces; a creation
+that fails deletes what it wrote. ``--overwrite`` deletes the old store's objects (only what
+dithooks wrote, as on a disk) before writing the new one: unlike on a disk, a failed
+``--overwrite`` does not bring the old store back.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from ..errors import DithooksError, StoreError
 from .files import describe_foreign, foreign_entries, remove_leftovers, temp_path
 from .lock import LOCK_NAME, StoreLock
 from .metadata import ATTR_KEY, now
+from .storage import ObjectPath, as_path, remove_tree, zarr_store
 from .verify import DamagedStore, inspect_store
 
 MODES = ("create", "overwrite", "resume")
@@ -39,7 +49,7 @@ class StoreLifecycle:
     def __init__(self, path: Path, mode: str, command: dict[str, Any]):
         if mode not in MODES:
             raise DithooksError(f"unknown mode {mode!r}")
-        self.path = Path(path)
+        self.path = as_path(path)
         self.mode = mode
         self.command = command
         self.lock: StoreLock | None = None
@@ -54,6 +64,8 @@ class StoreLifecycle:
         path, mode = self.path, self.mode
         remove_leftovers(path)
         exists = path.exists() or path.is_symlink()
+        if isinstance(path, ObjectPath) and exists and not path.is_dir():
+            raise StoreError(f"{path} exists and is an object, not a store (a store is a prefix of objects)")
         if exists and mode == "create":
             raise StoreError(f"{path} already exists: use --overwrite to replace it "
                              "or --resume to continue it")
@@ -64,6 +76,8 @@ class StoreLifecycle:
             if mode == "resume":
                 self.lock = old
                 return reopen()
+            if isinstance(path, ObjectPath):
+                return self._create_in_place(old, build), 0
             return self._create(old, build), 0
         except BaseException:
             self.release()
@@ -161,6 +175,42 @@ class StoreLifecycle:
             old.release()
             shutil.rmtree(trash, ignore_errors=True)  # verified to hold only what dithooks wrote
         return zarr.open_group(str(target), mode="r+", zarr_format=3)
+
+    def _create_in_place(self, old: StoreLock | None, build: Callable[[Path], None]) -> Any:
+        """Object stores: lock, write the skeleton in place (its root metadata last), open it.
+        ``old``: the lock of the store being replaced (--overwrite), checked replaceable."""
+        import zarr
+
+        target = self.path
+        lock = old or StoreLock(target, command=command_text(self.command)).acquire()
+        ours = False  # whether the objects there now are ours to delete on failure
+        try:
+            others = [p for p in target.iterdir() if p.name != LOCK_NAME]
+            if old is None and others:  # made by another process between our check and our lock
+                raise StoreError(f"{target} was created by another process meanwhile: "
+                                 "use --overwrite to replace it or --resume to continue it")
+            ours = True
+            for p in others:  # --overwrite: the old store goes first (only what dithooks wrote)
+                remove_tree(p)
+            try:
+                build(target)
+            except (DithooksError, KeyboardInterrupt):
+                raise
+            except Exception as e:
+                msg = f"{e.strerror or e}" if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
+                raise StoreError(f"cannot create {target}: {msg}") from None
+        except BaseException as e:
+            if ours and not isinstance(e, KeyboardInterrupt):
+                try:  # a failed creation leaves nothing but the lock, released below
+                    for p in list(target.iterdir()):
+                        if p.name != LOCK_NAME:
+                            remove_tree(p)
+                except Exception:
+                    pass
+            lock.release()
+            raise
+        self.lock = lock
+        return zarr.open_group(zarr_store(target), mode="r+", zarr_format=3)
 
     # -- close ---------------------------------------------------------------------------------
     def finish(self, group: Any, meta: dict[str, Any], status: str, error: str | None = None,

@@ -9,6 +9,14 @@ later, i.e. the pid was reused). A lock from another host is never reclaimed aut
 message says which file to delete once you are sure nothing writes the store there.
 
 Readers (``dithooks ls``, ``query``, xarray) ignore the lock.
+
+On an object store (``s3://...``, :mod:`.storage`) the lock is the object ``.dithooks.lock``
+under the store's prefix, created by a conditional PUT (``If-None-Match: *``), which the server
+refuses when the object exists: the same one-winner guarantee as the hard link. Staleness is
+judged the same way (same host, dead pid); a lock left by another machine is never taken over
+(the message names the object to delete). Breaking a stale lock re-reads it and deletes it only
+if it is still the stale one; two processes breaking the same stale lock at the same moment can
+both proceed (S3 has no conditional delete everywhere): a documented limitation.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import StoreError
+from .storage import ObjectPath, as_path, create_exclusive
 
 LOCK_NAME = ".dithooks.lock"
 
@@ -80,7 +89,7 @@ def owner_info(command: str | None = None) -> dict[str, Any]:
 
 def read_lock(folder: str | Path) -> dict[str, Any] | None:
     """The owner recorded in ``folder``'s lock, ``{}`` for an unreadable lock, None if no lock."""
-    path = Path(folder) / LOCK_NAME
+    path = as_path(folder) / LOCK_NAME
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -100,14 +109,14 @@ def is_stale(info: dict[str, Any] | None, path: str | Path | None = None) -> boo
         return True
     if not info:  # unreadable: junk, unless just made by a file system without hard links
         try:
-            return path is None or time.time() - (Path(path)).stat().st_mtime > 10
+            return path is None or time.time() - as_path(path).stat().st_mtime > 10
         except OSError:
             return True
     if info.get("host") != hostname():
         return False
     pid = int(info.get("pid", -1))
     if pid == os.getpid():
-        return path is None or str(Path(path).resolve()) not in _HELD
+        return path is None or str(as_path(path).resolve()) not in _HELD
     return not pid_alive(pid, info.get("pid_start"))
 
 
@@ -122,8 +131,9 @@ class StoreLock:
     :meth:`release`; releasing twice is harmless."""
 
     def __init__(self, folder: str | Path, command: str | None = None):
-        self.folder = Path(folder)
+        self.folder = as_path(folder)
         self.path = self.folder / LOCK_NAME
+        self.remote = isinstance(self.folder, ObjectPath)
         self.token = uuid.uuid4().hex
         self.info = {**owner_info(command), "token": self.token}
         self.held = False
@@ -148,6 +158,8 @@ class StoreLock:
         raise StoreLocked(f"cannot lock {self.folder}: its lock {self.path} keeps changing")
 
     def _try_create(self) -> bool:
+        if self.remote:  # a conditional PUT: refused when the lock object exists
+            return create_exclusive(self.path, json.dumps(self.info).encode())
         tmp = self.folder / f"{LOCK_NAME}.{self.token}.tmp"
         try:
             with open(tmp, "x") as f:
@@ -174,6 +186,8 @@ class StoreLock:
     def _sweep(self) -> None:
         """Delete the private files (``.dithooks.lock.<token>.tmp|.stale``) that killed lockers
         left; only the holder does this, so none of them can still become the lock."""
+        if self.remote:  # no private files there
+            return
         prefix = LOCK_NAME + "."
         try:
             names = os.listdir(self.folder)
@@ -197,6 +211,10 @@ class StoreLock:
 
     def _break_stale(self, info: dict[str, Any]) -> None:
         """Remove a stale lock, unless another process replaced it meanwhile."""
+        if self.remote:  # re-read, delete only if it is still the stale one (see the module doc)
+            if read_lock(self.folder) == info:
+                self.path.unlink(missing_ok=True)
+            return
         aside = self.folder / f"{LOCK_NAME}.{self.token}.stale"
         try:
             os.rename(self.path, aside)  # atomic: of several reclaimers only one moves it
@@ -221,15 +239,18 @@ class StoreLock:
             _HELD.pop(str(self.path.resolve()), None)
         try:
             if (read_lock(self.folder) or {}).get("token") == self.token:
-                os.unlink(self.path)
-        except OSError:
+                if self.remote:
+                    self.path.unlink(missing_ok=True)
+                else:
+                    os.unlink(self.path)
+        except (OSError, StoreError):
             pass
 
     def moved_to(self, folder: str | Path) -> None:
         """The locked folder was renamed to ``folder`` (the lock file moved with it)."""
         with _HELD_GUARD:
             _HELD.pop(str(self.path.resolve()), None)
-            self.folder = Path(folder)
+            self.folder = as_path(folder)
             self.path = self.folder / LOCK_NAME
             if self.held:
                 _HELD[str(self.path.resolve())] = self.token

@@ -36,6 +36,7 @@ from .codecs import decode
 from ..lists import parse_spans, split_items
 from .layout import COORDS, RNG_STATE, STEP_COMPLETE, is_coordinate, is_layer_dim
 from .metadata import ATTR_KEY, completeness
+from .storage import as_path, zarr_store
 from .zarrio import ArrayMeta, ArrayReader, Block, ChunkMissing, CorruptStoreError, blocks, out_shape, read_json
 
 # arrays whose missing chunks are by design (read as their fill value, no completeness checks)
@@ -138,10 +139,13 @@ class CaptureStore:
     """A capture store opened read-only (``xarray.open_zarr`` reads the same files).
 
     ``allow_incomplete`` is the default for :meth:`select` (see the module docstring).
+    ``path`` may be an object-store URL (``s3://bucket/run.zarr``); ``storage_options`` (fsspec's:
+    ``endpoint_url``, ``key``, ``secret``, ...) then say how to reach it (else the environment).
     """
 
-    def __init__(self, path: str | Path, allow_incomplete: bool = False):
-        self.path = Path(path)
+    def __init__(self, path: str | Path, allow_incomplete: bool = False,
+                 storage_options: dict[str, Any] | None = None):
+        self.path = as_path(path, storage_options)
         self.allow_incomplete = allow_incomplete
         if not self.path.exists():
             raise StoreError(f"no store at {self.path}")
@@ -167,7 +171,8 @@ class CaptureStore:
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                self._group = zarr.open_group(str(self.path), mode="r", use_consolidated=False)
+                self._group = zarr.open_group(zarr_store(self.path, read_only=True), mode="r",
+                                              use_consolidated=False)
         return self._group
 
     # -- what is in it -----------------------------------------------------------------------
@@ -432,8 +437,9 @@ class CaptureStore:
         return c if c.size == n else np.arange(n)
 
 
-def open_store(path: str | Path, allow_incomplete: bool = False) -> CaptureStore:
-    return CaptureStore(path, allow_incomplete=allow_incomplete)
+def open_store(path: str | Path, allow_incomplete: bool = False,
+               storage_options: dict[str, Any] | None = None) -> CaptureStore:
+    return CaptureStore(path, allow_incomplete=allow_incomplete, storage_options=storage_options)
 
 
 # -- selections ----------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from .files import remove_partials
 from .layout import LATENTS, RNG_STATE, STEP_COMPLETE
 from .metadata import ATTR_KEY, RESUME_KEYS, completeness, now
 from .steps import nonfinite_before
+from .storage import zarr_store
 from .verify import DamagedStore, inspect_store, verify_store
 
 
@@ -44,7 +45,7 @@ def reopen(path: Path, request: dict[str, Any], *, steps: int, not_resumable: Se
     if layout.kind != "capture":
         raise StoreError(f"{path} is a {layout.kind} store, not a capture: cannot resume it here")
     remove_partials(path)  # writes a killed run left half-done (we hold the lock)
-    group = zarr.open_group(str(path), mode="r+", zarr_format=3)
+    group = zarr.open_group(zarr_store(path), mode="r+", zarr_format=3)
     meta = dict(layout.meta)
     meta.setdefault("probes", [])  # stores from before probes existed had none
     for key in tuple(RESUME_KEYS) + ("probes",):

@@ -16,6 +16,8 @@ import numpy as np
 from .layout import STEP_COMPLETE
 from .metadata import ATTR_KEY
 
+CREATING_KEY = "dithooks_creating"  # a root group attribute while the skeleton is written
+
 
 @dataclass(frozen=True)
 class Coordinates:
@@ -41,14 +43,17 @@ def write_skeleton(folder: Path, meta: dict[str, Any], coords: Coordinates) -> A
     """Create the Zarr group in ``folder`` (emptying it) with ``coords`` and ``step_complete``;
     ``meta`` goes into the group attributes last. Written by :mod:`.zarrio` (the files zarr-python
     writes for the same calls, without its ~45 ms of event-loop work per capture)."""
-    import shutil
-
+    from .lock import LOCK_NAME
+    from .storage import as_path, remove_tree
     from .zarrio import array_metadata, write_array, write_group, write_json_atomic
 
-    folder = Path(folder)
+    folder = as_path(folder)
     for p in folder.iterdir() if folder.is_dir() else ():
-        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-    write_group(folder)
+        if p.name != LOCK_NAME:  # object stores: the writer's lock is taken before the build
+            remove_tree(p)
+    # until the metadata replaces it: a store being created (on object storage, where it is built
+    # in place, a creation killed now leaves this for `dithooks ls` to report as half-made)
+    write_group(folder, {CREATING_KEY: True})
 
     def coord(name, values, dims, dtype=None):
         # uncompressed: a few bytes each, and readers then need no codec library at all;

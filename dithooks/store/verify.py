@@ -22,7 +22,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from .files import FIGURES, PARTIAL, REGIONS_DIR, is_temp_name
 from .layout import COORDS, STEP_COMPLETE, row_role
 from .lock import LOCK_NAME
 from .metadata import ATTR_KEY
+from .storage import ObjectPath, as_path, read_range, total_bytes, zarr_store
 from .zarrio import ArrayMeta as ZarrArrayMeta
 _FIXED_CODECS = {"bytes", "crc32c", "transpose"}
 _EMPTY = 2**64 - 1
@@ -197,7 +197,7 @@ def _remake(path: Path) -> str:
 def inspect_store(path: str | Path, kinds: tuple[str, ...] | None = None) -> StoreLayout:
     """Read a store's metadata from its files; a half-made or damaged store is a one-line
     :class:`DamagedStore`, a folder that is no store at all a :class:`StoreError`."""
-    path = Path(path)
+    path = as_path(path)
     if not path.exists():
         raise StoreError(f"no store at {path}")
     if not path.is_dir():
@@ -221,7 +221,7 @@ def inspect_store(path: str | Path, kinds: tuple[str, ...] | None = None) -> Sto
     meta = (group.get("attributes") or {}).get(ATTR_KEY)
     arrays_dirs = [p for p in entries if p.is_dir() and p.name not in (FIGURES, REGIONS_DIR)]
     if not isinstance(meta, dict):
-        if not arrays_dirs:
+        if not arrays_dirs or (group.get("attributes") or {}).get("dithooks_creating"):
             raise DamagedStore(f"{path} is a half-made store (its creation was interrupted before its metadata "
                                f"was written): nothing in it can be read or resumed; {_remake(path)}")
         raise StoreError(f"{path} is a Zarr store but not a dithooks store (no '{ATTR_KEY}' metadata)")
@@ -271,7 +271,7 @@ def _read_step_complete(path: Path, a: ChunkFiles) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            arr = zarr.open_array(str(path / "step_complete"), mode="r")
+            arr = zarr.open_array(zarr_store(path / "step_complete", read_only=True), mode="r")
             return np.asarray(arr[...], dtype=bool)
     except Exception as e:  # a corrupt chunk of it: unknown what is on disk
         raise DamagedStore(f"{path} is damaged: step_complete cannot be read ({_short(e)}); "
@@ -322,10 +322,11 @@ def _crc32c(data: bytes) -> int | None:
     return int(google_crc32c.value(data))
 
 
-def check_file(a: ChunkFiles, file: Path, strict: bool) -> str | None:
-    """What is wrong with one chunk/shard file without decoding it (None: looks whole)."""
+def check_file(a: ChunkFiles, file: Path, strict: bool, data: bytes | None = None) -> str | None:
+    """What is wrong with one chunk/shard file without decoding it (None: looks whole).
+    ``data``: the file's bytes, when they were read already (object stores: one GET)."""
     try:
-        size = file.stat().st_size
+        size = file.stat().st_size if data is None else len(data)
     except FileNotFoundError:
         return "missing chunk file" if a.inner is None else "missing shard file"
     except OSError as e:
@@ -339,12 +340,19 @@ def check_file(a: ChunkFiles, file: Path, strict: bool) -> str | None:
     if size < a.index_bytes:
         return f"shard file truncated ({size} bytes)"
     try:
-        with open(file, "rb") as f:
-            if a.index_at_end:
-                f.seek(size - a.index_bytes)
-            index = f.read(a.index_bytes)
+        if data is not None:
+            index = data[size - a.index_bytes:] if a.index_at_end else data[:a.index_bytes]
+        elif isinstance(file, ObjectPath):
+            index = read_range(file.url, size - a.index_bytes if a.index_at_end else 0, a.index_bytes)
+        else:
+            with open(file, "rb") as f:
+                if a.index_at_end:
+                    f.seek(size - a.index_bytes)
+                index = f.read(a.index_bytes)
     except OSError as e:
         return f"unreadable ({e.strerror})"
+    if len(index) != a.index_bytes:
+        return f"shard file truncated ({size} bytes)"
     body = index[:-4] if a.index_crc else index
     if a.index_crc:
         crc = _crc32c(body)
@@ -362,6 +370,30 @@ def check_file(a: ChunkFiles, file: Path, strict: bool) -> str | None:
     if a.raw_bytes is not None and used.size and (used[:, 1] != a.raw_bytes).any():
         return "a chunk in the shard has the wrong size"
     return None
+
+
+def _decode_object(a: ChunkFiles, idx: tuple[int, ...], data: bytes) -> int:
+    """Decode every chunk of one chunk or shard file from its bytes (checksums, decompression,
+    sizes: zarrio's reader); returns how many; raises on the first that does not decode."""
+    from .zarrio import MISSING, ArrayReader, Block
+
+    r = ArrayReader(a.meta)
+    if a.inner is None:
+        r._decode(data, Block(tuple(idx), (), ()))
+        return 1
+    n = a.inner_per_file
+    lo = len(data) - a.index_bytes if a.index_at_end else 0
+    index = np.frombuffer(data[lo:lo + 16 * n], dtype="<u8").reshape(-1, 2)
+    per = a.meta.per_shard
+    done = 0
+    for k, inner in enumerate(itertools.product(*(range(p) for p in per))):
+        off, nbytes = index[k]
+        if off == MISSING and nbytes == MISSING:
+            continue
+        chunk = tuple(i * p + j for i, p, j in zip(idx, per, inner))
+        r._decode(data[int(off):int(off) + int(nbytes)], Block(chunk, (), ()))
+        done += 1
+    return done
 
 
 def _rows_needed(layout: StoreLayout, a: ChunkFiles) -> tuple[str, list[tuple[int, int]]]:
@@ -391,17 +423,20 @@ def verify_store(path: str | Path, decode: bool = True, layout: StoreLayout | No
     rep = VerifyReport(str(layout.path), layout.kind, layout.steps_total,
                        int(done.sum()) if done is not None else 0, decode)
     group = None
+    remote = isinstance(layout.path, ObjectPath)
     if decode:
         import zarr
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            group = zarr.open_group(str(layout.path), mode="r", use_consolidated=False)
+            group = zarr.open_group(zarr_store(layout.path, read_only=True), mode="r", use_consolidated=False)
+    # object stores: which objects exist, and their sizes, from one listing (not a HEAD per object)
+    base = layout.path.listed() if isinstance(layout.path, ObjectPath) else layout.path
     for name, a in layout.arrays.items():
         if progress:
             progress(name)
         rep.arrays += 1
-        folder = layout.path / name
+        folder = base / name
         if layout.kind != "capture":
             role, rows = "other", []
         else:
@@ -427,8 +462,21 @@ def verify_store(path: str | Path, decode: bool = True, layout: StoreLayout | No
             if not must and not file.exists():
                 continue
             rep.files_checked += 1
-            what = check_file(a, file, layout.strict)
-            if what is None and group is not None:
+            if remote and decode and a.meta.native:  # one GET: checked and decoded from the bytes
+                try:
+                    data = file.read_bytes()
+                except FileNotFoundError:
+                    data = None
+                what = check_file(a, file, layout.strict, data) if data is not None else \
+                    ("missing chunk file" if a.inner is None else "missing shard file")
+                if what is None:
+                    try:
+                        rep.chunks_decoded += _decode_object(a, idx, data)
+                    except Exception as e:
+                        what = f"does not decode ({_short(e)})"
+            else:
+                what = check_file(a, file, layout.strict)
+            if what is None and group is not None and not (remote and a.meta.native):
                 try:
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
@@ -449,11 +497,4 @@ def verify_store(path: str | Path, decode: bool = True, layout: StoreLayout | No
 
 
 def stored_bytes(path: str | Path) -> int:
-    total = 0
-    for root, _, files in os.walk(path):
-        for f in files:
-            try:
-                total += os.stat(os.path.join(root, f)).st_size
-            except OSError:
-                pass
-    return total
+    return total_bytes(as_path(path))

@@ -21,7 +21,8 @@ are created by writing their ``zarr.json`` and whole chunks / shards are encoded
 :class:`zarrio.ChunkEncoder`, one atomic file write (temporary ``*.partial`` file, then a rename)
 per chunk or shard, the interpreter lock released during the write; a write that covers part of
 an unsharded chunk reads, updates and rewrites the chunk. zarr-python is used only for what that
-does not cover: part of a shard, layouts the encoder does not write, stores that are not folders. zarr-python's own path costs the sampling thread far more: its event
+does not cover: part of a shard, layouts the encoder does not write, memory stores. On an object store
+(``s3://``, :mod:`.storage`) the same encoder writes each chunk or shard as one PUT. zarr-python's own path costs the sampling thread far more: its event
 loop and thread pool compete for the interpreter lock, and it reads a shard back before replacing
 it (docs/benchmarks.md).
 """
@@ -41,6 +42,7 @@ import zarr
 
 from ..errors import StoreError
 from .codecs import compressor_config, compressors, to_numpy, zarr_dtype
+from .storage import is_url
 from .zarrio import ArrayMeta, ArrayReader, ChunkEncoder, array_metadata, write_atomic, write_json_atomic
 
 
@@ -124,6 +126,11 @@ class StoreWriter:
         self.peak_pending_bytes = 0
         # see the ``inline`` property
         self._inline_mode = False
+        from .storage import ObjectPath
+
+        self._remote = isinstance(store_root(group) if self.direct else None, ObjectPath)
+        self._pool: Any = None      # object stores: the PUTs in flight (_sink)
+        self._inflight: dict[str, Any] = {}
         self._thread = threading.Thread(target=self._run, name="dithooks-store-writer", daemon=True)
         self._thread.start()
 
@@ -165,14 +172,52 @@ class StoreWriter:
         """The encoder's sink in inline mode: the file write, queued for the writer thread."""
         nbytes = sum(memoryview(p).nbytes for p in pieces)
         self._account(nbytes)
-        self._queue.put(("call", lambda: write_atomic(path, pieces), None, None, nbytes))
+        self._queue.put(("file", path, pieces, None, nbytes))
         return nbytes
+
+    # -- object stores: several PUTs in flight ---------------------------------------------------
+    # On an object store a chunk's PUT waits mostly on the network, so the writer thread keeps up
+    # to PUTS_IN_FLIGHT of them going at once; anything that must follow them (a step's marks,
+    # every call(), a read-modify-write, close) first waits for all of them. Local files are
+    # written at once, as always.
+    PUTS_IN_FLIGHT = 8
+
+    def _sink(self, path: str, pieces: list) -> int:
+        """Where the writer thread puts an encoded file: at once (a folder), or as one more PUT in
+        flight (an object store)."""
+        if "://" not in path or not is_url(path):
+            return write_atomic(path, pieces)
+        import concurrent.futures
+
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(self.PUTS_IN_FLIGHT,
+                                                               thread_name_prefix="dithooks-put")
+        same = self._inflight.pop(path, None)
+        if same is not None:  # the same object again: its first PUT lands first
+            same.result()
+        while len(self._inflight) >= self.PUTS_IN_FLIGHT:
+            self._inflight.pop(next(iter(self._inflight))).result()
+        self._inflight[path] = self._pool.submit(write_atomic, path, pieces)
+        return sum(memoryview(p).nbytes for p in pieces)
+
+    def _wait_puts(self) -> None:
+        """Wait for every PUT in flight; raise the first one's error."""
+        first = None
+        while self._inflight:
+            try:
+                self._inflight.pop(next(iter(self._inflight))).result()
+            except BaseException as e:
+                first = first or e
+        if first is not None:
+            raise first
 
     def set(self, name: str, index: Any, value: Any) -> None:
         """Queue ``array[index] = value`` for an array that already exists in the store (e.g. the
         ``step_complete`` marks: ``set("step_complete", slice(3, 5), True)``); ``value`` is small
         (no memory accounting) and broadcast to the selection."""
         if self._inline_mode:
+            if self._remote:  # its file must follow the PUTs in flight: a barrier first
+                self._queue.put(("call", _nothing, None, None, 0))
             return self._inline("set", name, index, value)
         self._raise_if_failed()
         self._queue.put(("set", name, index, value, 0))
@@ -258,7 +303,7 @@ class StoreWriter:
         the file and wait for the queue before anything else touches the files."""
         if self._inline_mode and threading.current_thread() is not self._thread:
             return self._write_file, self._drain
-        return write_atomic, _nothing
+        return self._sink, self._wait_puts
 
     def _drain(self) -> None:
         """Inline mode: wait until the queued file writes are on disk."""
@@ -300,11 +345,13 @@ class StoreWriter:
             if self._inline_mode and threading.current_thread() is not self._thread:
                 # counted on the writer thread too (numpy releases the interpreter lock), before
                 # the marks queued after it; the data stays untouched until its files are written
-                self._queue.put(("call", lambda: self._count(data, a, b), None, None, 0))
+                self._queue.put(("count", lambda: self._count(data, a, b), None, None, 0))
             else:
                 self._count(data, a, b)
         elif kind == "set":
             self.existing(a).write(b, np.asarray(c))
+        elif kind == "file":
+            self._sink(a, b)
         else:
             a()
 
@@ -317,10 +364,18 @@ class StoreWriter:
         while True:
             item = self._queue.get()
             if item is None:
+                try:
+                    self._wait_puts()
+                except BaseException as e:
+                    self._error = self._error or e
+                if self._pool is not None:
+                    self._pool.shutdown()
                 return
             kind, a, b, c, nbytes = item
             try:
                 if self._error is None:
+                    if kind in ("set", "call"):  # after the files queued before them
+                        self._wait_puts()
                     self._do(kind, a, b, c)
             except BaseException as e:  # kept and raised on the sampling thread
                 self._error = e
@@ -336,8 +391,19 @@ class StoreWriter:
 
 
 def store_root(group: zarr.Group) -> Path | None:
-    """The folder of a group on a local store, else None."""
+    """The folder of a group on a local store (a :class:`~pathlib.Path`), or its location on an
+    object store (a :class:`.storage.ObjectPath`: chunks are then PUT whole, one object each),
+    else None."""
     store = getattr(group, "store", None)
+    if isinstance(store, zarr.storage.FsspecStore):
+        from .storage import ObjectPath
+
+        protocol = store.fs.protocol
+        protocol = protocol[0] if isinstance(protocol, (tuple, list)) else protocol
+        if protocol in ("file", "local", "memory"):
+            return None
+        root = ObjectPath(f"{protocol}://{store.path.strip('/')}")
+        return root / group.path if group.path else root
     root = getattr(store, "root", None)
     if root is None or not isinstance(store, zarr.storage.LocalStore):
         return None

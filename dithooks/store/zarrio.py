@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from ..errors import StoreError
+from .storage import as_path, is_url
 
 MISSING = np.uint64(2**64 - 1)  # a shard index entry (offset, nbytes) for a chunk never written
 
@@ -119,9 +120,9 @@ class ArrayMeta:
         """The metadata of array ``name`` in folder ``d`` from its already-read ``zarr.json``
         ``m``; a malformed one raises :class:`CorruptStoreError` (as :meth:`load`)."""
         try:
-            return cls._parse(Path(d), name, m)
+            return cls._parse(as_path(d), name, m)
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
-            raise CorruptStoreError(f"{Path(d) / 'zarr.json'} is damaged (bad or missing field: {e})") from None
+            raise CorruptStoreError(f"{as_path(d) / 'zarr.json'} is damaged (bad or missing field: {e})") from None
 
     @classmethod
     def _parse(cls, d: Path, name: str, m: dict) -> "ArrayMeta":
@@ -171,6 +172,7 @@ class ArrayMeta:
     def __post_init__(self) -> None:
         self.per_shard = tuple(o // i for o, i in zip(self.outer, self.inner))  # inner chunks per file, per dim
         self._dir = str(self.dir)
+        self.remote = is_url(self.dir)  # an object store: sizes and byte ranges through fsspec
 
     @property
     def inner_grid(self) -> tuple[int, ...]:
@@ -245,6 +247,7 @@ class ArrayReader:
         self.meta = meta
         self._index: dict[tuple[int, ...], tuple[np.ndarray, int] | None] = {}
         self._zarr = None
+        self._sizes: dict[str, int] | None = None  # object stores: chunk object -> size
 
     # -- where a chunk is --------------------------------------------------------------------
     def _shard_index(self, shard: tuple[int, ...]) -> tuple[np.ndarray, int] | None:
@@ -252,18 +255,20 @@ class ArrayReader:
             return self._index[shard]
         m = self.meta
         path = m.path(shard)
-        try:
-            size = os.stat(path).st_size
-        except FileNotFoundError:
+        size = self._size(path)
+        if size is None:
             self._index[shard] = None
             return None
         n = int(np.prod(m.per_shard))
         nbytes = 16 * n + (4 if m.index_crc else 0)
         if size < nbytes:
             raise CorruptStoreError(f"{path} is damaged: {size} bytes, shorter than its shard index ({nbytes} bytes)")
-        with open(path, "rb") as f:
-            f.seek(size - nbytes if m.index_at_end else 0)
-            raw = f.read(nbytes)
+        if m.remote:
+            raw = self._get(path, size - nbytes if m.index_at_end else 0, nbytes)
+        else:
+            with open(path, "rb") as f:
+                f.seek(size - nbytes if m.index_at_end else 0)
+                raw = f.read(nbytes)
         if m.index_crc:
             try:
                 import google_crc32c
@@ -287,10 +292,8 @@ class ArrayReader:
         m = self.meta
         if not m.sharded:
             path = m.path(chunk)
-            try:
-                return path, 0, os.stat(path).st_size
-            except FileNotFoundError:
-                return None
+            n = self._size(path)
+            return None if n is None else (path, 0, n)
         shard = tuple(c // p for c, p in zip(chunk, m.per_shard))
         got = self._shard_index(shard)
         if got is None:
@@ -303,6 +306,29 @@ class ArrayReader:
 
     def exists(self, chunk: tuple[int, ...]) -> bool:
         return self.location(chunk) is not None
+
+    def _size(self, path: str) -> int | None:
+        """A chunk (shard) file's size, None if there is none. Object stores: from one listing of
+        the array's objects, taken on first use (this reader then sees the array as it was)."""
+        if not self.meta.remote:
+            try:
+                return os.stat(path).st_size
+            except FileNotFoundError:
+                return None
+        if self._sizes is None:
+            from .storage import listing
+
+            self._sizes = listing(self.meta._dir)
+        return self._sizes.get(path[len(self.meta._dir) + 1:])
+
+    def _get(self, path: str, off: int, n: int) -> bytes:
+        """Object stores: ``n`` bytes of ``path`` from ``off`` (one ranged GET)."""
+        from .storage import read_range
+
+        try:
+            return read_range(path, off, n)
+        except FileNotFoundError:
+            return b""
 
     def describe(self, chunk: tuple[int, ...]) -> str:
         """Where a chunk lives, for messages: the file, and the chunk within a shard."""
@@ -345,6 +371,13 @@ class ArrayReader:
         first = sum(s.start * st for s, st in zip(block.local, strides))
         last = sum((s.start + (c - 1) * s.step) * st for s, c, st in zip(block.local, counts, strides))
         span = last - first + item
+        if m.remote:
+            raw = self._get(path, off + first, span)
+            if len(raw) != span:
+                raise CorruptStoreError(f"{self.describe(block.chunk)} in {m.dir.parent} is damaged: file ends early")
+            buf = np.frombuffer(raw, dtype=m.dtype).copy()
+            return np.ndarray(tuple(counts), dtype=m.dtype, buffer=buf,
+                              strides=tuple(s.step * st for s, st in zip(block.local, strides)))
         buf = np.empty(span // item, dtype=m.dtype)
         try:
             f = open(path, "rb", buffering=0)
@@ -358,6 +391,12 @@ class ArrayReader:
                           strides=tuple(s.step * st for s, st in zip(block.local, strides)))
 
     def _pread(self, path: str, off: int, n: int, chunk: tuple[int, ...]) -> bytes:
+        if self.meta.remote:
+            data = self._get(path, off, n)
+            if len(data) != n:
+                raise CorruptStoreError(f"{self.describe(chunk)} in {self.meta.dir.parent} is damaged: "
+                                        "file ends early")
+            return data
         try:
             f = open(path, "rb", buffering=0)
         except FileNotFoundError:  # deleted since its shard index (or size) was read
@@ -390,16 +429,19 @@ class ArrayReader:
     def _read_block_zarr(self, block: Block) -> np.ndarray:
         m = self.meta
         shard = tuple(c // p for c, p in zip(block.chunk, m.per_shard))
-        if not os.path.exists(m.path(shard)):
+        present = self._size(m.path(shard)) is not None if m.remote else os.path.exists(m.path(shard))
+        if not present:
             raise ChunkMissing(self.describe(block.chunk))
         if self._zarr is None:
             import warnings
 
             import zarr
 
+            from .storage import zarr_store
+
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                self._zarr = zarr.open_array(str(m.dir), mode="r")
+                self._zarr = zarr.open_array(zarr_store(m.dir, read_only=True), mode="r")
         region = tuple(slice(c * i + s.start, c * i + s.stop, s.step) if isinstance(s, slice) else c * i + s
                        for c, i, s in zip(block.chunk, m.inner, block.local))
         try:
@@ -552,7 +594,12 @@ def partial_name(path: str) -> str:
 def write_atomic(path: str, pieces: list) -> int:
     """Write ``pieces`` (bytes-like objects) as the file ``path``: into a temporary file next to it,
     then renamed over it, so a kill leaves the old file or the new one, never a mix. Returns the
-    number of bytes. The interpreter lock is released during the write (``os.writev``)."""
+    number of bytes. The interpreter lock is released during the write (``os.writev``).
+    An object-store URL is written with one PUT instead (atomic by itself: :mod:`.storage`)."""
+    if "://" in path and is_url(path):
+        from .storage import put
+
+        return put(path, pieces)
     tmp = partial_name(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666)
     total = 0
@@ -642,7 +689,8 @@ class ChunkEncoder:
     def _mkdirs(self, path: str) -> None:
         d = os.path.dirname(path)
         if d not in self._dirs:
-            os.makedirs(d, exist_ok=True)
+            if not self.meta.remote:  # object stores: nothing to create
+                os.makedirs(d, exist_ok=True)
             self._dirs.add(d)
 
     def aligned(self, region: tuple[tuple[int, int], ...]) -> bool:
@@ -714,7 +762,7 @@ def write_array(root: str | Path, name: str, values: Any, dims: tuple[str, ...] 
     ``create_array(..., compressors=None)`` then ``a[...] = values`` writes. Strings (numpy ``U``/
     ``S``/object) are stored as Zarr v3 ``string`` (``vlen-utf8``)."""
     values = np.asarray(values)
-    folder = Path(root) / name
+    folder = as_path(root) / name
     folder.mkdir(parents=True, exist_ok=True)
     shape = tuple(values.shape)
     chunks = tuple(max(1, n) for n in shape)
@@ -748,8 +796,9 @@ def write_group(root: str | Path, attrs: dict | None = None, consolidated: dict 
     if consolidated is not None:
         meta["consolidated_metadata"] = {"kind": "inline", "must_understand": False, "metadata": consolidated}
     meta["node_type"] = "group"
-    Path(root).mkdir(parents=True, exist_ok=True)
-    write_json_atomic(str(Path(root) / "zarr.json"), meta)
+    root = as_path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(str(root / "zarr.json"), meta)
 
 
 def consolidate(root: str | Path, attrs: dict | None = None) -> bool:
@@ -757,7 +806,7 @@ def consolidate(root: str | Path, attrs: dict | None = None) -> bool:
     ``zarr.json`` inlined in the group's, with ``attrs`` merged into its attributes first (one
     atomic write for both). Only groups whose members are all arrays (capture stores); returns
     False (nothing written) for anything else, then use zarr-python."""
-    root = Path(root)
+    root = as_path(root)
     group = read_json(root / "zarr.json", "group")
     if group.get("node_type") != "group" or group.get("zarr_format") != 3:
         return False
