@@ -152,7 +152,10 @@ def test_nonfinite_values_are_counted_per_array_and_step(tmp_path, tiny_loaded, 
     s.hooks.remove_all()
     s = CaptureSession(config(part, tiny_model_dir, mode="resume"), loaded=tiny_loaded)
     s.hooks.add_intervention("blocks.1.attn.out", poison(step=2))
-    s.run()
+    try:
+        s.run()
+    finally:
+        s.hooks.remove_all()  # the model is shared by the session's tests: leave no hook behind
     assert dict(zarr.open_group(str(part), mode="r").attrs["dithooks"])["nonfinite"] == expected
     r = cli("ls", full)
     assert r.exit_code == 0, r.output
