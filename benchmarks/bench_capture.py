@@ -22,7 +22,7 @@ embedded digits model (28 blocks, width 64, 16 tokens; 50 steps, 4 samples), a r
 initialised S/2-like DiT (12 blocks, width 384, 256 tokens; 2 samples) and an XL-width DiT
 (4 blocks of width 1152, 16 heads, 256 tokens; 3 steps, 2 samples: the overhead is per block).
 
-    python benchmarks/bench_capture.py [--quick] [--threads 1|2] [--models digits,s2,xl]
+    python benchmarks/bench_capture.py [--quick] [--repeat N] [--threads 1|2] [--models digits,s2,xl]
         [--variants a,b] [--only timing] [--device cpu|cuda] [--json]
 
 ``--device cuda`` runs everything on the GPU unchanged (dithooks stages values in pinned host
@@ -336,6 +336,7 @@ def report(title: str, value, as_json: bool) -> None:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer steps and repeats")
+    ap.add_argument("--repeat", type=int, default=None, help="timed runs per variant (default 5, --quick 3)")
     ap.add_argument("--json", action="store_true", help="one JSON object per line, per section")
     ap.add_argument("--threads", type=int, choices=(1, 2), default=None,
                     help="torch threads (default: $BENCH_THREADS, else 2)")
@@ -361,7 +362,7 @@ def main():
         print(f"torch threads: {torch.get_num_threads()}, torch {torch.__version__}, "
               f"nnsight: {nnsight_available() or 'available'}")
     try:
-        reps = 3 if args.quick else 5
+        reps = args.repeat or (3 if args.quick else 5)
         dev = args.device
         plain_variants = tuple(v for v in variants if v != "dithooks pattern")
         if "digits" in models:
