@@ -10,16 +10,7 @@ import torch
 
 from dithooks.errors import HookNameError
 from dithooks.hooks import HookManager
-
-
-def forward(model, inputs):
-    x, t, y = inputs
-    with torch.no_grad():
-        return model(x, timestep=t, class_labels=y).sample
-
-
-def no_torch_hooks(model):
-    return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+from tests.test_hooks import forward, no_torch_hooks
 
 
 def test_contexts_follow_the_sampling_state_call_by_call(tiny_model, dit_inputs):

@@ -43,6 +43,18 @@ def command_text(command: dict[str, Any]) -> str:
     return f"dithooks {command['name']}" if command.get("name") else "dithooks (Python)"
 
 
+
+def _build(build: Callable[[Path], None], where: Any, target: Any) -> None:
+    """Run ``build(where)``; anything it raises that is not already one line becomes
+    ``cannot create TARGET: ...``."""
+    try:
+        build(where)
+    except (DithooksError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        msg = f"{e.strerror or e}" if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
+        raise StoreError(f"cannot create {target}: {msg}") from None
+
 class StoreLifecycle:
     """Opening, holding and closing one capture store at ``path``."""
 
@@ -142,13 +154,7 @@ class StoreLifecycle:
         lock = StoreLock(tmp, command=command_text(self.command))
         trash = None
         try:
-            try:
-                build(tmp)
-            except (DithooksError, KeyboardInterrupt):
-                raise
-            except Exception as e:
-                msg = f"{e.strerror or e}" if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
-                raise StoreError(f"cannot create {target}: {msg}") from None
+            _build(build, tmp, target)
             lock.acquire()  # after the build: Zarr's mode "w" empties the folder it is given
             if old is not None:
                 trash = temp_path(target, "old")
@@ -192,13 +198,7 @@ class StoreLifecycle:
             ours = True
             for p in others:  # --overwrite: the old store goes first (only what dithooks wrote)
                 remove_tree(p)
-            try:
-                build(target)
-            except (DithooksError, KeyboardInterrupt):
-                raise
-            except Exception as e:
-                msg = f"{e.strerror or e}" if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
-                raise StoreError(f"cannot create {target}: {msg}") from None
+            _build(build, target, target)
         except BaseException as e:
             if ours and not isinstance(e, KeyboardInterrupt):
                 try:  # a failed creation leaves nothing but the lock, released below
