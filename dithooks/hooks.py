@@ -103,7 +103,7 @@ class _Dispatch:
     ``reads``: when every function attached to the module's points only reads and no replaced
     value is carried into the module (the capture case), one entry per point - ``(point, its
     reader (None: the output itself), its hooks, [cached context])`` - run by
-    :meth:`HookManager._run_reads` (inlined in the post-hook dispatcher) without the
+    :meth:`HookManager._run_reads` without the
     general path's per-call work; None otherwise (the general path)."""
 
     __slots__ = ("reads",)
@@ -384,24 +384,14 @@ class HookManager:
         return pre_hook
 
     def _make_post(self, path: str, slot: _Dispatch):
+        run_reads = self._run_reads
+
         def post_hook(module, args, kwargs, output):
             if self._suspended:
                 return None
             reads = slot.reads
             if reads is not None and not self._carry:
-                # _run_reads, inlined: this runs once per hooked module call, right after the
-                # module's own work has pushed the interpreter's state out of the caches
-                s = self.state
-                for point, read, hooks, cache in reads:
-                    ctx = cache[0]
-                    if (ctx is None or ctx.step != s.step or ctx.timestep != s.timestep
-                            or ctx.batch_axes != s.batch_axes):
-                        ctx = cache[0] = HookContext(point.name, point.layer, s.step, s.timestep, s.batch_axes,
-                                                     point, {})
-                    value = output if read is None else read(args, kwargs, output)
-                    for h in hooks:
-                        if h.fn(value, ctx) is not None:
-                            raise self._passive_error(h)
+                run_reads(reads, args, kwargs, output)
                 return None
             changed_any = False
             for key in [k for k in self._carry if k[0] == path]:
