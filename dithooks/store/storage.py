@@ -298,10 +298,6 @@ class ObjectPath:
     def is_absolute(self) -> bool:
         return True
 
-    def fresh(self) -> "ObjectPath":
-        """This location without a listing (the next query asks the store)."""
-        return ObjectPath(self.url)
-
     def listed(self) -> "ObjectPath":
         """This location with a fresh listing of everything under it (one recursive LIST)."""
         with _guard("list", self.url):
@@ -446,28 +442,12 @@ def create_exclusive(path: "Path | ObjectPath", data: bytes) -> bool:
     return True
 
 
-def size(url: str) -> int | None:
-    """An object's size, None when there is none."""
-    fs, key = _split(url)
-    with _guard("read", url):
-        try:
-            return int(fs.size(key))
-        except FileNotFoundError:
-            return None
-
-
 def listing(url: str) -> dict[str, int]:
     """key relative to ``url`` (``c.3.0.0``, ``c/0``) -> size of every object under the prefix
-    ``url`` (one recursive LIST)."""
-    fs, key = _split(url)
-    with _guard("list", url):
-        try:
-            found = fs.find(key, detail=True)
-        except FileNotFoundError:
-            return {}
-    base = key.rstrip("/") + "/"
-    return {str(name)[len(base):]: int(e.get("size") or 0) for name, e in found.items()
-            if str(name).startswith(base) and e.get("type", "file") == "file"}
+    ``url`` (the one recursive LIST of :meth:`ObjectPath.listed`)."""
+    lst = ObjectPath(url).listed()._listing
+    start = len(lst.root) + 1
+    return {name[start:]: size for name, (size, _) in lst.files.items()}
 
 
 def read_range(url: str, offset: int, nbytes: int) -> bytes:

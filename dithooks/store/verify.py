@@ -34,6 +34,7 @@ from .files import FIGURES, PARTIAL, REGIONS_DIR, is_temp_name
 from .layout import COORDS, STEP_COMPLETE, row_role
 from .lock import LOCK_NAME
 from .metadata import ATTR_KEY
+from .skeleton import CREATING_KEY
 from .storage import ObjectPath, as_path, read_range, total_bytes, zarr_store
 from .zarrio import ArrayMeta as ZarrArrayMeta
 _FIXED_CODECS = {"bytes", "crc32c", "transpose"}
@@ -221,7 +222,7 @@ def inspect_store(path: str | Path, kinds: tuple[str, ...] | None = None) -> Sto
     meta = (group.get("attributes") or {}).get(ATTR_KEY)
     arrays_dirs = [p for p in entries if p.is_dir() and p.name not in (FIGURES, REGIONS_DIR)]
     if not isinstance(meta, dict):
-        if not arrays_dirs or (group.get("attributes") or {}).get("dithooks_creating"):
+        if not arrays_dirs or (group.get("attributes") or {}).get(CREATING_KEY):
             raise DamagedStore(f"{path} is a half-made store (its creation was interrupted before its metadata "
                                f"was written): nothing in it can be read or resumed; {_remake(path)}")
         raise StoreError(f"{path} is a Zarr store but not a dithooks store (no '{ATTR_KEY}' metadata)")

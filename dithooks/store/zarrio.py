@@ -372,21 +372,17 @@ class ArrayReader:
         last = sum((s.start + (c - 1) * s.step) * st for s, c, st in zip(block.local, counts, strides))
         span = last - first + item
         if m.remote:
-            raw = self._get(path, off + first, span)
-            if len(raw) != span:
+            buf = np.frombuffer(self._pread(path, off + first, span, block.chunk), dtype=m.dtype).copy()
+        else:  # straight into the array's buffer (no bytes object in between)
+            buf = np.empty(span // item, dtype=m.dtype)
+            try:
+                f = open(path, "rb", buffering=0)
+            except FileNotFoundError:  # deleted since its shard index was read
+                raise ChunkMissing(self.describe(block.chunk)) from None
+            with f:
+                got = os.preadv(f.fileno(), [memoryview(buf).cast("B")], off + first)
+            if got != span:
                 raise CorruptStoreError(f"{self.describe(block.chunk)} in {m.dir.parent} is damaged: file ends early")
-            buf = np.frombuffer(raw, dtype=m.dtype).copy()
-            return np.ndarray(tuple(counts), dtype=m.dtype, buffer=buf,
-                              strides=tuple(s.step * st for s, st in zip(block.local, strides)))
-        buf = np.empty(span // item, dtype=m.dtype)
-        try:
-            f = open(path, "rb", buffering=0)
-        except FileNotFoundError:  # deleted since its shard index was read
-            raise ChunkMissing(self.describe(block.chunk)) from None
-        with f:
-            got = os.preadv(f.fileno(), [memoryview(buf).cast("B")], off + first)
-        if got != span:
-            raise CorruptStoreError(f"{self.describe(block.chunk)} in {m.dir.parent} is damaged: file ends early")
         return np.ndarray(tuple(counts), dtype=m.dtype, buffer=buf,
                           strides=tuple(s.step * st for s, st in zip(block.local, strides)))
 
@@ -429,8 +425,7 @@ class ArrayReader:
     def _read_block_zarr(self, block: Block) -> np.ndarray:
         m = self.meta
         shard = tuple(c // p for c, p in zip(block.chunk, m.per_shard))
-        present = self._size(m.path(shard)) is not None if m.remote else os.path.exists(m.path(shard))
-        if not present:
+        if self._size(m.path(shard)) is None:
             raise ChunkMissing(self.describe(block.chunk))
         if self._zarr is None:
             import warnings
