@@ -34,7 +34,6 @@ heads that W does not divide (diffusers' equipartition), and ``--workers``/``--s
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -44,6 +43,7 @@ import torch
 from ..errors import DithooksError
 from ..hooks import HookContext
 from ..scale.context_parallel import gather_tokens
+from .multi import torchrun_rank
 from .session import CaptureResult, CaptureSession
 
 __all__ = ["CPSpec", "ContextParallel", "ContextParallelSession", "RankFailed", "capture_context_parallel",
@@ -125,7 +125,7 @@ class ContextParallel:
         spec = parse_context_parallel(spec)
         own = False
         if not dist.is_initialized():
-            world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+            world = (torchrun_rank() or (0, 1))[1]
             if world < 2:
                 raise DithooksError(f"--context-parallel {spec} runs one process per rank: launch it with "
                                     f"torchrun --nproc-per-node {spec.degree} (WORLD_SIZE is {world} here)")
@@ -250,19 +250,14 @@ class _GatheringHooks:
         return getattr(self._manager, name)
 
     def _wrap(self, fn: Callable[[torch.Tensor, HookContext], Any]) -> Callable:
-        rank, cp, dims = self._rank, self._cp, self._dims
+        rank, dims = self._rank, self._dims
 
         def read(value: torch.Tensor, ctx: HookContext) -> None:
             dim = dims.get(ctx.name, -1)
             if dim == -1:
                 dim = dims[ctx.name] = token_dim(ctx.point)
-            if dim is not None:
-                try:
-                    value = gather_tokens(value, dim, equal=True)  # equal shards: checked
-                except Exception as e:
-                    if _is_peer_failure(e):
-                        raise cp.peer_error(e) from None
-                    raise
+            if dim is not None:  # a rank gone fails the collective: _Sampler.run names it
+                value = gather_tokens(value, dim, equal=True)  # equal shards: checked
             if rank == 0:
                 fn(value, ctx)
 
@@ -417,8 +412,6 @@ class ContextParallelSession(CaptureSession):
     def _follow(self) -> None:
         import torch.distributed as dist
 
-        from ..sampling import initial_state
-
         box: list[Any] = [None]
         try:
             dist.broadcast_object_list(box, src=0)
@@ -432,11 +425,9 @@ class ContextParallelSession(CaptureSession):
         cfg = self.cfg
         if start >= cfg.sampler.steps:
             return None
-        if state is None:  # step 0: the same draws as rank 0 (seeded per sample)
-            sigma = float(getattr(self.sampler.scheduler, "init_noise_sigma", 1.0))
-            state = initial_state(self.loaded, cfg.seeds, sigma)
         read = {n: _ignore for n in self.hook_names}
         with self.hooks.hooks(read=read):
+            # state None (step 0): Sampler.run draws rank 0's start itself (seeded per sample)
             self.sampler.run(self.conditioning.sampler_input, cfg.seeds, state=state)
         return None
 
