@@ -364,8 +364,7 @@ def _mean_free_operator_norm_upper(A: torch.Tensor, work: tuple[torch.Tensor | N
     gam = lambda n, u: n * u / (1 - n * u)  # noqa: E731  γ_n of the standard rounding model
     fro = lambda x: (torch.linalg.vector_norm(x, dim=(-2, -1), dtype=f64)  # noqa: E731
                      * (1 + 2 * gam(x.shape[-1] * x.shape[-2], torch.finfo(f64).eps / 2)))
-    mean = A.mean(dim=-1, keepdim=True)
-    M = torch.sub(A, mean, out=work[0]) if work[0] is not None else A - mean
+    M = _right_mean_free(A, work[0])
     fro_M = fro(M)
     rounding_M = u_lo * fro_M if low != A.dtype else torch.zeros_like(fro_M)  # ‖M' − M‖_F ≤ u₃₂‖M‖_F
     fro_M_low = fro_M * (1 + u_lo)  # ≥ ‖M'‖_F
@@ -392,11 +391,20 @@ def _mean_free_operator_norm_dense(A: torch.Tensor, work: tuple[torch.Tensor | N
                                    ) -> torch.Tensor:
     """``a`` from the N×N Gram matrix and a dense symmetric eigensolver, O(N³) per head; ``work``: two
     free buffers shaped and typed like ``A`` (or None) for ``A P_⊥`` and its Gram matrix."""
-    AP = torch.sub(A, A.mean(dim=-1, keepdim=True), out=work[0]) if work[0] is not None \
-        else A - A.mean(dim=-1, keepdim=True)  # (A P_∥)_ij = (Σ_k A_ik)/N for every column j
-    gram = torch.matmul(AP, AP.transpose(-2, -1), out=work[1]) if work[1] is not None \
-        else AP @ AP.transpose(-2, -1)
-    return torch.linalg.eigvalsh(gram)[..., -1].clamp_min(0).sqrt()
+    return _gram_top_eigenvalue_dense(_right_mean_free(A, work[0]), work[1]).clamp_min(0).sqrt()
+
+
+def _right_mean_free(A: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``A P_⊥``: each row minus its mean ((A P_∥)_ij = (Σ_k A_ik)/N for every column j), into
+    ``out`` when given."""
+    mean = A.mean(dim=-1, keepdim=True)
+    return torch.sub(A, mean, out=out) if out is not None else A - mean
+
+
+def _gram_top_eigenvalue_dense(M: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``λ_max(M Mᵀ)`` by a dense symmetric eigensolver, O(N³) per head; ``out``: a buffer for M Mᵀ."""
+    gram = torch.matmul(M, M.transpose(-2, -1), out=out) if out is not None else M @ M.transpose(-2, -1)
+    return torch.linalg.eigvalsh(gram)[..., -1]
 
 
 # Lanczos for a = √λ_max(G), G = (A P_⊥)(A P_⊥)ᵀ = A P_⊥ Aᵀ, without forming G (docs/attention-math.md,
@@ -535,14 +543,11 @@ def _mean_free_operator_norm(A: torch.Tensor, work: tuple[torch.Tensor | None, t
     N = A.shape[-1]
     if N < (LANCZOS_MIN_N if min_n is None else min_n) or A.numel() == 0:
         return _mean_free_operator_norm_dense(A, work)
-    M = torch.sub(A, A.mean(dim=-1, keepdim=True), out=work[0]) if work[0] is not None \
-        else A - A.mean(dim=-1, keepdim=True)  # A P_⊥
-    flat = M.reshape(-1, N, N)
+    flat = _right_mean_free(A, work[0]).reshape(-1, N, N)
     lam, done = _gram_top_eigenvalue_lanczos(flat)
     if not bool(done.all()):
         rest = (~done).nonzero()[:, 0]
-        Mr = flat[rest]
-        lam[rest] = torch.linalg.eigvalsh(Mr @ Mr.transpose(-2, -1))[..., -1]
+        lam[rest] = _gram_top_eigenvalue_dense(flat[rest])
     return lam.clamp_min(0).sqrt().reshape(A.shape[:-2])
 
 
