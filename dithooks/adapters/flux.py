@@ -54,19 +54,17 @@ DEFAULT_TEXT_TOKENS = 512
 
 # -- the current call: text/image split inside single blocks --------------------------------------
 class FluxCall:
-    """Token counts (and image ids) of the model call in progress, recorded by a pre-hook.
+    """Token counts (and image ids) of the model call in progress, recorded by pre-hooks.
 
     Single-stream blocks see one ``[text; image]`` sequence; readers of image/text slices and
-    the hooked processor ask this record where the image tokens start. The record is made by a
-    forward pre-hook on the model that only looks at its arguments (passive).
+    the hooked processor ask this record where the image tokens start. The record is made by
+    forward pre-hooks on the model and its two embedders that only look at their arguments (passive).
     """
 
     def __init__(self) -> None:
-        self.text_tokens: int | None = None
-        self.image_tokens: int | None = None
         self.img_ids: torch.Tensor | None = None
-        # token counts the blocks see: the same, or a rank's shard under context parallelism
-        # (recorded by pre-hooks on x_embedder/context_embedder, which run after diffusers' split)
+        # token counts the blocks see, recorded by pre-hooks on x_embedder/context_embedder (the
+        # model's inputs; under context parallelism a rank's shard: they run after diffusers' split)
         self.local_text: int | None = None
         self.local_image: int | None = None
 
@@ -74,27 +72,20 @@ class FluxCall:
         setattr(self, f"local_{part}", int(args[0].shape[1]) if args and args[0].ndim == 3 else None)
 
     def record(self, module, args, kwargs) -> None:
-        hs = kwargs.get("hidden_states", args[0] if len(args) > 0 else None)
-        ehs = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
         ids = kwargs.get("img_ids", args[4] if len(args) > 4 else None)
-        self.image_tokens = None if hs is None else int(hs.shape[1])
-        self.text_tokens = None if ehs is None else int(ehs.shape[1])
         self.img_ids = None if ids is None else (ids[0] if ids.ndim == 3 else ids)
-        self.local_text = self.local_image = None
+        self.local_text = self.local_image = None  # until this call's embedders have run
         return None
 
     def split(self, joint_len: int) -> int:
         """Text token count of a joint sequence of ``joint_len`` tokens in this call."""
-        if self.text_tokens is None or self.image_tokens is None:
+        if self.local_text is None or self.local_image is None:
             raise DithooksError("a Flux single-stream hook point was read outside a model call "
                                 "(the text/image split is not known)")
-        if self.text_tokens + self.image_tokens != joint_len:
-            if self.local_text is not None and self.local_image is not None \
-                    and self.local_text + self.local_image == joint_len:
-                return self.local_text  # this rank's [text shard; image shard] (context parallelism)
+        if self.local_text + self.local_image != joint_len:
             raise DithooksError(f"Flux single block sees {joint_len} tokens, but the model call has "
-                                f"{self.text_tokens} text + {self.image_tokens} image tokens")
-        return self.text_tokens
+                                f"{self.local_text} text + {self.local_image} image tokens")
+        return self.local_text
 
 
 _CALLS: "weakref.WeakKeyDictionary[nn.Module, FluxCall]" = weakref.WeakKeyDictionary()
