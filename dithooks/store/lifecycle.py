@@ -30,7 +30,7 @@ from ..errors import DithooksError, StoreError
 from .files import describe_foreign, foreign_entries, remove_leftovers, temp_path
 from .lock import LOCK_NAME, StoreLock
 from .metadata import ATTR_KEY, now
-from .storage import ObjectPath, as_path, remove_tree, zarr_store
+from .storage import ObjectPath, as_path, remove_children, zarr_store
 from .verify import DamagedStore, inspect_store
 
 MODES = ("create", "overwrite", "resume")
@@ -70,7 +70,9 @@ class StoreLifecycle:
     def open(self, build: Callable[[Path], None], reopen: Callable[[], tuple[Any, int]]) -> tuple[Any, int]:
         """Create, replace or reopen the store; returns the Zarr group and the first step to run.
 
-        ``build(folder)`` writes a new store's skeleton into an empty folder; ``reopen()`` checks
+        ``build(folder)`` writes a new store's skeleton into ``folder``, first emptying it but for
+        the lock (:func:`~.skeleton.write_skeleton` does; an object store's prefix still holds the
+        old store on --overwrite); ``reopen()`` checks
         an existing store (held under the lock by then) and returns ``(group, first step)``.
         """
         path, mode = self.path, self.mode
@@ -196,15 +198,13 @@ class StoreLifecycle:
                 raise StoreError(f"{target} was created by another process meanwhile: "
                                  "use --overwrite to replace it or --resume to continue it")
             ours = True
-            for p in others:  # --overwrite: the old store goes first (only what dithooks wrote)
-                remove_tree(p)
+            # --overwrite: the old store (only what dithooks wrote, checked) goes as the build
+            # empties the prefix: build() starts with write_skeleton's remove_children
             _build(build, target, target)
         except BaseException as e:
             if ours and not isinstance(e, KeyboardInterrupt):
                 try:  # a failed creation leaves nothing but the lock, released below
-                    for p in list(target.iterdir()):
-                        if p.name != LOCK_NAME:
-                            remove_tree(p)
+                    remove_children(target, keep=LOCK_NAME)
                 except Exception:
                     pass
             lock.release()

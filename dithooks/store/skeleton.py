@@ -44,13 +44,11 @@ def write_skeleton(folder: Path, meta: dict[str, Any], coords: Coordinates) -> A
     ``meta`` goes into the group attributes last. Written by :mod:`.zarrio` (the files zarr-python
     writes for the same calls, without its ~45 ms of event-loop work per capture)."""
     from .lock import LOCK_NAME
-    from .storage import as_path, remove_tree
+    from .storage import as_path, remove_children
     from .zarrio import array_metadata, write_array, write_group, write_json_atomic
 
     folder = as_path(folder)
-    for p in folder.iterdir() if folder.is_dir() else ():
-        if p.name != LOCK_NAME:  # object stores: the writer's lock is taken before the build
-            remove_tree(p)
+    remove_children(folder, keep=LOCK_NAME)  # object stores: the writer's lock is taken before the build
     # until the metadata replaces it: a store being created (on object storage, where it is built
     # in place, a creation killed now leaves this for `dithooks ls` to report as half-made)
     write_group(folder, {CREATING_KEY: True})

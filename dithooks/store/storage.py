@@ -480,6 +480,13 @@ def remove_tree(path: "Path | ObjectPath") -> None:
         p.unlink()
 
 
+def remove_children(folder: "Path | ObjectPath", keep: str | None = None) -> None:
+    """Delete everything in ``folder`` but the entry named ``keep`` (the writer's lock)."""
+    for p in list(folder.iterdir()) if folder.is_dir() else ():
+        if p.name != keep:
+            remove_tree(p)
+
+
 def total_bytes(path: "Path | ObjectPath") -> int:
     """The bytes stored under a folder or prefix."""
     if isinstance(path, ObjectPath):
