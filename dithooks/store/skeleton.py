@@ -42,21 +42,30 @@ class Coordinates:
 def write_skeleton(folder: Path, meta: dict[str, Any], coords: Coordinates) -> Any:
     """Create the Zarr group in ``folder`` (emptying it) with ``coords`` and ``step_complete``;
     ``meta`` goes into the group attributes last. Written by :mod:`.zarrio` (the files zarr-python
-    writes for the same calls, without its ~45 ms of event-loop work per capture)."""
+    writes for the same calls, without its ~45 ms of event-loop work per capture).
+
+    In a build folder (:func:`.files.temp_path`, renamed into place only once whole) the files
+    are written in place; elsewhere (an object store's prefix, built in place) each atomically,
+    the group first marked as being created."""
+    from .files import is_temp_name
     from .lock import LOCK_NAME
-    from .storage import as_path, remove_children
-    from .zarrio import array_metadata, write_array, write_group, write_json_atomic
+    from .storage import ObjectPath, as_path, remove_children
+    from .zarrio import _json_bytes, array_metadata, write_array, write_atomic, write_group, write_private
 
     folder = as_path(folder)
+    # a local build folder: nobody reads it before the rename, so no file needs its own
+    # temporary name and rename (~20 fewer metadata operations, each 0.1-1 ms on this disk)
+    private = not isinstance(folder, ObjectPath) and is_temp_name(folder.name)
     remove_children(folder, keep=LOCK_NAME)  # object stores: the writer's lock is taken before the build
-    # until the metadata replaces it: a store being created (on object storage, where it is built
-    # in place, a creation killed now leaves this for `dithooks ls` to report as half-made)
-    write_group(folder, {CREATING_KEY: True})
+    if not private:
+        # until the metadata replaces it: a store being created (on object storage, where it is
+        # built in place, a creation killed now leaves this for `dithooks ls` to report as half-made)
+        write_group(folder, {CREATING_KEY: True})
 
     def coord(name, values, dims, dtype=None):
         # uncompressed: a few bytes each, and readers then need no codec library at all;
-        # strings become Zarr v3 variable-length strings (vlen-utf8)
-        write_array(folder, name, np.asarray(values, dtype=dtype), dims)
+        # strings become Zarr v3 variable-length strings (vlen-utf8); key "c.0" (no "c/" folder)
+        write_array(folder, name, np.asarray(values, dtype=dtype), dims, separator=".", private=private)
 
     steps, n = coords.steps, coords.num_samples
     coord("step", np.arange(steps), ("step",), "int64")
@@ -80,6 +89,7 @@ def write_skeleton(folder: Path, meta: dict[str, Any], coords: Coordinates) -> A
         coord("replica", np.array(["a", "b"]), ("replica",), str)
     # all False: its chunks are written only when a step is marked (a missing one is False)
     (folder / STEP_COMPLETE).mkdir()
-    write_json_atomic(str(folder / STEP_COMPLETE / "zarr.json"),
-                      array_metadata((steps,), (1,), "bool", False, dims=("step",), crc=False))
-    write_group(folder, {ATTR_KEY: meta})  # last: a skeleton with metadata is a whole one
+    (write_private if private else write_atomic)(
+        str(folder / STEP_COMPLETE / "zarr.json"),
+        [_json_bytes(array_metadata((steps,), (1,), "bool", False, dims=("step",), crc=False))])
+    write_group(folder, {ATTR_KEY: meta}, private=private)  # last: a skeleton with metadata is a whole one

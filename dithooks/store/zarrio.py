@@ -586,6 +586,27 @@ def partial_name(path: str) -> str:
     return os.path.join(head, f"{stem}.{token:032x}.partial")
 
 
+def _write_new(path: str, pieces: list) -> int:
+    """Write ``pieces`` (bytes-like objects) as the file ``path`` (created or truncated);
+    returns the number of bytes. The interpreter lock is released during the write (``os.writev``)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666)
+    total = 0
+    try:
+        views = [memoryview(p).cast("B") for p in pieces]
+        views = [v for v in views if len(v)]
+        while views:
+            n = os.writev(fd, views[:512])
+            total += n
+            while views and n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            if n:
+                views[0] = views[0][n:]
+    finally:
+        os.close(fd)
+    return total
+
+
 def write_atomic(path: str, pieces: list) -> int:
     """Write ``pieces`` (bytes-like objects) as the file ``path``: into a temporary file next to it,
     then renamed over it, so a kill leaves the old file or the new one, never a mix. Returns the
@@ -596,22 +617,8 @@ def write_atomic(path: str, pieces: list) -> int:
 
         return put(path, pieces)
     tmp = partial_name(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666)
-    total = 0
     try:
-        try:
-            views = [memoryview(p).cast("B") for p in pieces]
-            views = [v for v in views if len(v)]
-            while views:
-                n = os.writev(fd, views[:512])
-                total += n
-                while views and n >= len(views[0]):
-                    n -= len(views[0])
-                    views.pop(0)
-                if n:
-                    views[0] = views[0][n:]
-        finally:
-            os.close(fd)
+        total = _write_new(tmp, pieces)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -622,8 +629,22 @@ def write_atomic(path: str, pieces: list) -> int:
     return total
 
 
+def write_private(path: str, pieces: list) -> int:
+    """Write a file inside a folder nobody reads yet (a store's build folder, renamed into place
+    only once whole: :mod:`.lifecycle`): in place, without :func:`write_atomic`'s temporary name
+    and rename (a kill leaves the build folder, which the next writer deletes, never the target).
+    Object-store URLs: one PUT, as :func:`write_atomic`."""
+    if "://" in path and is_url(path):
+        return write_atomic(path, pieces)
+    return _write_new(path, pieces)
+
+
+def _json_bytes(obj: dict) -> bytes:
+    return json.dumps(obj, indent=2, allow_nan=True).encode()
+
+
 def write_json_atomic(path: str, obj: dict) -> None:
-    write_atomic(path, [json.dumps(obj, indent=2, allow_nan=True).encode()])
+    write_atomic(path, [_json_bytes(obj)])
 
 
 class ChunkEncoder:
@@ -752,10 +773,13 @@ def _readonly(p: Any) -> Any:
 
 # -- small arrays and groups (a store's skeleton) --------------------------------------------------
 def write_array(root: str | Path, name: str, values: Any, dims: tuple[str, ...] | None = None, *,
-                fill_value: Any = None, attrs: dict | None = None, separator: str = "/") -> None:
+                fill_value: Any = None, attrs: dict | None = None, separator: str = "/",
+                private: bool = False) -> None:
     """A small array (a coordinate) as one uncompressed chunk, metadata first: what zarr-python's
     ``create_array(..., compressors=None)`` then ``a[...] = values`` writes. Strings (numpy ``U``/
-    ``S``/object) are stored as Zarr v3 ``string`` (``vlen-utf8``)."""
+    ``S``/object) are stored as Zarr v3 ``string`` (``vlen-utf8``). ``private``: ``root`` is a
+    build folder nobody reads yet (:func:`write_private`); else every file is written atomically."""
+    write = write_private if private else write_atomic
     values = np.asarray(values)
     folder = as_path(root) / name
     folder.mkdir(parents=True, exist_ok=True)
@@ -773,27 +797,30 @@ def write_array(root: str | Path, name: str, values: Any, dims: tuple[str, ...] 
         meta = array_metadata(shape, chunks, values.dtype.name, 0 if fill_value is None else fill_value,
                               dims=dims, attrs=attrs, crc=False, separator=separator)
         body = [np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<"))]
-    write_json_atomic(str(folder / "zarr.json"), meta)
+    write(str(folder / "zarr.json"), [_json_bytes(meta)])
     if values.size:
         key = ("c" + separator + separator.join("0" for _ in shape)) if shape else "c"
         path = folder / key
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(str(path), body)
+        if separator == "/":
+            path.parent.mkdir(parents=True, exist_ok=True)
+        write(str(path), body)
 
 
 GROUP_KEYS = ("attributes", "zarr_format", "consolidated_metadata", "node_type")
 
 
-def write_group(root: str | Path, attrs: dict | None = None, consolidated: dict | None = None) -> None:
-    """A group's ``zarr.json`` (atomically): its attributes and, if given, the consolidated
-    metadata of its members (name -> their ``zarr.json``), as zarr-python writes them."""
+def write_group(root: str | Path, attrs: dict | None = None, consolidated: dict | None = None, *,
+                private: bool = False) -> None:
+    """A group's ``zarr.json`` (atomically; in place when ``private``: :func:`write_array`): its
+    attributes and, if given, the consolidated metadata of its members (name -> their
+    ``zarr.json``), as zarr-python writes them."""
     meta: dict = {"attributes": dict(attrs or {}), "zarr_format": 3}
     if consolidated is not None:
         meta["consolidated_metadata"] = {"kind": "inline", "must_understand": False, "metadata": consolidated}
     meta["node_type"] = "group"
     root = as_path(root)
     root.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(str(root / "zarr.json"), meta)
+    (write_private if private else write_atomic)(str(root / "zarr.json"), [_json_bytes(meta)])
 
 
 def consolidate(root: str | Path, attrs: dict | None = None) -> bool:
