@@ -14,9 +14,12 @@ contender captures the output (resid_post) of every block at every step, fp16:
                  call, on a copy of the model); only if nnsight imports (``pip install .[bench]``)
   torch.save     raw register_forward_hook + torch.save of each tensor
   in-memory      register_forward_hook appending clones to a list
-Runs alternate (plain, dithooks, np.save, nnsight, ..., plain, ...); each is summarised by its
-median wall time and median process CPU time (all threads: the writer's work included; far less
-disturbed than wall time by other jobs on a shared machine). Every contender writes into a new
+  plain again    plain sampling once more, last in each round: a control that measures how far
+                 two identical runs disagree on this machine (the noise floor of every ratio)
+Runs alternate in rounds (plain, dithooks, np.save, nnsight, ..., plain, ...); each contender is
+summarised by its median wall time and median process CPU time (all threads: the writer's work
+included), and by the median and quartiles of its **paired ratio**: its time over the plain run
+of the same round (slow drifts of the machine's speed cancel within a round). Every contender writes into a new
 folder each run; the previous run's output is deleted outside the timed region. Models: the
 embedded digits model (28 blocks, width 64, 16 tokens; 50 steps, 4 samples), a randomly
 initialised S/2-like DiT (12 blocks, width 384, 256 tokens; 2 samples) and an XL-width DiT
@@ -68,7 +71,7 @@ def build(cfg, root: Path, name: str) -> Path:
 
 
 VARIANTS = ("plain", "dithooks", "dithooks/zarr", "dithooks pattern", "np.save/step", "nnsight cache", "torch.save",
-            "in-memory")
+            "in-memory", "plain again")
 
 
 def nnsight_available() -> str | None:
@@ -205,7 +208,7 @@ def time_variants(model_ref: str, steps: int, samples: int, repeats: int, root: 
     table = {"plain": plain, "dithooks": with_dithooks, "dithooks/zarr": lambda: with_dithooks(direct=False),
              "dithooks pattern": lambda: with_dithooks(hooks=("attn.pattern",)),
              "np.save/step": np_save_step, "nnsight cache": nnsight_cache, "torch.save": torch_save,
-             "in-memory": in_memory}
+             "in-memory": in_memory, "plain again": plain}
     chosen = {k: table[k] for k in VARIANTS if (k == "plain" or k in variants) and k not in skipped}
     times = {k: [] for k in chosen}
     cpu = {k: [] for k in chosen}
@@ -221,11 +224,22 @@ def time_variants(model_ref: str, steps: int, samples: int, repeats: int, root: 
             cpu[k].append(time.process_time() - c0)
     med = {k: statistics.median(v) for k, v in times.items()}
     cmed = {k: statistics.median(v) for k, v in cpu.items()}
+    paired = {k: [t / p for t, p in zip(v, times["plain"])] for k, v in times.items()}
     check = cross_check(last_npy[0], nn_cache, steps, len(blocks)) if "np.save/step" in chosen else None
     clean()
     return {"seconds": med, "ratio_to_plain": {k: med[k] / med["plain"] for k in med},
             "cpu_seconds": cmed, "cpu_ratio_to_plain": {k: cmed[k] / cmed["plain"] for k in cmed},
+            "paired_ratio": {k: quartiles(v) for k, v in paired.items()},
             "repeats": repeats, "threads": torch.get_num_threads(), "skipped": skipped, "check": check}
+
+
+def quartiles(xs: list[float]) -> list[float]:
+    """[first quartile, median, third quartile] of ``xs`` (the median alone below 4 values)."""
+    if len(xs) < 4:
+        m = statistics.median(xs)
+        return [m, m, m]
+    q1, q2, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+    return [q1, q2, q3]
 
 
 def sync(device: str) -> None:
@@ -320,10 +334,12 @@ def report(title: str, value, as_json: bool) -> None:
         return
     if isinstance(value, dict) and "seconds" in value:
         print(f"\n### {title} (median of {value['repeats']}, torch threads {value.get('threads')})\n\n"
-              "| variant | seconds | ratio to plain | CPU seconds | CPU ratio |\n|---|---|---|---|---|")
+              "| variant | seconds | ratio to plain | paired ratio, median [quartiles] | CPU seconds | CPU ratio |\n"
+              "|---|---|---|---|---|---|")
         for name, sec in value["seconds"].items():
-            print(f"| {name} | {sec:.3f} | {value['ratio_to_plain'][name]:.3f} | {value['cpu_seconds'][name]:.3f} "
-                  f"| {value['cpu_ratio_to_plain'][name]:.3f} |")
+            q1, q2, q3 = value["paired_ratio"][name]
+            print(f"| {name} | {sec:.3f} | {value['ratio_to_plain'][name]:.3f} | {q2:.3f} [{q1:.3f}, {q3:.3f}] "
+                  f"| {value['cpu_seconds'][name]:.3f} | {value['cpu_ratio_to_plain'][name]:.3f} |")
         for name, why in value.get("skipped", {}).items():
             print(f"\nskipped {name}: {why}")
         if value.get("check"):
