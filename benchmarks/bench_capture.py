@@ -14,13 +14,16 @@ contender captures the output (resid_post) of every block at every step, fp16:
                  call, on a copy of the model); only if nnsight imports (``pip install .[bench]``)
   torch.save     raw register_forward_hook + torch.save of each tensor
   in-memory      register_forward_hook appending clones to a list
-  plain again    plain sampling once more, last in each round: a control that measures how far
-                 two identical runs disagree on this machine (the noise floor of every ratio)
-Runs alternate in rounds (plain, dithooks, np.save, nnsight, ..., plain, ...); each contender is
-summarised by its median wall time and median process CPU time (all threads: the writer's work
-included), and by the median and quartiles of its **paired ratio**: its time over the plain run
-of the same round (slow drifts of the machine's speed cancel within a round). Every contender writes into a new
-folder each run; the previous run's output is deleted outside the timed region. Models: the
+  plain again    plain sampling once more (a control): how far two identical runs disagree on
+                 this machine, the noise floor of every ratio
+Runs go in rounds (plain, dithooks, np.save, ..., plain again; the next round in reverse order,
+so neither a drift of the machine's speed nor a position in the round favours a contender).
+Each contender is summarised by its median wall time and median process CPU time (all threads:
+the writer's work included); by its **paired ratio**, its time over the plain run of the same
+round (median, quartiles, and a bootstrap 95 % confidence interval of the median); and by the
+ratio of its fastest run to plain's fastest (noise only ever slows a run down). Every contender
+writes into a new folder each run; the previous run's output is deleted outside the timed
+region. Models: the
 embedded digits model (28 blocks, width 64, 16 tokens; 50 steps, 4 samples), a randomly
 initialised S/2-like DiT (12 blocks, width 384, 256 tokens; 2 samples) and an XL-width DiT
 (4 blocks of width 1152, 16 heads, 256 tokens; 3 steps, 2 samples: the overhead is per block).
@@ -213,8 +216,11 @@ def time_variants(model_ref: str, steps: int, samples: int, repeats: int, root: 
     times = {k: [] for k in chosen}
     cpu = {k: [] for k in chosen}
     plain()  # warm-up
-    for _ in range(repeats):
-        for k, fn in chosen.items():
+    order = list(chosen.items())
+    for r in range(repeats):
+        # every other round in reverse order (plain first, then last): a drift of the machine's
+        # speed within a pair of rounds favours no contender, and neither does a position
+        for k, fn in (order if r % 2 == 0 else order[::-1]):
             clean(keep=last_npy[0])  # np.save's last output stays for the cross-check
             sync(device)
             t0, c0 = time.perf_counter(), time.process_time()
@@ -230,6 +236,8 @@ def time_variants(model_ref: str, steps: int, samples: int, repeats: int, root: 
     return {"seconds": med, "ratio_to_plain": {k: med[k] / med["plain"] for k in med},
             "cpu_seconds": cmed, "cpu_ratio_to_plain": {k: cmed[k] / cmed["plain"] for k in cmed},
             "paired_ratio": {k: quartiles(v) for k, v in paired.items()},
+            "paired_ratio_ci95": {k: median_ci(v) for k, v in paired.items()},
+            "fastest_ratio": {k: min(v) / min(times["plain"]) for k, v in times.items()},
             "repeats": repeats, "threads": torch.get_num_threads(), "skipped": skipped, "check": check}
 
 
@@ -240,6 +248,15 @@ def quartiles(xs: list[float]) -> list[float]:
         return [m, m, m]
     q1, q2, q3 = statistics.quantiles(xs, n=4, method="inclusive")
     return [q1, q2, q3]
+
+
+def median_ci(xs: list[float], level: float = 0.95, resamples: int = 4000) -> list[float]:
+    """A bootstrap confidence interval of the median of ``xs`` (percentile method, fixed seed)."""
+    x = np.asarray(xs, dtype=float)
+    if len(x) < 4:
+        return [float(np.median(x))] * 2
+    meds = np.median(np.random.default_rng(0).choice(x, size=(resamples, len(x))), axis=1)
+    return [float(np.quantile(meds, (1 - level) / 2)), float(np.quantile(meds, (1 + level) / 2))]
 
 
 def sync(device: str) -> None:
@@ -334,12 +351,15 @@ def report(title: str, value, as_json: bool) -> None:
         return
     if isinstance(value, dict) and "seconds" in value:
         print(f"\n### {title} (median of {value['repeats']}, torch threads {value.get('threads')})\n\n"
-              "| variant | seconds | ratio to plain | paired ratio, median [quartiles] | CPU seconds | CPU ratio |\n"
-              "|---|---|---|---|---|---|")
+              "| variant | seconds | ratio to plain | paired ratio, median [quartiles] (95% CI of the median) "
+              "| fastest ratio | CPU seconds | CPU ratio |\n|---|---|---|---|---|---|---|")
         for name, sec in value["seconds"].items():
             q1, q2, q3 = value["paired_ratio"][name]
+            lo, hi = value["paired_ratio_ci95"][name]
             print(f"| {name} | {sec:.3f} | {value['ratio_to_plain'][name]:.3f} | {q2:.3f} [{q1:.3f}, {q3:.3f}] "
-                  f"| {value['cpu_seconds'][name]:.3f} | {value['cpu_ratio_to_plain'][name]:.3f} |")
+                  f"({lo:.3f}-{hi:.3f}) "
+                  f"| {value['fastest_ratio'][name]:.3f} | {value['cpu_seconds'][name]:.3f} "
+                  f"| {value['cpu_ratio_to_plain'][name]:.3f} |")
         for name, why in value.get("skipped", {}).items():
             print(f"\nskipped {name}: {why}")
         if value.get("check"):
