@@ -338,6 +338,7 @@ class MultiStore:
         def build(folder: Path) -> None:
             from ..store.zarrio import array_metadata, write_group, write_json_atomic
 
+            s._marks_chunk = 1  # workers mark steps on their own: a chunk (file) per step, no shared file
             s._build(folder)
             steps, w = self.cfg.sampler.steps, len(self.regions)
             (folder / REGION_COMPLETE).mkdir()

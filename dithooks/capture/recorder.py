@@ -257,3 +257,4 @@ class StepRecorder:
                 slot.buf, slot.views, slot.used = None, [], 0
         if written:
             self.writer.call(lambda b=written: self._recycle(b))
+        self.writer.submit()  # this batch's files go to the writer thread together

@@ -64,6 +64,8 @@ class CaptureSession:
     # dithooks/capture/multi.py)
     _writer_class: Callable[..., Any] = StoreWriter
     _log_class: Callable[..., Any] = StepLog
+    # steps per chunk of step_complete (None: one chunk; a multi-worker store: 1, each worker marks)
+    _marks_chunk: int | None = None
 
     def __init__(self, cfg: CaptureConfig, loaded: LoadedModel | None = None):
         self.store_dtype = check_config(cfg)
@@ -136,7 +138,7 @@ class CaptureSession:
         meta = {"format_version": FORMAT_VERSION, **self.request(), "versions": library_versions(),
                 "started": now(), "finished": None, "status": "running", "error": None, "runs": [now()],
                 "command": self._command, "nonfinite": {}, "hook_arrays": hook_array_table(self.hook_names)}
-        write_skeleton(folder, meta, self.coordinates())
+        write_skeleton(folder, meta, self.coordinates(), marks_chunk=self._marks_chunk)
         self._meta = meta
 
     def _reopen(self) -> tuple[Any, int]:
@@ -176,7 +178,7 @@ class CaptureSession:
         state, last_rng = self._state_at(group, start)
         log = self._log = self._log_class(group, self.writer, self._meta, steps=steps, num_samples=len(cfg.seeds),
                                   replicas=cfg.replicas is not None, sample_coords=self.sample_coords,
-                                  nonfinite=nonfinite, last_rng=last_rng)
+                                  nonfinite=nonfinite, last_rng=last_rng, first_step=start)
         rec = self._recorder = StepRecorder(log, steps=steps, layers=self.layers, store_dtype=self.store_dtype,
                                             sample_coords=self.sample_coords, probes=self.probes,
                                             array_layers=array_layers(self.hook_names, self.layers))

@@ -39,9 +39,9 @@ class Coordinates:
         return len(self.seeds)
 
 
-def write_skeleton(folder: Path, meta: dict[str, Any], coords: Coordinates) -> Any:
-    """Create the Zarr group in ``folder`` (emptying it) with ``coords`` and ``step_complete``;
-    ``meta`` goes into the group attributes last. Written by :mod:`.zarrio` (the files zarr-python
+def write_skeleton(folder: Path, meta: dict[str, Any], coords: Coordinates, marks_chunk: int | None = None) -> Any:
+    """Create the Zarr group in ``folder`` (emptying it) with ``coords`` and ``step_complete``
+    (in one chunk, or chunks of ``marks_chunk`` steps); ``meta`` goes into the group attributes last. Written by :mod:`.zarrio` (the files zarr-python
     writes for the same calls, without its ~45 ms of event-loop work per capture).
 
     In a build folder (:func:`.files.temp_path`, renamed into place only once whole) the files
@@ -87,9 +87,13 @@ def write_skeleton(folder: Path, meta: dict[str, Any], coords: Coordinates) -> A
         coord("cfg", np.array(["cond", "uncond"]), ("cfg",), str)
     if coords.replicas:
         coord("replica", np.array(["a", "b"]), ("replica",), str)
-    # all False: its chunks are written only when a step is marked (a missing one is False)
+    # all False: its one chunk (with a CRC32C: damage must not read as marks) is written when the
+    # first steps are marked (missing: all False), then rewritten whole, atomically, after each
+    # batch of steps (store/steps.py mark_complete); a multi-worker store keeps a chunk per step
+    # (its workers mark steps independently)
     (folder / STEP_COMPLETE).mkdir()
     (write_private if private else write_atomic)(
         str(folder / STEP_COMPLETE / "zarr.json"),
-        [_json_bytes(array_metadata((steps,), (1,), "bool", False, dims=("step",), crc=False))])
+        [_json_bytes(array_metadata((steps,), (steps if marks_chunk is None else marks_chunk,), "bool", False,
+                                    dims=("step",), crc=marks_chunk is None))])  # one chunk: checksummed
     write_group(folder, {ATTR_KEY: meta}, private=private)  # last: a skeleton with metadata is a whole one

@@ -24,8 +24,12 @@ class StepLog:
 
     def __init__(self, group: Any, writer: Any, meta: dict[str, Any], *, steps: int, num_samples: int,
                  replicas: bool, sample_coords: Sequence[str], nonfinite: dict[str, dict[Any, int]],
-                 last_rng: Any = None):
+                 last_rng: Any = None, first_step: int = 0):
+        """``first_step``: where this run starts; every step before it is marked (a resume starts at
+        the first unmarked step and unmarks the steps after it, store/resume.py)."""
         self.group, self.writer, self.meta = group, writer, meta
+        self._first_step = first_step
+        self._marks: Any = None  # every step's mark, when step_complete is one chunk (see mark_complete)
         self.steps, self.n, self.replicas = steps, num_samples, replicas
         self.sample_coords = tuple(sample_coords)
         self.nonfinite = nonfinite
@@ -57,9 +61,24 @@ class StepLog:
             self.writer.put(rng_spec(self.steps, tuple(rng.shape), self.replicas), (state.step,), rng)
 
     def mark_complete(self, rows: slice) -> None:
-        """After the data of ``rows`` (queued before): their non-finite counts, then their marks."""
+        """After the data of ``rows`` (queued before): their non-finite counts, then their marks.
+
+        ``step_complete`` in one chunk (stores since 2026-12-02): the whole array is rewritten from
+        the marks kept here (one small file per batch of steps, written atomically, no read
+        back); in a chunk per step (older stores, multi-worker stores): the marked rows' files."""
         self.writer.call(self._record_nonfinite)  # counts of a step precede its mark
-        self.writer.set(STEP_COMPLETE, rows, True)  # direct chunk writes (zarr's setitem: ~60 ms)
+        if self._marks is None:
+            import numpy as np
+
+            target = self.writer.existing(STEP_COMPLETE)
+            meta = getattr(target, "meta", None)
+            one_chunk = meta is not None and tuple(meta.outer) == (self.steps,)
+            self._marks = np.arange(self.steps) < self._first_step if one_chunk else False
+        if self._marks is False:
+            self.writer.set(STEP_COMPLETE, rows, True)  # direct chunk writes (zarr's setitem: ~60 ms)
+            return
+        self._marks[rows] = True
+        self.writer.set(STEP_COMPLETE, slice(0, self.steps), self._marks.copy())
 
     def nonfinite_table(self) -> dict[str, dict[str, int]]:
         return nonfinite_json(self.nonfinite)

@@ -108,6 +108,9 @@ class StoreWriter:
     # chunk key separator of the arrays it creates: "." keeps an array's chunk files in its
     # folder (c.3.0.0.0.0), "/" nests a folder per index (c/3/0/0/0/0: 4 mkdirs per step)
     separator = "."
+    # False: inline mode queues each file write on its own (the writer before 2026-12-02; for
+    # benchmarks); True: they are held and handed over per batch of steps (submit)
+    hold = True
 
     def __init__(self, group: zarr.Group, *, compression: str = "none",
                  max_pending_bytes: int = 256 * 2**20, nonfinite: dict | None = None):
@@ -126,6 +129,10 @@ class StoreWriter:
         self.peak_pending_bytes = 0
         # see the ``inline`` property
         self._inline_mode = False
+        # inline mode on a folder: the file writes (and calls) queued by the sampling thread are
+        # held here and handed over as one queue item by submit() (or any wait): one wake-up of
+        # the writer thread per batch of steps instead of one per file (see submit)
+        self._held: list[tuple] = []
         from .storage import ObjectPath
 
         self._remote = isinstance(store_root(group) if self.direct else None, ObjectPath)
@@ -161,6 +168,8 @@ class StoreWriter:
 
     def _account(self, nbytes: int) -> None:
         """Wait until ``nbytes`` more fit in the queue's memory bound, then count them."""
+        if self._held and self._pending + nbytes > self.max_pending_bytes:
+            self.submit()  # what is held counts too: it must be on its way before we wait for it
         with self._cond:
             while self._pending > 0 and self._pending + nbytes > self.max_pending_bytes and self._error is None:
                 self._cond.wait()
@@ -172,8 +181,29 @@ class StoreWriter:
         """The encoder's sink in inline mode: the file write, queued for the writer thread."""
         nbytes = sum(memoryview(p).nbytes for p in pieces)
         self._account(nbytes)
-        self._queue.put(("file", path, pieces, None, nbytes))
+        self._enqueue(("file", path, pieces, None, nbytes))
         return nbytes
+
+    def _holding(self) -> bool:
+        return (self.hold and self._inline_mode and not self._remote
+                and threading.current_thread() is not self._thread)
+
+    def _enqueue(self, item: tuple) -> None:
+        """Queue one item for the writer thread; in inline mode on a folder, hold it for
+        :meth:`submit` (order is kept: held items run in order, before anything queued later)."""
+        if self._holding():
+            self._held.append(item)
+        else:
+            self._queue.put(item)
+
+    def submit(self) -> None:
+        """Hand the held writes to the writer thread, as one queue item (inline mode: the
+        recorder calls this after each batch of steps; every wait for the writer does it first).
+        Each queue item wakes the writer thread, whose wake-ups compete with sampling for the
+        interpreter lock: one per batch of steps, not one per file."""
+        if self._held:
+            held, self._held = self._held, []
+            self._queue.put(("batch", held, None, None, 0))  # its items' bytes are counted each
 
     # -- object stores: several PUTs in flight ---------------------------------------------------
     # On an object store a chunk's PUT waits mostly on the network, so the writer thread keeps up
@@ -226,10 +256,11 @@ class StoreWriter:
         """Run ``fn`` on the writer thread after everything queued before it (in inline mode too:
         after the file writes queued before it)."""
         self._raise_if_failed()
-        self._queue.put(("call", fn, None, None, 0))
+        self._enqueue(("call", fn, None, None, 0))
 
     def flush(self) -> None:
         """Wait until everything queued is on disk; raise the writer's error if it failed."""
+        self.submit()
         done = threading.Event()
         self._queue.put(("call", done.set, None, None, 0))
         while not done.wait(0.05):
@@ -238,6 +269,7 @@ class StoreWriter:
         self._raise_if_failed()
 
     def close(self) -> None:
+        self.submit()
         self._queue.put(None)
         self._thread.join()
 
@@ -307,7 +339,7 @@ class StoreWriter:
 
     def _drain(self) -> None:
         """Inline mode: wait until the queued file writes are on disk."""
-        if self._queue.unfinished_tasks:
+        if self._held or self._queue.unfinished_tasks:
             self.flush()
 
     def metadata(self, spec: ArraySpec) -> dict:
@@ -345,7 +377,7 @@ class StoreWriter:
             if self._inline_mode and threading.current_thread() is not self._thread:
                 # counted on the writer thread too (numpy releases the interpreter lock), before
                 # the marks queued after it; the data stays untouched until its files are written
-                self._queue.put(("count", lambda: self._count(data, a, b), None, None, 0))
+                self._enqueue(("count", lambda: self._count(data, a, b), None, None, 0))
             else:
                 self._count(data, a, b)
         elif kind == "set":
@@ -371,23 +403,29 @@ class StoreWriter:
                 if self._pool is not None:
                     self._pool.shutdown()
                 return
-            kind, a, b, c, nbytes = item
             try:
-                if self._error is None:
-                    if kind in ("set", "call"):  # after the files queued before them
-                        self._wait_puts()
-                    self._do(kind, a, b, c)
-            except BaseException as e:  # kept and raised on the sampling thread
-                self._error = e
+                for one in (item[1] if item[0] == "batch" else (item,)):
+                    self._run_item(*one)
             finally:
                 self._queue.task_done()
-                if nbytes:
-                    with self._cond:
-                        self._pending -= nbytes
-                        self._cond.notify_all()
-                elif self._error is not None:
-                    with self._cond:
-                        self._cond.notify_all()
+
+    def _run_item(self, kind: str, a: Any, b: Any, c: Any, nbytes: int) -> None:
+        """One queued write or call, on the writer thread; after an error, only the accounting."""
+        try:
+            if self._error is None:
+                if kind in ("set", "call"):  # after the files queued before them
+                    self._wait_puts()
+                self._do(kind, a, b, c)
+        except BaseException as e:  # kept and raised on the sampling thread
+            self._error = e
+        finally:
+            if nbytes:
+                with self._cond:
+                    self._pending -= nbytes
+                    self._cond.notify_all()
+            elif self._error is not None:
+                with self._cond:
+                    self._cond.notify_all()
 
 
 def store_root(group: zarr.Group) -> Path | None:
