@@ -296,3 +296,37 @@ def test_the_source_tree_runs_built_in_probes_without_installing(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     module, where = out.stdout.split()
     assert module == "dithooks.probes.builtin" and where.startswith(str(repo / "dithooks"))
+
+
+def test_small_latents_and_the_marks_take_a_few_files_and_read_back_the_same(tmp_path, tiny_loaded, tiny_model_dir,
+                                                                             monkeypatch):
+    """latents rows in chunks of up to 16 (each rewritten whole after a batch of steps, its rows
+    not known yet NaN), step_complete in one checksummed chunk: the values equal a store written a
+    file per row, and the NaN padding is never counted as non-finite data."""
+    spec = SamplerSpec("ddim", 20, eta=1.0)
+    few, many = tmp_path / "few.zarr", tmp_path / "many.zarr"
+    capture(config(few, tiny_model_dir, sampler=spec), loaded=tiny_loaded)
+    monkeypatch.setattr("dithooks.store.layout.LATENT_ROWS_PER_CHUNK", 1)
+    capture(config(many, tiny_model_dir, sampler=spec), loaded=tiny_loaded)
+    files = lambda store, name: sorted(p.name for p in (store / name).iterdir() if p.name != "zarr.json")  # noqa: E731
+    assert len(files(few, "latents")) == 2 and len(files(many, "latents")) == 21  # 21 rows: 16 + an edge chunk
+    assert files(few, "step_complete") == ["c"]
+    assert zarr.open_array(str(few / "latents"), mode="r").chunks[0] == 16
+    a, b = open_store(few), open_store(many)
+    np.testing.assert_array_equal(zarr.open_array(str(few / "latents"), mode="r")[...],
+                                  zarr.open_array(str(many / "latents"), mode="r")[...])
+    assert not np.isnan(zarr.open_array(str(few / "latents"), mode="r")[...]).any()
+    assert a.completeness()["complete"] and a.step_complete().all()
+    assert a.meta["nonfinite"] == {} == b.meta["nonfinite"]
+    # a resume that starts inside a latents chunk keeps that chunk's earlier rows
+    part = tmp_path / "part.zarr"
+    monkeypatch.setattr("dithooks.store.layout.LATENT_ROWS_PER_CHUNK", 16)
+    session = CaptureSession(config(part, tiny_model_dir, sampler=spec), loaded=tiny_loaded)
+    session.hooks.add_hook("blocks.3.resid_post", Interrupt(7))
+    with pytest.raises(StoreError, match="interrupted"):
+        session.run()
+    session.hooks.remove_all()
+    s = open_store(part)
+    assert s.completeness()["resume_from_step"] == 7 and s.meta["nonfinite"] == {}
+    capture(config(part, tiny_model_dir, mode="resume", sampler=spec), loaded=tiny_loaded)
+    assert_stores_equal(few, part)

@@ -167,13 +167,15 @@ def test_nonfinite_values_are_counted_per_array_and_step(tmp_path, tiny_loaded, 
 
 # -- 3. verify -----------------------------------------------------------------------------------------
 def test_verify_finds_missing_truncated_and_corrupt_chunks_and_resume_redoes_them(tmp_path, tiny_loaded,
-                                                                                  tiny_model_dir):
+                                                                                  tiny_model_dir, monkeypatch):
+    # latents in chunks of 2 rows: chunk 1 holds latent_steps 2-3, the x after steps 1 and 2
+    monkeypatch.setattr("dithooks.store.layout.LATENT_ROWS_PER_CHUNK", 2)
     ref, out = tmp_path / "ref.zarr", tmp_path / "s.zarr"
     capture(config(ref, tiny_model_dir), loaded=tiny_loaded)
     shutil.copytree(ref, out)
     assert cli("verify", out).exit_code == 0
     _chunk(out, "blocks.resid_post", (3, 0, 0, 0, 0)).unlink()              # step 3: shard gone
-    lat = _chunk(out, "latents", (2, 0, 0, 0, 0))                           # latent_step 2 = step 1
+    lat = _chunk(out, "latents", (1, 0, 0, 0, 0))                           # latent_steps 2-3 = steps 1-2
     lat.write_bytes(lat.read_bytes()[:-9])
     fo = _chunk(out, "final.out", (4, 0, 0, 0, 0))                          # step 4: one byte flipped
     data = bytearray(fo.read_bytes())
@@ -183,10 +185,11 @@ def test_verify_finds_missing_truncated_and_corrupt_chunks_and_resume_redoes_the
     assert r.exit_code == 1
     rep = json.loads(r.output)
     assert {(p["array"], p["step"]) for p in rep["problems"]} == {("blocks.resid_post", 3), ("latents", 1),
-                                                                  ("final.out", 4)}
+                                                                  ("latents", 2), ("final.out", 4)}
     assert rep["first_bad_step"] == 1 and not rep["ok"]
     quick = json.loads(cli("verify", out, "--quick", "--json").output)  # no decoding: the flip passes
-    assert {(p["array"], p["step"]) for p in quick["problems"]} == {("blocks.resid_post", 3), ("latents", 1)}
+    assert {(p["array"], p["step"]) for p in quick["problems"]} == {("blocks.resid_post", 3), ("latents", 1),
+                                                                    ("latents", 2)}
     text = cli("verify", out).output
     assert "blocks.resid_post step 3: missing shard file" in text and "final.out step 4: does not decode" in text
     r = cli("ls", out)

@@ -315,3 +315,24 @@ def test_inline_mode_keeps_the_order_of_files_and_raises_write_errors(tmp_path, 
     with pytest.raises(WriterFailed, match="disk is full"):
         w.put(spec, (1,), torch.ones(4))
     w.close()
+
+
+def test_an_edge_chunk_is_written_directly_and_padded_with_the_fill_value(tmp_path):
+    """A write that ends at the array's end covers a chunk cut by that end: the encoder writes it
+    whole (padded with NaN, as Zarr stores edge chunks), not through zarr-python."""
+    g = zarr.open_group(str(tmp_path / "w.zarr"), mode="w", zarr_format=3)
+    w = StoreWriter(g)
+    spec = ArraySpec("a", ("step", "sample", "x"), (2, 5, 4), (1, 3, 4), torch.float32)
+    w.put(spec, (slice(0, 1), slice(3, 5)), torch.ones(1, 2, 4))
+    w.put(spec, (slice(0, 1), slice(0, 3)), torch.zeros(1, 3, 4))
+    w.flush()
+    w.close()
+    got = zarr.open_array(str(tmp_path / "w.zarr" / "a"), mode="r")[...]
+    want = np.full((2, 5, 4), np.nan, dtype=np.float32)
+    want[0, :3], want[0, 3:] = 0, 1
+    np.testing.assert_array_equal(got, want)
+    target = w._arrays["a"]
+    assert (target.direct_writes, target.zarr_writes) == (2, 0)
+    # the edge chunk's file holds a whole chunk (3 samples), its last sample the fill value
+    assert sorted(p.name for p in (tmp_path / "w.zarr" / "a").iterdir()) == ["c.0.0.0", "c.0.1.0", "zarr.json"]
+    assert (tmp_path / "w.zarr" / "a" / "c.0.1.0").stat().st_size == 3 * 4 * 4 + 4

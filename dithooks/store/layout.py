@@ -143,16 +143,31 @@ def hook_array_spec(name: str, *, hook: str, doc: str, steps: int, num_layers: i
     return ArraySpec(name, dims, shape, chunks, dtype, attrs, shards)
 
 
+# latents rows per chunk: up to this many, within LATENT_CHUNK_BYTES (a chunk is rewritten whole
+# after each batch of steps: store/steps.py write_states)
+LATENT_ROWS_PER_CHUNK = 16
+LATENT_CHUNK_BYTES = 256 * 2**10
+
+
+def latent_rows_per_chunk(row_shape: Sequence[int]) -> int:
+    """Rows of ``latents`` per chunk (file): several when a row is small (each file costs the
+    writer ~0.1-0.4 ms however small, docs/benchmarks.md), one when a row reaches the bound."""
+    row_bytes = 4 * int(np.prod(tuple(row_shape)))
+    return int(max(1, min(LATENT_ROWS_PER_CHUNK, LATENT_CHUNK_BYTES // max(1, row_bytes))))
+
+
 def latents_spec(steps: int, row_shape: Sequence[int], replicas: bool,
-                 sample: Sequence[str] = ("label", "seed")) -> ArraySpec:
-    """``latents``: row k is x before step k (k = 0 is x_T; k = steps is the result)."""
+                 sample: Sequence[str] = ("label", "seed"), rows_per_chunk: int | None = None) -> ArraySpec:
+    """``latents``: row k is x before step k (k = 0 is x_T; k = steps is the result); chunks of
+    ``rows_per_chunk`` rows (default :func:`latent_rows_per_chunk`)."""
     import torch
 
     from .writer import ArraySpec
 
     row_shape = tuple(row_shape)
+    rows = latent_rows_per_chunk(row_shape) if rows_per_chunk is None else rows_per_chunk
     return ArraySpec(LATENTS, ("latent_step",) + trajectory_batch_dims(replicas) + LATENT_DIMS,
-                     (steps + 1,) + row_shape, (1,) + row_shape, torch.float32,
+                     (steps + 1,) + row_shape, (min(rows, steps + 1),) + row_shape, torch.float32,
                      (("coordinates", " ".join(sample)),
                       ("description", "x before each step; the last is the result")))
 

@@ -11,16 +11,23 @@ from __future__ import annotations
 import json
 from typing import Any, Sequence
 
-from .layout import STEP_COMPLETE, latents_spec, rng_spec, rows_kept_by_resume
+import numpy as np
+
+from .layout import LATENTS, STEP_COMPLETE, latents_spec, rng_spec, rows_kept_by_resume
 from .metadata import ATTR_KEY
 
 
 class StepLog:
     """Writes the per-step bookkeeping of one run into ``group`` through ``writer``.
 
+    ``chunk_latents``: latents in chunks of several rows (:func:`.layout.latent_rows_per_chunk`),
+    each rewritten whole from rows kept here; False: a chunk per row (multi-worker regions).
+
     ``meta``: the store's metadata dict (updated in place when the non-finite counts change);
     ``nonfinite``: array -> {row: count}, shared with the writer, which fills it.
     """
+
+    chunk_latents = True
 
     def __init__(self, group: Any, writer: Any, meta: dict[str, Any], *, steps: int, num_samples: int,
                  replicas: bool, sample_coords: Sequence[str], nonfinite: dict[str, dict[Any, int]],
@@ -30,6 +37,7 @@ class StepLog:
         self.group, self.writer, self.meta = group, writer, meta
         self._first_step = first_step
         self._marks: Any = None  # every step's mark, when step_complete is one chunk (see mark_complete)
+        self._latent_chunk: tuple[int, Any] | None = None  # (first row, rows) of the latents chunk being filled
         self.steps, self.n, self.replicas = steps, num_samples, replicas
         self.sample_coords = tuple(sample_coords)
         self.nonfinite = nonfinite
@@ -50,8 +58,12 @@ class StepLog:
             lats.append(lat)
             rngs.append(rng)
         k0 = states[0].step
-        spec = latents_spec(self.steps, tuple(lats[0].shape), self.replicas, self.sample_coords)
-        self.writer.put(spec, (slice(k0, k0 + len(states)),), torch.stack(lats))
+        spec = latents_spec(self.steps, tuple(lats[0].shape), self.replicas, self.sample_coords,
+                            rows_per_chunk=None if self.chunk_latents else 1)
+        if spec.chunks[0] == 1:
+            self.writer.put(spec, (slice(k0, k0 + len(states)),), torch.stack(lats))
+        else:
+            self._put_latents(spec, k0, torch.stack(lats))
         # deterministic samplers (DDIM, eta = 0) never draw: a row is written only when a state
         # moved (resume reads the last row written, resume.rng_state_at)
         for state, rng in zip(states, rngs):
@@ -59,6 +71,39 @@ class StepLog:
                 continue
             self._last_rng = rng
             self.writer.put(rng_spec(self.steps, tuple(rng.shape), self.replicas), (state.step,), rng)
+
+    def _put_latents(self, spec: Any, k0: int, rows: Any) -> None:
+        """Latents rows ``k0...`` in chunks of several rows: each chunk they touch is written whole
+        (one atomic file, no read back) from the rows kept here; rows not known yet hold the fill
+        value NaN until a later batch rewrites the chunk. A resume starting inside a chunk reads
+        that chunk's earlier rows from the store first."""
+        import dataclasses
+
+        import torch
+
+        from .writer import count_nonfinite
+
+        # the NaN of rows not known yet is no data: the real rows' non-finite values are counted
+        # here (on the writer thread, in order with the writer's own counts) and the writer counts none
+        bad = count_nonfinite(rows.detach().float().cpu().numpy(), torch.float32, (slice(k0, k0 + rows.shape[0]),))
+        if bad:
+            self.writer.call(lambda: self.nonfinite.setdefault(LATENTS, {}).update(bad))
+        spec = dataclasses.replace(spec, counted=False)
+        size, total = spec.chunks[0], spec.shape[0]
+        k, i, n = k0, 0, rows.shape[0]
+        while i < n:
+            lo = (k // size) * size
+            hi = min(lo + size, total)
+            if self._latent_chunk is None or self._latent_chunk[0] != lo:
+                buf = torch.full((hi - lo,) + tuple(spec.shape[1:]), float("nan"), dtype=torch.float32)
+                if k > lo:  # rows an earlier run wrote (a resume inside this chunk)
+                    buf[:k - lo] = torch.from_numpy(np.asarray(self.group[LATENTS][lo:k], dtype=np.float32))
+                self._latent_chunk = (lo, buf)
+            buf = self._latent_chunk[1]
+            take = min(n - i, hi - k)
+            buf[k - lo:k - lo + take] = rows[i:i + take]
+            self.writer.put(spec, (slice(lo, hi),), buf.clone())  # the writer owns what it is given
+            k, i = k + take, i + take
 
     def mark_complete(self, rows: slice) -> None:
         """After the data of ``rows`` (queued before): their non-finite counts, then their marks.
@@ -68,8 +113,6 @@ class StepLog:
         back); in a chunk per step (older stores, multi-worker stores): the marked rows' files."""
         self.writer.call(self._record_nonfinite)  # counts of a step precede its mark
         if self._marks is None:
-            import numpy as np
-
             target = self.writer.existing(STEP_COMPLETE)
             meta = getattr(target, "meta", None)
             one_chunk = meta is not None and tuple(meta.outer) == (self.steps,)

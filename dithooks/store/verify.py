@@ -458,7 +458,13 @@ def verify_store(path: str | Path, decode: bool = True, layout: StoreLayout | No
         elif role in ("coordinate", "flags", "other"):
             strict_coord = layout.strict and role == "coordinate"
             checks += [(idx, None, None, strict_coord) for idx in a.all_files()]
+        # a file holding several rows (latents in chunks of rows) is checked once; a problem with
+        # it is reported for each step it holds
+        by_file: dict[tuple[int, ...], list[tuple[int | None, int | None, bool]]] = {}
         for idx, step, row, must in checks:
+            by_file.setdefault(idx, []).append((step, row, must))
+        for idx, uses in by_file.items():
+            must = any(m for _, _, m in uses)
             file = folder / a.key(idx)
             if not must and not file.exists():
                 continue
@@ -488,10 +494,11 @@ def verify_store(path: str | Path, decode: bool = True, layout: StoreLayout | No
             if what is not None:
                 if role == "coordinate" or role == "flags":
                     rep.repairable = False
-                rep.problems.append(Problem(name, step, what, row))
-                if role in ("step", "latent", "rng", "whole"):
-                    s = 0 if step is None else step
-                    rep.first_bad_step = s if rep.first_bad_step is None else min(rep.first_bad_step, s)
+                for step, row, _ in uses:
+                    rep.problems.append(Problem(name, step, what, row))
+                    if role in ("step", "latent", "rng", "whole"):
+                        s = 0 if step is None else step
+                        rep.first_bad_step = s if rep.first_bad_step is None else min(rep.first_bad_step, s)
     if not rep.repairable:
         rep.first_bad_step = None
     return rep

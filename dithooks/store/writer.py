@@ -29,7 +29,6 @@ it (docs/benchmarks.md).
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 from dataclasses import dataclass
@@ -58,6 +57,9 @@ class ArraySpec:
     attrs: tuple[tuple[str, Any], ...] = ()
     # a shard is one file holding several chunks: written whole, read chunk by chunk
     shards: tuple[int, ...] | None = None
+    # False: the writer does not count its non-finite values (its writer counts them: latents
+    # chunks are written padded with NaN for rows not known yet, store/steps.py)
+    counted: bool = True
 
 
 class WriterFailed(StoreError):
@@ -388,6 +390,8 @@ class StoreWriter:
             a()
 
     def _count(self, data: np.ndarray, spec: ArraySpec, index: Any) -> None:
+        if not getattr(spec, "counted", True):
+            return
         bad = count_nonfinite(data, spec.dtype, index)
         if bad:
             self.nonfinite.setdefault(spec.name, {}).update(bad)

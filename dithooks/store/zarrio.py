@@ -710,10 +710,13 @@ class ChunkEncoder:
             self._dirs.add(d)
 
     def aligned(self, region: tuple[tuple[int, int], ...]) -> bool:
-        """Does ``region`` (per dim [start, stop)) consist of whole outer chunks inside the array?"""
+        """Does ``region`` (per dim [start, stop)) consist of whole outer chunks inside the array?
+        A chunk cut by the array's end counts as whole when unsharded (written padded with the
+        fill value, as Zarr stores edge chunks)."""
         m = self.meta
         return len(region) == len(m.shape) and all(
-            a % o == 0 and b % o == 0 and a < b <= n for (a, b), o, n in zip(region, m.outer, m.shape))
+            a % o == 0 and (b % o == 0 or (b == n and not m.sharded)) and a < b <= n
+            for (a, b), o, n in zip(region, m.outer, m.shape))
 
     def write(self, region: tuple[tuple[int, int], ...], data: np.ndarray) -> int:
         """Write ``data`` (the values of ``region``, whole outer chunks: :meth:`aligned`) as one file
@@ -723,13 +726,17 @@ class ChunkEncoder:
         m = self.meta
         data = np.asarray(data, dtype=m.dtype)
         total = 0
-        ranges = [range(a // o, b // o) for (a, b), o in zip(region, m.outer)]
+        ranges = [range(a // o, -(-b // o)) for (a, b), o in zip(region, m.outer)]  # an edge chunk included
         for outer in itertools.product(*ranges):
             sel = tuple(slice(c * o - a, (c + 1) * o - a) for c, o, (a, _) in zip(outer, m.outer, region))
             block = data[sel]
             path = m.path(outer)
             self._mkdirs(path)
             if not m.sharded:
+                if block.shape != m.outer:  # an edge chunk: stored whole, the rest the fill value
+                    full = np.full(m.outer, m.fill_value, dtype=m.dtype)
+                    full[tuple(slice(0, n) for n in block.shape)] = block
+                    block = full
                 total += self.sink(path, self.encode(block))
                 continue
             pieces: list = []
