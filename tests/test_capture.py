@@ -330,3 +330,42 @@ def test_small_latents_and_the_marks_take_a_few_files_and_read_back_the_same(tmp
     assert s.completeness()["resume_from_step"] == 7 and s.meta["nonfinite"] == {}
     capture(config(part, tiny_model_dir, mode="resume", sampler=spec), loaded=tiny_loaded)
     assert_stores_equal(few, part)
+
+
+@pytest.mark.parametrize("synchronous", [True, False])
+def test_small_steps_written_on_either_thread_give_the_same_store_and_survive_a_full_disk(
+        tmp_path, tiny_loaded, tiny_model_dir, monkeypatch, synchronous):
+    """Small steps' file writes go to the writer thread when a core is spare, else they are done
+    on the sampling thread at the end of each batch (StoreWriter.synchronous): same store either
+    way; a full disk there fails the run cleanly and --resume completes it."""
+    import dithooks.store.writer as writer_module
+    from dithooks.capture import recorder
+
+    spec = SamplerSpec("ddim", 40, eta=1.0)
+    ref = tmp_path / "ref.zarr"
+    monkeypatch.setattr(recorder, "SYNCHRONOUS", not synchronous)
+    capture(config(ref, tiny_model_dir, sampler=spec), loaded=tiny_loaded)
+    monkeypatch.setattr(recorder, "SYNCHRONOUS", synchronous)
+    session = CaptureSession(config(tmp_path / "s.zarr", tiny_model_dir, sampler=spec), loaded=tiny_loaded)
+    session.run()
+    assert session.writer.synchronous is synchronous and session.writer.inline
+    assert_stores_equal(ref, tmp_path / "s.zarr")
+
+    out = tmp_path / "full.zarr"
+    real, marked = writer_module.write_atomic, {"batches": 0}
+
+    def filling_disk(path, pieces):
+        if marked["batches"] >= 1:  # the disk fills up once the first batch of steps is marked
+            raise OSError(errno.ENOSPC, "No space left on device")
+        if "step_complete" in path:
+            marked["batches"] += 1
+        return real(path, pieces)
+
+    monkeypatch.setattr(writer_module, "write_atomic", filling_disk)
+    with pytest.raises(StoreError, match=r"disk is full.*--resume"):
+        capture(config(out, tiny_model_dir, sampler=spec), loaded=tiny_loaded)
+    s = open_store(out)
+    assert s.meta["status"] == "failed" and 0 < s.completeness()["resume_from_step"] < 40
+    monkeypatch.setattr(writer_module, "write_atomic", real)
+    capture(config(out, tiny_model_dir, mode="resume", sampler=spec), loaded=tiny_loaded)
+    assert_stores_equal(ref, out)
