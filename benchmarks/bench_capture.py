@@ -7,8 +7,6 @@ contender captures the output (resid_post) of every block at every step, fp16:
                  chunk/shard writes)
   dithooks/step files  the same with the store layout and writer before 2026-12-02: latents and
                  step_complete a file per step, each file write its own writer-thread wake-up
-  dithooks/writer thread  the same with small steps' file writes always on the writer thread
-                 (dithooks writes them on the sampling thread when torch's threads take every core)
   dithooks/zarr  the same with every store write through zarr-python (the writer before direct
                  writes: ``StoreWriter.direct = False``, nested chunk keys)
   dithooks pattern  attn.pattern of every block (XL width only: the explicit-softmax path + writes)
@@ -77,7 +75,7 @@ def build(cfg, root: Path, name: str) -> Path:
     return d
 
 
-VARIANTS = ("plain", "dithooks", "dithooks/step files", "dithooks/writer thread", "dithooks/zarr", "dithooks pattern", "np.save/step",
+VARIANTS = ("plain", "dithooks", "dithooks/step files", "dithooks/zarr", "dithooks pattern", "np.save/step",
             "nnsight cache", "torch.save", "in-memory", "plain again")
 
 
@@ -113,7 +111,7 @@ class _NNsightCached(torch.nn.Module):
 
 def time_variants(model_ref: str, steps: int, samples: int, repeats: int, root: Path,
                   variants: tuple[str, ...] = VARIANTS, device: str = "cpu") -> dict:
-    from dithooks.capture import CaptureConfig, CaptureSession, capture, recorder
+    from dithooks.capture import CaptureConfig, CaptureSession, capture
     from dithooks.loading import load_model
     from dithooks.sampling import Sampler, SamplerSpec
     from dithooks.store import layout
@@ -153,9 +151,8 @@ def time_variants(model_ref: str, steps: int, samples: int, repeats: int, root: 
     def plain():
         Sampler(loaded, spec, device=device).run(labels, seeds)
 
-    def with_dithooks(hooks=("resid_post",), direct=True, step_files=False, writer_thread=False):
+    def with_dithooks(hooks=("resid_post",), direct=True, step_files=False):
         StoreWriter.direct, StoreWriter.separator = direct, ("." if direct else "/")
-        recorder.SYNCHRONOUS = False if writer_thread else None
         StoreWriter.hold = not step_files
         layout.LATENT_ROWS_PER_CHUNK = 1 if step_files else rows_per_chunk
         CaptureSession._marks_chunk = 1 if step_files else None
@@ -166,7 +163,6 @@ def time_variants(model_ref: str, steps: int, samples: int, repeats: int, root: 
         finally:
             StoreWriter.direct, StoreWriter.separator, StoreWriter.hold = True, ".", True
             layout.LATENT_ROWS_PER_CHUNK, CaptureSession._marks_chunk = rows_per_chunk, None
-            recorder.SYNCHRONOUS = None
 
     def np_save_step():
         d = fresh("out-npy")
@@ -222,7 +218,6 @@ def time_variants(model_ref: str, steps: int, samples: int, repeats: int, root: 
 
     last_npy: list = [None]
     table = {"plain": plain, "dithooks": with_dithooks, "dithooks/step files": lambda: with_dithooks(step_files=True),
-             "dithooks/writer thread": lambda: with_dithooks(writer_thread=True),
              "dithooks/zarr": lambda: with_dithooks(direct=False),
              "dithooks pattern": lambda: with_dithooks(hooks=("attn.pattern",)),
              "np.save/step": np_save_step, "nnsight cache": nnsight_cache, "torch.save": torch_save,

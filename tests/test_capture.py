@@ -332,26 +332,16 @@ def test_small_latents_and_the_marks_take_a_few_files_and_read_back_the_same(tmp
     assert_stores_equal(few, part)
 
 
-@pytest.mark.parametrize("synchronous", [True, False])
-def test_small_steps_written_on_either_thread_give_the_same_store_and_survive_a_full_disk(
-        tmp_path, tiny_loaded, tiny_model_dir, monkeypatch, synchronous):
-    """Small steps' file writes go to the writer thread when a core is spare, else they are done
-    on the sampling thread at the end of each batch (StoreWriter.synchronous): same store either
-    way; a full disk there fails the run cleanly and --resume completes it."""
+def test_a_full_disk_during_the_held_file_writes_fails_cleanly_and_resumes(tmp_path, tiny_loaded, tiny_model_dir,
+                                                                           monkeypatch):
+    """Small steps' files are held and handed to the writer thread once per batch of steps
+    (StoreWriter.submit): a file write there that finds the disk full fails the run cleanly,
+    keeps the batches marked before it, and --resume completes the store."""
     import dithooks.store.writer as writer_module
-    from dithooks.capture import recorder
 
     spec = SamplerSpec("ddim", 40, eta=1.0)
-    ref = tmp_path / "ref.zarr"
-    monkeypatch.setattr(recorder, "SYNCHRONOUS", not synchronous)
+    ref, out = tmp_path / "ref.zarr", tmp_path / "full.zarr"
     capture(config(ref, tiny_model_dir, sampler=spec), loaded=tiny_loaded)
-    monkeypatch.setattr(recorder, "SYNCHRONOUS", synchronous)
-    session = CaptureSession(config(tmp_path / "s.zarr", tiny_model_dir, sampler=spec), loaded=tiny_loaded)
-    session.run()
-    assert session.writer.synchronous is synchronous and session.writer.inline
-    assert_stores_equal(ref, tmp_path / "s.zarr")
-
-    out = tmp_path / "full.zarr"
     real, marked = writer_module.write_atomic, {"batches": 0}
 
     def filling_disk(path, pieces):

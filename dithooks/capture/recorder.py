@@ -20,26 +20,8 @@ BATCH_BYTES = 8 * 2**20
 # steps smaller than this are written on the sampling thread (StoreWriter.inline): for small
 # writes the interpreter-lock handoffs with a writer thread cost more than the writes
 INLINE_STEP_BYTES = 2**20
-# small steps' file writes on the sampling thread (StoreWriter.synchronous): None decides by
-# spare_core(); True/False force it (benchmarks)
-SYNCHRONOUS: bool | None = None
 # written batch buffers kept per array for reuse (one is filled while the last is written)
 KEEP_BUFFERS = 2
-
-
-def spare_core(latents: torch.Tensor) -> bool:
-    """Is a CPU core left for the store's writer thread while sampling? Not when sampling runs on
-    the CPU with torch's threads on every core this process may use (then small writes are
-    better done on the sampling thread: StoreWriter.synchronous)."""
-    import os
-
-    if not latents.is_cpu:
-        return True  # the device computes; the CPU mostly waits for it
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return torch.get_num_threads() < cores
 
 
 class _ArraySlot:
@@ -219,8 +201,6 @@ class StepRecorder:
         if self._batch is None:
             self._batch = self._batch_size(values, state)
             self.writer.inline = self._step_bytes(values, state) < INLINE_STEP_BYTES
-            sync = not spare_core(state.latents) if SYNCHRONOUS is None else SYNCHRONOUS
-            self.writer.synchronous = self.writer.inline and sync
             if self._batch > 1 and not self._pending:
                 self._widen(values)
         self._pending.append((step, values, state))

@@ -4,9 +4,7 @@ Hook functions run on the sampling thread and only hand a CPU copy to :meth:`Sto
 the Zarr encoding and file I/O happen on one writer thread. For small writes (a capture's steps
 below ``recorder.INLINE_STEP_BYTES``) :attr:`StoreWriter.inline` encodes on the caller's thread
 and hands the writer thread only the file writes, which release the interpreter lock: the
-writer thread's Python work would otherwise compete with sampling for the lock. On a folder those
-file writes are held and handed over once per batch of steps (:meth:`StoreWriter.submit`): every
-queue item wakes the writer thread, and each wake-up is one more contest for the lock. The queue is bounded in bytes, so
+writer thread's Python work would otherwise compete with sampling for the lock. The queue is bounded in bytes, so
 a writer that falls behind slows sampling down instead of letting memory grow with the number
 of steps. Work is done in order, so a step is marked complete only after all its data is on
 disk. A write error (a full disk, say) stops the writer and is raised on the sampling thread at
@@ -137,8 +135,6 @@ class StoreWriter:
         # held here and handed over as one queue item by submit() (or any wait): one wake-up of
         # the writer thread per batch of steps instead of one per file (see submit)
         self._held: list[tuple] = []
-        # held items run on the caller's thread at submit() instead (see the synchronous property)
-        self._synchronous = False
         from .storage import ObjectPath
 
         self._remote = isinstance(store_root(group) if self.direct else None, ObjectPath)
@@ -163,21 +159,6 @@ class StoreWriter:
         if bool(on) != self._inline_mode:
             self.flush()
             self._inline_mode = bool(on)
-
-    @property
-    def synchronous(self) -> bool:
-        """Inline mode on a folder only. False (default): the held file writes go to the writer
-        thread at :meth:`submit`. True: ``submit`` writes them on the caller's thread, like
-        ``np.save`` would: when sampling keeps every core busy (torch's threads on all of them)
-        a writer thread has no core of its own, and taking one from torch's threads costs
-        sampling more than the writes do (docs/benchmarks.md, run (h))."""
-        return self._synchronous
-
-    @synchronous.setter
-    def synchronous(self, on: bool) -> None:
-        if bool(on) != self._synchronous:
-            self.flush()
-            self._synchronous = bool(on)
 
     def put(self, spec: ArraySpec, index: tuple, value: torch.Tensor) -> None:
         """Queue ``value`` (a CPU tensor the caller no longer touches) for ``array[index]``."""
@@ -224,11 +205,6 @@ class StoreWriter:
         interpreter lock: one per batch of steps, not one per file."""
         if self._held:
             held, self._held = self._held, []
-            if self._synchronous:  # in order, here; an error stops the writer and is raised at once
-                for one in held:
-                    self._run_item(*one)
-                self._raise_if_failed()
-                return
             self._queue.put(("batch", held, None, None, 0))  # its items' bytes are counted each
 
     # -- object stores: several PUTs in flight ---------------------------------------------------
@@ -295,10 +271,7 @@ class StoreWriter:
         self._raise_if_failed()
 
     def close(self) -> None:
-        try:
-            self.submit()
-        except WriterFailed:
-            pass  # kept in self.error; closing never raises (the run is being ended anyway)
+        self.submit()
         self._queue.put(None)
         self._thread.join()
 
