@@ -57,8 +57,8 @@ class ArraySpec:
     attrs: tuple[tuple[str, Any], ...] = ()
     # a shard is one file holding several chunks: written whole, read chunk by chunk
     shards: tuple[int, ...] | None = None
-    # False: the writer does not count its non-finite values (its writer counts them: latents
-    # chunks are written padded with NaN for rows not known yet, store/steps.py)
+    # False: the writer does not count its non-finite values; the caller does (latents chunks
+    # are written padded with NaN for rows not known yet, which is no data: store/steps.py)
     counted: bool = True
 
 
