@@ -41,8 +41,9 @@ class Coordinates:
 
 def write_skeleton(folder: Path, meta: dict[str, Any], coords: Coordinates, marks_chunk: int | None = None) -> Any:
     """Create the Zarr group in ``folder`` (emptying it) with ``coords`` and ``step_complete``
-    (in one chunk, or chunks of ``marks_chunk`` steps); ``meta`` goes into the group attributes last. Written by :mod:`.zarrio` (the files zarr-python
-    writes for the same calls, without its ~45 ms of event-loop work per capture).
+    (in one chunk, or chunks of ``marks_chunk`` steps); ``meta`` goes into the group attributes
+    last. Written by :mod:`.zarrio` (the files zarr-python writes for the same calls, without its
+    ~45 ms of event-loop work per capture).
 
     In a build folder (:func:`.files.temp_path`, renamed into place only once whole) the files
     are written in place; elsewhere (an object store's prefix, built in place) each atomically,

@@ -36,7 +36,8 @@ class StepLog:
         the first unmarked step and unmarks the steps after it, store/resume.py)."""
         self.group, self.writer, self.meta = group, writer, meta
         self._first_step = first_step
-        self._marks: Any = None  # every step's mark, when step_complete is one chunk (see mark_complete)
+        self._marks: np.ndarray | None = None  # every step's mark, when step_complete is one chunk
+        self._marks_whole: bool | None = None  # is it? (read from its layout at the first mark)
         self._latent_chunk: tuple[int, Any] | None = None  # (first row, rows) of the latents chunk being filled
         self.steps, self.n, self.replicas = steps, num_samples, replicas
         self.sample_coords = tuple(sample_coords)
@@ -112,12 +113,11 @@ class StepLog:
         the marks kept here (one small file per batch of steps, written atomically, no read
         back); in a chunk per step (older stores, multi-worker stores): the marked rows' files."""
         self.writer.call(self._record_nonfinite)  # counts of a step precede its mark
-        if self._marks is None:
-            target = self.writer.existing(STEP_COMPLETE)
-            meta = getattr(target, "meta", None)
-            one_chunk = meta is not None and tuple(meta.outer) == (self.steps,)
-            self._marks = np.arange(self.steps) < self._first_step if one_chunk else False
-        if self._marks is False:
+        if self._marks_whole is None:
+            meta = getattr(self.writer.existing(STEP_COMPLETE), "meta", None)
+            self._marks_whole = meta is not None and tuple(meta.outer) == (self.steps,)
+            self._marks = np.arange(self.steps) < self._first_step
+        if not self._marks_whole:
             self.writer.set(STEP_COMPLETE, rows, True)  # direct chunk writes (zarr's setitem: ~60 ms)
             return
         self._marks[rows] = True
