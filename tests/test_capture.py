@@ -359,3 +359,33 @@ def test_a_full_disk_during_the_held_file_writes_fails_cleanly_and_resumes(tmp_p
     monkeypatch.setattr(writer_module, "write_atomic", real)
     capture(config(out, tiny_model_dir, mode="resume", sampler=spec), loaded=tiny_loaded)
     assert_stores_equal(ref, out)
+
+
+def test_a_store_with_the_older_file_per_step_layout_resumes_to_the_same_store(tmp_path, tiny_loaded,
+                                                                                tiny_model_dir, monkeypatch):
+    """Stores written before 2026-12-02 (latents a chunk per row, step_complete a chunk per step)
+    resume with today's code: it writes into the layout on disk."""
+    from dithooks.store import layout
+
+    spec = SamplerSpec("ddim", 20, eta=1.0)
+    ref, old = tmp_path / "ref.zarr", tmp_path / "old.zarr"
+    capture(config(ref, tiny_model_dir, sampler=spec), loaded=tiny_loaded)
+    with monkeypatch.context() as m:  # the older layout
+        m.setattr(layout, "LATENT_ROWS_PER_CHUNK", 1)
+        m.setattr(CaptureSession, "_marks_chunk", 1)
+        session = CaptureSession(config(old, tiny_model_dir, sampler=spec), loaded=tiny_loaded)
+        session.hooks.add_hook("blocks.3.resid_post", Interrupt(7))
+        with pytest.raises(StoreError, match="interrupted"):
+            session.run()
+        session.hooks.remove_all()
+    assert zarr.open_array(str(old / "latents"), mode="r").chunks[0] == 1
+    assert zarr.open_array(str(old / "step_complete"), mode="r").chunks == (1,)
+    res = capture(config(old, tiny_model_dir, mode="resume", sampler=spec), loaded=tiny_loaded)
+    assert res.resumed_from == 7
+    assert zarr.open_array(str(old / "latents"), mode="r").chunks[0] == 1  # the layout on disk is kept
+    assert zarr.open_array(str(old / "step_complete"), mode="r").chunks == (1,)
+    assert open_store(old).meta["nonfinite"] == {}
+    from dithooks.store.verify import verify_store
+
+    assert verify_store(old).ok
+    assert_stores_equal(ref, old)
