@@ -85,7 +85,8 @@ class StepLog:
         from .writer import count_nonfinite
 
         # the NaN of rows not known yet is no data: the real rows' non-finite values are counted
-        # here (on the writer thread, in order with the writer's own counts) and the writer counts none
+        # here, and the counts recorded on the writer thread (in order with the writer's own
+        # counts, which it keeps); the writer counts none of these chunks
         bad = count_nonfinite(rows.detach().float().cpu().numpy(), torch.float32, (slice(k0, k0 + rows.shape[0]),))
         if bad:
             self.writer.call(lambda: self.nonfinite.setdefault(LATENTS, {}).update(bad))
