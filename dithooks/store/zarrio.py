@@ -711,12 +711,21 @@ class ChunkEncoder:
 
     def aligned(self, region: tuple[tuple[int, int], ...]) -> bool:
         """Does ``region`` (per dim [start, stop)) consist of whole outer chunks inside the array?
-        A chunk cut by the array's end counts as whole when unsharded (written padded with the
-        fill value, as Zarr stores edge chunks)."""
+        A chunk or shard cut by the array's end counts as whole (an edge chunk is written padded
+        with the fill value, as Zarr stores edge chunks; an edge shard holds the inner chunks
+        that reach into the array, the others marked missing in its index)."""
         m = self.meta
         return len(region) == len(m.shape) and all(
-            a % o == 0 and (b % o == 0 or (b == n and not m.sharded)) and a < b <= n
+            a % o == 0 and (b % o == 0 or b == n) and a < b <= n
             for (a, b), o, n in zip(region, m.outer, m.shape))
+
+    def _padded(self, block: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """``block`` (cut by the array's end) as a whole chunk of ``shape``, the rest the fill value."""
+        if block.shape == shape:
+            return block
+        full = np.full(shape, self.meta.fill_value, dtype=self.meta.dtype)
+        full[tuple(slice(0, n) for n in block.shape)] = block
+        return full
 
     def write(self, region: tuple[tuple[int, int], ...], data: np.ndarray) -> int:
         """Write ``data`` (the values of ``region``, whole outer chunks: :meth:`aligned`) as one file
@@ -732,19 +741,18 @@ class ChunkEncoder:
             block = data[sel]
             path = m.path(outer)
             self._mkdirs(path)
-            if not m.sharded:
-                if block.shape != m.outer:  # an edge chunk: stored whole, the rest the fill value
-                    full = np.full(m.outer, m.fill_value, dtype=m.dtype)
-                    full[tuple(slice(0, n) for n in block.shape)] = block
-                    block = full
-                total += self.sink(path, self.encode(block))
+            if not m.sharded:  # an edge chunk: stored whole, the rest the fill value
+                total += self.sink(path, self.encode(self._padded(block, m.outer)))
                 continue
             pieces: list = []
             index = np.empty(m.per_shard + (2,), dtype="<u8")
             off = 0
             for inner in itertools.product(*(range(p) for p in m.per_shard)):
+                if any(i * c >= n for i, c, n in zip(inner, m.inner, block.shape)):
+                    index[inner] = (MISSING, MISSING)  # an edge shard: this chunk lies past the array's end
+                    continue
                 isel = tuple(slice(i * c, (i + 1) * c) for i, c in zip(inner, m.inner))
-                enc = self.encode(block[isel])
+                enc = self.encode(self._padded(block[isel], m.inner))
                 n = sum(memoryview(p).nbytes for p in enc)
                 index[inner] = (off, n)
                 off += n
