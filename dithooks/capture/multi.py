@@ -136,6 +136,7 @@ class RegionStepLog(StepLog):
     region: int = 0
     status_file: Path | None = None
     chunk_latents = False  # a region's rows: a chunk per row, no earlier rows to read back on resume
+    shard_steps = False  # and a shard per step: each region's steps are marked on their own
 
     def mark_complete(self, rows: slice) -> None:
         self.writer.call(self._record_nonfinite)

@@ -3,6 +3,7 @@ few at a time, then marked complete (the order :mod:`dithooks.store.steps` keeps
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Sequence
 
 import torch
@@ -64,6 +65,12 @@ class StepRecorder:
     interruption: finished steps are kept).
     """
 
+    # small steps (inline mode): a new hook array keeps a batch of steps in one shard (file), a
+    # chunk per step inside it, so a batch is one file per array instead of one per step (each
+    # file costs the writer thread ~0.1-0.4 ms however small: docs/benchmarks.md). False: a shard
+    # per step (the layout before 2026-12-02 (i); for benchmarks)
+    shard_steps = True
+
     def __init__(self, log: StepLog, *, steps: int, layers: Sequence[int], store_dtype: torch.dtype,
                  sample_coords: Sequence[str], probes: Any = None,
                  array_layers: dict[str, Sequence[int]] | None = None):
@@ -88,6 +95,8 @@ class StepRecorder:
         # finished steps not yet written: (step, {array: values}, state); see flush_pending
         self._pending: list[tuple[int, dict[str, torch.Tensor], Any]] = []
         self._batch: int | None = None
+        self._shard: int | None = None  # steps per shard of new hook arrays (decided with the batch)
+        self._align = 1  # batches end where the hook arrays' files end (steps per file on disk)
 
     # -- hooks -------------------------------------------------------------------------------
     def _spec(self, name: str, ctx: HookContext, value: torch.Tensor) -> ArraySpec:
@@ -105,8 +114,32 @@ class StepRecorder:
                                batch_axes=ctx.batch_axes, value_dims=value_dims,
                                value_shape=tuple(value.shape[1:]), dtype=self.store_dtype,
                                sample=self.sample_coords, layer=layer_dim(layers, self.layers))
+        if self._shard is not None:  # an array first seen after the first step
+            spec = self._sharded(spec)
         self._specs[arr] = spec
         return spec
+
+    def _sharded(self, spec: ArraySpec) -> ArraySpec:
+        """``spec`` with ``self._shard`` steps per shard (file), a chunk per step inside it."""
+        if self._shard is None or self._shard <= 1:
+            return spec
+        outer = spec.shards or spec.chunks
+        return dataclasses.replace(spec, shards=(min(self._shard, spec.shape[0]),) + tuple(outer[1:]))
+
+    def _plan_files(self) -> None:
+        """After the first step, with the batch size known: new hook arrays get a batch of steps
+        per shard when steps are small (``shard_steps``); batches then end where the arrays' files
+        end (``_align``), so that each batch writes whole shards - also on resume, into the
+        layout already on disk (a resume from inside a shard first completes that shard)."""
+        inline = self.writer.inline
+        self._shard = self._batch if (inline and self.shard_steps and getattr(self.log, "shard_steps", False)
+                                      and self._batch and self._batch > 1) else 1
+        for name, spec in list(self._specs.items()):
+            on_disk = self.writer.file_shape(name)
+            if on_disk is None:
+                spec = self._specs[name] = self._sharded(spec)
+                on_disk = spec.shards or spec.chunks
+            self._align = max(self._align, int(on_disk[0]))
 
     def _plan(self, value: torch.Tensor, ctx: HookContext) -> "_PointPlan":
         """What ``record`` needs for a hook point, worked out on its first call: the array's slot,
@@ -203,8 +236,10 @@ class StepRecorder:
             self.writer.inline = self._step_bytes(values, state) < INLINE_STEP_BYTES
             if self._batch > 1 and not self._pending:
                 self._widen(values)
+            self._plan_files()
         self._pending.append((step, values, state))
-        if len(self._pending) >= self._batch or step == self.steps - 1:
+        if (len(self._pending) >= self._batch or step == self.steps - 1
+                or (self._align > 1 and (step + 1) % self._align == 0)):
             self.flush_pending()
 
     def _widen(self, values: dict[str, torch.Tensor]) -> None:

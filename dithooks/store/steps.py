@@ -22,12 +22,15 @@ class StepLog:
 
     ``chunk_latents``: latents in chunks of several rows (:func:`.layout.latent_rows_per_chunk`),
     each rewritten whole from rows kept here; False: a chunk per row (multi-worker regions).
+    ``shard_steps``: may the capture's hook arrays keep several steps in one shard (file)
+    (:class:`dithooks.capture.recorder.StepRecorder`); False: a shard per step (multi-worker regions).
 
     ``meta``: the store's metadata dict (updated in place when the non-finite counts change);
     ``nonfinite``: array -> {row: count}, shared with the writer, which fills it.
     """
 
     chunk_latents = True
+    shard_steps = True
 
     def __init__(self, group: Any, writer: Any, meta: dict[str, Any], *, steps: int, num_samples: int,
                  replicas: bool, sample_coords: Sequence[str], nonfinite: dict[str, dict[Any, int]],

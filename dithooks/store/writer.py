@@ -42,7 +42,8 @@ import zarr
 from ..errors import StoreError
 from .codecs import compressor_config, compressors, to_numpy, zarr_dtype
 from .storage import is_url
-from .zarrio import ArrayMeta, ArrayReader, ChunkEncoder, array_metadata, write_atomic, write_json_atomic
+from .zarrio import (ArrayMeta, ArrayReader, ChunkEncoder, CorruptStoreError, array_metadata, write_atomic,
+                     write_json_atomic)
 
 
 @dataclass(frozen=True)
@@ -316,6 +317,27 @@ class StoreWriter:
             arr = DirectTarget(meta, lambda: self._zarr_array(spec), self._direct_io)
         self._arrays[spec.name] = arr
         return arr
+
+    def file_shape(self, name: str) -> tuple[int, ...] | None:
+        """The shape of one file (shard, else chunk) of array ``name`` in the store, None if the
+        store has no such array yet. Call it only while nothing is queued for that array."""
+        arr = self._arrays.get(name)
+        if isinstance(arr, DirectTarget):
+            return tuple(arr.meta.outer)
+        root = store_root(self.group) if self.direct else None
+        if root is not None:
+            if isinstance(root, Path) and not (root / name / "zarr.json").is_file():
+                return None
+            try:
+                return tuple(ArrayMeta.load(root, name).outer)
+            except CorruptStoreError:
+                raise
+            except StoreError:  # no zarr.json (object stores): no such array yet
+                return None
+        if name not in self.group:
+            return None
+        z = self.group[name]
+        return tuple(z.shards or z.chunks)
 
     def existing(self, name: str) -> "ArrayTarget":
         """An array of the store by name (it must exist)."""
