@@ -323,9 +323,37 @@ def _crc32c(data: bytes) -> int | None:
     return int(google_crc32c.value(data))
 
 
-def check_file(a: ChunkFiles, file: Path, strict: bool, data: bytes | None = None) -> str | None:
+class RowsProblem(str):
+    """A problem with a file that concerns only some of the rows it holds (``rows``, along the
+    first dim): a shard of several steps that lacks the chunks of some of them."""
+
+    rows: set[int]
+
+    def __new__(cls, what: str, rows: set[int]) -> "RowsProblem":
+        self = super().__new__(cls, what)
+        self.rows = rows
+        return self
+
+
+def _inner_rows(a: ChunkFiles, idx: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """For each inner chunk of shard file ``idx`` (index order): its first row along the first
+    dim, and whether it reaches into the array (an edge shard's other chunks are never written)."""
+    starts = [np.arange(p) * c + i * g for p, c, i, g in zip(a.meta.per_shard, a.meta.inner, idx, a.grid)]
+    grids = np.meshgrid(*starts, indexing="ij")
+    inside = np.ones(grids[0].shape, bool)
+    for g, n in zip(grids, a.shape):
+        inside &= g < n
+    return grids[0].reshape(-1), inside.reshape(-1)
+
+
+def check_file(a: ChunkFiles, file: Path, strict: bool, data: bytes | None = None,
+               idx: tuple[int, ...] | None = None, rows: set[int] | None = None) -> str | None:
     """What is wrong with one chunk/shard file without decoding it (None: looks whole).
-    ``data``: the file's bytes, when they were read already (object stores: one GET)."""
+    ``data``: the file's bytes, when they were read already (object stores: one GET).
+    ``idx``/``rows``: the file's index in the chunk grid and the rows (along the first dim) it must
+    hold; a shard may then lack the chunks of other rows (a shard of several steps whose later
+    steps are not done yet) and those past the array's end. Without them every chunk must be there.
+    A shard that lacks chunks of needed rows says which (:class:`RowsProblem`)."""
     try:
         size = file.stat().st_size if data is None else len(data)
     except FileNotFoundError:
@@ -362,7 +390,15 @@ def check_file(a: ChunkFiles, file: Path, strict: bool, data: bytes | None = Non
     entries = np.frombuffer(body, dtype="<u8").reshape(-1, 2)
     empty = (entries[:, 0] == _EMPTY) & (entries[:, 1] == _EMPTY)
     if strict and empty.any():
-        return f"{int(empty.sum())} of {len(entries)} chunks missing from the shard"
+        if idx is None:
+            return f"{int(empty.sum())} of {len(entries)} chunks missing from the shard"
+        first, inside = _inner_rows(a, idx)
+        span = a.meta.inner[0]
+        needed = inside & np.array([rows is None or any(r in rows for r in range(f, f + span)) for f in first])
+        lacking = empty & needed
+        if lacking.any():
+            lost = {int(r) for f in first[lacking] for r in range(int(f), int(f) + span) if rows is None or r in rows}
+            return RowsProblem(f"{int(lacking.sum())} of {int(needed.sum())} chunks missing from the shard", lost)
     data_end = size - a.index_bytes if a.index_at_end else size
     data_start = 0 if a.index_at_end else a.index_bytes
     used = entries[~empty]
@@ -463,6 +499,13 @@ def verify_store(path: str | Path, decode: bool = True, layout: StoreLayout | No
         by_file: dict[tuple[int, ...], list[tuple[int | None, int | None, bool]]] = {}
         for idx, step, row, must in checks:
             by_file.setdefault(idx, []).append((step, row, must))
+        def needed_rows(uses: list) -> set[int] | None:
+            """The rows a file must hold: those of its marked steps (None: all, for files not
+            checked per step)."""
+            if role not in ("step", "latent", "rng"):
+                return None
+            return {step if row is None else row for step, row, _ in uses if step is not None}
+
         for idx, uses in by_file.items():
             must = any(m for _, _, m in uses)
             file = folder / a.key(idx)
@@ -474,7 +517,7 @@ def verify_store(path: str | Path, decode: bool = True, layout: StoreLayout | No
                     data = file.read_bytes()
                 except FileNotFoundError:
                     data = None
-                what = check_file(a, file, layout.strict, data) if data is not None else \
+                what = check_file(a, file, layout.strict, data, idx=idx, rows=needed_rows(uses)) if data is not None else \
                     ("missing chunk file" if a.inner is None else "missing shard file")
                 if what is None:
                     try:
@@ -482,20 +525,24 @@ def verify_store(path: str | Path, decode: bool = True, layout: StoreLayout | No
                     except Exception as e:
                         what = f"does not decode ({_short(e)})"
             else:
-                what = check_file(a, file, layout.strict)
+                what = check_file(a, file, layout.strict, idx=idx, rows=needed_rows(uses))
             if what is None and group is not None and not (remote and a.meta.native):
                 try:
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
                         np.asarray(group[name][a.region(idx)])
-                    rep.chunks_decoded += a.inner_per_file
+                    # the chunks inside the array (an edge shard holds no others)
+                    rep.chunks_decoded += int(_inner_rows(a, idx)[1].sum()) if a.inner is not None else 1
                 except Exception as e:
                     what = f"does not decode ({_short(e)})"
             if what is not None:
                 if role == "coordinate" or role == "flags":
                     rep.repairable = False
+                lost = getattr(what, "rows", None)  # only some of the file's rows concerned
                 for step, row, _ in uses:
-                    rep.problems.append(Problem(name, step, what, row))
+                    if lost is not None and (step if row is None else row) not in lost:
+                        continue
+                    rep.problems.append(Problem(name, step, str(what), row))
                     if role in ("step", "latent", "rng", "whole"):
                         s = 0 if step is None else step
                         rep.first_bad_step = s if rep.first_bad_step is None else min(rep.first_bad_step, s)
