@@ -1,5 +1,7 @@
 import os
 
+import contextlib
+
 import pytest
 import torch
 
@@ -81,6 +83,23 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def shards_per_step():
+    """Within it, captures keep hook arrays in a shard (file) per step, as large steps and
+    multi-worker regions do (small steps keep a batch of steps per shard: capture/recorder.py):
+    for stores whose tests damage or look for one step's file."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("dithooks.capture.recorder.StepRecorder.shard_steps", False)
+        yield
+
+
+@pytest.fixture
+def shard_per_step():
+    """:func:`shards_per_step` for one test."""
+    with shards_per_step():
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,8 @@
 import json
 
 import pytest
+
+from .conftest import shards_per_step
 from typer.testing import CliRunner
 
 from dithooks.cli.main import app
@@ -15,8 +17,9 @@ def run(*args):
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, tiny_model_dir):
     out = tmp_path_factory.mktemp("cli") / "c.zarr"
-    r = run("capture", "--model", tiny_model_dir, "--layers", "0,2", "--hooks", "resid_post,final.out",
-            "--steps", "4", "--seeds", "0-2", "--class", "5", "-g", "2", "--out", out, "-q")
+    with shards_per_step():  # a test deletes one step's files
+        r = run("capture", "--model", tiny_model_dir, "--layers", "0,2", "--hooks", "resid_post,final.out",
+                "--steps", "4", "--seeds", "0-2", "--class", "5", "-g", "2", "--out", out, "-q")
     assert r.exit_code == 0, r.output
     assert "wrote" in r.output
     return out

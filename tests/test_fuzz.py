@@ -457,10 +457,13 @@ def _other_cases() -> list[Case]:
 # -- stores damaged on disk (helper A's write side / verify, helper B's reader) -------------------
 
 def _chunk(store: Path, array: str, step: int) -> Path:
-    """The first chunk file of ``step`` under either key separator ("c/1/0/..." or "c.1.0...")."""
+    """The first chunk (shard) file holding ``step`` under either key separator ("c/1/0/..." or
+    "c.1.0..."; small steps keep several steps in one shard file)."""
     folder = store / array
+    meta = json.loads((folder / "zarr.json").read_text())
+    index = step // meta["chunk_grid"]["configuration"]["chunk_shape"][0]  # the outer chunk: a shard if sharded
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "zarr.json"
-                   and p.relative_to(folder).as_posix().replace("/", ".").startswith(f"c.{step}."))
+                   and p.relative_to(folder).as_posix().replace("/", ".").startswith(f"c.{index}."))
     assert files, f"no chunk file of {array} step {step}"
     return files[0]
 

@@ -12,6 +12,8 @@ import sys
 import numpy as np
 import pytest
 
+from .conftest import shards_per_step
+
 pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
 
@@ -61,6 +63,14 @@ def s3():
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=BUCKET)
         yield endpoint
     server.stop()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _shard_per_step():
+    """These tests damage or look for one step's object: a shard per step (a batch of steps per
+    shard, the small-step layout, is tested on folders: tests/test_step_shards.py)."""
+    with shards_per_step():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -390,3 +400,31 @@ def test_multi_worker_capture_to_s3_equals_local_and_resumes(s3, digits, tmp_pat
         elif not k.endswith("status.json"):  # times and pids
             assert got[k] == want[k], k
     assert run("verify", url).exit_code == 0
+
+
+def test_a_batch_of_steps_per_shard_on_an_object_store_resumes_from_a_partial_shard(s3, digits, tmp_path,
+                                                                                  monkeypatch):
+    """Small steps' layout (a batch of steps per shard, unpinned here): an interrupted run PUTs a
+    shard that holds only its finished steps; --resume completes it and the store reads as an
+    unbroken local run of the same layout."""
+    from .test_capture import Interrupt
+
+    monkeypatch.setattr("dithooks.capture.recorder.StepRecorder.shard_steps", True)
+    ref = tmp_path / "ref.zarr"
+    CaptureSession(cfg(ref), digits).run()
+    assert [p.name for p in (ref / "blocks.resid_post").iterdir() if p.name != "zarr.json"] == ["c.0.0.0.0.0.0"]
+    url = f"s3://{BUCKET}/step-shards.zarr"
+    session = CaptureSession(cfg(url), digits)
+    session.hooks.add_hook("blocks.1.resid_post", Interrupt(2))
+    with pytest.raises(StoreError, match="interrupted"):
+        session.run()
+    session.hooks.remove_all()
+    assert open_store(url).step_complete().tolist() == [True, True, False, False]
+    assert run("verify", url).exit_code == 0
+    res = CaptureSession(cfg(url, mode="resume"), digits).run()
+    assert res.resumed_from == 2
+    assert run("verify", url).exit_code == 0
+    a, b = open_store(url), open_store(ref)
+    for name in a.array_names():
+        x, y = a.select(name).values, b.select(name).values
+        assert np.array_equal(x, y, equal_nan=x.dtype.kind == "f"), name

@@ -166,6 +166,7 @@ def test_nonfinite_values_are_counted_per_array_and_step(tmp_path, tiny_loaded, 
 
 
 # -- 3. verify -----------------------------------------------------------------------------------------
+@pytest.mark.usefixtures("shard_per_step")  # damages or looks for one step's file
 def test_verify_finds_missing_truncated_and_corrupt_chunks_and_resume_redoes_them(tmp_path, tiny_loaded,
                                                                                   tiny_model_dir, monkeypatch):
     # latents in chunks of 2 rows: chunk 1 holds latent_steps 2-3, the x after steps 1 and 2
