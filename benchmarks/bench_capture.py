@@ -5,8 +5,11 @@ contender captures the output (resid_post) of every block at every step, fp16:
   plain          sampling with no hooks
   dithooks       resid_post of every block streamed to a Zarr store (background writer, direct
                  chunk/shard writes)
-  dithooks/step files  the same with the store layout and writer before 2026-12-02: latents and
-                 step_complete a file per step, each file write its own writer-thread wake-up
+  dithooks/step shards  the same with the hook arrays' layout before 2026-12-02 (i): a shard
+                 (file) per step, not a batch of small steps per shard
+  dithooks/step files  the same with the store layout and writer before 2026-12-02: latents,
+                 step_complete and hook arrays a file per step, each file write its own
+                 writer-thread wake-up
   dithooks/zarr  the same with every store write through zarr-python (the writer before direct
                  writes: ``StoreWriter.direct = False``, nested chunk keys)
   dithooks pattern  attn.pattern of every block (XL width only: the explicit-softmax path + writes)
@@ -75,7 +78,7 @@ def build(cfg, root: Path, name: str) -> Path:
     return d
 
 
-VARIANTS = ("plain", "dithooks", "dithooks/step files", "dithooks/zarr", "dithooks pattern", "np.save/step",
+VARIANTS = ("plain", "dithooks", "dithooks/step shards", "dithooks/step files", "dithooks/zarr", "dithooks pattern", "np.save/step",
             "nnsight cache", "torch.save", "in-memory", "plain again")
 
 
@@ -111,7 +114,7 @@ class _NNsightCached(torch.nn.Module):
 
 def time_variants(model_ref: str, steps: int, samples: int, repeats: int, root: Path,
                   variants: tuple[str, ...] = VARIANTS, device: str = "cpu") -> dict:
-    from dithooks.capture import CaptureConfig, CaptureSession, capture
+    from dithooks.capture import CaptureConfig, CaptureSession, StepRecorder, capture
     from dithooks.loading import load_model
     from dithooks.sampling import Sampler, SamplerSpec
     from dithooks.store import layout
@@ -151,17 +154,19 @@ def time_variants(model_ref: str, steps: int, samples: int, repeats: int, root: 
     def plain():
         Sampler(loaded, spec, device=device).run(labels, seeds)
 
-    def with_dithooks(hooks=("resid_post",), direct=True, step_files=False):
+    def with_dithooks(hooks=("resid_post",), direct=True, step_files=False, step_shards=False):
         StoreWriter.direct, StoreWriter.separator = direct, ("." if direct else "/")
         StoreWriter.hold = not step_files
         layout.LATENT_ROWS_PER_CHUNK = 1 if step_files else rows_per_chunk
         CaptureSession._marks_chunk = 1 if step_files else None
+        StepRecorder.shard_steps = not (step_files or step_shards)
         try:
             capture(CaptureConfig(out=str(fresh("out-dithooks")), model=model_ref, layers="all", hooks=hooks,
                                   sampler=spec, labels=tuple(labels), seeds=tuple(seeds), storage_dtype="fp16",
                                   device=device, mode="create"), loaded=loaded)
         finally:
             StoreWriter.direct, StoreWriter.separator, StoreWriter.hold = True, ".", True
+            StepRecorder.shard_steps = True
             layout.LATENT_ROWS_PER_CHUNK, CaptureSession._marks_chunk = rows_per_chunk, None
 
     def np_save_step():
@@ -217,7 +222,8 @@ def time_variants(model_ref: str, steps: int, samples: int, repeats: int, root: 
                 h.remove()
 
     last_npy: list = [None]
-    table = {"plain": plain, "dithooks": with_dithooks, "dithooks/step files": lambda: with_dithooks(step_files=True),
+    table = {"plain": plain, "dithooks": with_dithooks, "dithooks/step shards": lambda: with_dithooks(step_shards=True),
+             "dithooks/step files": lambda: with_dithooks(step_files=True),
              "dithooks/zarr": lambda: with_dithooks(direct=False),
              "dithooks pattern": lambda: with_dithooks(hooks=("attn.pattern",)),
              "np.save/step": np_save_step, "nnsight cache": nnsight_cache, "torch.save": torch_save,

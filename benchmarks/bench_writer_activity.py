@@ -12,9 +12,10 @@ Side by side, interleaved, in one process (digits model, 50 steps, 4 samples, ev
   thread's), which at two torch threads competes with torch's second thread for the cores;
 - the sampling thread's time in ``StepRecorder.end_step`` (ms: buffering, encoding, queueing).
 
-Contenders: ``dithooks`` (today's store layout and writer) and ``dithooks/step files`` (the
-layout and writer before 2026-12-02: ``latents`` and ``step_complete`` a file per step, each
-file write its own writer-thread wake-up). Medians (and minimums) over the runs. At two torch
+Contenders: ``dithooks`` (today's store layout and writer), ``dithooks/step shards`` (hook
+arrays a shard per step, as before 2026-12-02 (i), not a batch of small steps per shard) and
+``dithooks/step files`` (the layout and writer before 2026-12-02: ``latents``, ``step_complete``
+and hook arrays a file per step, each file write its own writer-thread wake-up). Medians (and minimums) over the runs. At two torch
 threads on two cores "other threads' CPU" includes torch's second thread.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_writer_activity.py [--runs 15] [--threads 1] [--json]
@@ -65,10 +66,12 @@ def main() -> None:
 
     recorder.StepRecorder.end_step = timed_end_step
 
-    def run(name: str, step_files: bool, i: int) -> dict:
+    def run(name: str, old: str | None, i: int) -> dict:
+        step_files = old == "files"
         StoreWriter.hold = not step_files
         layout.LATENT_ROWS_PER_CHUNK = 1 if step_files else rows_per_chunk
         CaptureSession._marks_chunk = 1 if step_files else None
+        recorder.StepRecorder.shard_steps = old is None
         out = root / f"{name.replace('/', '-')}-{i}.zarr"
         end_step_time[0] = 0.0
         try:
@@ -81,21 +84,22 @@ def main() -> None:
                 resource.getrusage(resource.RUSAGE_THREAD)
         finally:
             StoreWriter.hold, layout.LATENT_ROWS_PER_CHUNK, CaptureSession._marks_chunk = True, rows_per_chunk, None
+            recorder.StepRecorder.shard_steps = True
         files = sum(1 for p in out.rglob("*") if p.is_file())
         shutil.rmtree(out)
         return {"files": files, "waits": r1.ru_nvcsw - r0.ru_nvcsw, "off_cpu_ms": 1e3 * ((w1 - w0) - (c1 - c0)),
                 "writer_cpu_ms": 1e3 * ((p1 - p0) - (c1 - c0)), "end_step_ms": 1e3 * end_step_time[0],
                 "wall_s": w1 - w0}
 
-    # contender -> the layout and writer before 2026-12-02?
-    contenders = {"dithooks": False, "dithooks/step files": True}
+    # contender -> which older layout: None (today's), "shards" (a shard per step), "files" (before 2026-12-02)
+    contenders = {"dithooks": None, "dithooks/step shards": "shards", "dithooks/step files": "files"}
     results: dict[str, list[dict]] = {k: [] for k in contenders}
-    for name, step_files in contenders.items():  # warm-up, untimed
-        run(name, step_files, -1)
+    for name, old in contenders.items():  # warm-up, untimed
+        run(name, old, -1)
     for i in range(args.runs):
         order = list(contenders.items()) if i % 2 == 0 else list(contenders.items())[::-1]
-        for name, step_files in order:
-            results[name].append(run(name, step_files, i))
+        for name, old in order:
+            results[name].append(run(name, old, i))
     shutil.rmtree(root, ignore_errors=True)
     keys = ("files", "waits", "off_cpu_ms", "writer_cpu_ms", "end_step_ms", "wall_s")
     summary = {name: {k: {"median": statistics.median(r[k] for r in rs), "min": min(r[k] for r in rs)} for k in keys}
