@@ -23,6 +23,8 @@ Store layout (all arrays carry ``dimension_names``, so ``xarray.open_zarr`` read
 
 One shard (file) per step holds every captured layer; chunks inside it hold one layer (several
 consecutive layers when layers are small), so reading a slice touches only the chunks it needs.
+When steps are small the capture keeps a batch of steps in one shard instead, still a chunk per
+step inside it (:class:`dithooks.capture.recorder.StepRecorder`, docs/store-format.md).
 
 Who uses what: :mod:`.skeleton` writes the coordinates and ``step_complete``; the capture writes
 hook arrays with :func:`hook_array_spec` and the trajectory with :func:`latents_spec` /

@@ -499,6 +499,7 @@ def verify_store(path: str | Path, decode: bool = True, layout: StoreLayout | No
         by_file: dict[tuple[int, ...], list[tuple[int | None, int | None, bool]]] = {}
         for idx, step, row, must in checks:
             by_file.setdefault(idx, []).append((step, row, must))
+
         def needed_rows(uses: list) -> set[int] | None:
             """The rows a file must hold: those of its marked steps (None: all, for files not
             checked per step)."""
