@@ -4,7 +4,9 @@ Hook functions run on the sampling thread and only hand a CPU copy to :meth:`Sto
 the Zarr encoding and file I/O happen on one writer thread. For small writes (a capture's steps
 below ``recorder.INLINE_STEP_BYTES``) :attr:`StoreWriter.inline` encodes on the caller's thread
 and hands the writer thread only the file writes, which release the interpreter lock: the
-writer thread's Python work would otherwise compete with sampling for the lock. The queue is bounded in bytes, so
+writer thread's Python work would otherwise compete with sampling for the lock (when torch's
+threads take every core, those file writes are done on the sampling thread too, a batch of steps
+at a time: :attr:`StoreWriter.sync_files`). The queue is bounded in bytes, so
 a writer that falls behind slows sampling down instead of letting memory grow with the number
 of steps. Work is done in order, so a step is marked complete only after all its data is on
 disk. A write error (a full disk, say) stops the writer and is raised on the sampling thread at
@@ -114,6 +116,11 @@ class StoreWriter:
     # False: inline mode queues each file write on its own (the writer before 2026-12-02; for
     # benchmarks); True: they are held and handed over per batch of steps (submit)
     hold = True
+    # inline mode: write the held files on the sampling thread itself (at submit) instead of the
+    # writer thread? None: when torch's threads take every core (a writer thread then has no core
+    # of its own and takes one from torch's threads mid-operation: docs/benchmarks.md run (i));
+    # True/False: always/never (benchmarks, tests)
+    sync_files: bool | None = None
 
     def __init__(self, group: zarr.Group, *, compression: str = "none",
                  max_pending_bytes: int = 256 * 2**20, nonfinite: dict | None = None):
@@ -203,10 +210,25 @@ class StoreWriter:
         """Hand the held writes to the writer thread, as one queue item (inline mode: the
         recorder calls this after each batch of steps; every wait for the writer does it first).
         Each queue item wakes the writer thread, whose wake-ups compete with sampling for the
-        interpreter lock: one per batch of steps, not one per file."""
+        interpreter lock: one per batch of steps, not one per file. When torch's threads take
+        every core (``sync_files``) the held writes are done here instead, in order, and a write
+        error is raised here at once."""
         if self._held:
             held, self._held = self._held, []
+            if self._writes_here() and not self._queue.unfinished_tasks:  # nothing queued before them
+                for one in held:
+                    self._run_item(*one)
+                self._raise_if_failed()
+                return
             self._queue.put(("batch", held, None, None, 0))  # its items' bytes are counted each
+
+    def _writes_here(self) -> bool:
+        """Should :meth:`submit` write the held files on this thread (see ``sync_files``)?"""
+        if self.sync_files is not None:
+            return self.sync_files
+        import torch
+
+        return torch.get_num_threads() >= usable_cores()
 
     # -- object stores: several PUTs in flight ---------------------------------------------------
     # On an object store a chunk's PUT waits mostly on the network, so the writer thread keeps up
@@ -452,6 +474,16 @@ class StoreWriter:
             elif self._error is not None:
                 with self._cond:
                     self._cond.notify_all()
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
 
 
 def store_root(group: zarr.Group) -> Path | None:
