@@ -332,12 +332,16 @@ def test_small_latents_and_the_marks_take_a_few_files_and_read_back_the_same(tmp
     assert_stores_equal(few, part)
 
 
+@pytest.mark.parametrize("here", [False, True], ids=["writer-thread", "sampling-thread"])
 def test_a_full_disk_during_the_held_file_writes_fails_cleanly_and_resumes(tmp_path, tiny_loaded, tiny_model_dir,
-                                                                           monkeypatch):
+                                                                           monkeypatch, here):
     """Small steps' files are held and handed to the writer thread once per batch of steps
-    (StoreWriter.submit): a file write there that finds the disk full fails the run cleanly,
-    keeps the batches marked before it, and --resume completes the store."""
+    (StoreWriter.submit), or written there on the sampling thread when torch's threads take
+    every core: a file write that finds the disk full fails the run cleanly, keeps the batches
+    marked before it, and --resume completes the store."""
     import dithooks.store.writer as writer_module
+
+    monkeypatch.setattr(writer_module.StoreWriter, "sync_files", here)
 
     spec = SamplerSpec("ddim", 40, eta=1.0)
     ref, out = tmp_path / "ref.zarr", tmp_path / "full.zarr"
@@ -389,3 +393,44 @@ def test_a_store_with_the_older_file_per_step_layout_resumes_to_the_same_store(t
 
     assert verify_store(old).ok
     assert_stores_equal(ref, old)
+
+
+def test_small_steps_files_written_on_the_sampling_thread_make_the_same_store(tmp_path, tiny_loaded, tiny_model_dir,
+                                                                              monkeypatch):
+    """StoreWriter.sync_files: a batch's held file writes done at submit on the sampling thread
+    (torch's threads take every core) or by the writer thread give the same store, bit for bit."""
+    import threading
+
+    import dithooks.store.writer as writer_module
+
+    spec = SamplerSpec("ddim", 20, eta=1.0)
+    real, where = writer_module.write_atomic, {}
+
+    def recording(path, pieces):
+        if "blocks.resid_post" in path:
+            where.setdefault(threading.current_thread().name, 0)
+            where[threading.current_thread().name] += 1
+        return real(path, pieces)
+
+    monkeypatch.setattr(writer_module, "write_atomic", recording)
+    stores = {}
+    for here in (False, True):
+        monkeypatch.setattr(writer_module.StoreWriter, "sync_files", here)
+        where.clear()
+        stores[here] = tmp_path / f"{here}.zarr"
+        capture(config(stores[here], tiny_model_dir, sampler=spec), loaded=tiny_loaded)
+        assert list(where) == [threading.current_thread().name if here else "dithooks-store-writer"], where
+    assert_stores_equal(stores[False], stores[True])
+
+
+def test_the_sampling_thread_writes_small_steps_when_torch_takes_every_core(monkeypatch):
+    import dithooks.store.writer as writer_module
+
+    w = writer_module.StoreWriter.__new__(writer_module.StoreWriter)  # no thread: only the decision
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(writer_module, "usable_cores", lambda: threads)
+    assert w._writes_here()
+    monkeypatch.setattr(writer_module, "usable_cores", lambda: threads + 1)
+    assert not w._writes_here()
+    monkeypatch.setattr(writer_module.StoreWriter, "sync_files", True)
+    assert w._writes_here()
