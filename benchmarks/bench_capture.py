@@ -5,6 +5,9 @@ contender captures the output (resid_post) of every block at every step, fp16:
   plain          sampling with no hooks
   dithooks       resid_post of every block streamed to a Zarr store (background writer, direct
                  chunk/shard writes)
+  dithooks/writer thread  the same with small steps' file writes always on the writer thread
+                 (before 2026-12-02 (i); today they are written on the sampling thread when torch's
+                 threads take every core: ``StoreWriter.sync_files``)
   dithooks/step shards  the same with the hook arrays' layout before 2026-12-02 (i): a shard
                  (file) per step, not a batch of small steps per shard
   dithooks/step files  the same with the store layout and writer before 2026-12-02: latents,
@@ -78,7 +81,8 @@ def build(cfg, root: Path, name: str) -> Path:
     return d
 
 
-VARIANTS = ("plain", "dithooks", "dithooks/step shards", "dithooks/step files", "dithooks/zarr", "dithooks pattern", "np.save/step",
+VARIANTS = ("plain", "dithooks", "dithooks/writer thread", "dithooks/step shards", "dithooks/step files",
+            "dithooks/zarr", "dithooks pattern", "np.save/step",
             "nnsight cache", "torch.save", "in-memory", "plain again")
 
 
@@ -154,8 +158,9 @@ def time_variants(model_ref: str, steps: int, samples: int, repeats: int, root: 
     def plain():
         Sampler(loaded, spec, device=device).run(labels, seeds)
 
-    def with_dithooks(hooks=("resid_post",), direct=True, step_files=False, step_shards=False):
+    def with_dithooks(hooks=("resid_post",), direct=True, step_files=False, step_shards=False, thread=False):
         StoreWriter.direct, StoreWriter.separator = direct, ("." if direct else "/")
+        StoreWriter.sync_files = False if (thread or step_files or step_shards) else None
         StoreWriter.hold = not step_files
         layout.LATENT_ROWS_PER_CHUNK = 1 if step_files else rows_per_chunk
         CaptureSession._marks_chunk = 1 if step_files else None
@@ -166,7 +171,7 @@ def time_variants(model_ref: str, steps: int, samples: int, repeats: int, root: 
                                   device=device, mode="create"), loaded=loaded)
         finally:
             StoreWriter.direct, StoreWriter.separator, StoreWriter.hold = True, ".", True
-            StepRecorder.shard_steps = True
+            StepRecorder.shard_steps, StoreWriter.sync_files = True, None
             layout.LATENT_ROWS_PER_CHUNK, CaptureSession._marks_chunk = rows_per_chunk, None
 
     def np_save_step():
@@ -222,7 +227,8 @@ def time_variants(model_ref: str, steps: int, samples: int, repeats: int, root: 
                 h.remove()
 
     last_npy: list = [None]
-    table = {"plain": plain, "dithooks": with_dithooks, "dithooks/step shards": lambda: with_dithooks(step_shards=True),
+    table = {"plain": plain, "dithooks": with_dithooks, "dithooks/writer thread": lambda: with_dithooks(thread=True),
+             "dithooks/step shards": lambda: with_dithooks(step_shards=True),
              "dithooks/step files": lambda: with_dithooks(step_files=True),
              "dithooks/zarr": lambda: with_dithooks(direct=False),
              "dithooks pattern": lambda: with_dithooks(hooks=("attn.pattern",)),

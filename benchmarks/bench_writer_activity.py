@@ -12,7 +12,9 @@ Side by side, interleaved, in one process (digits model, 50 steps, 4 samples, ev
   thread's), which at two torch threads competes with torch's second thread for the cores;
 - the sampling thread's time in ``StepRecorder.end_step`` (ms: buffering, encoding, queueing).
 
-Contenders: ``dithooks`` (today's store layout and writer), ``dithooks/step shards`` (hook
+Contenders: ``dithooks`` (today's store layout and writer), ``dithooks/writer thread`` (small
+steps' file writes always on the writer thread: at two torch threads on two cores today's writes
+them on the sampling thread, ``StoreWriter.sync_files``), ``dithooks/step shards`` (hook
 arrays a shard per step, as before 2026-12-02 (i), not a batch of small steps per shard) and
 ``dithooks/step files`` (the layout and writer before 2026-12-02: ``latents``, ``step_complete``
 and hook arrays a file per step, each file write its own writer-thread wake-up). Medians (and minimums) over the runs. At two torch
@@ -71,7 +73,8 @@ def main() -> None:
         StoreWriter.hold = not step_files
         layout.LATENT_ROWS_PER_CHUNK = 1 if step_files else rows_per_chunk
         CaptureSession._marks_chunk = 1 if step_files else None
-        recorder.StepRecorder.shard_steps = old is None
+        recorder.StepRecorder.shard_steps = old in (None, "thread")
+        StoreWriter.sync_files = None if old is None else False
         out = root / f"{name.replace('/', '-')}-{i}.zarr"
         end_step_time[0] = 0.0
         try:
@@ -84,15 +87,17 @@ def main() -> None:
                 resource.getrusage(resource.RUSAGE_THREAD)
         finally:
             StoreWriter.hold, layout.LATENT_ROWS_PER_CHUNK, CaptureSession._marks_chunk = True, rows_per_chunk, None
-            recorder.StepRecorder.shard_steps = True
+            recorder.StepRecorder.shard_steps, StoreWriter.sync_files = True, None
         files = sum(1 for p in out.rglob("*") if p.is_file())
         shutil.rmtree(out)
         return {"files": files, "waits": r1.ru_nvcsw - r0.ru_nvcsw, "off_cpu_ms": 1e3 * ((w1 - w0) - (c1 - c0)),
                 "writer_cpu_ms": 1e3 * ((p1 - p0) - (c1 - c0)), "end_step_ms": 1e3 * end_step_time[0],
                 "wall_s": w1 - w0}
 
-    # contender -> which older layout: None (today's), "shards" (a shard per step), "files" (before 2026-12-02)
-    contenders = {"dithooks": None, "dithooks/step shards": "shards", "dithooks/step files": "files"}
+    # contender -> which older writer: None (today's), "thread" (small steps' files always written
+    # by the writer thread), "shards" (and a shard per step), "files" (the writer before 2026-12-02)
+    contenders = {"dithooks": None, "dithooks/writer thread": "thread", "dithooks/step shards": "shards",
+                  "dithooks/step files": "files"}
     results: dict[str, list[dict]] = {k: [] for k in contenders}
     for name, old in contenders.items():  # warm-up, untimed
         run(name, old, -1)
