@@ -317,6 +317,36 @@ def test_inline_mode_keeps_the_order_of_files_and_raises_write_errors(tmp_path, 
     w.close()
 
 
+@pytest.mark.parametrize("here", [False, True], ids=["writer-thread", "sampling-thread"])
+def test_a_failed_held_file_write_is_raised_once_and_close_still_stops_the_thread(tmp_path, monkeypatch, here):
+    """Inline mode, the held file writes done by the writer thread or (``sync_files``) at submit on
+    the caller's thread: a write error is raised at the next wait, every later call raises it too,
+    and ``close`` stops the writer thread without raising (the error stays in ``error``)."""
+    import errno
+
+    from dithooks.store import writer as writer_mod
+    from dithooks.store.writer import WriterFailed
+
+    def full(path, pieces):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writer_mod.StoreWriter, "sync_files", here)
+    monkeypatch.setattr(writer_mod, "write_atomic", full)
+    spec = ArraySpec("a", ("step", "x"), (3, 4), (1, 4), torch.float32)
+    w = StoreWriter(zarr.open_group(str(tmp_path / "f.zarr"), mode="w", zarr_format=3))
+    w.inline = True
+    w.put(spec, (0,), torch.ones(4))
+    w.put(spec, (1,), torch.ones(4))  # after the failed one: never written
+    with pytest.raises(WriterFailed, match="disk is full"):
+        w.flush()
+    with pytest.raises(WriterFailed, match="disk is full"):
+        w.put(spec, (2,), torch.ones(4))
+    w._held.append(("file", str(tmp_path / "x"), [b"x"], None, 0))  # something still held at close
+    w.close()
+    assert not w._thread.is_alive() and isinstance(w.error, OSError)
+    assert not (tmp_path / "x").exists()
+
+
 def test_an_edge_chunk_is_written_directly_and_padded_with_the_fill_value(tmp_path):
     """A write that ends at the array's end covers a chunk cut by that end: the encoder writes it
     whole (padded with NaN, as Zarr stores edge chunks), not through zarr-python."""

@@ -294,7 +294,10 @@ class StoreWriter:
         self._raise_if_failed()
 
     def close(self) -> None:
-        self.submit()
+        try:
+            self.submit()
+        except WriterFailed:
+            pass  # kept in self.error (as an error on the writer thread is): the thread still stops
         self._queue.put(None)
         self._thread.join()
 
