@@ -226,8 +226,6 @@ class StoreWriter:
         """Should :meth:`submit` write the held files on this thread (see ``sync_files``)?"""
         if self.sync_files is not None:
             return self.sync_files
-        import torch
-
         return torch.get_num_threads() >= usable_cores()
 
     # -- object stores: several PUTs in flight ---------------------------------------------------
