@@ -1,11 +1,11 @@
 import json
 
 import pytest
-
-from .conftest import shards_per_step
 from typer.testing import CliRunner
 
 from dithooks.cli.main import app
+
+from .conftest import shards_per_step
 
 runner = CliRunner()
 

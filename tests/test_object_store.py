@@ -12,8 +12,6 @@ import sys
 import numpy as np
 import pytest
 
-from .conftest import shards_per_step
-
 pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
 
@@ -25,6 +23,8 @@ from dithooks.sampling import SamplerSpec  # noqa: E402
 from dithooks.store.lock import LOCK_NAME, StoreLock  # noqa: E402
 from dithooks.store.reader import open_store  # noqa: E402
 from dithooks.store.storage import ObjectPath, as_path, create_exclusive, is_url  # noqa: E402
+
+from .conftest import shards_per_step  # noqa: E402
 
 BUCKET = "dithooks-test"
 runner = CliRunner()

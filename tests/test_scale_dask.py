@@ -6,8 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from .conftest import shards_per_step
 import torch
 import zarr
 
@@ -21,6 +19,8 @@ from dithooks.sampling import ReplicaSpec, SamplerSpec  # noqa: E402
 from dithooks.scale import dask_array, difference_modes, n_eff_summary, routing_summary  # noqa: E402
 from dithooks.scale.dask_store import concat_samples  # noqa: E402
 from dithooks.store.reader import IncompleteDataWarning, IncompleteStepsError, MissingChunkError, open_store  # noqa: E402
+
+from .conftest import shards_per_step  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
