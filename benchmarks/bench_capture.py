@@ -116,6 +116,29 @@ class _NNsightCached(torch.nn.Module):
         return out
 
 
+def sample_with_np_save(blocks: list, sample, folder: Path) -> None:
+    """The ``np.save/step`` contender: run ``sample()`` with a raw forward hook on every block; at
+    each step's last block the step's values are stacked ``[layer, batch, token, channel]`` in fp16
+    and written with ``np.save``, one ``.npy`` per step, into ``folder``."""
+    buf, step, last = [], [0], len(blocks) - 1
+
+    def make(i):
+        def hook(mod, args, out):
+            buf.append(out.detach().half())
+            if i == last:
+                np.save(folder / f"{step[0]:05d}.npy", torch.stack(buf).cpu().numpy())
+                buf.clear()
+                step[0] += 1
+        return hook
+
+    handles = [b.register_forward_hook(make(i)) for i, b in enumerate(blocks)]
+    try:
+        sample()
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def time_variants(model_ref: str, steps: int, samples: int, repeats: int, root: Path,
                   variants: tuple[str, ...] = VARIANTS, device: str = "cpu") -> dict:
     from dithooks.capture import CaptureConfig, CaptureSession, StepRecorder, capture
@@ -177,24 +200,7 @@ def time_variants(model_ref: str, steps: int, samples: int, repeats: int, root: 
     def np_save_step():
         d = fresh("out-npy")
         d.mkdir()
-        buf, step = [], [0]
-        last = len(blocks) - 1
-
-        def make(i):
-            def hook(mod, args, out):
-                buf.append(out.detach().half())
-                if i == last:  # the step's last block: stack [layer, batch, token, channel] and write
-                    np.save(d / f"{step[0]:05d}.npy", torch.stack(buf).cpu().numpy())
-                    buf.clear()
-                    step[0] += 1
-            return hook
-
-        hs = [b.register_forward_hook(make(i)) for i, b in enumerate(blocks)]
-        try:
-            Sampler(loaded, spec, device=device).run(labels, seeds)
-        finally:
-            for h in hs:
-                h.remove()
+        sample_with_np_save(blocks, plain, d)
         last_npy[0] = d
 
     def nnsight_cache():

@@ -31,11 +31,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_capture import median_ci, quartiles  # noqa: E402  (the same statistics as bench_capture.py)
+from bench_capture import median_ci, quartiles, sample_with_np_save  # noqa: E402  (bench_capture.py's statistics and contender)
 
 
 def main() -> None:
@@ -107,22 +106,7 @@ def main() -> None:
         count[0] += 1
         d = root / f"npy-{count[0]}"
         d.mkdir()
-        buf, step, last = [], [0], len(blocks) - 1
-
-        def make(i):
-            def hook(module, a, out):
-                buf.append(out.detach().half())
-                if i == last:
-                    np.save(d / f"{step[0]:05d}.npy", torch.stack(buf).cpu().numpy())
-                    buf.clear()
-                    step[0] += 1
-            return hook
-        handles = [b.register_forward_hook(make(i)) for i, b in enumerate(blocks)]
-        try:
-            plain()
-        finally:
-            for h in handles:
-                h.remove()
+        sample_with_np_save(blocks, plain, d)
 
     contenders = {
         "plain": plain,
