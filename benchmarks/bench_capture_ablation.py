@@ -1,4 +1,4 @@
-"""Where a capture's overhead goes: a ladder of contenders on the embedded digits model, each
+"""Where a capture's overhead goes: a ladder of contenders on one model, each
 adding one piece of what a dithooks capture of every block's ``resid_post`` does, interleaved in
 rounds in one process (every other round reversed), each summarised by its paired ratio to the
 same round's plain run (median, quartiles, bootstrap 95 % CI of the median) and by its
@@ -17,7 +17,13 @@ sampling-thread CPU ratio (``time.thread_time``: the writer thread's work is not
   np.save/step       raw hooks, each step stacked and written with ``np.save`` (bench_capture.py's contender)
   plain again        the control: its distance from 1 is the noise floor
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_capture_ablation.py [--rounds 40] [--threads 1] [--json]
+    OMP_NUM_THREADS=1 python benchmarks/bench_capture_ablation.py [--model digits|s2|xl] [--rounds 40]
+        [--threads 1] [--steps N] [--json]
+
+Models as in bench_capture.py: the embedded digits model (50 steps, 4 samples), a random-init
+S/2-like DiT (10 steps, 2 samples) and an XL-width DiT (4 blocks, 3 steps, 2 samples), the last
+two built from a config and saved to a temporary folder. Each runs alone in its own process (no
+other contender's model or caches beside it).
 """
 
 from __future__ import annotations
@@ -34,14 +40,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_capture import median_ci, quartiles, sample_with_np_save  # noqa: E402  (bench_capture.py's statistics and contender)
+from bench_capture import build, median_ci, quartiles, s2_config, sample_with_np_save, xl_config  # noqa: E402
+
+MODELS = {"digits": (50, 4), "s2": (10, 2), "xl": (3, 2)}  # default steps, samples
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--model", choices=tuple(MODELS), default="digits")
+    ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's, above)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -52,14 +61,19 @@ def main() -> None:
     from dithooks.sampling import Sampler, SamplerSpec
     from dithooks.store import writer as writer_module
 
-    loaded = load_model(DEFAULT_MODEL, device="cpu")
-    spec = SamplerSpec("ddim", args.steps)
-    labels, seeds = (0, 1, 2, 3), (0, 1, 2, 3)
+    root = Path(tempfile.mkdtemp(prefix="dithooks-ablation-"))
+    steps, samples = MODELS[args.model]
+    steps = args.steps or steps
+    model_ref = DEFAULT_MODEL if args.model == "digits" else str(
+        build(s2_config() if args.model == "s2" else xl_config(), root, f"model-{args.model}"))
+    loaded = load_model(model_ref, device="cpu")
+    spec = SamplerSpec("ddim", steps)
+    labels, seeds = tuple(range(samples)), tuple(range(samples))
     blocks = list(loaded.transformer.transformer_blocks)
     names = [f"blocks.{i}.resid_post" for i in range(len(blocks))]
     manager = HookManager(loaded.transformer, loaded.adapter)
-    root = Path(tempfile.mkdtemp(prefix="dithooks-ablation-"))
-    slab = torch.empty(len(blocks), len(seeds), 16, 64, dtype=torch.float16)
+    g = loaded.adapter.geometry
+    slab = torch.empty(len(blocks), samples, g.num_tokens, loaded.transformer.inner_dim, dtype=torch.float16)
     rows = list(slab.unbind(0))
     count = [0]
     real_write, real_put = writer_module.write_atomic, writer_module.StoreWriter.put
@@ -96,7 +110,7 @@ def main() -> None:
         elif drop == "files":
             writer_module.write_atomic = lambda path, pieces: sum(memoryview(p).nbytes for p in pieces)
         try:
-            capture(CaptureConfig(out=str(root / f"out-{count[0]}"), model=DEFAULT_MODEL, layers="all",
+            capture(CaptureConfig(out=str(root / f"out-{count[0]}"), model=model_ref, layers="all",
                                   hooks=("resid_post",), sampler=spec, labels=labels, seeds=seeds,
                                   storage_dtype="fp16", device="cpu", mode="create"), loaded=loaded)
         finally:
@@ -133,14 +147,15 @@ def main() -> None:
                 cpu[name].append(time.thread_time() - c)
                 wall[name].append(time.perf_counter() - t)
             for p in root.iterdir():  # outside the timed region
-                shutil.rmtree(p, ignore_errors=True)
+                if not p.name.startswith("model-"):
+                    shutil.rmtree(p, ignore_errors=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
     def paired(xs: dict[str, list[float]], name: str) -> list[float]:
         return [a / b for a, b in zip(xs[name], xs["plain"])]
 
-    result = {"rounds": args.rounds, "threads": args.threads, "steps": args.steps,
+    result = {"model": args.model, "rounds": args.rounds, "threads": args.threads, "steps": steps, "samples": samples,
               "plain_s": statistics.median(wall["plain"]),
               "paired_wall": {k: quartiles(paired(wall, k)) for k in contenders},
               "paired_wall_ci95": {k: median_ci(paired(wall, k)) for k in contenders},
@@ -149,7 +164,7 @@ def main() -> None:
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    print(f"digits model, {args.steps} steps, 4 samples, torch threads {args.threads}, {args.rounds} rounds; "
+    print(f"{args.model} model, {steps} steps, {samples} samples, torch threads {args.threads}, {args.rounds} rounds; "
           f"plain {result['plain_s']:.3f} s (median)\n")
     print("| contender | paired wall ratio, median [quartiles] (95% CI) | fastest ratio | sampling-thread CPU ratio |")
     print("|---|---|---|---|")
