@@ -22,8 +22,8 @@ sampling-thread CPU ratio (``time.thread_time``: the writer thread's work is not
 
 Models as in bench_capture.py: the embedded digits model (50 steps, 4 samples), a random-init
 S/2-like DiT (10 steps, 2 samples) and an XL-width DiT (4 blocks, 3 steps, 2 samples), the last
-two built from a config and saved to a temporary folder. Each runs alone in its own process (no
-other contender's model or caches beside it).
+two built from a config and saved to a temporary folder. Each model runs in a process of its own
+(no other model, nnsight's copy included, beside it).
 """
 
 from __future__ import annotations
