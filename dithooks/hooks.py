@@ -13,9 +13,10 @@ or when a ``with`` block exits, even on error.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -62,6 +63,22 @@ class HookContext:
 HookFn = Callable[[torch.Tensor, HookContext], Any]
 
 
+@runtime_checkable
+class BindableReader(Protocol):
+    """A read function that can also be *bound* to one hook point: ``bind(point, context)``
+    returns a function of the value alone, and ``context()`` gives the :class:`HookContext` of
+    the call in progress when the bound function needs it (rarely: the capture's recorder needs
+    it only when it plans a point). The manager binds, once per point whenever what is attached
+    changes, a reader that is the only function on its module's points, and then calls the bound
+    function per value: no context is built or checked per call, which is most of the
+    dispatcher's cost on small models (docs/benchmarks.md run (k)). Anywhere else the reader is
+    called as an ordinary read function, ``reader(value, ctx)``."""
+
+    def __call__(self, value: torch.Tensor, ctx: HookContext) -> Any: ...
+
+    def bind(self, point: HookPoint, context: Callable[[], HookContext]) -> Callable[[torch.Tensor], Any]: ...
+
+
 def _attention_extension():
     from .attention_hooks import AttentionHooks
     return AttentionHooks
@@ -104,16 +121,24 @@ class _Dispatch:
     value is carried into the module (the capture case), one entry per point - ``(point, its
     reader (None: the output itself), its hooks, [cached context])`` - run by
     :meth:`HookManager._run_reads` without the
-    general path's per-call work; None otherwise (the general path)."""
+    general path's per-call work; None otherwise (the general path).
 
-    __slots__ = ("reads",)
+    ``direct``: when, besides, the module has one point with one function attached and that
+    function is a :class:`BindableReader`, ``(point's reader or None, bound function, hook)``:
+    the bound function is called with the value alone; None otherwise."""
+
+    __slots__ = ("reads", "direct")
 
     def __init__(self) -> None:
         self.reads: tuple | None = None
+        self.direct: tuple | None = None
 
 
 class HookManager:
     """Attaches user functions to an adapter's named hook points on one model."""
+
+    # False: bindable readers are called as ordinary read functions (for benchmarks and tests)
+    bind_readers = True
 
     def __init__(self, model: nn.Module, adapter: ModelAdapter | None = None):
         self.model = model
@@ -297,12 +322,18 @@ class HookManager:
                     carried.add(p.carry_to)
         for key, slot in self._dispatch.items():
             entries = [(p, self._by_name.get(p.name, [])) for p in wanted.get(key, [])]
+            slot.direct = None
             if key[0] in carried or any(h.mode != "read" for _, hs in entries for h in hs):
                 slot.reads = None
             else:
                 # reader None: the value is the module's output itself (no call needed)
                 slot.reads = tuple((p, None if p.read is plain_output else p.read, tuple(hs), [None])
                                    for p, hs in entries)
+                if (self.bind_readers and not carried and len(entries) == 1 and len(entries[0][1]) == 1
+                        and isinstance(entries[0][1][0].fn, BindableReader)):
+                    point, (h,) = entries[0]
+                    bound = h.fn.bind(point, functools.partial(self.context, point))
+                    slot.direct = (slot.reads[0][1], bound, h)
 
     def hooks_for(self, name: str) -> list[AttachedHook]:
         return self._by_name.get(name, [])
@@ -366,6 +397,12 @@ class HookManager:
         def pre_hook(module, args, kwargs):
             if self._suspended:
                 return None
+            direct = slot.direct
+            if direct is not None:
+                read, fn, h = direct
+                if fn(None if read is None else read(args, kwargs, None)) is not None:
+                    raise self._passive_error(h)
+                return None
             reads = slot.reads
             if reads is not None:
                 run_reads(reads, args, kwargs, None)
@@ -388,6 +425,12 @@ class HookManager:
 
         def post_hook(module, args, kwargs, output):
             if self._suspended:
+                return None
+            direct = slot.direct
+            if direct is not None and not self._carry:
+                read, fn, h = direct
+                if fn(output if read is None else read(args, kwargs, output)) is not None:
+                    raise self._passive_error(h)
                 return None
             reads = slot.reads
             if reads is not None and not self._carry:
