@@ -12,6 +12,7 @@ import torch
 
 from dithooks.capture import recorder as recorder_mod
 from dithooks.capture.recorder import StepRecorder
+from dithooks.errors import DithooksError
 from dithooks.hookpoints import HookPoint
 from dithooks.hooks import HookContext
 
@@ -75,7 +76,10 @@ def _values(steps: int):
             for s in range(steps) for n in [f"blocks.{i}.resid_post" for i in LAYERS] + ["final.out"]}
 
 
-def _run(steps: int, lag: int, batch_steps: int, monkeypatch, interrupt_at: tuple[int, int] | None = None):
+def _run(steps: int, lag: int, batch_steps: int, monkeypatch, interrupt_at: tuple[int, int] | None = None,
+         bound: bool = False):
+    """``bound``: each point recorded through ``rec.bind`` (the hook manager's fast path: the value
+    alone, the context asked for only when the point is planned) instead of ``rec.record``."""
     monkeypatch.setattr(recorder_mod, "BATCH_STEPS", batch_steps)
     writer = LaggingWriter()
     log = Log(writer)
@@ -83,10 +87,24 @@ def _run(steps: int, lag: int, batch_steps: int, monkeypatch, interrupt_at: tupl
     values = _values(steps)
     state = SimpleNamespace(latents=torch.zeros(2, 1, 2, 2))
     names = [f"blocks.{i}.resid_post" for i in LAYERS] + ["final.out"]
+    now = {"step": 0}
+    contexts = []  # what the bound functions asked for
+
+    def binding(n, layer):
+        def context():
+            contexts.append(n)
+            return HookContext(n, layer, now["step"], float(now["step"]), AXES, _point(n, layer))
+        return rec.bind(_point(n, layer), context)
+    bound_fns = {n: binding(n, LAYERS[k] if k < len(LAYERS) else None) for k, n in enumerate(names)}
+    rec.contexts_asked = contexts
     for s in range(steps):
+        now["step"] = s
         for k, n in enumerate(names):
             layer = LAYERS[k] if k < len(LAYERS) else None
-            rec.record(values[(s, n)], HookContext(n, layer, s, float(s), AXES, _point(n, layer)))
+            if bound:
+                bound_fns[n](values[(s, n)])
+            else:
+                rec.record(values[(s, n)], HookContext(n, layer, s, float(s), AXES, _point(n, layer)))
             if interrupt_at == (s, k):  # a flush in the middle of a step (an interruption's)
                 rec.flush_pending()
                 writer.drain(lag)
@@ -96,11 +114,12 @@ def _run(steps: int, lag: int, batch_steps: int, monkeypatch, interrupt_at: tupl
     return rec, writer, log, values
 
 
+@pytest.mark.parametrize("bound", [False, True])
 @pytest.mark.parametrize("lag", [0, 1, 3, 50])
 @pytest.mark.parametrize("batch_steps", [1, 3, 16])
-def test_written_values_equal_the_hooked_values_whatever_the_writer_lag(lag, batch_steps, monkeypatch):
+def test_written_values_equal_the_hooked_values_whatever_the_writer_lag(lag, batch_steps, bound, monkeypatch):
     steps = 8
-    rec, writer, log, values = _run(steps, lag, batch_steps, monkeypatch)
+    rec, writer, log, values = _run(steps, lag, batch_steps, monkeypatch, bound=bound)
     for s in range(steps):
         got = writer.written[("blocks.resid_post", s)]
         want = torch.stack([values[(s, f"blocks.{i}.resid_post")] for i in LAYERS]).to(torch.float16)
@@ -109,6 +128,8 @@ def test_written_values_equal_the_hooked_values_whatever_the_writer_lag(lag, bat
     # every step marked once, in order, in batches of the batch size (the last one shorter)
     covered = [s for rows in log.marked for s in range(rows.start, rows.stop)]
     assert covered == list(range(steps))
+    if bound:  # a context only to plan each point, on its first value
+        assert sorted(rec.contexts_asked) == sorted(f"blocks.{i}.resid_post" for i in LAYERS) + ["final.out"]
     b = min(batch_steps, steps)
     assert [rows.stop - rows.start for rows in log.marked][:-1] == [b] * (len(log.marked) - 1)
 
@@ -135,3 +156,24 @@ def test_a_flush_in_the_middle_of_a_step_keeps_that_step_right(where, lag, monke
         assert torch.equal(writer.written[("final.out", s)], values[(s, "final.out")].to(torch.float16))
     covered = [s for rows in log.marked for s in range(rows.start, rows.stop)]
     assert covered == list(range(steps))
+
+
+def test_a_bound_point_replans_when_its_value_changes_shape(monkeypatch):
+    """A value of a new shape (the bound function's plan no longer fits) goes through ``record``
+    with a context, as an ordinary read hook's would: the shape the store was planned for is
+    checked there, not copied into silently (a broadcast)."""
+    writer = LaggingWriter()
+    rec = StepRecorder(Log(writer), steps=2, layers=[0], store_dtype=torch.float16, sample_coords=("seed",))
+    asked = []
+    point = _point("blocks.0.resid_post", 0)
+
+    def context():
+        asked.append(1)
+        return HookContext(point.name, 0, 0, 0.0, AXES, point)
+    fn = rec.bind(point, context)
+    fn(torch.randn(2, 4, 3))
+    fn(torch.randn(2, 4, 3))
+    assert len(asked) == 1
+    with pytest.raises(DithooksError, match=r"blocks.0.resid_post: a value of shape \(2, 1, 3\) at step 0"):
+        fn(torch.randn(2, 1, 3))  # broadcastable into the (2, 4, 3) rows: refused, not copied silently
+    assert len(asked) == 2

@@ -4,10 +4,12 @@ few at a time, then marked complete (the order :mod:`dithooks.store.steps` keeps
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+import math
+from typing import Any, Callable, Sequence
 
 import torch
 
+from ..errors import DithooksError
 from ..hookpoints import layer_template, store_array_name
 from ..hooks import HookContext
 from ..store.layout import hook_array_spec, layer_dim
@@ -151,6 +153,12 @@ class StepRecorder:
             with_layer = ctx.layer is not None
             slot = self._slots[spec.name] = _ArraySlot(spec.name, ((spec.shape[1],) if with_layer else ()) + shape,
                                                        with_layer)
+        rows_shape = slot.shape[1:] if slot.with_layer else slot.shape
+        if shape != rows_shape or math.prod(n for _, n in ctx.batch_axes) != value.shape[0]:
+            # (a copy would broadcast a smaller value into the slab silently)
+            raise DithooksError(f"hook point {ctx.name}: a value of shape {tuple(value.shape)} at step {ctx.step} "
+                                f"does not fit its array {spec.name} (batch {ctx.batch_axes}, values "
+                                f"{tuple(rows_shape[len(ctx.batch_axes):])}), planned from its first value")
         row = 0 if ctx.layer is None else self._layer_pos[spec.name][ctx.layer]
         plan = self._plans[ctx.name] = _PointPlan(slot, row, value.shape, shape == tuple(value.shape))
         return plan
@@ -203,6 +211,36 @@ class StepRecorder:
             dst.copy_(value if plan.same else value.reshape(dst.shape))
         else:
             self.staging.copy(dst, value)
+
+    def __call__(self, value: torch.Tensor, ctx: HookContext) -> None:
+        """The recorder is a read function (a :class:`dithooks.hooks.BindableReader`)."""
+        self.record(value, ctx)
+
+    def bind(self, point: Any, context: Callable[[], HookContext]) -> Callable[[torch.Tensor], None]:
+        """:meth:`record` for one point, called with the value alone (the manager's fast path,
+        :class:`dithooks.hooks.BindableReader`): the point's plan is held here, and ``context()``
+        is asked for only when the point is (re)planned - on its first value or a new shape."""
+        plans, record, take, staging, name = self._plans, self.record, self._take, self.staging, point.name
+        held: list[_PointPlan | None] = [plans.get(name)]
+
+        def record_value(value: torch.Tensor) -> None:
+            plan = held[0]
+            if plan is None or plan.value_shape != value.shape:
+                record(value, context())
+                held[0] = plans.get(name)
+                return
+            slot = plan.slot
+            rows = slot.rows
+            if rows is None:
+                rows = take(slot, value)
+            dst = rows[plan.row]
+            if value.is_cpu:
+                if value.requires_grad:
+                    value = value.detach()
+                dst.copy_(value if plan.same else value.reshape(dst.shape))
+            else:
+                staging.copy(dst, value)
+        return record_value
 
     # -- steps -------------------------------------------------------------------------------
     @staticmethod

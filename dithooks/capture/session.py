@@ -191,7 +191,7 @@ class CaptureSession:
                 state = (initial_state(self.loaded, cfg.seeds, sigma) if cfg.replicas is None
                          else initial_replica_state(self.loaded, cfg.seeds, cfg.replicas, sigma))
                 log.write_states([state])
-            read = {n: rec.record for n in self.hook_names}
+            read = {n: rec for n in self.hook_names}  # bindable: see StepRecorder.bind
             if self.probes:
                 self._start_probes(start)
                 raw = set(self.hook_names)
