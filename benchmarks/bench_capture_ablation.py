@@ -14,6 +14,9 @@ sampling-thread CPU ratio (``time.thread_time``: the writer thread's work is not
   capture, no files  a whole capture whose file writes are dropped (``write_atomic``): encoding,
                      checksums and queueing included
   capture            a whole capture (what users run)
+  capture, unbound   the same with the recorder called as an ordinary read function
+                     (``HookManager.bind_readers = False``: a context per call, the path before
+                     2026-12-02 (k))
   np.save/step       raw hooks, each step stacked and written with ``np.save`` (bench_capture.py's contender)
   plain again        the control: its distance from 1 is the noise floor
 
@@ -105,6 +108,7 @@ def main() -> None:
 
     def whole(drop: str | None = None) -> None:
         count[0] += 1
+        HookManager.bind_readers = drop != "binding"
         if drop == "puts":
             writer_module.StoreWriter.put = lambda self, spec, index, value: None
         elif drop == "files":
@@ -115,6 +119,7 @@ def main() -> None:
                                   storage_dtype="fp16", device="cpu", mode="create"), loaded=loaded)
         finally:
             writer_module.write_atomic, writer_module.StoreWriter.put = real_write, real_put
+            HookManager.bind_readers = True
 
     def np_save() -> None:
         count[0] += 1
@@ -131,6 +136,7 @@ def main() -> None:
         "capture, no puts": lambda: whole("puts"),
         "capture, no files": lambda: whole("files"),
         "capture": whole,
+        "capture, unbound": lambda: whole("binding"),
         "np.save/step": np_save,
         "plain again": plain,
     }
