@@ -137,6 +137,7 @@ class RegionStepLog(StepLog):
     status_file: Path | None = None
     chunk_latents = False  # a region's rows: a chunk per row, no earlier rows to read back on resume
     shard_steps = False  # and a shard per step: each region's steps are marked on their own
+    eager_chunks = False  # (the same zarr.json from every worker)
 
     def mark_complete(self, rows: slice) -> None:
         self.writer.call(self._record_nonfinite)

@@ -25,6 +25,12 @@ BATCH_BYTES = 8 * 2**20
 INLINE_STEP_BYTES = 2**20
 # written batch buffers kept per array for reuse (one is filled while the last is written)
 KEEP_BUFFERS = 2
+# large steps (not inline, a step per write) whose layers fill chunks of their own: each chunk of
+# layers is handed to the writer as soon as its last layer is recorded (StepRecorder._eager), so
+# its file is written while the model computes the next blocks - the last step's write no longer
+# waits for the whole step after sampling ends (docs/benchmarks.md run (k)). False: the whole
+# step at step end (the layout and path before 2026-12-02 (k), a shard per step; for benchmarks)
+EAGER_CHUNKS = True
 
 
 class _ArraySlot:
@@ -35,7 +41,8 @@ class _ArraySlot:
     together (see ``StepRecorder.flush_pending``: the buffer is written as it is, no stacking
     copy), made with its views once and reused once written (``free``)."""
 
-    __slots__ = ("name", "shape", "with_layer", "slab", "rows", "buf", "views", "used", "free", "device")
+    __slots__ = ("name", "shape", "with_layer", "slab", "rows", "buf", "views", "used", "free", "device",
+                 "eager", "spec", "counts", "step")
 
     def __init__(self, name: str, shape: tuple[int, ...], with_layer: bool):
         self.name, self.shape, self.with_layer = name, shape, with_layer
@@ -46,6 +53,12 @@ class _ArraySlot:
         self.used = 0  # its steps taken so far
         self.free: list[tuple] = []  # written buffers, (buf, views), to reuse
         self.device: torch.Tensor | None = None  # an empty tensor on the values' device (pinning)
+        # eager chunks (StepRecorder._eager): layers per chunk (0: off), the array's spec, rows
+        # recorded this step per chunk of layers (-1 once handed to the writer), and that step
+        self.eager = 0
+        self.spec: ArraySpec | None = None
+        self.counts: list[int] = []
+        self.step = -1
 
 
 class _PointPlan:
@@ -99,6 +112,7 @@ class StepRecorder:
         self._batch: int | None = None
         self._shard: int | None = None  # steps per shard of new hook arrays (decided with the batch)
         self._align = 1  # batches end where the hook arrays' files end (steps per file on disk)
+        self._step = -1  # the step being recorded, once known (after the run's first step)
 
     # -- hooks -------------------------------------------------------------------------------
     def _spec(self, name: str, ctx: HookContext, value: torch.Tensor) -> ArraySpec:
@@ -136,11 +150,21 @@ class StepRecorder:
         inline = self.writer.inline
         self._shard = self._batch if (inline and self.shard_steps and getattr(self.log, "shard_steps", False)
                                       and self._batch and self._batch > 1) else 1
+        eager = EAGER_CHUNKS and not inline and self._batch == 1 and getattr(self.log, "eager_chunks", False)
         for name, spec in list(self._specs.items()):
             on_disk = self.writer.file_shape(name)
+            slot = self._slots.get(name)
+            layers = spec.shape[1] if slot is not None and slot.with_layer else 0
+            cpu = slot is not None and slot.device is not None and slot.device.device.type == "cpu"
             if on_disk is None:
-                spec = self._specs[name] = self._sharded(spec)
+                if eager and cpu and layers and spec.chunks[1] < layers:
+                    # a file per chunk of layers (no shard: a shard is written whole)
+                    spec = self._specs[name] = dataclasses.replace(spec, shards=None)
+                else:
+                    spec = self._specs[name] = self._sharded(spec)
                 on_disk = spec.shards or spec.chunks
+            if eager and cpu and layers and on_disk[0] == 1 and on_disk[1] < layers:
+                slot.eager, slot.spec = int(on_disk[1]), spec  # (also a resume into such a layout)
             self._align = max(self._align, int(on_disk[0]))
 
     def _plan(self, value: torch.Tensor, ctx: HookContext) -> "_PointPlan":
@@ -173,6 +197,9 @@ class StepRecorder:
         slot.slab, slot.rows = slot.views[slot.used]
         slot.used += 1
         self._slabs[slot.name] = slot
+        if slot.eager:
+            k = slot.eager
+            slot.counts, slot.step = [0] * -(-slot.shape[0] // k), self._step
         return slot.rows
 
     def _open_buffer(self, slot: _ArraySlot, steps: int) -> None:
@@ -211,6 +238,8 @@ class StepRecorder:
             dst.copy_(value if plan.same else value.reshape(dst.shape))
         else:
             self.staging.copy(dst, value)
+        if slot.eager:
+            self._eager(slot, plan.row)
 
     def __call__(self, value: torch.Tensor, ctx: HookContext) -> None:
         """The recorder is a read function (a :class:`dithooks.hooks.BindableReader`)."""
@@ -221,6 +250,7 @@ class StepRecorder:
         :class:`dithooks.hooks.BindableReader`): the point's plan is held here, and ``context()``
         is asked for only when the point is (re)planned - on its first value or a new shape."""
         plans, record, take, staging, name = self._plans, self.record, self._take, self.staging, point.name
+        eager = self._eager
         held: list[_PointPlan | None] = [plans.get(name)]
 
         def record_value(value: torch.Tensor) -> None:
@@ -240,7 +270,39 @@ class StepRecorder:
                 dst.copy_(value if plan.same else value.reshape(dst.shape))
             else:
                 staging.copy(dst, value)
+            if slot.eager:
+                eager(slot, plan.row)
         return record_value
+
+    def _eager(self, slot: _ArraySlot, row: int) -> None:
+        """Row ``row`` of an eager array is recorded: once every row of its chunk of layers is,
+        hand that chunk to the writer (its rows of the slab, untouched until written: the buffer
+        is reused only after the writes queued before its recycling). A row recorded twice in a
+        step (a model calling a block twice) puts its chunk again, with the later value, at
+        step end (``_put_rest``)."""
+        k = slot.eager
+        g = row // k
+        n = slot.counts[g] + 1
+        if n <= 0:  # already handed over this step: the step's end writes it again
+            slot.counts[g] = -2
+            return
+        r0 = g * k
+        size = min(k, slot.shape[0] - r0)
+        if n < size:
+            slot.counts[g] = n
+            return
+        slot.counts[g] = -1
+        self.writer.put(slot.spec, (slot.step, slice(r0, r0 + size)), slot.slab[r0:r0 + size])
+
+    def _put_rest(self, slot: _ArraySlot, step: int) -> None:
+        """At the end of an eager step: the chunks not handed over yet (a layer not recorded, or
+        one recorded again after its chunk was)."""
+        k = slot.eager
+        for g, n in enumerate(slot.counts):
+            if n != -1:
+                r0 = g * k
+                size = min(k, slot.shape[0] - r0)
+                self.writer.put(slot.spec, (step, slice(r0, r0 + size)), slot.slab[r0:r0 + size])
 
     # -- steps -------------------------------------------------------------------------------
     @staticmethod
@@ -263,8 +325,13 @@ class StepRecorder:
         self.staging.end_step()  # the step's device-to-host copies are done (one wait, on GPU)
         values = {}
         for name, slot in self._slabs.items():
-            values[name], slot.slab, slot.rows = slot.slab, None, None
+            if slot.eager and slot.step == step:  # handed over chunk by chunk as it was recorded
+                self._put_rest(slot, step)
+            else:
+                values[name] = slot.slab
+            slot.slab, slot.rows = None, None
         self._slabs = {}
+        self._step = step + 1
         if self.probes:
             self.probes.emit_step(step, self.writer.put, self.stored_dims())
             if step == self.steps - 1:  # once-only outputs, before the last mark

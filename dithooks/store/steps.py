@@ -24,6 +24,9 @@ class StepLog:
     each rewritten whole from rows kept here; False: a chunk per row (multi-worker regions).
     ``shard_steps``: may the capture's hook arrays keep several steps in one shard (file)
     (:class:`dithooks.capture.recorder.StepRecorder`); False: a shard per step (multi-worker regions).
+    ``eager_chunks``: may large steps' hook arrays get a file per chunk of layers, each written as
+    soon as it is recorded (``StepRecorder._eager``); False: a shard per step (multi-worker regions,
+    whose workers must all make the same ``zarr.json`` whatever their own number of samples).
 
     ``meta``: the store's metadata dict (updated in place when the non-finite counts change);
     ``nonfinite``: array -> {row: count}, shared with the writer, which fills it.
@@ -31,6 +34,7 @@ class StepLog:
 
     chunk_latents = True
     shard_steps = True
+    eager_chunks = True
 
     def __init__(self, group: Any, writer: Any, meta: dict[str, Any], *, steps: int, num_samples: int,
                  replicas: bool, sample_coords: Sequence[str], nonfinite: dict[str, dict[Any, int]],
