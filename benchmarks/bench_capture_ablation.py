@@ -17,6 +17,11 @@ sampling-thread CPU ratio (``time.thread_time``: the writer thread's work is not
   capture, unbound   the same with the recorder called as an ordinary read function
                      (``HookManager.bind_readers = False``: a context per call, the path before
                      2026-12-02 (k))
+  capture, step end  the same with large steps written whole at step end (``recorder.EAGER_CHUNKS
+                     = False``: the path before 2026-12-02 (k)); on the digits model (small steps,
+                     written a batch at a time) it is the capture itself
+  pattern            (--model xl) a capture of every layer's ``attn.pattern``, and
+  pattern, step end  the same written whole at step end
   np.save/step       raw hooks, each step stacked and written with ``np.save`` (bench_capture.py's contender)
   plain again        the control: its distance from 1 is the noise floor
 
@@ -59,6 +64,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from dithooks.capture import CaptureConfig, capture
+    from dithooks.capture import recorder as recorder_module
     from dithooks.hooks import HookManager
     from dithooks.loading import DEFAULT_MODEL, load_model
     from dithooks.sampling import Sampler, SamplerSpec
@@ -106,20 +112,21 @@ def main() -> None:
         with manager.hooks(read={n: read for n in names}):
             Sampler(loaded, spec, manager, device="cpu").run(labels, seeds)
 
-    def whole(drop: str | None = None) -> None:
+    def whole(drop: str | None = None, hooks: tuple[str, ...] = ("resid_post",)) -> None:
         count[0] += 1
         HookManager.bind_readers = drop != "binding"
+        recorder_module.EAGER_CHUNKS = drop != "step end"
         if drop == "puts":
             writer_module.StoreWriter.put = lambda self, spec, index, value: None
         elif drop == "files":
             writer_module.write_atomic = lambda path, pieces: sum(memoryview(p).nbytes for p in pieces)
         try:
             capture(CaptureConfig(out=str(root / f"out-{count[0]}"), model=model_ref, layers="all",
-                                  hooks=("resid_post",), sampler=spec, labels=labels, seeds=seeds,
+                                  hooks=hooks, sampler=spec, labels=labels, seeds=seeds,
                                   storage_dtype="fp16", device="cpu", mode="create"), loaded=loaded)
         finally:
             writer_module.write_atomic, writer_module.StoreWriter.put = real_write, real_put
-            HookManager.bind_readers = True
+            HookManager.bind_readers, recorder_module.EAGER_CHUNKS = True, True
 
     def np_save() -> None:
         count[0] += 1
@@ -137,9 +144,15 @@ def main() -> None:
         "capture, no files": lambda: whole("files"),
         "capture": whole,
         "capture, unbound": lambda: whole("binding"),
+        "capture, step end": lambda: whole("step end"),
         "np.save/step": np_save,
         "plain again": plain,
     }
+    if args.model == "xl":
+        pattern = {"pattern": lambda: whole(hooks=("attn.pattern",)),
+                   "pattern, step end": lambda: whole("step end", hooks=("attn.pattern",))}
+        contenders = {**{k: v for k, v in contenders.items() if k != "plain again"}, **pattern,
+                      "plain again": plain}
     for fn in contenders.values():  # warm-up: imports, allocator, page cache
         fn()
     wall = {k: [] for k in contenders}
