@@ -21,6 +21,7 @@ from dithooks.errors import StoreError
 from dithooks.hookpoints import HookPoint
 from dithooks.hooks import HookContext
 from dithooks.sampling import SamplerSpec
+from dithooks.store.reader import open_store
 from dithooks.store.verify import verify_store
 from dithooks.store.writer import StoreWriter
 from dithooks.store.zarrio import ArrayMeta
@@ -39,6 +40,7 @@ def large_steps(monkeypatch):
     a chunk of two."""
     monkeypatch.setattr(recorder_mod, "INLINE_STEP_BYTES", 1)
     monkeypatch.setattr(recorder_mod, "BATCH_STEPS", 1)
+    monkeypatch.setattr(recorder_mod, "EAGER_CHUNK_BYTES", 1)
     monkeypatch.setattr("dithooks.store.layout.layers_per_chunk", lambda n, b, target=0: LAYERS_PER_CHUNK)
 
 
@@ -73,10 +75,26 @@ def test_a_file_per_chunk_of_layers_and_the_store_equals_a_shard_per_step(tmp_pa
     assert_bitwise_equal(out, reference)
     rep = verify_store(out)
     assert rep.ok, rep.summary()
+    ref = zarr.open_group(str(reference), mode="r")["blocks.resid_post"][...]
+    # dithooks' reader: one (step, layer), a layer across steps, everything
+    store = open_store(out)
+    np.testing.assert_array_equal(store.select("blocks.resid_post", step=3, layer=1).values, ref[3:4, 1:2])
+    np.testing.assert_array_equal(store.select("blocks.resid_post", layer=2).values, ref[:, 2:3])
+    np.testing.assert_array_equal(store.select("blocks.resid_post").values, ref)
     xr = pytest.importorskip("xarray")
     ds = xr.open_zarr(str(out), consolidated=False)
     np.testing.assert_array_equal(ds["blocks.resid_post"].values,
                                   zarr.open_group(str(reference), mode="r")["blocks.resid_post"][...])
+
+
+def test_chunks_under_the_size_bound_keep_a_shard_per_step(tmp_path, tiny_loaded, tiny_model_dir, reference,
+                                                           monkeypatch):
+    monkeypatch.setattr(recorder_mod, "EAGER_CHUNK_BYTES", 2**20)  # the tiny model's chunks: a few KiB
+    out = tmp_path / "s.zarr"
+    capture(cfg(out, tiny_model_dir), loaded=tiny_loaded)
+    m = ArrayMeta.load(out, "blocks.resid_post")
+    assert m.sharded and tuple(m.outer[:2]) == (1, 4)
+    assert_bitwise_equal(out, reference)
 
 
 def test_a_chunk_is_handed_over_before_the_later_blocks_run(tmp_path, tiny_loaded, tiny_model_dir, monkeypatch):

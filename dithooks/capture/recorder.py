@@ -17,6 +17,10 @@ from ..store.staging import HostStaging
 from ..store.steps import StepLog
 from ..store.writer import ArraySpec
 
+
+def spec_itemsize(spec: ArraySpec) -> int:
+    return torch.empty((), dtype=spec.dtype).element_size()
+
 # steps buffered per store write (small models): at most BATCH_STEPS steps and BATCH_BYTES
 BATCH_STEPS = 16
 BATCH_BYTES = 8 * 2**20
@@ -31,6 +35,11 @@ KEEP_BUFFERS = 2
 # waits for the whole step after sampling ends (docs/benchmarks.md run (k)). False: the whole
 # step at step end (the layout and path before 2026-12-02 (k), a shard per step; for benchmarks)
 EAGER_CHUNKS = True
+# ... for chunks of at least this size: handing over smaller ones costs more than it hides (the
+# writer thread's work for each one competes with the model for the interpreter lock: S/2's
+# 768 KiB chunks took the capture from 1.034x to 1.066x plain sampling, while XL's 1.1 MiB ones
+# took it from 1.037x to 1.031x and its 4 MiB attention patterns from 1.091x to 1.050x, run (k))
+EAGER_CHUNK_BYTES = 2**20
 
 
 class _ArraySlot:
@@ -157,7 +166,8 @@ class StepRecorder:
             layers = spec.shape[1] if slot is not None and slot.with_layer else 0
             cpu = slot is not None and slot.device is not None and slot.device.device.type == "cpu"
             if on_disk is None:
-                if eager and cpu and layers and spec.chunks[1] < layers:
+                if (eager and cpu and layers and spec.chunks[1] < layers
+                        and math.prod(spec.chunks) * spec_itemsize(spec) >= EAGER_CHUNK_BYTES):
                     # a file per chunk of layers (no shard: a shard is written whole)
                     spec = self._specs[name] = dataclasses.replace(spec, shards=None)
                 else:
