@@ -1,8 +1,10 @@
 """Where a capture's overhead goes: a ladder of contenders on one model, each
 adding one piece of what a dithooks capture of every block's ``resid_post`` does, interleaved in
 rounds in one process (every other round reversed), each summarised by its paired ratio to the
-same round's plain run (median, quartiles, bootstrap 95 % CI of the median) and by its
-sampling-thread CPU ratio (``time.thread_time``: the writer thread's work is not in it).
+same round's plain run (median, quartiles, bootstrap 95 % CI of the median), by its
+sampling-thread CPU ratio (``time.thread_time``: the writer thread's work is not in it) and by
+its tail: the time from the last model call's return to the contender's return (the last
+step's scheduler update, and for a capture what it still writes and finishes), median in ms.
 
   plain              sampling, no hooks
   torch hook no-op   ``register_forward_hook`` (with kwargs) on every block, doing nothing
@@ -76,6 +78,14 @@ def main() -> None:
     model_ref = DEFAULT_MODEL if args.model == "digits" else str(
         build(s2_config() if args.model == "s2" else xl_config(), root, f"model-{args.model}"))
     loaded = load_model(model_ref, device="cpu")
+    last_call = [0.0]  # when the model's last call returned (the tail column)
+    denoise = loaded.adapter.denoise
+
+    def timed_denoise(*a, **kw):
+        out = denoise(*a, **kw)
+        last_call[0] = time.perf_counter()
+        return out
+    loaded.adapter.denoise = timed_denoise
     spec = SamplerSpec("ddim", steps)
     labels, seeds = tuple(range(samples)), tuple(range(samples))
     blocks = list(loaded.transformer.transformer_blocks)
@@ -157,14 +167,17 @@ def main() -> None:
         fn()
     wall = {k: [] for k in contenders}
     cpu = {k: [] for k in contenders}
+    tail = {k: [] for k in contenders}
     order = list(contenders.items())
     try:
         for r in range(args.rounds):
             for name, fn in (order if r % 2 == 0 else order[::-1]):
                 t, c = time.perf_counter(), time.thread_time()
                 fn()
+                end = time.perf_counter()
                 cpu[name].append(time.thread_time() - c)
-                wall[name].append(time.perf_counter() - t)
+                wall[name].append(end - t)
+                tail[name].append(end - last_call[0])
             for p in root.iterdir():  # outside the timed region
                 if not p.name.startswith("model-"):
                     shutil.rmtree(p, ignore_errors=True)
@@ -179,19 +192,21 @@ def main() -> None:
               "paired_wall": {k: quartiles(paired(wall, k)) for k in contenders},
               "paired_wall_ci95": {k: median_ci(paired(wall, k)) for k in contenders},
               "paired_thread_cpu": {k: quartiles(paired(cpu, k)) for k in contenders},
-              "fastest_ratio": {k: min(wall[k]) / min(wall["plain"]) for k in contenders}}
+              "fastest_ratio": {k: min(wall[k]) / min(wall["plain"]) for k in contenders},
+              "tail_ms": {k: 1000 * statistics.median(tail[k]) for k in contenders}}
     if args.json:
         print(json.dumps(result, indent=2))
         return
     print(f"{args.model} model, {steps} steps, {samples} samples, torch threads {args.threads}, {args.rounds} rounds; "
           f"plain {result['plain_s']:.3f} s (median)\n")
-    print("| contender | paired wall ratio, median [quartiles] (95% CI) | fastest ratio | sampling-thread CPU ratio |")
-    print("|---|---|---|---|")
+    print("| contender | paired wall ratio, median [quartiles] (95% CI) | fastest ratio | sampling-thread CPU ratio "
+          "| tail ms |")
+    print("|---|---|---|---|---|")
     for k in contenders:
         q1, q2, q3 = result["paired_wall"][k]
         lo, hi = result["paired_wall_ci95"][k]
         print(f"| {k} | {q2:.3f} [{q1:.3f}, {q3:.3f}] ({lo:.3f}-{hi:.3f}) | {result['fastest_ratio'][k]:.3f} "
-              f"| {result['paired_thread_cpu'][k][1]:.3f} |")
+              f"| {result['paired_thread_cpu'][k][1]:.3f} | {result['tail_ms'][k]:.1f} |")
 
 
 if __name__ == "__main__":
