@@ -38,7 +38,7 @@ EAGER_CHUNKS = True
 # ... for chunks of at least this size: handing over smaller ones costs more than it hides (the
 # writer thread's work for each one competes with the model for the interpreter lock: S/2's
 # 768 KiB chunks took the capture from 1.034x to 1.066x plain sampling, while XL's 1.1 MiB ones
-# took it from 1.037x to 1.031x and its 4 MiB attention patterns from 1.091x to 1.050x, run (k))
+# took it from 1.020x to 1.015x and its 4 MiB attention patterns from 1.076x to 1.036x, run (k))
 EAGER_CHUNK_BYTES = 2**20
 
 
