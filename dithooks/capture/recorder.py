@@ -17,10 +17,6 @@ from ..store.staging import HostStaging
 from ..store.steps import StepLog
 from ..store.writer import ArraySpec
 
-
-def spec_itemsize(spec: ArraySpec) -> int:
-    return torch.empty((), dtype=spec.dtype).element_size()
-
 # steps buffered per store write (small models): at most BATCH_STEPS steps and BATCH_BYTES
 BATCH_STEPS = 16
 BATCH_BYTES = 8 * 2**20
@@ -167,7 +163,7 @@ class StepRecorder:
             cpu = slot is not None and slot.device is not None and slot.device.device.type == "cpu"
             if on_disk is None:
                 if (eager and cpu and layers and spec.chunks[1] < layers
-                        and math.prod(spec.chunks) * spec_itemsize(spec) >= EAGER_CHUNK_BYTES):
+                        and math.prod(spec.chunks) * spec.dtype.itemsize >= EAGER_CHUNK_BYTES):
                     # a file per chunk of layers (no shard: a shard is written whole)
                     spec = self._specs[name] = dataclasses.replace(spec, shards=None)
                 else:
@@ -188,7 +184,7 @@ class StepRecorder:
             slot = self._slots[spec.name] = _ArraySlot(spec.name, ((spec.shape[1],) if with_layer else ()) + shape,
                                                        with_layer)
         rows_shape = slot.shape[1:] if slot.with_layer else slot.shape
-        if shape != rows_shape or math.prod(n for _, n in ctx.batch_axes) != value.shape[0]:
+        if shape != rows_shape or (value.dim() and math.prod(n for _, n in ctx.batch_axes) != value.shape[0]):
             # (a copy would broadcast a smaller value into the slab silently)
             raise DithooksError(f"hook point {ctx.name}: a value of shape {tuple(value.shape)} at step {ctx.step} "
                                 f"does not fit its array {spec.name} (batch {ctx.batch_axes}, values "
