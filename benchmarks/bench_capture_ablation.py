@@ -17,8 +17,9 @@ step's scheduler update, and for a capture what it still writes and finishes), m
                      checksums and queueing included
   capture            a whole capture (what users run)
   capture, unbound   the same with the recorder called as an ordinary read function
-                     (``HookManager.bind_readers = False``: a context per call, the path before
-                     2026-12-02 (k))
+                     (``HookManager.bind_readers = False``: a context per call; the path before
+                     2026-12-02 (k), which run (k) measured, and since then one call more:
+                     ``StepRecorder.record`` calls the point's bound function)
   capture, step end  the same with large steps written whole at step end (``recorder.EAGER_CHUNKS
                      = False``: the path before 2026-12-02 (k)); on the digits model (small steps,
                      written a batch at a time) it is the capture itself

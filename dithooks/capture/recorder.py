@@ -112,6 +112,8 @@ class StepRecorder:
         self._slabs: dict[str, _ArraySlot] = {}  # the arrays that have a slab this step
         self._buffers: list[tuple] = []  # batch buffers opened since the last flush: (slot, buf, views)
         self._plans: dict[str, _PointPlan] = {}  # hook point -> its plan (see _plan)
+        self._recorders: dict[str, Callable] = {}  # hook point -> its bound function, for record()
+        self._ctx: HookContext | None = None  # the context of record()'s call in progress
         # finished steps not yet written: (step, {array: values}, state); see flush_pending
         self._pending: list[tuple[int, dict[str, torch.Tensor], Any]] = []
         self._batch: int | None = None
@@ -228,43 +230,33 @@ class StepRecorder:
 
     def record(self, value: torch.Tensor, ctx: HookContext) -> None:
         """A read hook: copy ``value`` into its row of this step's slab (dtype converted in the
-        copy). The per-point work (array, row, shapes) is planned once; this is the hot path
-        (called once per point and model call: keep it short)."""
-        plan = self._plans.get(ctx.name)
-        if plan is None or plan.value_shape != value.shape:
-            plan = self._plan(value, ctx)
-        slot = plan.slot
-        rows = slot.rows
-        if rows is None:
-            rows = self._take(slot, value)
-        dst = rows[plan.row]
-        if value.is_cpu:
-            if value.requires_grad:
-                value = value.detach()
-            dst.copy_(value if plan.same else value.reshape(dst.shape))
-        else:
-            self.staging.copy(dst, value)
-        if slot.eager:
-            self._eager(slot, plan.row)
+        copy), through its point's bound function (:meth:`bind`; made on the point's first
+        value), ``ctx`` its context."""
+        fn = self._recorders.get(ctx.name)
+        if fn is None:
+            fn = self._recorders[ctx.name] = self.bind(ctx.point, self._context_now)
+        self._ctx = ctx
+        fn(value)
+
+    def _context_now(self) -> HookContext:
+        return self._ctx
 
     def __call__(self, value: torch.Tensor, ctx: HookContext) -> None:
         """The recorder is a read function (a :class:`dithooks.hooks.BindableReader`)."""
         self.record(value, ctx)
 
     def bind(self, point: Any, context: Callable[[], HookContext]) -> Callable[[torch.Tensor], None]:
-        """:meth:`record` for one point, called with the value alone (the manager's fast path,
+        """The recorder for one point, called with the value alone (the hook manager's fast path,
         :class:`dithooks.hooks.BindableReader`): the point's plan is held here, and ``context()``
-        is asked for only when the point is (re)planned - on its first value or a new shape."""
-        plans, record, take, staging, name = self._plans, self.record, self._take, self.staging, point.name
-        eager = self._eager
-        held: list[_PointPlan | None] = [plans.get(name)]
+        is asked for only when the point is (re)planned - on its first value or a new shape.
+        This is the hot path (called once per point and model call: keep it short)."""
+        plans, plan_point, take, staging, eager = self._plans, self._plan, self._take, self.staging, self._eager
+        held: list[_PointPlan | None] = [plans.get(point.name)]
 
         def record_value(value: torch.Tensor) -> None:
             plan = held[0]
             if plan is None or plan.value_shape != value.shape:
-                record(value, context())
-                held[0] = plans.get(name)
-                return
+                plan = held[0] = plan_point(value, context())
             slot = plan.slot
             rows = slot.rows
             if rows is None:
