@@ -278,29 +278,34 @@ class StepRecorder:
         is reused only after the writes queued before its recycling). A row recorded twice in a
         step (a model calling a block twice) puts its chunk again, with the later value, at
         step end (``_put_rest``)."""
-        k = slot.eager
-        g = row // k
+        g = row // slot.eager
         n = slot.counts[g] + 1
         if n <= 0:  # already handed over this step: the step's end writes it again
             slot.counts[g] = -2
             return
-        r0 = g * k
-        size = min(k, slot.shape[0] - r0)
-        if n < size:
+        r0, r1 = self._chunk_rows(slot, g)
+        if n < r1 - r0:
             slot.counts[g] = n
             return
         slot.counts[g] = -1
-        self.writer.put(slot.spec, (slot.step, slice(r0, r0 + size)), slot.slab[r0:r0 + size])
+        self._put_chunk(slot, slot.step, g)
 
     def _put_rest(self, slot: _ArraySlot, step: int) -> None:
         """At the end of an eager step: the chunks not handed over yet (a layer not recorded, or
         one recorded again after its chunk was)."""
-        k = slot.eager
         for g, n in enumerate(slot.counts):
             if n != -1:
-                r0 = g * k
-                size = min(k, slot.shape[0] - r0)
-                self.writer.put(slot.spec, (step, slice(r0, r0 + size)), slot.slab[r0:r0 + size])
+                self._put_chunk(slot, step, g)
+
+    @staticmethod
+    def _chunk_rows(slot: _ArraySlot, g: int) -> tuple[int, int]:
+        """The slab rows [r0, r1) of chunk of layers ``g`` (the last one may be shorter)."""
+        r0 = g * slot.eager
+        return r0, min(r0 + slot.eager, slot.shape[0])
+
+    def _put_chunk(self, slot: _ArraySlot, step: int, g: int) -> None:
+        r0, r1 = self._chunk_rows(slot, g)
+        self.writer.put(slot.spec, (step, slice(r0, r1)), slot.slab[r0:r1])
 
     # -- steps -------------------------------------------------------------------------------
     @staticmethod
